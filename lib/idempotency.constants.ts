@@ -1,0 +1,50 @@
+/** Metadata key under which `@Idempotent()` stores its per-route options. */
+export const IDEMPOTENT_ROUTE_OPTIONS = 'IDEMPOTENCY:ROUTE_OPTIONS';
+
+/** The request header that carries the client's key (IETF draft-ietf-httpapi-idempotency-key-header). */
+export const IDEMPOTENCY_KEY_HEADER = 'idempotency-key';
+
+/** Set on every replayed response (Stripe's name for it). */
+export const IDEMPOTENT_REPLAYED_HEADER = 'Idempotent-Replayed';
+
+/** The longest key accepted, in characters. */
+export const MAX_KEY_LENGTH = 255;
+
+/** Statuses a client is expected to correct and retry with the same key: they release the key. */
+export const RELEASING_CLIENT_STATUSES: readonly number[] = [400, 401, 403, 408, 422, 429];
+
+/**
+ * Response headers never stored: cookies belong to the first caller's session, hop-by-hop headers
+ * describe one connection, and the rest are recomputed by the platform on every response.
+ */
+export const UNSTORED_RESPONSE_HEADERS: ReadonlySet<string> = new Set([
+  'set-cookie',
+  'connection',
+  'keep-alive',
+  'proxy-authenticate',
+  'proxy-authorization',
+  'proxy-connection',
+  'te',
+  'trailer',
+  'trailers',
+  'transfer-encoding',
+  'upgrade',
+  'content-length',
+  'date',
+  'etag',
+  'x-powered-by',
+  'idempotent-replayed',
+]);
+
+export const DEFAULTS = {
+  ttl: '24h',
+  lockTimeout: '1m',
+  required: true,
+  concurrency: 'reject',
+  waitTimeout: '10s',
+  waitPollInterval: '50ms',
+  purgeInterval: '1m',
+  purgeBatchSize: 1000,
+  maxResponseBytes: 1024 * 1024,
+  runMigrations: true,
+} as const;

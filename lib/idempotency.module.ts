@@ -1,0 +1,75 @@
+import { Inject, Module, type OnModuleDestroy, type Provider } from '@nestjs/common';
+import {
+  ConfigurableIdempotencyModule,
+  IDEMPOTENCY_MODULE_OPTIONS,
+} from './idempotency.module-definition.js';
+import { RESOLVED_OPTIONS, resolveModuleOptions, type ResolvedModuleOptions } from './idempotency.options.js';
+import { IdempotencyPurgeJob } from './idempotency-purge.job.js';
+import { IdempotencyService } from './idempotency.service.js';
+import { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
+import type { IdempotencyModuleOptions } from './interfaces/idempotency-options.interface.js';
+import { IdempotencyStore } from './storage/idempotency-store.interface.js';
+import {
+  ensureIdempotencyTable,
+  openIdempotencyConnection,
+  type IdempotencyConnection,
+} from './storage/typeorm/idempotency-data-source.js';
+import { TypeOrmIdempotencyStore } from './storage/typeorm/typeorm-idempotency.store.js';
+
+/** Internal token: the TypeORM connection, or null when a custom store is given. */
+const IDEMPOTENCY_CONNECTION = Symbol('IdempotencyConnection');
+
+const providers: Provider[] = [
+  {
+    provide: RESOLVED_OPTIONS,
+    useFactory: (options: IdempotencyModuleOptions) => resolveModuleOptions(options),
+    inject: [IDEMPOTENCY_MODULE_OPTIONS],
+  },
+  {
+    provide: IDEMPOTENCY_CONNECTION,
+    useFactory: async (options: IdempotencyModuleOptions, resolved: ResolvedModuleOptions) => {
+      if (options.store) return null;
+      const connection = await openIdempotencyConnection(options.dataSource);
+      try {
+        if (resolved.runMigrations) await ensureIdempotencyTable(connection.dataSource);
+      } catch (error) {
+        if (connection.owned) await connection.dataSource.destroy();
+        throw error;
+      }
+      return connection;
+    },
+    inject: [IDEMPOTENCY_MODULE_OPTIONS, RESOLVED_OPTIONS],
+  },
+  {
+    provide: IdempotencyStore,
+    useFactory: (options: IdempotencyModuleOptions, connection: IdempotencyConnection | null) =>
+      options.store ?? new TypeOrmIdempotencyStore(connection!.dataSource),
+    inject: [IDEMPOTENCY_MODULE_OPTIONS, IDEMPOTENCY_CONNECTION],
+  },
+  IdempotencyService,
+  IdempotencyInterceptor,
+  IdempotencyPurgeJob,
+];
+
+/**
+ * Idempotency-Key support. Import once, in the root module:
+ * `IdempotencyModule.forRoot({ ttl: '24h' })`, then put `@Idempotent()` on the routes to protect.
+ */
+@Module({
+  providers,
+  exports: [IdempotencyService, IdempotencyInterceptor, IdempotencyPurgeJob, IdempotencyStore, RESOLVED_OPTIONS],
+})
+export class IdempotencyModule extends ConfigurableIdempotencyModule implements OnModuleDestroy {
+  constructor(
+    @Inject(IDEMPOTENCY_CONNECTION) private readonly connection: IdempotencyConnection | null,
+  ) {
+    super();
+  }
+
+  /** Closes the connection the module opened itself; an app's own DataSource is left open. */
+  async onModuleDestroy(): Promise<void> {
+    if (this.connection?.owned && this.connection.dataSource.isInitialized) {
+      await this.connection.dataSource.destroy();
+    }
+  }
+}

@@ -1,0 +1,131 @@
+import { DEFAULTS, RELEASING_CLIENT_STATUSES } from './idempotency.constants.js';
+import type {
+  ConcurrencyMode,
+  IdempotencyModuleOptions,
+  IdempotencyRouteOptions,
+  ScopeResolver,
+  StoreStatusPolicy,
+} from './interfaces/idempotency-options.interface.js';
+import { toMilliseconds } from './utils/duration.js';
+
+/** Internal token: the module's options with defaults applied and durations in milliseconds. */
+export const RESOLVED_OPTIONS = Symbol('IdempotencyResolvedOptions');
+
+/** What a route runs with: module options overlaid by its `@Idempotent()` options. */
+export interface ResolvedRouteOptions {
+  readonly ttlMs: number;
+  readonly lockTimeoutMs: number;
+  readonly required: boolean;
+  readonly concurrency: ConcurrencyMode;
+  readonly waitTimeoutMs: number;
+  readonly scope: ScopeResolver;
+  readonly shouldStore: (status: number) => boolean;
+  readonly replayStatus: number | undefined;
+}
+
+export interface ResolvedModuleOptions extends ResolvedRouteOptions {
+  /** 0: no purge job. */
+  readonly purgeIntervalMs: number;
+  readonly purgeBatchSize: number;
+  readonly waitPollIntervalMs: number;
+  readonly maxResponseBytes: number;
+  readonly runMigrations: boolean;
+}
+
+const everyoneInOneScope: ScopeResolver = () => '';
+
+/** By default: keep what the handler decided, release what the client is expected to correct. */
+const storeDecidedOutcomes = (status: number) =>
+  status < 500 && !RELEASING_CLIENT_STATUSES.includes(status);
+
+/** Defaults for everything that is not a duration (those have no sensible zero). */
+const UNSET_ROUTE_OPTIONS: ResolvedRouteOptions = {
+  ttlMs: 0,
+  lockTimeoutMs: 0,
+  required: DEFAULTS.required,
+  concurrency: DEFAULTS.concurrency,
+  waitTimeoutMs: 0,
+  scope: everyoneInOneScope,
+  shouldStore: storeDecidedOutcomes,
+  replayStatus: undefined,
+};
+
+/** Applies defaults and validates, so a bad option fails at startup rather than per request. */
+export function resolveModuleOptions(options: IdempotencyModuleOptions): ResolvedModuleOptions {
+  const route = resolveRouteOptions(UNSET_ROUTE_OPTIONS, {
+    ttl: DEFAULTS.ttl,
+    lockTimeout: DEFAULTS.lockTimeout,
+    waitTimeout: DEFAULTS.waitTimeout,
+    ...withoutUndefined(options),
+  });
+  const purgeInterval = options.purgeInterval ?? DEFAULTS.purgeInterval;
+  const purgeBatchSize = options.purgeBatchSize ?? DEFAULTS.purgeBatchSize;
+  if (!Number.isInteger(purgeBatchSize) || purgeBatchSize < 1) {
+    throw new TypeError('nestjs-idempotency: purgeBatchSize must be a positive integer');
+  }
+  const maxResponseBytes = options.maxResponseBytes ?? DEFAULTS.maxResponseBytes;
+  if (!(maxResponseBytes >= 0)) {
+    throw new TypeError('nestjs-idempotency: maxResponseBytes must be a non-negative number');
+  }
+  return {
+    ...route,
+    purgeIntervalMs: purgeInterval === false ? 0 : toMilliseconds(purgeInterval, 'purgeInterval'),
+    purgeBatchSize,
+    waitPollIntervalMs: Math.max(
+      1,
+      toMilliseconds(options.waitPollInterval ?? DEFAULTS.waitPollInterval, 'waitPollInterval'),
+    ),
+    maxResponseBytes,
+    runMigrations: options.runMigrations ?? DEFAULTS.runMigrations,
+  };
+}
+
+/** Overlays a route's `@Idempotent()` options on resolved ones. */
+export function resolveRouteOptions(
+  base: ResolvedRouteOptions,
+  route: IdempotencyRouteOptions,
+): ResolvedRouteOptions {
+  const concurrency = route.concurrency ?? base.concurrency;
+  if (concurrency !== 'reject' && concurrency !== 'wait') {
+    throw new TypeError(
+      `nestjs-idempotency: concurrency must be 'reject' or 'wait'; got ${JSON.stringify(concurrency)}`,
+    );
+  }
+  const replayStatus = route.replayStatus ?? base.replayStatus;
+  if (replayStatus !== undefined && !(Number.isInteger(replayStatus) && replayStatus >= 200 && replayStatus < 300)) {
+    throw new TypeError('nestjs-idempotency: replayStatus must be a 2xx status code');
+  }
+  return {
+    ttlMs: route.ttl === undefined ? base.ttlMs : toMilliseconds(route.ttl, 'ttl'),
+    lockTimeoutMs:
+      route.lockTimeout === undefined
+        ? base.lockTimeoutMs
+        : toMilliseconds(route.lockTimeout, 'lockTimeout'),
+    required: route.required ?? base.required,
+    concurrency,
+    waitTimeoutMs:
+      route.waitTimeout === undefined
+        ? base.waitTimeoutMs
+        : toMilliseconds(route.waitTimeout, 'waitTimeout'),
+    scope: route.scope ?? base.scope,
+    shouldStore: route.storeStatuses ? toPredicate(route.storeStatuses) : base.shouldStore,
+    replayStatus,
+  };
+}
+
+function toPredicate(policy: StoreStatusPolicy): (status: number) => boolean {
+  if (typeof policy === 'function') return policy;
+  const statuses = new Set(policy);
+  return (status) => statuses.has(status);
+}
+
+function withoutUndefined<T extends object>(options: T): Partial<T> {
+  return Object.fromEntries(
+    Object.entries(options).filter(([, value]) => value !== undefined),
+  ) as Partial<T>;
+}
+
+/** Throws on a malformed route option, at decoration time (so when the app's code is loaded). */
+export function validateRouteOptions(route: IdempotencyRouteOptions): void {
+  resolveRouteOptions(UNSET_ROUTE_OPTIONS, route);
+}

@@ -1,0 +1,38 @@
+export { IdempotencyModule } from './idempotency.module.js';
+export { IDEMPOTENCY_MODULE_OPTIONS } from './idempotency.module-definition.js';
+export { Idempotent } from './decorators/idempotent.decorator.js';
+export { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
+export { IdempotencyService, type Decision } from './idempotency.service.js';
+export { IdempotencyPurgeJob } from './idempotency-purge.job.js';
+export type {
+  ConcurrencyMode,
+  IdempotencyModuleOptions,
+  IdempotencyRouteOptions,
+  ScopeResolver,
+  StoreStatusPolicy,
+} from './interfaces/idempotency-options.interface.js';
+export {
+  IdempotencyStore,
+  type ClaimRequest,
+  type ClaimResult,
+  type Lease,
+  type RecordId,
+  type RecordSnapshot,
+  type StoredResponse,
+} from './storage/idempotency-store.interface.js';
+export { IdempotencyRecord, IDEMPOTENCY_RECORDS_TABLE } from './storage/typeorm/idempotency-record.entity.js';
+export { CreateIdempotencyRecords1763900000000 } from './storage/typeorm/create-idempotency-records.migration.js';
+export { TypeOrmIdempotencyStore } from './storage/typeorm/typeorm-idempotency.store.js';
+export {
+  IdempotencyException,
+  IdempotencyKeyInvalidException,
+  IdempotencyKeyMissingException,
+  IdempotencyKeyReusedException,
+  IdempotencyRequestInProgressException,
+  IdempotencyStoreUnavailableException,
+  IdempotencyBodyUnreadableException,
+  PROBLEM_CONTENT_TYPE,
+  type ProblemDetails,
+} from './errors/idempotency.exceptions.js';
+export { IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER } from './idempotency.constants.js';
+export type { Duration } from './utils/duration.js';

@@ -1,0 +1,109 @@
+import type { DataSource, DataSourceOptions } from 'typeorm';
+import type { Duration } from '../utils/duration.js';
+import type { IdempotencyStore } from '../storage/idempotency-store.interface.js';
+
+/** What a duplicate does while the first request with its key is still running. */
+export type ConcurrencyMode = 'reject' | 'wait';
+
+/**
+ * Identifies the caller, so keys never cross callers: a user id, an API key, a tenant. Receives the
+ * platform's request object (Express `Request` or Fastify `FastifyRequest`).
+ */
+export type ScopeResolver = (request: any) => string | Promise<string>;
+
+/** Which response statuses are stored and replayed: a list, or a predicate. */
+export type StoreStatusPolicy = readonly number[] | ((status: number) => boolean);
+
+/** Options that `@Idempotent()` can override per route. */
+export interface IdempotencyRouteOptions {
+  /**
+   * How long a completed key is remembered, counted from when its response was stored.
+   * @default '24h'
+   */
+  ttl?: Duration;
+  /**
+   * How long a key stays claimed while its request runs. A record still in progress after this
+   * (its process crashed, or the handler hangs) is taken over by the next retry, which runs the
+   * handler again. Set it above your handler's longest run.
+   * @default '1m'
+   */
+  lockTimeout?: Duration;
+  /**
+   * `true`: a request without `Idempotency-Key` is refused with 400.
+   * `false`: it runs without idempotency.
+   * @default true
+   */
+  required?: boolean;
+  /**
+   * A duplicate that arrives while the first request runs: `'reject'` answers 409 with
+   * `Retry-After`; `'wait'` waits up to `waitTimeout` for the first to finish and replays its
+   * result (409 if the wait runs out).
+   * @default 'reject'
+   */
+  concurrency?: ConcurrencyMode;
+  /**
+   * How long a duplicate waits in `'wait'` mode.
+   * @default '10s'
+   */
+  waitTimeout?: Duration;
+  /**
+   * The caller's identity; keys are independent per scope.
+   * @default () => '' (one scope for everyone)
+   */
+  scope?: ScopeResolver;
+  /**
+   * Which results are stored and replayed. The default stores 1xx–4xx except the statuses a client
+   * is expected to correct (400, 401, 403, 408, 422, 429); those, every 5xx and every error that is
+   * not an `HttpException` release the key so a retry runs the handler again.
+   * @default status < 500 && ![400, 401, 403, 408, 422, 429].includes(status)
+   */
+  storeStatuses?: StoreStatusPolicy;
+  /**
+   * Status for replays of a stored 2xx response, e.g. `200`; by default the original status.
+   * Stored errors always replay with their own status.
+   * @default undefined (the original status)
+   */
+  replayStatus?: number;
+}
+
+/** Options of `IdempotencyModule.forRoot()` / `forRootAsync()`. */
+export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
+  /**
+   * Where records live: a TypeORM `DataSource` of your app (initialised or not; the module does
+   * not close it), or `DataSourceOptions` for a connection the module opens and closes itself.
+   * @default an in-memory embedded PGlite database (keys do not survive a restart)
+   */
+  dataSource?: DataSource | DataSourceOptions;
+  /**
+   * A store of your own instead of the TypeORM one; `dataSource` is then ignored.
+   * @default TypeOrmIdempotencyStore on `dataSource`
+   */
+  store?: IdempotencyStore;
+  /**
+   * Create the table on startup (an idempotent migration). Turn off if you run
+   * `CreateIdempotencyRecords` with your own migrations.
+   * @default true
+   */
+  runMigrations?: boolean;
+  /**
+   * How often expired records are purged; `false` or `0` turns the purge off.
+   * @default '1m'
+   */
+  purgeInterval?: Duration | false;
+  /**
+   * Rows deleted per purge statement; the purge repeats batches until none are left.
+   * @default 1000
+   */
+  purgeBatchSize?: number;
+  /**
+   * How often a waiting duplicate (`concurrency: 'wait'`) re-reads the record.
+   * @default '50ms'
+   */
+  waitPollInterval?: Duration;
+  /**
+   * Largest response body stored, in bytes of its serialised form. A larger response is sent to the
+   * client as usual but not stored: its key is released and a warning is logged.
+   * @default 1048576 (1 MiB)
+   */
+  maxResponseBytes?: number;
+}

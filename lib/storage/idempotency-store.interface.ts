@@ -1,0 +1,74 @@
+/** Identifies one record: a key is unique per caller scope and per endpoint. */
+export interface RecordId {
+  /** The caller's identity from the scope resolver ('' when keys are not per caller). */
+  readonly scope: string;
+  /** The route the key belongs to, e.g. `POST /payments/:id/refunds`. */
+  readonly endpoint: string;
+  /** The client's Idempotency-Key. */
+  readonly key: string;
+}
+
+/** A response as stored: everything needed to send it again. */
+export interface StoredResponse {
+  readonly status: number;
+  readonly headers: Readonly<Record<string, string | string[]>>;
+  /** The body in serialised form (see `encodeBody`); `null` for no body. */
+  readonly body: string | null;
+  readonly bodyEncoding: 'json' | 'base64';
+  /** The handler threw an HttpException: the replay throws it again, through the same filters. */
+  readonly isError: boolean;
+}
+
+export type RecordState = 'in_progress' | 'completed';
+
+/** A record as the store read it. */
+export interface RecordSnapshot {
+  readonly state: RecordState;
+  readonly fingerprint: string;
+  /** Until then an in-progress record is locked, and a completed one replays. */
+  readonly expiresAt: number;
+  readonly response: StoredResponse | null;
+}
+
+/** A claim on a record: completing or releasing it is conditional on still holding the token. */
+export interface Lease {
+  readonly id: RecordId;
+  readonly token: string;
+}
+
+export interface ClaimRequest {
+  readonly id: RecordId;
+  readonly fingerprint: string;
+  /** A fresh random token that identifies this claim. */
+  readonly token: string;
+  /** The current time, epoch ms. */
+  readonly now: number;
+  /** Until when the claim locks the key, epoch ms. */
+  readonly lockedUntil: number;
+}
+
+export type ClaimResult =
+  | { readonly claimed: true; readonly lease: Lease }
+  | { readonly claimed: false; readonly record: RecordSnapshot };
+
+/**
+ * Where records live. An implementation must decide races in the storage itself: of concurrent
+ * `claim` calls for one id, exactly one may win, across processes.
+ */
+export interface IdempotencyStore {
+  /**
+   * Atomically claims the id — inserting a new record, or taking over one that has expired
+   * (a completed record past its TTL, or an in-progress one past its lock with the same
+   * fingerprint) — or, when it is held, returns the record as it is.
+   */
+  claim(request: ClaimRequest): Promise<ClaimResult>;
+  /** Stores the response, if the lease is still held; `false` when it was lost to a takeover. */
+  complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean>;
+  /** Deletes the record, if the lease is still held, so the key can be used again. */
+  release(lease: Lease): Promise<boolean>;
+  /** Deletes up to `limit` records that expired before `now`; returns how many it deleted. */
+  purgeExpired(now: number, limit: number): Promise<number>;
+}
+
+/** DI token of the store; same name as the interface, as in @nestjs/throttler. */
+export const IdempotencyStore = Symbol('IdempotencyStore');

@@ -1,0 +1,48 @@
+import { Table, TableIndex, type MigrationInterface, type QueryRunner } from 'typeorm';
+import { IDEMPOTENCY_RECORDS_TABLE } from './idempotency-record.entity.js';
+
+const EXPIRES_AT_INDEX = 'idx_idempotency_records_expires_at';
+
+/**
+ * Creates the `idempotency_records` table and its purge index. Safe to run more than once and from
+ * several processes at once (every step is "if not exists"), so the module can run it on each
+ * startup and you can also list it among your own TypeORM migrations.
+ */
+export class CreateIdempotencyRecords1763900000000 implements MigrationInterface {
+  name = 'CreateIdempotencyRecords1763900000000';
+
+  async up(queryRunner: QueryRunner): Promise<void> {
+    await queryRunner.createTable(
+      new Table({
+        name: IDEMPOTENCY_RECORDS_TABLE,
+        columns: [
+          { name: 'scope', type: 'varchar', length: '255', isPrimary: true },
+          { name: 'endpoint', type: 'varchar', length: '255', isPrimary: true },
+          { name: 'idempotency_key', type: 'varchar', length: '255', isPrimary: true },
+          { name: 'fingerprint', type: 'varchar', length: '64' },
+          { name: 'state', type: 'varchar', length: '16' },
+          { name: 'lease_token', type: 'varchar', length: '36' },
+          { name: 'expires_at', type: 'bigint' },
+          { name: 'created_at', type: 'bigint' },
+          { name: 'response_status', type: 'int', isNullable: true },
+          { name: 'response_headers', type: 'text', isNullable: true },
+          { name: 'response_body', type: 'text', isNullable: true },
+          { name: 'response_body_encoding', type: 'varchar', length: '8', isNullable: true },
+          { name: 'response_is_error', type: 'boolean', default: false },
+        ],
+      }),
+      true,
+    );
+    const table = await queryRunner.getTable(IDEMPOTENCY_RECORDS_TABLE);
+    if (!table?.indices.some((index) => index.name === EXPIRES_AT_INDEX)) {
+      await queryRunner.createIndex(
+        IDEMPOTENCY_RECORDS_TABLE,
+        new TableIndex({ name: EXPIRES_AT_INDEX, columnNames: ['expires_at'] }),
+      );
+    }
+  }
+
+  async down(queryRunner: QueryRunner): Promise<void> {
+    await queryRunner.dropTable(IDEMPOTENCY_RECORDS_TABLE, true);
+  }
+}

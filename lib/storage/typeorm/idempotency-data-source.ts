@@ -1,0 +1,51 @@
+import { Logger } from '@nestjs/common';
+import { DataSource, type DataSourceOptions } from 'typeorm';
+import { PGliteDriver } from 'typeorm-pglite';
+import { CreateIdempotencyRecords1763900000000 } from './create-idempotency-records.migration.js';
+import { IDEMPOTENCY_RECORDS_TABLE, IdempotencyRecord } from './idempotency-record.entity.js';
+
+/** The connection the store uses, and whether the module opened it (and so must close it). */
+export interface IdempotencyConnection {
+  readonly dataSource: DataSource;
+  readonly owned: boolean;
+}
+
+/**
+ * Opens what the options name: the app's DataSource as it is (initialised if it was not yet),
+ * DataSourceOptions as a connection of the module's own with the entity added, or by default an
+ * in-memory PGlite database.
+ */
+export async function openIdempotencyConnection(
+  given: DataSource | DataSourceOptions | undefined,
+): Promise<IdempotencyConnection> {
+  if (given instanceof DataSource) {
+    if (!given.isInitialized) await given.initialize();
+    return { dataSource: given, owned: false };
+  }
+  const options: DataSourceOptions = given ?? {
+    type: 'postgres',
+    driver: new PGliteDriver().driver,
+  };
+  const dataSource = new DataSource({
+    ...options,
+    entities: [...((options.entities as unknown[] | undefined) ?? []), IdempotencyRecord],
+  } as DataSourceOptions);
+  await dataSource.initialize();
+  return { dataSource, owned: true };
+}
+
+/**
+ * Runs the table migration. Several processes may start at once: if one loses the race to create
+ * the table, the table exists and that is all that matters.
+ */
+export async function ensureIdempotencyTable(dataSource: DataSource): Promise<void> {
+  const runner = dataSource.createQueryRunner();
+  try {
+    await new CreateIdempotencyRecords1763900000000().up(runner);
+  } catch (error) {
+    if (!(await runner.hasTable(IDEMPOTENCY_RECORDS_TABLE))) throw error;
+    new Logger('Idempotency').debug(`Table created concurrently: ${(error as Error).message}`);
+  } finally {
+    await runner.release();
+  }
+}

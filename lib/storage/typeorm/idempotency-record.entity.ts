@@ -1,0 +1,68 @@
+import { Column, Entity, Index, PrimaryColumn } from 'typeorm';
+import type { RecordState } from '../idempotency-store.interface.js';
+
+/** Table name, shared by the entity, the migration and the store's hand-written SQL. */
+export const IDEMPOTENCY_RECORDS_TABLE = 'idempotency_records';
+
+/** bigint arrives from pg as a string (it may exceed 2^53); epoch milliseconds never do. */
+const epochMillis = {
+  to: (value: number) => value,
+  from: (value: string | number | null) => (value === null ? null : Number(value)),
+};
+
+/**
+ * One Idempotency-Key of one caller on one endpoint. The primary key (scope, endpoint, key) is the
+ * unique constraint that decides which of several concurrent duplicates runs the handler.
+ *
+ * Times are epoch milliseconds in `bigint` columns: the same type and comparison on every database,
+ * and no time-zone conversion between the app and the driver.
+ */
+@Entity({ name: IDEMPOTENCY_RECORDS_TABLE })
+@Index('idx_idempotency_records_expires_at', ['expiresAt'])
+export class IdempotencyRecord {
+  /** The caller, from the scope resolver ('' when keys are shared by all callers). */
+  @PrimaryColumn({ type: 'varchar', length: 255 })
+  scope!: string;
+
+  /** Method and route pattern, e.g. `POST /payments`. */
+  @PrimaryColumn({ type: 'varchar', length: 255 })
+  endpoint!: string;
+
+  /** The client's Idempotency-Key (`key` is a reserved word in some databases). */
+  @PrimaryColumn({ name: 'idempotency_key', type: 'varchar', length: 255 })
+  key!: string;
+
+  /** SHA-256 of method, URL and canonical body: a reused key with another payload is refused. */
+  @Column({ type: 'varchar', length: 64 })
+  fingerprint!: string;
+
+  @Column({ type: 'varchar', length: 16 })
+  state!: RecordState;
+
+  /** Identifies the claim that owns the record; completion and release require it. */
+  @Column({ name: 'lease_token', type: 'varchar', length: 36 })
+  leaseToken!: string;
+
+  /** In progress: the lock's end, after which a retry may take over. Completed: the TTL's end. */
+  @Column({ name: 'expires_at', type: 'bigint', transformer: epochMillis })
+  expiresAt!: number;
+
+  @Column({ name: 'created_at', type: 'bigint', transformer: epochMillis })
+  createdAt!: number;
+
+  @Column({ name: 'response_status', type: 'int', nullable: true })
+  responseStatus!: number | null;
+
+  /** JSON object of the stored response headers. */
+  @Column({ name: 'response_headers', type: 'text', nullable: true })
+  responseHeaders!: string | null;
+
+  @Column({ name: 'response_body', type: 'text', nullable: true })
+  responseBody!: string | null;
+
+  @Column({ name: 'response_body_encoding', type: 'varchar', length: 8, nullable: true })
+  responseBodyEncoding!: 'json' | 'base64' | null;
+
+  @Column({ name: 'response_is_error', type: 'boolean', default: false })
+  responseIsError!: boolean;
+}

@@ -1,0 +1,63 @@
+import { MAX_KEY_LENGTH } from '../idempotency.constants.js';
+
+/** The outcome of reading the Idempotency-Key header: a key, no key, or why the header is unusable. */
+export type KeyReading =
+  | { readonly kind: 'key'; readonly key: string }
+  | { readonly kind: 'absent' }
+  | { readonly kind: 'invalid'; readonly reason: string };
+
+const PRINTABLE_ASCII = /^[\x20-\x7e]*$/;
+
+/**
+ * Reads the key from the header's field lines. The draft defines the field as an RFC 8941
+ * structured-field String (`"abc"`); most clients send a bare token (`abc`), so both are accepted
+ * and mean the same key. Two field lines are refused rather than guessing which one is meant.
+ *
+ * @param fieldLines every value the header arrived with, one per field line, in order
+ */
+export function readIdempotencyKey(fieldLines: readonly string[]): KeyReading {
+  if (fieldLines.length === 0) return { kind: 'absent' };
+  if (fieldLines.length > 1) {
+    return { kind: 'invalid', reason: 'The Idempotency-Key header must be sent once.' };
+  }
+  const raw = fieldLines[0].trim();
+  if (!PRINTABLE_ASCII.test(raw)) {
+    return { kind: 'invalid', reason: 'The Idempotency-Key must be printable ASCII.' };
+  }
+  const parsed = raw.startsWith('"') ? parseStructuredString(raw) : { key: raw };
+  if ('reason' in parsed) return { kind: 'invalid', reason: parsed.reason };
+  if (parsed.key.length === 0) {
+    return { kind: 'invalid', reason: 'The Idempotency-Key must not be empty.' };
+  }
+  if (parsed.key.length > MAX_KEY_LENGTH) {
+    return {
+      kind: 'invalid',
+      reason: `The Idempotency-Key must be at most ${MAX_KEY_LENGTH} characters long.`,
+    };
+  }
+  return { kind: 'key', key: parsed.key };
+}
+
+/** RFC 8941 §4.2.5: a String is DQUOTE *(unescaped / "\" DQUOTE / "\\") DQUOTE, nothing after it. */
+function parseStructuredString(raw: string): { key: string } | { reason: string } {
+  const malformed = { reason: 'The Idempotency-Key is a malformed quoted string.' };
+  let key = '';
+  for (let i = 1; i < raw.length; i++) {
+    const char = raw[i];
+    if (char === '\\') {
+      const next = raw[++i];
+      if (next !== '"' && next !== '\\') return malformed;
+      key += next;
+    } else if (char === '"') {
+      return i === raw.length - 1 ? { key } : malformed;
+    } else {
+      key += char;
+    }
+  }
+  return malformed;
+}
+
+/** A key shortened for log lines: enough to correlate, too little to replay someone's request. */
+export function truncateKeyForLog(key: string): string {
+  return key.length <= 8 ? key : `${key.slice(0, 8)}…`;
+}
