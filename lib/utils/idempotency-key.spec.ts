@@ -1,0 +1,56 @@
+import { readIdempotencyKey, truncateKeyForLog } from './idempotency-key.js';
+
+describe('readIdempotencyKey', () => {
+  it('reads a bare token', () => {
+    expect(readIdempotencyKey(['8e03978e-40d5-43e8-bc93-6894a57f9324'])).toEqual({
+      kind: 'key',
+      key: '8e03978e-40d5-43e8-bc93-6894a57f9324',
+    });
+  });
+
+  it('reads a structured-field string as the same key as the bare token', () => {
+    expect(readIdempotencyKey(['"abc-123"'])).toEqual(readIdempotencyKey(['abc-123']));
+  });
+
+  it('unescapes \\" and \\\\ in a quoted key', () => {
+    expect(readIdempotencyKey(['"a\\"b\\\\c"'])).toEqual({ kind: 'key', key: 'a"b\\c' });
+  });
+
+  it('keeps case: keys are case-sensitive', () => {
+    expect(readIdempotencyKey(['AbC'])).toEqual({ kind: 'key', key: 'AbC' });
+  });
+
+  it('reports an absent header', () => {
+    expect(readIdempotencyKey([])).toEqual({ kind: 'absent' });
+  });
+
+  it.each([
+    ['empty', ''],
+    ['whitespace only', '   '],
+    ['empty quoted', '""'],
+    ['unterminated quote', '"abc'],
+    ['text after the closing quote', '"abc"def'],
+    ['a bad escape', '"a\\nb"'],
+    ['a trailing backslash', '"abc\\'],
+    ['control characters', 'abc\u0001def'],
+    ['non-ASCII', 'clé'],
+    ['256 characters', 'k'.repeat(256)],
+  ])('refuses %s', (_case, value) => {
+    expect(readIdempotencyKey([value])).toMatchObject({ kind: 'invalid' });
+  });
+
+  it('accepts 255 characters', () => {
+    expect(readIdempotencyKey(['k'.repeat(255)])).toMatchObject({ kind: 'key' });
+  });
+
+  it('refuses the header sent twice, even with equal values', () => {
+    expect(readIdempotencyKey(['a', 'a'])).toMatchObject({ kind: 'invalid' });
+  });
+});
+
+describe('truncateKeyForLog', () => {
+  it('keeps only the first 8 characters', () => {
+    expect(truncateKeyForLog('8e03978e-40d5-43e8')).toBe('8e03978e…');
+    expect(truncateKeyForLog('short')).toBe('short');
+  });
+});
