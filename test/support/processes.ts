@@ -1,0 +1,49 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = fileURLToPath(new URL('../../', import.meta.url));
+
+/** An app running in a Node process of its own. */
+export interface AppProcess {
+  readonly child: ChildProcess;
+  readonly baseUrl: string;
+  /** Stops it (SIGTERM, or SIGKILL for a crash) and waits for it to exit. */
+  stop(signal?: NodeJS.Signals): Promise<void>;
+}
+
+/**
+ * Starts a compiled script (path under dist/, as `npm test` builds it) and resolves once it prints
+ * `listening <port>`.
+ */
+export async function startAppProcess(
+  script: string,
+  env: Record<string, string>,
+): Promise<AppProcess> {
+  const path = `${ROOT}dist/${script}`;
+  if (!existsSync(path)) throw new Error(`${path} is missing: run \`npm test\` (it compiles first)`);
+  const child = spawn(process.execPath, [path], {
+    env: { ...process.env, ...env, NODE_OPTIONS: '' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let output = '';
+  const port = await new Promise<number>((resolve, reject) => {
+    const onData = (chunk: Buffer) => {
+      output += chunk.toString();
+      const match = /listening (\d+)/.exec(output);
+      if (match) resolve(Number(match[1]));
+    };
+    child.stdout!.on('data', onData);
+    child.stderr!.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    child.once('exit', (code) => reject(new Error(`${script} exited (${code}) before listening:\n${output}`)));
+  });
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  return {
+    child,
+    baseUrl: `http://127.0.0.1:${port}`,
+    async stop(signal: NodeJS.Signals = 'SIGTERM') {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      await exited;
+    },
+  };
+}
