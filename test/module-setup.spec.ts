@@ -1,0 +1,131 @@
+import { Controller, Headers, Module, Post, type INestApplication } from '@nestjs/common';
+import { Test } from '@nestjs/testing';
+import { randomUUID } from 'node:crypto';
+import request from 'supertest';
+import { DataSource } from 'typeorm';
+import {
+  Idempotent,
+  IdempotencyModule,
+  IdempotencyRecord,
+  IdempotencyStore,
+  type IdempotencyModuleOptions,
+} from '../lib/index.js';
+import { eachDatabase } from './support/databases.js';
+
+let runs = 0;
+
+/** `@Idempotent()` on the class protects every route; a method's options beat the class's. */
+@Controller('orders')
+@Idempotent({ required: true })
+class OrdersController {
+  @Post()
+  create() {
+    runs++;
+    return { id: randomUUID() };
+  }
+
+  @Post('drafts')
+  @Idempotent({ required: false })
+  draft() {
+    runs++;
+    return { id: randomUUID() };
+  }
+}
+
+async function boot(imports: any[]): Promise<INestApplication> {
+  @Module({ imports, controllers: [OrdersController] })
+  class AppModule {}
+  const moduleRef = await Test.createTestingModule({ imports: [AppModule] }).compile();
+  const app = moduleRef.createNestApplication({ logger: false });
+  await app.init();
+  return app;
+}
+
+async function expectProtects(app: INestApplication) {
+  const key = randomUUID();
+  const before = runs;
+  const first = await request(app.getHttpServer()).post('/orders').set('Idempotency-Key', key);
+  const retry = await request(app.getHttpServer()).post('/orders').set('Idempotency-Key', key);
+  expect(first.status).toBe(201);
+  expect(retry.headers['idempotent-replayed']).toBe('true');
+  expect(retry.body).toEqual(first.body);
+  expect(runs - before).toBe(1);
+}
+
+describe('module setup', () => {
+  it('works with no options at all, on an in-memory PGlite it creates itself', async () => {
+    const app = await boot([IdempotencyModule.forRoot({})]);
+    try {
+      await expectProtects(app);
+    } finally {
+      await app.close();
+    }
+  });
+
+  it('applies class-level @Idempotent() once, and lets a method override it', async () => {
+    const app = await boot([IdempotencyModule.forRoot({ purgeInterval: false })]);
+    try {
+      await request(app.getHttpServer()).post('/orders').expect(400);
+      const before = runs;
+      await request(app.getHttpServer()).post('/orders/drafts').expect(201);
+      expect(runs - before).toBe(1);
+    } finally {
+      await app.close();
+    }
+  });
+
+  it('fails at startup on a malformed option', async () => {
+    await expect(
+      boot([IdempotencyModule.forRoot({ ttl: '1 fortnight' } as IdempotencyModuleOptions)]),
+    ).rejects.toThrow(/ttl must be/);
+    expect(() => Idempotent({ lockTimeout: 'soon' })).toThrow(/lockTimeout must be/);
+  });
+});
+
+describe.each(eachDatabase)('module setup on %s', (_name, database) => {
+  it('opens DataSourceOptions itself, creates the table, and closes the connection on shutdown', async () => {
+    const app = await boot([IdempotencyModule.forRoot({ dataSource: database.options() })]);
+    await expectProtects(app);
+    // The store is the one holder of the module's own connection.
+    const owned = (app.get(IdempotencyStore) as unknown as { dataSource: DataSource }).dataSource;
+    expect(owned.isInitialized).toBe(true);
+    await app.close();
+    expect(owned.isInitialized).toBe(false);
+  });
+
+  it('takes its options from DI with forRootAsync, and leaves the app DataSource open', async () => {
+    const dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
+
+    @Module({ providers: [{ provide: DataSource, useValue: dataSource }], exports: [DataSource] })
+    class DatabaseModule {}
+
+    const app = await boot([
+      IdempotencyModule.forRootAsync({
+        imports: [DatabaseModule],
+        inject: [DataSource],
+        useFactory: (injected: DataSource) => ({ dataSource: injected, ttl: '1h' }),
+      }),
+    ]);
+    try {
+      expect(dataSource.isInitialized).toBe(true);
+      await expectProtects(app);
+      const [record] = await dataSource.getRepository(IdempotencyRecord).find({
+        order: { createdAt: 'DESC' },
+        take: 1,
+      });
+      expect(record.expiresAt - Date.now()).toBeLessThanOrEqual(3_600_000);
+    } finally {
+      await app.close();
+    }
+    expect(dataSource.isInitialized).toBe(true);
+    await dataSource.destroy();
+  });
+
+  it('refuses at startup a DataSource that lacks the IdempotencyRecord entity', async () => {
+    const dataSource = new DataSource(database.options());
+    await expect(boot([IdempotencyModule.forRoot({ dataSource })])).rejects.toThrow(
+      /IdempotencyRecord is not an entity/,
+    );
+    if (dataSource.isInitialized) await dataSource.destroy();
+  });
+});
