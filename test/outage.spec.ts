@@ -17,3 +17,23 @@ describe.each(eachDatabase)('an unreachable database on %s', (_name, database) =
     }
   });
 });
+
+describe.each(eachDatabase)('a database lost while the handler runs, on %s', (_name, database) => {
+  it("still returns the handler's response when its result cannot be stored", async () => {
+    const fixture = await createFixtureApp(database);
+    try {
+      const key = newKey();
+      fixture.gate.hold(key);
+      const pending = post(fixture.http, '/slow', key).then((response) => response);
+      await fixture.gate.arrived(key);
+      await fixture.dataSource.destroy();
+      fixture.gate.open(key);
+      const response = await pending;
+      expect(response.status).toBe(201);
+      expect(response.body.id).toEqual(expect.any(String));
+      expect(fixture.calls.count('slow', key)).toBe(1);
+    } finally {
+      await fixture.close();
+    }
+  });
+});
