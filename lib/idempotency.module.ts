@@ -1,4 +1,4 @@
-import { Inject, Module, type OnModuleDestroy, type Provider } from '@nestjs/common';
+import { Inject, Module, type OnApplicationShutdown, type Provider } from '@nestjs/common';
 import {
   ConfigurableIdempotencyModule,
   IDEMPOTENCY_MODULE_OPTIONS,
@@ -59,15 +59,19 @@ const providers: Provider[] = [
   providers,
   exports: [IdempotencyService, IdempotencyInterceptor, IdempotencyPurgeJob, IdempotencyStore, RESOLVED_OPTIONS],
 })
-export class IdempotencyModule extends ConfigurableIdempotencyModule implements OnModuleDestroy {
+export class IdempotencyModule extends ConfigurableIdempotencyModule implements OnApplicationShutdown {
   constructor(
     @Inject(IDEMPOTENCY_CONNECTION) private readonly connection: IdempotencyConnection | null,
   ) {
     super();
   }
 
-  /** Closes the connection the module opened itself; an app's own DataSource is left open. */
-  async onModuleDestroy(): Promise<void> {
+  /**
+   * Closes the connection the module opened itself; an app's own DataSource is left open. Done at
+   * application shutdown, after Nest has closed the HTTP server, so requests still running when
+   * `app.close()` was called can store their results.
+   */
+  async onApplicationShutdown(): Promise<void> {
     if (this.connection?.owned && this.connection.dataSource.isInitialized) {
       await this.connection.dataSource.destroy();
     }
