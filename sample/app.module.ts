@@ -1,0 +1,33 @@
+import { type DynamicModule, Module } from '@nestjs/common';
+import { DataSource } from 'typeorm';
+import { IdempotencyModule } from '../lib/index.js';
+import { apiKeyScope } from './common/api-key.scope.js';
+import type { SampleConfig } from './config/sample.config.js';
+import { SampleConfigModule } from './config/sample-config.module.js';
+import { DatabaseModule } from './database/database.module.js';
+import { OrdersModule } from './orders/orders.module.js';
+import { PaymentsModule } from './payments/payments.module.js';
+import { TransfersModule } from './transfers/transfers.module.js';
+
+@Module({})
+export class AppModule {
+  static register(config: SampleConfig): DynamicModule {
+    return {
+      module: AppModule,
+      imports: [
+        SampleConfigModule.forRoot(config),
+        DatabaseModule,
+        // The library gets the app's own DataSource: its records sit next to the payments, in the
+        // same database, and the module leaves closing that DataSource to the app.
+        IdempotencyModule.forRootAsync({
+          imports: [DatabaseModule],
+          inject: [DataSource],
+          useFactory: (dataSource: DataSource) => ({ dataSource, ttl: '24h', scope: apiKeyScope }),
+        }),
+        PaymentsModule,
+        OrdersModule,
+        TransfersModule,
+      ],
+    };
+  }
+}

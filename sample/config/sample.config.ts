@@ -1,0 +1,75 @@
+import { resolve } from 'node:path';
+
+/** What `createSampleApp()` accepts; anything left out falls back to the environment. */
+export interface SampleAppOptions {
+  /** PostgreSQL URL. Wins over `dataDir`; `DATABASE_URL` is used when neither is given. */
+  databaseUrl?: string;
+  /** PGlite data folder, or `'memory://'` for a database that lives as long as the process. */
+  dataDir?: string;
+  /** Simulated payment gateway latency. Falls back to `GATEWAY_LATENCY_MS`, then 200. */
+  gatewayLatencyMs?: number;
+}
+
+/** Where the sample's rows (and the idempotency records) live. */
+export type DatabaseConfig =
+  | { readonly kind: 'postgres'; readonly url: string }
+  | { readonly kind: 'pglite'; readonly dataDir: string };
+
+/** The options once resolved: what the providers receive under `SAMPLE_CONFIG`. */
+export interface SampleConfig {
+  readonly database: DatabaseConfig;
+  readonly gatewayLatencyMs: number;
+}
+
+export const SAMPLE_CONFIG = Symbol('SampleConfig');
+
+/** Relative to the working directory, which is the project root under `npm start`. */
+const DEFAULT_DATA_DIR = '.data/sample';
+const DEFAULT_GATEWAY_LATENCY_MS = 200;
+
+/**
+ * Explicit options beat the environment, so a test or the demo that passes `dataDir` gets PGlite
+ * even in a shell where `DATABASE_URL` is exported.
+ */
+export function resolveSampleConfig(
+  options: SampleAppOptions = {},
+  env: NodeJS.ProcessEnv = process.env,
+): SampleConfig {
+  return {
+    database: resolveDatabase(options, env),
+    gatewayLatencyMs: resolveLatency(options.gatewayLatencyMs ?? env.GATEWAY_LATENCY_MS),
+  };
+}
+
+function resolveDatabase(options: SampleAppOptions, env: NodeJS.ProcessEnv): DatabaseConfig {
+  if (options.databaseUrl) return { kind: 'postgres', url: options.databaseUrl };
+  if (options.dataDir) return { kind: 'pglite', dataDir: toDataDir(options.dataDir) };
+  if (env.DATABASE_URL) return { kind: 'postgres', url: env.DATABASE_URL };
+  return { kind: 'pglite', dataDir: toDataDir(DEFAULT_DATA_DIR) };
+}
+
+function toDataDir(dataDir: string): string {
+  return dataDir.startsWith('memory://') ? dataDir : resolve(dataDir);
+}
+
+function resolveLatency(value: number | string | undefined): number {
+  if (value === undefined || value === '') return DEFAULT_GATEWAY_LATENCY_MS;
+  const latency = Number(value);
+  // Fail at startup: a typo silently meaning "no latency" would make the demo meaningless.
+  if (!Number.isFinite(latency) || latency < 0) {
+    throw new TypeError(`Gateway latency must be a non-negative number of ms; got ${JSON.stringify(value)}`);
+  }
+  return latency;
+}
+
+/** For log lines: the URL without its password. */
+export function describeDatabase(database: DatabaseConfig): string {
+  if (database.kind === 'pglite') return `PGlite (${database.dataDir})`;
+  try {
+    const url = new URL(database.url);
+    if (url.password) url.password = '***';
+    return `PostgreSQL (${url.toString()})`;
+  } catch {
+    return 'PostgreSQL';
+  }
+}

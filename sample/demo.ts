@@ -1,0 +1,168 @@
+import type { INestApplication } from '@nestjs/common';
+import { randomUUID } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { createSampleApp } from './app.factory.js';
+
+/**
+ * A client on a flaky network pays once, twice over: with an Idempotency-Key, and without one.
+ * Each time, the first responses are "lost" — the client gives up before the gateway answers, while
+ * the server carries on and charges — and the client retries until it gets an answer. Then the
+ * demo counts the charges each scenario really made.
+ *
+ * `npm run demo`. It boots the sample in-process on an in-memory database and a free port.
+ */
+
+const GATEWAY_LATENCY_MS = 300;
+/** Attempts whose response never arrives; the one after them gets through. */
+const LOST_ATTEMPTS = 3;
+/** Well under the gateway latency: every lost attempt is given up while its charge is running. */
+const FLAKY_TIMEOUT_MS = 75;
+const PATIENT_TIMEOUT_MS = 10_000;
+/** No new charge for this long means none is still in flight: it exceeds a whole gateway call. */
+const QUIET_PERIOD_MS = GATEWAY_LATENCY_MS * 2;
+
+interface Scenario {
+  readonly name: string;
+  /** `POST /payments` needs a key; `/payments/unprotected` is the same handler without the library. */
+  readonly path: string;
+  readonly sendKey: boolean;
+}
+
+interface Outcome {
+  readonly scenario: Scenario;
+  readonly attempts: number;
+  readonly lost: number;
+  readonly charges: number;
+  readonly finalResponse: string;
+  readonly finalStatus: number;
+}
+
+const SCENARIOS: readonly Scenario[] = [
+  { name: 'with Idempotency-Key', path: '/payments', sendKey: true },
+  { name: 'without Idempotency-Key', path: '/payments/unprotected', sendKey: false },
+];
+
+async function main(): Promise<void> {
+  const app = await createSampleApp({
+    dataDir: 'memory://',
+    gatewayLatencyMs: GATEWAY_LATENCY_MS,
+    logger: ['error', 'warn'],
+  });
+  const outcomes: Outcome[] = [];
+  try {
+    const baseUrl = await listenOnFreePort(app);
+    console.log(
+      `Sample shop at ${baseUrl}; the gateway takes ${GATEWAY_LATENCY_MS} ms, the flaky client gives up after ${FLAKY_TIMEOUT_MS} ms.\n`,
+    );
+    for (const scenario of SCENARIOS) outcomes.push(await run(baseUrl, scenario));
+  } finally {
+    await app.close();
+  }
+  printTable(outcomes);
+  const keyed = outcomes[0];
+  if (keyed.charges !== 1 || keyed.finalStatus !== 201) {
+    console.error(`\nUnexpected: with a key there should be exactly one charge and a 201.`);
+    process.exitCode = 1;
+  }
+}
+
+async function listenOnFreePort(app: INestApplication): Promise<string> {
+  await app.listen(0, '127.0.0.1');
+  const { port } = app.getHttpServer().address() as AddressInfo;
+  return `http://127.0.0.1:${port}`;
+}
+
+/** One logical payment: the same body (and key, if any) on every attempt, until one is answered. */
+async function run(baseUrl: string, scenario: Scenario): Promise<Outcome> {
+  console.log(`${scenario.name} — POST ${scenario.path}`);
+  // Tags this scenario's payments, so they can be told apart in GET /payments.
+  const reference = `demo-${randomUUID()}`;
+  const headers: Record<string, string> = { 'Content-Type': 'application/json' };
+  if (scenario.sendKey) headers['Idempotency-Key'] = randomUUID();
+  const body = JSON.stringify({ amount: 1999, currency: 'eur', source: 'tok_visa', reference });
+
+  let lost = 0;
+  for (let attempt = 1; ; attempt++) {
+    const timeoutMs = attempt <= LOST_ATTEMPTS ? FLAKY_TIMEOUT_MS : PATIENT_TIMEOUT_MS;
+    try {
+      const response = await fetch(baseUrl + scenario.path, {
+        method: 'POST',
+        headers,
+        body,
+        signal: AbortSignal.timeout(timeoutMs),
+      });
+      const payload = (await response.json()) as { id?: string };
+      const replayed = response.headers.get('Idempotent-Replayed') === 'true';
+      const finalResponse = `${response.status}${replayed ? ' (replayed)' : ''}`;
+      console.log(`  attempt ${attempt}: ${finalResponse} ${payload.id ?? JSON.stringify(payload)}`);
+      const charges = await settledChargeCount(baseUrl, reference);
+      console.log(`  charges made for this payment: ${charges}\n`);
+      return { scenario, attempts: attempt, lost, charges, finalResponse, finalStatus: response.status };
+    } catch (error) {
+      if (!isTimeout(error)) throw error;
+      lost++;
+      console.log(`  attempt ${attempt}: no response within ${timeoutMs} ms (lost) — retrying`);
+    }
+  }
+}
+
+/**
+ * The lost attempts are still running on the server when the client has its answer. Counts this
+ * scenario's payments once that count has stopped moving for longer than a gateway call.
+ */
+async function settledChargeCount(baseUrl: string, reference: string): Promise<number> {
+  const deadline = Date.now() + 15_000;
+  let count = await countPayments(baseUrl, reference);
+  let unchangedSince = Date.now();
+  while (Date.now() - unchangedSince < QUIET_PERIOD_MS) {
+    if (Date.now() > deadline) throw new Error('The payment count never settled');
+    await sleep(50);
+    const latest = await countPayments(baseUrl, reference);
+    if (latest !== count) {
+      count = latest;
+      unchangedSince = Date.now();
+    }
+  }
+  return count;
+}
+
+async function countPayments(baseUrl: string, reference: string): Promise<number> {
+  const response = await fetch(`${baseUrl}/payments`);
+  const payments = (await response.json()) as Array<{ reference: string | null }>;
+  return payments.filter((payment) => payment.reference === reference).length;
+}
+
+function isTimeout(error: unknown): boolean {
+  const name = (error as { name?: string } | null)?.name;
+  return name === 'TimeoutError' || name === 'AbortError';
+}
+
+function printTable(outcomes: readonly Outcome[]): void {
+  const rows = [
+    ['scenario', 'attempts', 'responses lost', 'charges created', 'final response'],
+    ...outcomes.map((o) => [
+      o.scenario.name,
+      String(o.attempts),
+      String(o.lost),
+      String(o.charges),
+      o.finalResponse,
+    ]),
+  ];
+  const widths = rows[0].map((_, column) => Math.max(...rows.map((row) => row[column].length)));
+  const line = (row: string[]) =>
+    row.map((cell, i) => cell.padEnd(widths[i])).join(' | ').trimEnd();
+  console.log(line(rows[0]));
+  console.log(widths.map((width) => '-'.repeat(width)).join('-|-'));
+  for (const row of rows.slice(1)) console.log(line(row));
+  const [keyed, unkeyed] = outcomes;
+  console.log(
+    `\nOne payment, the same flaky network: with a key the customer is charged ${times(keyed.charges)}, without one ${times(unkeyed.charges)}.`,
+  );
+}
+
+function times(count: number): string {
+  return count === 1 ? 'once' : `${count} times`;
+}
+
+await main();

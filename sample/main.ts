@@ -1,0 +1,39 @@
+import { Logger } from '@nestjs/common';
+import type { AddressInfo } from 'node:net';
+import { createSampleApp } from './app.factory.js';
+import { describeDatabase, SAMPLE_CONFIG, type SampleConfig } from './config/sample.config.js';
+
+const port = Number(process.env.PORT ?? 3000);
+if (!Number.isInteger(port) || port < 0 || port > 65535) {
+  throw new TypeError(`PORT must be a port number; got ${JSON.stringify(process.env.PORT)}`);
+}
+
+const app = await createSampleApp();
+// SIGINT/SIGTERM close the app, which closes the database: PGlite flushes its folder on close.
+app.enableShutdownHooks();
+try {
+  await app.listen(port);
+} catch (error) {
+  // Port taken, say: close the database (and its folder lock) before exiting.
+  await app.close();
+  throw error;
+}
+
+const config = app.get<SampleConfig>(SAMPLE_CONFIG);
+// The port actually bound (PORT=0 picks a free one).
+const { port: boundPort } = app.getHttpServer().address() as AddressInfo;
+const base = `localhost:${boundPort}`;
+new Logger('Sample').log(
+  `Listening on http://${base} — database: ${describeDatabase(config.database)}, gateway latency ${config.gatewayLatencyMs} ms`,
+);
+console.log(`
+Try it: create a payment, then send the very same request again (same key):
+
+  KEY=$(uuidgen 2>/dev/null || cat /proc/sys/kernel/random/uuid)
+  curl -i -X POST ${base}/payments -H 'Content-Type: application/json' -H "Idempotency-Key: $KEY" -d '{"amount":1000,"currency":"eur","source":"tok_visa"}'
+
+The second answer is the first one replayed (header Idempotent-Replayed: true), and
+  curl ${base}/payments
+still lists a single payment. The same key with another body gets 422.
+More: POST /orders, POST /transfers, GET /accounts/acc_alice; npm run demo for a flaky client.
+`);

@@ -1,0 +1,10 @@
+import { Module } from '@nestjs/common';
+import { AccountsSeeder } from './accounts.seeder.js';
+import { TransfersController } from './transfers.controller.js';
+import { TransfersService } from './transfers.service.js';
+
+@Module({
+  controllers: [TransfersController],
+  providers: [TransfersService, AccountsSeeder],
+})
+export class TransfersModule {}

@@ -1,0 +1,78 @@
+import { HttpException, HttpStatus, Inject, Injectable, NotFoundException } from '@nestjs/common';
+import { randomUUID } from 'node:crypto';
+import { DataSource, In } from 'typeorm';
+import { Account, toAccountView } from './account.entity.js';
+import { Transfer, toTransferView } from './transfer.entity.js';
+
+export interface MakeTransfer {
+  fromAccount: string;
+  toAccount: string;
+  amount: number;
+}
+
+export type TransferView = ReturnType<typeof toTransferView>;
+export type AccountView = ReturnType<typeof toAccountView>;
+
+@Injectable()
+export class TransfersService {
+  constructor(@Inject(DataSource) private readonly dataSource: DataSource) {}
+
+  /**
+   * Debit, credit and the transfer row commit together or not at all. Everything inside goes
+   * through `manager` (the transaction's connection), never `this.dataSource`.
+   */
+  async transfer(request: MakeTransfer): Promise<TransferView> {
+    return this.dataSource.transaction(async (manager) => {
+      // Both rows locked, in id order: two opposite transfers queue instead of deadlocking, and a
+      // concurrent transfer cannot spend the balance read here.
+      const accounts = await manager.getRepository(Account).find({
+        where: { id: In([request.fromAccount, request.toAccount]) },
+        order: { id: 'ASC' },
+        lock: { mode: 'pessimistic_write' },
+      });
+      const from = findAccount(accounts, request.fromAccount);
+      const to = findAccount(accounts, request.toAccount);
+      if (from.balance < request.amount) {
+        // A business refusal: the library stores this 409 and replays it for the same key. Its
+        // body says what went wrong, unlike the library's own 409 for a request still in progress.
+        throw new HttpException(
+          {
+            statusCode: HttpStatus.CONFLICT,
+            error: 'insufficient_funds',
+            message: `Account ${from.id} cannot cover a transfer of ${request.amount}.`,
+            available: from.balance,
+          },
+          HttpStatus.CONFLICT,
+        );
+      }
+      await manager.decrement(Account, { id: from.id }, 'balance', request.amount);
+      await manager.increment(Account, { id: to.id }, 'balance', request.amount);
+      const transfer = manager.create(Transfer, {
+        id: `tr_${randomUUID()}`,
+        fromAccount: from.id,
+        toAccount: to.id,
+        amount: request.amount,
+        createdAt: new Date(),
+      });
+      await manager.insert(Transfer, transfer);
+      return toTransferView(transfer);
+    });
+  }
+
+  async account(id: string): Promise<AccountView> {
+    const account = await this.dataSource.getRepository(Account).findOneBy({ id });
+    return toAccountView(findAccount(account ? [account] : [], id));
+  }
+}
+
+function findAccount(accounts: Account[], id: string): Account {
+  const account = accounts.find((candidate) => candidate.id === id);
+  if (!account) {
+    throw new NotFoundException({
+      statusCode: HttpStatus.NOT_FOUND,
+      error: 'account_not_found',
+      message: `Account ${id} does not exist.`,
+    });
+  }
+  return account;
+}
