@@ -46,5 +46,6 @@ export const DEFAULTS = {
   purgeInterval: '1m',
   purgeBatchSize: 1000,
   maxResponseBytes: 1024 * 1024,
+  storeTimeout: '5s',
   runMigrations: true,
 } as const;

@@ -7,6 +7,8 @@ import { RESOLVED_OPTIONS, resolveModuleOptions, type ResolvedModuleOptions } fr
 import { IdempotencyPurgeJob } from './idempotency-purge.job.js';
 import { IdempotencyService } from './idempotency.service.js';
 import { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
+import { IdempotentRoutesCheck } from './interceptors/idempotent-routes.check.js';
+import { DiscoveryModule } from '@nestjs/core';
 import type { IdempotencyModuleOptions } from './interfaces/idempotency-options.interface.js';
 import { IdempotencyStore } from './storage/idempotency-store.interface.js';
 import {
@@ -49,6 +51,7 @@ const providers: Provider[] = [
   IdempotencyService,
   IdempotencyInterceptor,
   IdempotencyPurgeJob,
+  IdempotentRoutesCheck,
 ];
 
 /**
@@ -56,6 +59,7 @@ const providers: Provider[] = [
  * `IdempotencyModule.forRoot({ ttl: '24h' })`, then put `@Idempotent()` on the routes to protect.
  */
 @Module({
+  imports: [DiscoveryModule],
   providers,
   exports: [IdempotencyService, IdempotencyInterceptor, IdempotencyPurgeJob, IdempotencyStore, RESOLVED_OPTIONS],
 })

@@ -29,6 +29,7 @@ export interface ResolvedModuleOptions extends ResolvedRouteOptions {
   readonly purgeBatchSize: number;
   readonly waitPollIntervalMs: number;
   readonly maxResponseBytes: number;
+  readonly storeTimeoutMs: number;
   readonly runMigrations: boolean;
 }
 
@@ -76,6 +77,10 @@ export function resolveModuleOptions(options: IdempotencyModuleOptions): Resolve
       toMilliseconds(options.waitPollInterval ?? DEFAULTS.waitPollInterval, 'waitPollInterval'),
     ),
     maxResponseBytes,
+    storeTimeoutMs: Math.max(
+      1,
+      toMilliseconds(options.storeTimeout ?? DEFAULTS.storeTimeout, 'storeTimeout'),
+    ),
     runMigrations: options.runMigrations ?? DEFAULTS.runMigrations,
   };
 }

@@ -84,7 +84,9 @@ export class IdempotencyService {
    */
   async complete(lease: Lease, response: StoredResponse, ttlMs: number): Promise<void> {
     await this.writeWithRetry(lease, 'store the response of', async () => {
-      const stored = await this.store.complete(lease, response, Date.now() + ttlMs);
+      const stored = await this.withinStoreTimeout(
+        this.store.complete(lease, response, Date.now() + ttlMs),
+      );
       if (!stored) this.warnLostLease(lease, 'its response was not stored');
     });
   }
@@ -92,20 +94,20 @@ export class IdempotencyService {
   /** Gives the key up so a retry runs the handler again. Never throws (see `complete`). */
   async release(lease: Lease): Promise<void> {
     await this.writeWithRetry(lease, 'release', async () => {
-      const released = await this.store.release(lease);
+      const released = await this.withinStoreTimeout(this.store.release(lease));
       if (!released) this.warnLostLease(lease, 'it was not released');
     });
   }
 
   private async decide(request: BeginRequest): Promise<Decision> {
     const now = Date.now();
-    const claim = await this.store.claim({
+    const claim = await this.withinStoreTimeout(this.store.claim({
       id: request.id,
       fingerprint: request.fingerprint,
       token: randomUUID(),
       now,
       lockedUntil: now + request.lockTimeoutMs,
-    });
+    }));
     if (claim.claimed) return { action: 'execute', lease: claim.lease };
     const { record } = claim;
     // The payload is checked first: another payload is a 422 whether the key is done or running.
@@ -129,6 +131,18 @@ export class IdempotencyService {
         }
       }
     }
+  }
+
+  /** Rejects once `storeTimeout` has passed; the operation itself may still finish later. */
+  private withinStoreTimeout<T>(operation: Promise<T>): Promise<T> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`store did not answer within ${this.options.storeTimeoutMs} ms`)),
+        this.options.storeTimeoutMs,
+      );
+    });
+    return Promise.race([operation, timeout]).finally(() => clearTimeout(timer));
   }
 
   private warnLostLease(lease: Lease, consequence: string) {

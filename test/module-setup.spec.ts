@@ -1,4 +1,5 @@
-import { Controller, Headers, Module, Post, type INestApplication } from '@nestjs/common';
+import { Controller, Module, Post, Res, Sse, type INestApplication } from '@nestjs/common';
+import { of } from 'rxjs';
 import { Test } from '@nestjs/testing';
 import { randomUUID } from 'node:crypto';
 import request from 'supertest';
@@ -79,6 +80,37 @@ describe('module setup', () => {
       boot([IdempotencyModule.forRoot({ ttl: '1 fortnight' } as IdempotencyModuleOptions)]),
     ).rejects.toThrow(/ttl must be/);
     expect(() => Idempotent({ lockTimeout: 'soon' })).toThrow(/lockTimeout must be/);
+  });
+});
+
+@Controller('raw')
+class RawResponseController {
+  @Post()
+  @Idempotent()
+  write(@Res() response: any) {
+    response.status(201).json({ written: 'by hand' });
+  }
+
+  @Sse('events')
+  @Idempotent()
+  events() {
+    return of({ data: 'tick' });
+  }
+}
+
+describe('routes the interceptor cannot protect', () => {
+  it('refuses @Idempotent() with @Res() or @Sse() at startup, naming the routes', async () => {
+    @Module({
+      imports: [IdempotencyModule.forRoot({ purgeInterval: false })],
+      controllers: [RawResponseController],
+    })
+    class AppModule {}
+    const moduleRef = await Test.createTestingModule({ imports: [AppModule] }).compile();
+    const app = moduleRef.createNestApplication({ logger: false });
+    const init = app.init();
+    await expect(init).rejects.toThrow(/RawResponseController\.write: it writes the response itself/);
+    await expect(init).rejects.toThrow(/RawResponseController\.events: it streams server-sent events/);
+    await app.close().catch(() => undefined);
   });
 });
 

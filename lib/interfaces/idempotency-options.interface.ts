@@ -101,6 +101,13 @@ export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
    */
   waitPollInterval?: Duration;
   /**
+   * How long one store operation (claim, complete, release) may take. A claim that takes longer
+   * answers 503 and the handler does not run: a database that hangs costs clients a bounded wait,
+   * not a pile of stuck requests.
+   * @default '5s'
+   */
+  storeTimeout?: Duration;
+  /**
    * Largest response body stored, in bytes of its serialised form. A larger response is sent to the
    * client as usual but not stored: its key is released and a warning is logged.
    * @default 1048576 (1 MiB)
