@@ -1,10 +1,10 @@
 import { createFixtureApp, recordsOf, type FixtureApp } from './fixtures/fixture-app.js';
-import { eachDatabase } from './support/databases.js';
+import { eachTarget } from './support/databases.js';
 import { newKey, post } from './support/http.js';
 
-describe.each(eachDatabase)('caller scopes on %s', (_name, database) => {
+describe.each(eachTarget)('caller scopes on %s', (_name, { database, platform }) => {
   let fixture: FixtureApp;
-  beforeAll(async () => (fixture = await createFixtureApp(database)));
+  beforeAll(async () => (fixture = await createFixtureApp(database, {}, platform)));
   afterAll(() => fixture.close());
 
   it('gives two callers with the same key their own execution and their own response', async () => {
@@ -33,11 +33,11 @@ describe.each(eachDatabase)('caller scopes on %s', (_name, database) => {
   });
 });
 
-describe.each(eachDatabase)('a module-wide scope resolver on %s', (_name, database) => {
+describe.each(eachTarget)('a module-wide scope resolver on %s', (_name, { database, platform }) => {
   it('scopes every route by it', async () => {
     const fixture = await createFixtureApp(database, {
       scope: (request) => String(request.headers['x-tenant'] ?? 'anonymous'),
-    });
+    }, platform);
     try {
       const key = newKey();
       await post(fixture.http, '/charges', key).set('X-Tenant', 't1').expect(201);

@@ -1,10 +1,10 @@
 import { createFixtureApp, recordsOf, type FixtureApp } from './fixtures/fixture-app.js';
-import { eachDatabase } from './support/databases.js';
+import { eachTarget } from './support/databases.js';
 import { newKey, post } from './support/http.js';
 
-describe.each(eachDatabase)('which outcomes are stored, on %s', (_name, database) => {
+describe.each(eachTarget)('which outcomes are stored, on %s', (_name, { database, platform }) => {
   let fixture: FixtureApp;
-  beforeAll(async () => (fixture = await createFixtureApp(database, { maxResponseBytes: 10_000 })));
+  beforeAll(async () => (fixture = await createFixtureApp(database, { maxResponseBytes: 10_000 }, platform)));
   afterAll(() => fixture.close());
 
   it('releases the key after a thrown error (500), so a retry runs the handler again', async () => {

@@ -1,11 +1,11 @@
 import request from 'supertest';
 import { createFixtureApp, recordsOf, type FixtureApp } from './fixtures/fixture-app.js';
-import { eachDatabase } from './support/databases.js';
+import { eachTarget } from './support/databases.js';
 import { expectProblem, newKey, post } from './support/http.js';
 
-describe.each(eachDatabase)('first request and replay on %s', (_name, database) => {
+describe.each(eachTarget)('first request and replay on %s', (_name, { database, platform }) => {
   let fixture: FixtureApp;
-  beforeAll(async () => (fixture = await createFixtureApp(database)));
+  beforeAll(async () => (fixture = await createFixtureApp(database, {}, platform)));
   afterAll(() => fixture.close());
 
   it('runs the handler once and replays status, headers and body with Idempotent-Replayed', async () => {

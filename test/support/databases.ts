@@ -28,3 +28,19 @@ export const testDatabases: readonly TestDatabase[] = [pglite, ...postgresFromEn
 
 /** The same, as `describe.each` rows. */
 export const eachDatabase = testDatabases.map((database) => [database.name, database] as const);
+
+/** The HTTP platforms the e2e suite runs on. */
+export type HttpPlatform = 'express' | 'fastify';
+
+/** What one e2e run targets: a database and an HTTP platform. */
+export interface TestTarget {
+  readonly database: TestDatabase;
+  readonly platform: HttpPlatform;
+}
+
+/** Every database × both platforms, as `describe.each` rows labelled `postgres/fastify`. */
+export const eachTarget = testDatabases.flatMap((database) =>
+  (['express', 'fastify'] as const).map(
+    (platform) => [`${database.name}/${platform}`, { database, platform }] as const,
+  ),
+);
