@@ -1,4 +1,7 @@
 import type { DataSourceOptions } from 'typeorm';
+import { randomUUID } from 'node:crypto';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { PGliteDriver } from 'typeorm-pglite';
 
 /** A database the e2e suite runs on. */
@@ -6,7 +9,10 @@ export interface TestDatabase {
   readonly name: string;
   /** Options for a fresh connection; PGlite gives a new in-memory database each time. */
   options(): DataSourceOptions;
-  /** Several processes can share it (a server, not an embedded database). */
+  /**
+   * Several processes can share it and the multi-process fixtures (which speak PostgreSQL's SQL
+   * for their side-effect tables) run on it.
+   */
   readonly shared: boolean;
 }
 
@@ -23,8 +29,33 @@ function postgresFromEnv(): TestDatabase[] {
   return [{ name: 'postgres', shared: true, options: () => ({ type: 'postgres', url }) }];
 }
 
-/** Every database configured for this run: PGlite always, the others when their variables are set. */
-export const testDatabases: readonly TestDatabase[] = [pglite, ...postgresFromEnv()];
+/** SQLite through better-sqlite3: a new file per connection, so no server is needed. */
+const sqlite: TestDatabase = {
+  name: 'sqlite',
+  shared: false,
+  options: () => ({
+    type: 'better-sqlite3',
+    database: join(tmpdir(), `nestjs-idempotency-${randomUUID()}.sqlite`),
+  }),
+};
+
+/** MariaDB/MySQL when MARIADB_URL is set (mysql://user@host:port/db). */
+function mariadbFromEnv(): TestDatabase[] {
+  const url = process.env.MARIADB_URL;
+  if (!url) return [];
+  return [{ name: 'mariadb', shared: false, options: () => ({ type: 'mariadb', url }) }];
+}
+
+/**
+ * Every database configured for this run: the embedded ones (PGlite, SQLite) always, the servers
+ * when their variables are set (DATABASE_URL for PostgreSQL, MARIADB_URL for MariaDB).
+ */
+export const testDatabases: readonly TestDatabase[] = [
+  pglite,
+  sqlite,
+  ...postgresFromEnv(),
+  ...mariadbFromEnv(),
+];
 
 /** The same, as `describe.each` rows. */
 export const eachDatabase = testDatabases.map((database) => [database.name, database] as const);

@@ -12,13 +12,19 @@ export class CreateIdempotencyRecords1763900000000 implements MigrationInterface
   name = 'CreateIdempotencyRecords1763900000000';
 
   async up(queryRunner: QueryRunner): Promise<void> {
+    // MySQL's TEXT holds 64 KiB; a stored response may be larger (maxResponseBytes, 1 MiB).
+    const driverType = queryRunner.connection.driver.options.type;
+    const isMysql = driverType === 'mysql' || driverType === 'mariadb';
+    const bodyType = isMysql ? 'longtext' : 'text';
+    // Keys are case-sensitive; MySQL's default collations compare case-insensitively.
+    const exact = isMysql ? { collation: 'utf8mb4_bin' } : {};
     await queryRunner.createTable(
       new Table({
         name: IDEMPOTENCY_RECORDS_TABLE,
         columns: [
-          { name: 'scope', type: 'varchar', length: '255', isPrimary: true },
-          { name: 'endpoint', type: 'varchar', length: '255', isPrimary: true },
-          { name: 'idempotency_key', type: 'varchar', length: '255', isPrimary: true },
+          { name: 'scope', type: 'varchar', length: '255', isPrimary: true, ...exact },
+          { name: 'endpoint', type: 'varchar', length: '255', isPrimary: true, ...exact },
+          { name: 'idempotency_key', type: 'varchar', length: '255', isPrimary: true, ...exact },
           { name: 'fingerprint', type: 'varchar', length: '64' },
           { name: 'state', type: 'varchar', length: '16' },
           { name: 'lease_token', type: 'varchar', length: '36' },
@@ -26,7 +32,7 @@ export class CreateIdempotencyRecords1763900000000 implements MigrationInterface
           { name: 'created_at', type: 'bigint' },
           { name: 'response_status', type: 'int', isNullable: true },
           { name: 'response_headers', type: 'text', isNullable: true },
-          { name: 'response_body', type: 'text', isNullable: true },
+          { name: 'response_body', type: bodyType, isNullable: true },
           { name: 'response_body_encoding', type: 'varchar', length: '8', isNullable: true },
           { name: 'response_is_error', type: 'boolean', default: false },
         ],

@@ -1,0 +1,102 @@
+import type { DataSource } from 'typeorm';
+import type { ClaimRequest, ClaimResult, RecordSnapshot } from '../idempotency-store.interface.js';
+import { IdempotencyRecord } from './idempotency-record.entity.js';
+import { affectedRows, type StoreDialect } from './store-dialect.js';
+
+const CLAIM_ATTEMPTS = 5;
+
+/**
+ * MySQL/MariaDB and SQLite, through QueryBuilder: the claim is an insert that the primary key
+ * ignores when the key exists (`INSERT IGNORE` / `INSERT OR IGNORE`), then a read of the row — ours
+ * if it carries our lease token. A dead row is taken over by an update conditional on the lease
+ * token that was read, which only one concurrent request can match. A first request costs three
+ * round trips (insert, read, complete), a replay two.
+ */
+export class PortableDialect implements StoreDialect {
+  private readonly purgeSql: string;
+
+  constructor(
+    private readonly dataSource: DataSource,
+    table: string,
+  ) {
+    const type = dataSource.driver.options.type;
+    this.purgeSql =
+      type === 'mysql' || type === 'mariadb'
+        ? `DELETE FROM ${table} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?`
+        : `DELETE FROM ${table} WHERE rowid IN (SELECT rowid FROM ${table} WHERE expires_at <= ? LIMIT ?)`;
+  }
+
+  async claim(request: ClaimRequest): Promise<ClaimResult> {
+    const { id, fingerprint, token, now, lockedUntil } = request;
+    const claimed: ClaimResult = { claimed: true, lease: { id, token } };
+    for (let attempt = 1; attempt <= CLAIM_ATTEMPTS; attempt++) {
+      await this.dataSource
+        .createQueryBuilder()
+        .insert()
+        .into(IdempotencyRecord)
+        .values({
+          ...id,
+          fingerprint,
+          state: 'in_progress',
+          leaseToken: token,
+          expiresAt: lockedUntil,
+          createdAt: now,
+          responseIsError: false,
+        })
+        .orIgnore()
+        .execute();
+      const row = await this.dataSource
+        .getRepository(IdempotencyRecord)
+        .findOneBy({ scope: id.scope, endpoint: id.endpoint, key: id.key });
+      if (!row) continue; // released between the insert and the read
+      if (row.leaseToken === token) return claimed;
+      const dead =
+        row.expiresAt <= now && (row.state === 'completed' || row.fingerprint === fingerprint);
+      if (!dead) return { claimed: false, record: toSnapshot(row) };
+      const takeover = await this.dataSource
+        .createQueryBuilder()
+        .update(IdempotencyRecord)
+        .set({
+          fingerprint,
+          state: 'in_progress',
+          leaseToken: token,
+          expiresAt: lockedUntil,
+          createdAt: now,
+          responseStatus: null,
+          responseHeaders: null,
+          responseBody: null,
+          responseBodyEncoding: null,
+          responseIsError: false,
+        })
+        .where(
+          'scope = :scope AND endpoint = :endpoint AND idempotency_key = :key AND lease_token = :seen AND expires_at <= :now',
+          { ...id, seen: row.leaseToken, now },
+        )
+        .execute();
+      if (takeover.affected === 1) return claimed;
+    }
+    throw new Error('nestjs-idempotency: the claim kept racing with concurrent writers');
+  }
+
+  purgeExpired(now: number, limit: number): Promise<number> {
+    return affectedRows(this.dataSource, this.purgeSql, [now, limit]);
+  }
+}
+
+function toSnapshot(row: IdempotencyRecord): RecordSnapshot {
+  return {
+    state: row.state,
+    fingerprint: row.fingerprint,
+    expiresAt: row.expiresAt,
+    response:
+      row.state === 'completed' && row.responseStatus !== null
+        ? {
+            status: row.responseStatus,
+            headers: row.responseHeaders ? JSON.parse(row.responseHeaders) : {},
+            body: row.responseBody,
+            bodyEncoding: row.responseBodyEncoding ?? 'json',
+            isError: Boolean(row.responseIsError),
+          }
+        : null,
+  };
+}
