@@ -8,6 +8,10 @@ const ROOT = fileURLToPath(new URL('../../', import.meta.url));
 export interface AppProcess {
   readonly child: ChildProcess;
   readonly baseUrl: string;
+  /** Everything it printed so far, stdout and stderr. */
+  output(): string;
+  /** Resolves once its output matches `pattern`; rejects after `timeoutMs` or if it exits first. */
+  waitForOutput(pattern: RegExp, timeoutMs?: number): Promise<RegExpExecArray>;
   /** Stops it (SIGTERM, or SIGKILL for a crash) and waits for it to exit. */
   stop(signal?: NodeJS.Signals): Promise<void>;
 }
@@ -41,6 +45,36 @@ export async function startAppProcess(
   return {
     child,
     baseUrl: `http://127.0.0.1:${port}`,
+    output: () => output,
+    waitForOutput(pattern: RegExp, timeoutMs = 10_000) {
+      return new Promise<RegExpExecArray>((resolve, reject) => {
+        const check = () => {
+          const match = pattern.exec(output);
+          if (!match) return false;
+          done();
+          resolve(match);
+          return true;
+        };
+        const onExit = () => {
+          done();
+          reject(new Error(`${script} exited before printing ${pattern}:\n${output}`));
+        };
+        const timer = setTimeout(() => {
+          done();
+          reject(new Error(`${script} did not print ${pattern} within ${timeoutMs} ms:\n${output}`));
+        }, timeoutMs);
+        const done = () => {
+          clearTimeout(timer);
+          child.stdout!.off('data', check);
+          child.stderr!.off('data', check);
+          child.off('exit', onExit);
+        };
+        if (check()) return;
+        child.stdout!.on('data', check);
+        child.stderr!.on('data', check);
+        child.once('exit', onExit);
+      });
+    },
     async stop(signal: NodeJS.Signals = 'SIGTERM') {
       if (child.exitCode === null && child.signalCode === null) child.kill(signal);
       await exited;
