@@ -8,6 +8,7 @@ import {
 import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
 import { RESOLVED_OPTIONS, type ResolvedModuleOptions } from './idempotency.options.js';
 import { IdempotencyStore } from './storage/idempotency-store.interface.js';
+import { IdempotencyMetrics } from './idempotency-metrics.js';
 
 /**
  * Deletes expired records in batches, every `purgeInterval`. Requests never wait for it: it runs
@@ -24,6 +25,7 @@ export class IdempotencyPurgeJob implements OnApplicationBootstrap, OnModuleDest
   constructor(
     @Inject(IdempotencyStore) private readonly store: IdempotencyStore,
     @Inject(RESOLVED_OPTIONS) private readonly options: ResolvedModuleOptions,
+    private readonly metrics: IdempotencyMetrics,
   ) {}
 
   onApplicationBootstrap(): void {
@@ -57,6 +59,7 @@ export class IdempotencyPurgeJob implements OnApplicationBootstrap, OnModuleDest
     for (;;) {
       const deleted = await this.store.purgeExpired(now, this.options.purgeBatchSize);
       total += deleted;
+      this.metrics.record('purged', deleted);
       if (deleted < this.options.purgeBatchSize || this.stopped) break;
       await yieldToEventLoop();
     }

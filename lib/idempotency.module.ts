@@ -6,6 +6,7 @@ import {
 import { RESOLVED_OPTIONS, resolveModuleOptions, type ResolvedModuleOptions } from './idempotency.options.js';
 import { IdempotencyPurgeJob } from './idempotency-purge.job.js';
 import { IdempotencyService } from './idempotency.service.js';
+import { IdempotencyMetrics } from './idempotency-metrics.js';
 import { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
 import { IdempotentRoutesCheck } from './interceptors/idempotent-routes.check.js';
 import { DiscoveryModule } from '@nestjs/core';
@@ -49,6 +50,7 @@ const providers: Provider[] = [
     inject: [IDEMPOTENCY_MODULE_OPTIONS, IDEMPOTENCY_CONNECTION],
   },
   IdempotencyService,
+  IdempotencyMetrics,
   IdempotencyInterceptor,
   IdempotencyPurgeJob,
   IdempotentRoutesCheck,
@@ -61,7 +63,7 @@ const providers: Provider[] = [
 @Module({
   imports: [DiscoveryModule],
   providers,
-  exports: [IdempotencyService, IdempotencyInterceptor, IdempotencyPurgeJob, IdempotencyStore, RESOLVED_OPTIONS],
+  exports: [IdempotencyMetrics, IdempotencyService, IdempotencyInterceptor, IdempotencyPurgeJob, IdempotencyStore, RESOLVED_OPTIONS],
 })
 export class IdempotencyModule extends ConfigurableIdempotencyModule implements OnApplicationShutdown {
   constructor(

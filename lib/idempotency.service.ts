@@ -10,6 +10,7 @@ import {
 import { truncateKeyForLog } from './utils/idempotency-key.js';
 import type { ConcurrencyMode } from './interfaces/idempotency-options.interface.js';
 import { RESOLVED_OPTIONS, type ResolvedModuleOptions } from './idempotency.options.js';
+import { IdempotencyMetrics, type IdempotencyEvent } from './idempotency-metrics.js';
 
 /** What to do with a request, decided by its key's record. */
 export type Decision =
@@ -29,6 +30,13 @@ export interface BeginRequest {
   readonly concurrency: ConcurrencyMode;
   readonly waitTimeoutMs: number;
 }
+
+const OUTCOME_EVENTS: Record<Decision['action'], IdempotencyEvent> = {
+  execute: 'executed',
+  replay: 'replayed',
+  mismatch: 'mismatch',
+  'in-progress': 'conflict',
+};
 
 /** How often, and how far apart, a failed write of a result is tried again. */
 const WRITE_RETRY_DELAYS_MS = [0, 50, 250, 1000];
@@ -57,6 +65,7 @@ export class IdempotencyService {
   constructor(
     @Inject(IdempotencyStore) private readonly store: IdempotencyStore,
     @Inject(RESOLVED_OPTIONS) private readonly options: ResolvedModuleOptions,
+    private readonly metrics: IdempotencyMetrics,
   ) {}
 
   /**
@@ -69,9 +78,11 @@ export class IdempotencyService {
     const waitUntil = Date.now() + request.waitTimeoutMs;
     for (;;) {
       const decision = await this.decide(request);
-      if (decision.action !== 'in-progress' || request.concurrency !== 'wait') return decision;
       const remainingMs = waitUntil - Date.now();
-      if (remainingMs <= 0) return decision;
+      if (decision.action !== 'in-progress' || request.concurrency !== 'wait' || remainingMs <= 0) {
+        this.metrics.record(OUTCOME_EVENTS[decision.action]);
+        return decision;
+      }
       await sleep(Math.min(this.options.waitPollIntervalMs, remainingMs, decision.retryAfterMs));
     }
   }
@@ -95,7 +106,8 @@ export class IdempotencyService {
   async release(lease: Lease): Promise<void> {
     await this.writeWithRetry(lease, 'release', async () => {
       const released = await this.withinStoreTimeout(this.store.release(lease));
-      if (!released) this.warnLostLease(lease, 'it was not released');
+      if (released) this.metrics.record('released');
+      else this.warnLostLease(lease, 'it was not released');
     });
   }
 
@@ -108,7 +120,10 @@ export class IdempotencyService {
       now,
       lockedUntil: now + request.lockTimeoutMs,
     }));
-    if (claim.claimed) return { action: 'execute', lease: claim.lease };
+    if (claim.claimed) {
+      if (claim.takeover) this.metrics.record('expired');
+      return { action: 'execute', lease: claim.lease };
+    }
     const { record } = claim;
     // The payload is checked first: another payload is a 422 whether the key is done or running.
     if (record.fingerprint !== request.fingerprint) return { action: 'mismatch' };

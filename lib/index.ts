@@ -4,6 +4,11 @@ export { Idempotent } from './decorators/idempotent.decorator.js';
 export { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
 export { IdempotencyService, type Decision } from './idempotency.service.js';
 export { IdempotencyPurgeJob } from './idempotency-purge.job.js';
+export {
+  IdempotencyMetrics,
+  type IdempotencyEvent,
+  type IdempotencyEventListener,
+} from './idempotency-metrics.js';
 export type {
   ConcurrencyMode,
   IdempotencyModuleOptions,

@@ -48,7 +48,8 @@ export interface ClaimRequest {
 }
 
 export type ClaimResult =
-  | { readonly claimed: true; readonly lease: Lease }
+  /** `takeover`: the key existed but had expired (TTL over, or an abandoned lock). */
+  | { readonly claimed: true; readonly lease: Lease; readonly takeover: boolean }
   | { readonly claimed: false; readonly record: RecordSnapshot };
 
 /**

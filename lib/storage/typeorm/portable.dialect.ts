@@ -28,7 +28,7 @@ export class PortableDialect implements StoreDialect {
 
   async claim(request: ClaimRequest): Promise<ClaimResult> {
     const { id, fingerprint, token, now, lockedUntil } = request;
-    const claimed: ClaimResult = { claimed: true, lease: { id, token } };
+    const lease = { id, token };
     for (let attempt = 1; attempt <= CLAIM_ATTEMPTS; attempt++) {
       await this.dataSource
         .createQueryBuilder()
@@ -49,7 +49,7 @@ export class PortableDialect implements StoreDialect {
         .getRepository(IdempotencyRecord)
         .findOneBy({ scope: id.scope, endpoint: id.endpoint, key: id.key });
       if (!row) continue; // released between the insert and the read
-      if (row.leaseToken === token) return claimed;
+      if (row.leaseToken === token) return { claimed: true, lease, takeover: false };
       const dead =
         row.expiresAt <= now && (row.state === 'completed' || row.fingerprint === fingerprint);
       if (!dead) return { claimed: false, record: toSnapshot(row) };
@@ -73,7 +73,7 @@ export class PortableDialect implements StoreDialect {
           { ...id, seen: row.leaseToken, now },
         )
         .execute();
-      if (takeover.affected === 1) return claimed;
+      if (takeover.affected === 1) return { claimed: true, lease, takeover: true };
     }
     throw new Error('nestjs-idempotency: the claim kept racing with concurrent writers');
   }

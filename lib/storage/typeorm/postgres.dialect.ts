@@ -5,6 +5,8 @@ import { affectedRows, type StoreDialect } from './store-dialect.js';
 /** Raw row of the claim statement: the table's columns plus whether this call claimed it. */
 interface ClaimRow {
   claimed: boolean;
+  /** xmax is 0 on a row version this statement inserted, not on one it updated. */
+  inserted: boolean;
   fingerprint: string;
   state: RecordSnapshot['state'];
   lease_token: string;
@@ -51,7 +53,7 @@ export class PostgresDialect implements StoreDialect {
       if (rows.length === 0) continue;
       const row = rows[0];
       return row.claimed
-        ? { claimed: true, lease: { id, token } }
+        ? { claimed: true, lease: { id, token }, takeover: !row.inserted }
         : { claimed: false, record: toSnapshot(row) };
     }
     throw new Error('nestjs-idempotency: the claim kept racing with concurrent writers');
@@ -79,11 +81,11 @@ function buildClaimSql(table: string): string {
       response_headers = NULL, response_body = NULL, response_body_encoding = NULL,
       response_is_error = false
     WHERE r.expires_at <= $7 AND (r.state = 'completed' OR r.fingerprint = EXCLUDED.fingerprint)
-    RETURNING r.*
+    RETURNING r.*, (r.xmax = 0) AS inserted
   )
   SELECT true AS claimed, c.* FROM claimed c
   UNION ALL
-  SELECT false AS claimed, r.* FROM ${table} r
+  SELECT false AS claimed, r.*, false AS inserted FROM ${table} r
   WHERE r.scope = $1 AND r.endpoint = $2 AND r.idempotency_key = $3
     AND NOT EXISTS (SELECT 1 FROM claimed)`;
 }

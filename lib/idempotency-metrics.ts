@@ -1,0 +1,61 @@
+import { Injectable } from '@nestjs/common';
+
+/** What happened to a request or a record, as counted by {@link IdempotencyMetrics}. */
+export type IdempotencyEvent =
+  /** A request claimed its key and ran the handler. */
+  | 'executed'
+  /** A stored response was sent again. */
+  | 'replayed'
+  /** A duplicate found its key in progress (409). */
+  | 'conflict'
+  /** A key was reused with another payload (422). */
+  | 'mismatch'
+  /** A key was given up after a result that is not stored (5xx, validation errors, …). */
+  | 'released'
+  /** A claim took over an expired record (TTL over, or an abandoned in-progress lock). */
+  | 'expired'
+  /** Records deleted by the purge. */
+  | 'purged';
+
+export type IdempotencyEventListener = (event: IdempotencyEvent, count: number) => void;
+
+const EVENTS: readonly IdempotencyEvent[] = [
+  'executed',
+  'replayed',
+  'conflict',
+  'mismatch',
+  'released',
+  'expired',
+  'purged',
+];
+
+/**
+ * Counters since startup, for export to whatever metrics system the app uses: read `snapshot()`
+ * on scrape, or subscribe with `onEvent` to forward each increment (e.g. to a prom-client Counter).
+ */
+@Injectable()
+export class IdempotencyMetrics {
+  private readonly counts = Object.fromEntries(EVENTS.map((event) => [event, 0])) as Record<
+    IdempotencyEvent,
+    number
+  >;
+  private readonly listeners = new Set<IdempotencyEventListener>();
+
+  /** Counts `count` occurrences of `event` and tells the listeners. */
+  record(event: IdempotencyEvent, count = 1): void {
+    if (count <= 0) return;
+    this.counts[event] += count;
+    for (const listener of this.listeners) listener(event, count);
+  }
+
+  /** The counters as they stand. */
+  snapshot(): Readonly<Record<IdempotencyEvent, number>> {
+    return { ...this.counts };
+  }
+
+  /** Calls `listener` on every increment; returns the function that unsubscribes it. */
+  onEvent(listener: IdempotencyEventListener): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+}
