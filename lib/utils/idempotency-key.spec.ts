@@ -34,9 +34,14 @@ describe('readIdempotencyKey', () => {
     ['a trailing backslash', '"abc\\'],
     ['control characters', 'abc\u0001def'],
     ['non-ASCII', 'clé'],
+    ['a no-break space around the key (not optional whitespace)', '\u00a0abc\u00a0'],
     ['256 characters', 'k'.repeat(256)],
   ])('refuses %s', (_case, value) => {
     expect(readIdempotencyKey([value])).toMatchObject({ kind: 'invalid' });
+  });
+
+  it('strips spaces and tabs around the key', () => {
+    expect(readIdempotencyKey([' \tabc\t '])).toEqual({ kind: 'key', key: 'abc' });
   });
 
   it('accepts 255 characters', () => {
@@ -49,8 +54,11 @@ describe('readIdempotencyKey', () => {
 });
 
 describe('truncateKeyForLog', () => {
-  it('keeps only the first 8 characters', () => {
+  it('keeps only the first 8 characters, and at most half of a short key', () => {
     expect(truncateKeyForLog('8e03978e-40d5-43e8')).toBe('8e03978e…');
-    expect(truncateKeyForLog('short')).toBe('short');
+    expect(truncateKeyForLog('16-characters-ok')).toBe('16-chara…');
+    expect(truncateKeyForLog('8-chars!')).toBe('8-ch…');
+    expect(truncateKeyForLog('short')).toBe('sh…');
+    expect(truncateKeyForLog('k')).toBe('…');
   });
 });

@@ -20,7 +20,10 @@ export function readIdempotencyKey(fieldLines: readonly string[]): KeyReading {
   if (fieldLines.length > 1) {
     return { kind: 'invalid', reason: 'The Idempotency-Key header must be sent once.' };
   }
-  const raw = fieldLines[0].trim();
+  // Only SP and HTAB are optional whitespace (RFC 9110 §5.6.3). String#trim would also strip
+  // U+00A0 and friends, which arrive here as obs-text bytes: "\xa0abc" must be refused, not read as
+  // the key "abc" (a hostile-input property found this).
+  const raw = fieldLines[0].replace(/^[ \t]+|[ \t]+$/g, '');
   if (!PRINTABLE_ASCII.test(raw)) {
     return { kind: 'invalid', reason: 'The Idempotency-Key must be printable ASCII.' };
   }
@@ -57,7 +60,11 @@ function parseStructuredString(raw: string): { key: string } | { reason: string 
   return malformed;
 }
 
-/** A key shortened for log lines: enough to correlate, too little to replay someone's request. */
+/**
+ * A key shortened for log lines: enough to correlate, too little to replay someone's request — its
+ * first 8 characters, and never more than half of a shorter key (which would otherwise be logged
+ * whole).
+ */
 export function truncateKeyForLog(key: string): string {
-  return key.length <= 8 ? key : `${key.slice(0, 8)}…`;
+  return `${key.slice(0, Math.min(8, Math.floor(key.length / 2)))}…`;
 }
