@@ -34,6 +34,12 @@ export interface RecordSnapshot {
 export interface Lease {
   readonly id: RecordId;
   readonly token: string;
+  /**
+   * Duplicates may be waiting on this record (its route is in `'wait'` mode): a store that
+   * supports `watch` wakes them when it completes or releases the record. Unset: nobody waits,
+   * so no wake-up is sent.
+   */
+  readonly watched?: boolean;
 }
 
 export interface ClaimRequest {
@@ -69,6 +75,31 @@ export interface IdempotencyStore {
   release(lease: Lease): Promise<boolean>;
   /** Deletes up to `limit` records that expired before `now`; returns how many it deleted. */
   purgeExpired(now: number, limit: number): Promise<number>;
+  /**
+   * Optional: watches a record for the completion or release of a watched lease, so a waiting
+   * duplicate is woken instead of re-reading the record on a timer. `undefined` (or no method):
+   * the store cannot push changes, and waiters poll every `waitPollInterval`.
+   */
+  watch?(id: RecordId): RecordWatch | undefined;
+}
+
+/**
+ * A waiting duplicate's subscription to changes of one record (see `IdempotencyStore.watch`).
+ * Wake-ups are hints, never proof: the waiter re-reads the record after each.
+ */
+export interface RecordWatch {
+  /**
+   * Whether changes are being pushed right now. While it is false (the store's listening
+   * connection is down, or not up yet) the waiter polls as if there were no watch.
+   */
+  readonly live: boolean;
+  /**
+   * Resolves after `timeoutMs` at the latest; at once if the record changed since the watch began
+   * or since the previous call returned, or as soon as it changes, or when `live` flips.
+   */
+  changed(timeoutMs: number): Promise<void>;
+  /** Ends the subscription. */
+  close(): void;
 }
 
 /** DI token of the store; same name as the interface, as in @nestjs/throttler. */

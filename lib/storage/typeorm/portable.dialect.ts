@@ -1,7 +1,13 @@
 import type { DataSource } from 'typeorm';
-import type { ClaimRequest, ClaimResult, RecordSnapshot } from '../idempotency-store.interface.js';
+import type {
+  ClaimRequest,
+  ClaimResult,
+  Lease,
+  RecordSnapshot,
+  StoredResponse,
+} from '../idempotency-store.interface.js';
 import { IdempotencyRecord } from './idempotency-record.entity.js';
-import { affectedRows, type StoreDialect } from './store-dialect.js';
+import { affectedRows, completeUnderLease, releaseUnderLease, type StoreDialect } from './store-dialect.js';
 
 const CLAIM_ATTEMPTS = 5;
 
@@ -10,7 +16,7 @@ const CLAIM_ATTEMPTS = 5;
  * ignores when the key exists (`INSERT IGNORE` / `INSERT OR IGNORE`), then a read of the row — ours
  * if it carries our lease token. A dead row is taken over by an update conditional on the lease
  * token that was read, which only one concurrent request can match. A first request costs three
- * round trips (insert, read, complete), a replay two.
+ * round trips (insert, read, complete), a replay two. No notifications here: waiters poll.
  */
 export class PortableDialect implements StoreDialect {
   private readonly purgeSql: string;
@@ -24,6 +30,14 @@ export class PortableDialect implements StoreDialect {
       type === 'mysql' || type === 'mariadb'
         ? `DELETE FROM ${table} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?`
         : `DELETE FROM ${table} WHERE rowid IN (SELECT rowid FROM ${table} WHERE expires_at <= ? LIMIT ?)`;
+  }
+
+  complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
+    return completeUnderLease(this.dataSource, lease, response, expiresAt);
+  }
+
+  release(lease: Lease): Promise<boolean> {
+    return releaseUnderLease(this.dataSource, lease);
   }
 
   async claim(request: ClaimRequest): Promise<ClaimResult> {

@@ -1,10 +1,65 @@
 import type { DataSource } from 'typeorm';
-import type { ClaimRequest, ClaimResult } from '../idempotency-store.interface.js';
+import type {
+  ClaimRequest,
+  ClaimResult,
+  Lease,
+  StoredResponse,
+} from '../idempotency-store.interface.js';
+import { IdempotencyRecord } from './idempotency-record.entity.js';
 
-/** The statements whose best form differs between databases; everything else is QueryBuilder. */
+/** The statements whose best form differs between databases. */
 export interface StoreDialect {
   claim(request: ClaimRequest): Promise<ClaimResult>;
+  /**
+   * Stores the response if the lease is still held. With a `changeTag` (PostgreSQL, a watched
+   * lease), the same statement also notifies the record's waiters under that tag.
+   */
+  complete(lease: Lease, response: StoredResponse, expiresAt: number, changeTag: string | null): Promise<boolean>;
+  /** Deletes the record if the lease is still held; notifies as `complete` does. */
+  release(lease: Lease, changeTag: string | null): Promise<boolean>;
   purgeExpired(now: number, limit: number): Promise<number>;
+}
+
+/** Stores the response, if the lease is still held: a QueryBuilder update (MySQL/MariaDB, SQLite). */
+export async function completeUnderLease(
+  dataSource: DataSource,
+  lease: Lease,
+  response: StoredResponse,
+  expiresAt: number,
+): Promise<boolean> {
+  const result = await dataSource
+    .createQueryBuilder()
+    .update(IdempotencyRecord)
+    .set({
+      state: 'completed',
+      expiresAt,
+      responseStatus: response.status,
+      responseHeaders: JSON.stringify(response.headers),
+      responseBody: response.body,
+      responseBodyEncoding: response.bodyEncoding,
+      responseIsError: response.isError,
+    })
+    .where(leaseCondition, leaseParameters(lease))
+    .execute();
+  return result.affected === 1;
+}
+
+/** Deletes the record, if the lease is still held. */
+export async function releaseUnderLease(dataSource: DataSource, lease: Lease): Promise<boolean> {
+  const result = await dataSource
+    .createQueryBuilder()
+    .delete()
+    .from(IdempotencyRecord)
+    .where(leaseCondition, leaseParameters(lease))
+    .execute();
+  return result.affected === 1;
+}
+
+const leaseCondition =
+  'scope = :scope AND endpoint = :endpoint AND idempotency_key = :key AND lease_token = :token AND state = :inProgress';
+
+function leaseParameters({ id, token }: Lease) {
+  return { scope: id.scope, endpoint: id.endpoint, key: id.key, token, inProgress: 'in_progress' };
 }
 
 /** The escaped, schema-qualified table name of the entity in this DataSource. */

@@ -4,25 +4,48 @@ import type {
   ClaimResult,
   IdempotencyStore,
   Lease,
+  RecordId,
+  RecordWatch,
   StoredResponse,
 } from '../idempotency-store.interface.js';
 import { IdempotencyRecord } from './idempotency-record.entity.js';
 import { PortableDialect } from './portable.dialect.js';
+import { changeTag, PostgresChangeListener } from './postgres-change-listener.js';
 import { PostgresDialect } from './postgres.dialect.js';
 import { qualifiedTable, type StoreDialect } from './store-dialect.js';
 
 /** Databases the TypeORM store runs on, by TypeORM driver type. */
 const SUPPORTED = ['postgres', 'mysql', 'mariadb', 'better-sqlite3'] as const;
 
+/** Options of the TypeORM store. */
+export interface TypeOrmIdempotencyStoreOptions {
+  /**
+   * On PostgreSQL (with the `pg` driver), wake waiting duplicates through LISTEN/NOTIFY: one
+   * listening connection per store, opened on the first wait. `false`: they poll. Elsewhere
+   * (PGlite, MySQL/MariaDB, SQLite) they always poll.
+   * @default true
+   */
+  readonly waitNotifications?: boolean;
+}
+
 /**
  * Records in a TypeORM `DataSource`: PostgreSQL (and PGlite through `typeorm-pglite`) with a
- * one-statement claim, MySQL/MariaDB and SQLite (better-sqlite3) with a portable one. Completion
- * and release are QueryBuilder updates conditional on the lease token, the same everywhere.
+ * one-statement claim and prepared statements, MySQL/MariaDB and SQLite (better-sqlite3) with a
+ * portable QueryBuilder claim. Completion and release are conditional on the lease token; on
+ * PostgreSQL a watched lease's completion or release also sends a NOTIFY in the same statement.
+ *
+ * Call `close()` when done with a store you built yourself (the module closes its own).
  */
 export class TypeOrmIdempotencyStore implements IdempotencyStore {
   private readonly dialect: StoreDialect;
+  private readonly table: string;
+  /** PostgreSQL with notifications on: the LISTEN connection of waiters; otherwise they poll. */
+  private readonly listener: PostgresChangeListener | null;
 
-  constructor(private readonly dataSource: DataSource) {
+  constructor(
+    private readonly dataSource: DataSource,
+    options: TypeOrmIdempotencyStoreOptions = {},
+  ) {
     if (!dataSource.hasMetadata(IdempotencyRecord)) {
       throw new Error(
         'nestjs-idempotency: IdempotencyRecord is not an entity of the DataSource given to IdempotencyModule. ' +
@@ -35,53 +58,48 @@ export class TypeOrmIdempotencyStore implements IdempotencyStore {
         `nestjs-idempotency: the TypeORM store supports ${SUPPORTED.join(', ')}; this DataSource is '${type}'.`,
       );
     }
-    const table = qualifiedTable(dataSource, dataSource.getMetadata(IdempotencyRecord).tablePath);
+    this.table = qualifiedTable(dataSource, dataSource.getMetadata(IdempotencyRecord).tablePath);
     this.dialect =
       type === 'postgres'
-        ? new PostgresDialect(dataSource, table)
-        : new PortableDialect(dataSource, table);
+        ? new PostgresDialect(dataSource, this.table)
+        : new PortableDialect(dataSource, this.table);
+    this.listener =
+      type === 'postgres' && options.waitNotifications !== false
+        ? PostgresChangeListener.forDataSource(dataSource)
+        : null;
   }
 
   claim(request: ClaimRequest): Promise<ClaimResult> {
     return this.dialect.claim(request);
   }
 
-  async complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
-    const result = await this.dataSource
-      .createQueryBuilder()
-      .update(IdempotencyRecord)
-      .set({
-        state: 'completed',
-        expiresAt,
-        responseStatus: response.status,
-        responseHeaders: JSON.stringify(response.headers),
-        responseBody: response.body,
-        responseBodyEncoding: response.bodyEncoding,
-        responseIsError: response.isError,
-      })
-      .where(leaseCondition, leaseParameters(lease))
-      .execute();
-    return result.affected === 1;
+  complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
+    return this.dialect.complete(lease, response, expiresAt, this.changeTagOf(lease));
   }
 
-  async release(lease: Lease): Promise<boolean> {
-    const result = await this.dataSource
-      .createQueryBuilder()
-      .delete()
-      .from(IdempotencyRecord)
-      .where(leaseCondition, leaseParameters(lease))
-      .execute();
-    return result.affected === 1;
+  release(lease: Lease): Promise<boolean> {
+    return this.dialect.release(lease, this.changeTagOf(lease));
   }
 
   purgeExpired(now: number, limit: number): Promise<number> {
     return this.dialect.purgeExpired(now, limit);
   }
-}
 
-const leaseCondition =
-  'scope = :scope AND endpoint = :endpoint AND idempotency_key = :key AND lease_token = :token AND state = :inProgress';
+  watch(id: RecordId): RecordWatch | undefined {
+    return this.listener?.watch(this.tagOf(id));
+  }
 
-function leaseParameters({ id, token }: Lease) {
-  return { scope: id.scope, endpoint: id.endpoint, key: id.key, token, inProgress: 'in_progress' };
+  /** Closes the LISTEN connection, if one is open; the DataSource is left as it is. */
+  async close(): Promise<void> {
+    await this.listener?.close();
+  }
+
+  private tagOf(id: RecordId): string {
+    return changeTag(this.table, id);
+  }
+
+  /** Whom to wake when this lease ends: nobody unless its route waits and notifications are on. */
+  private changeTagOf(lease: Lease): string | null {
+    return lease.watched && this.listener ? this.tagOf(lease.id) : null;
+  }
 }
