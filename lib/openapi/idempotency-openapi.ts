@@ -1,0 +1,179 @@
+import { Logger, RequestMethod, type Provider } from '@nestjs/common';
+import { HTTP_CODE_METADATA, METHOD_METADATA, PATH_METADATA } from '@nestjs/common/constants.js';
+import { DiscoveryService, MetadataScanner } from '@nestjs/core';
+import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
+import {
+  RESOLVED_OPTIONS,
+  resolveRouteOptions,
+  type ResolvedModuleOptions,
+  type ResolvedRouteOptions,
+} from '../idempotency.options.js';
+import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
+import {
+  KEY_HEADER_NAME,
+  keyHeaderParameter,
+  problemResponses,
+  REPLAYED_RESPONSE_HEADER,
+} from './openapi-objects.js';
+
+/**
+ * OpenAPI documentation of `@Idempotent()` routes, for apps that use `@nestjs/swagger` (an optional
+ * peer dependency: without it this does nothing).
+ *
+ * Why at startup and not in the decorator: what the document must say depends on things the
+ * decorator cannot know when it runs. Whether the key is required falls back to the module's
+ * `required` option; the success status (201 for `@Post()`, or `@HttpCode()`) and the responses
+ * the developer documented come from decorators that may be applied after ours. So a provider of
+ * the module writes swagger's metadata while the app is being created (`NestFactory.create` /
+ * `Test…compile()` build every provider), before any `SwaggerModule.createDocument(app)` can read
+ * it; `onModuleInit` would be too late, since apps usually create the document before `listen()`.
+ *
+ * Why `await import()`: a provider factory may be async, so `@nestjs/swagger` is imported the
+ * standard way, with no top-level await (which `require(esm)` from a CommonJS app forbids). The
+ * synchronous alternatives fail somewhere real: `createRequire(import.meta.url)('@nestjs/swagger')`
+ * works on plain Node ≥ 20.19 but throws "Must use import to load ES Module" under jest's ESM
+ * runtime and is invisible to bundlers such as esbuild; Nest's `loadPackageSync` exits the process
+ * when the package is missing.
+ *
+ * The metadata keys come from swagger's exported `DECORATORS`; the values are OpenAPI parameter
+ * and response objects, which swagger passes through. Entries the developer wrote are kept.
+ */
+export const IDEMPOTENCY_OPENAPI = Symbol('IdempotencyOpenApi');
+
+type SwaggerPackage = typeof import('@nestjs/swagger');
+type ResponseEntries = Record<string, { headers?: object; description?: string }>;
+
+const logger = new Logger('Idempotency');
+
+/**
+ * What this module wrote into swagger's metadata, each mapped to the developer's entry it replaced
+ * (undefined: none). Several apps in one process (tests) may document the same controller class
+ * with different module options: each run first takes back the previous run's entries.
+ */
+const written = new WeakMap<object, object | undefined>();
+
+export const idempotencyOpenApiProvider: Provider = {
+  provide: IDEMPOTENCY_OPENAPI,
+  useFactory: async (
+    discovery: DiscoveryService,
+    scanner: MetadataScanner,
+    moduleOptions: ResolvedModuleOptions,
+  ): Promise<boolean> => {
+    const swagger = await importSwagger();
+    if (!swagger) return false;
+    for (const { metatype } of discovery.getControllers()) {
+      if (!metatype) continue;
+      const prototype = metatype.prototype;
+      for (const method of scanner.getAllMethodNames(prototype)) {
+        const handler = prototype[method];
+        if (Reflect.getMetadata(PATH_METADATA, handler) === undefined) continue;
+        // As the interceptor reads them: a method's options replace its controller's.
+        const route: IdempotencyRouteOptions | undefined =
+          Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, handler) ??
+          Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, metatype);
+        if (!route) continue;
+        documentRoute(swagger, metatype, handler, resolveRouteOptions(moduleOptions, route));
+      }
+    }
+    return true;
+  },
+  inject: [DiscoveryService, MetadataScanner, RESOLVED_OPTIONS],
+};
+
+/** `@nestjs/swagger`, or undefined when it is not installed. */
+async function importSwagger(): Promise<SwaggerPackage | undefined> {
+  try {
+    return await import('@nestjs/swagger');
+  } catch (error) {
+    const { code, message } = error as { code?: string; message?: string };
+    const absent =
+      (code === 'ERR_MODULE_NOT_FOUND' || code === 'MODULE_NOT_FOUND') &&
+      /['"]@nestjs\/swagger['"]/.test(message ?? '');
+    // Installed but broken: the app still runs; only its document lacks the idempotency parts.
+    if (!absent) {
+      logger.warn(
+        `@nestjs/swagger could not be loaded, so @Idempotent() routes are not documented: ${message}`,
+      );
+    }
+    return undefined;
+  }
+}
+
+function documentRoute(
+  swagger: SwaggerPackage,
+  controller: Function,
+  handler: Function,
+  route: ResolvedRouteOptions,
+): void {
+  const { API_HEADERS, API_PARAMETERS, API_RESPONSE } = swagger.DECORATORS;
+
+  const parameters: HeaderParameter[] = (Reflect.getMetadata(API_PARAMETERS, handler) ?? []).filter(
+    (parameter: object) => !written.has(parameter),
+  );
+  // A developer's own @ApiHeader('Idempotency-Key'), on the method or its controller, wins.
+  const documentedByDeveloper = [
+    ...parameters,
+    ...(Reflect.getMetadata(API_HEADERS, controller) ?? []),
+  ].some(isKeyHeader);
+  if (!documentedByDeveloper) parameters.push(ours(keyHeaderParameter(route.required)));
+  Reflect.defineMetadata(API_PARAMETERS, parameters, handler);
+
+  const developers = takeBack(Reflect.getMetadata(API_RESPONSE, handler));
+  // Swagger applies the controller's responses under the method's.
+  const effective: ResponseEntries = {
+    ...Reflect.getMetadata(API_RESPONSE, controller),
+    ...developers,
+  };
+  const responses: ResponseEntries = { ...developers };
+  // With no response documented, swagger shows the success status; ours would hide it otherwise.
+  const success = successStatus(handler);
+  if (!developers && !(success in effective)) effective[success] = { description: '' };
+  if (route.replayStatus !== undefined && !(route.replayStatus in effective)) {
+    effective[route.replayStatus] = {
+      ...effective[success],
+      description: `Replay of a stored ${success} response (replayStatus ${route.replayStatus}).`,
+    };
+  }
+  // Every response that can be stored can come back as a replay.
+  for (const [status, entry] of Object.entries(effective)) {
+    if (!/^\d{3}$/.test(status) || !route.shouldStore(Number(status))) continue;
+    const withHeader = { ...entry, headers: { ...entry.headers, ...REPLAYED_RESPONSE_HEADER } };
+    responses[status] = ours(withHeader, developers?.[status]);
+  }
+  for (const [status, problem] of Object.entries(problemResponses(route.required))) {
+    if (!(status in effective)) responses[status] = ours(problem);
+  }
+  Reflect.defineMetadata(API_RESPONSE, responses, handler);
+}
+
+type HeaderParameter = { name?: string; in?: string };
+
+function isKeyHeader(parameter: HeaderParameter): boolean {
+  return (
+    parameter.in === 'header' && parameter.name?.toLowerCase() === KEY_HEADER_NAME.toLowerCase()
+  );
+}
+
+function ours<T extends object>(entry: T, replaced?: object): T {
+  written.set(entry, replaced);
+  return entry;
+}
+
+/** The developer's own responses of a handler, without what an earlier run of ours wrote. */
+function takeBack(responses: ResponseEntries | undefined): ResponseEntries | undefined {
+  if (!responses) return undefined;
+  const restored: ResponseEntries = {};
+  for (const [status, entry] of Object.entries(responses)) {
+    const original = written.has(entry) ? written.get(entry) : entry;
+    if (original) restored[status] = original;
+  }
+  return Object.keys(restored).length > 0 ? restored : undefined;
+}
+
+/** The status swagger documents for a handler with no documented response. */
+function successStatus(handler: Function): number {
+  return (
+    Reflect.getMetadata(HTTP_CODE_METADATA, handler) ??
+    (Reflect.getMetadata(METHOD_METADATA, handler) === RequestMethod.POST ? 201 : 200)
+  );
+}
