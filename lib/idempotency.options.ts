@@ -28,6 +28,7 @@ export interface ResolvedModuleOptions extends ResolvedRouteOptions {
   readonly purgeIntervalMs: number;
   readonly purgeBatchSize: number;
   readonly waitPollIntervalMs: number;
+  readonly waitNotifications: boolean;
   readonly maxResponseBytes: number;
   readonly storeTimeoutMs: number;
   readonly runMigrations: boolean;
@@ -76,6 +77,7 @@ export function resolveModuleOptions(options: IdempotencyModuleOptions): Resolve
       1,
       toMilliseconds(options.waitPollInterval ?? DEFAULTS.waitPollInterval, 'waitPollInterval'),
     ),
+    waitNotifications: options.waitNotifications ?? DEFAULTS.waitNotifications,
     maxResponseBytes,
     storeTimeoutMs: Math.max(
       1,

@@ -5,6 +5,7 @@ import {
   IdempotencyStore,
   type Lease,
   type RecordId,
+  type RecordWatch,
   type StoredResponse,
 } from './storage/idempotency-store.interface.js';
 import { truncateKeyForLog } from './utils/idempotency-key.js';
@@ -38,6 +39,13 @@ const OUTCOME_EVENTS: Record<Decision['action'], IdempotencyEvent> = {
   'in-progress': 'conflict',
 };
 
+/**
+ * While the store pushes changes (`RecordWatch.live`), a waiter still re-reads the record at least
+ * this far apart (or every `waitPollInterval`, if that is longer): a safety net for a wake-up that
+ * never comes — a notification lost in a reconnect, a completion by a process that does not notify.
+ */
+const NOTIFIED_WAIT_RECHECK_MS = 1_000;
+
 /** How often, and how far apart, a failed write of a result is tried again. */
 const WRITE_RETRY_DELAYS_MS = [0, 50, 250, 1000];
 
@@ -70,20 +78,41 @@ export class IdempotencyService {
 
   /**
    * Claims the key or reads its record, and decides. In `'wait'` mode a request that finds the key
-   * in progress polls until the first finishes (replay), gives up the key (this request claims it
-   * and runs), or the wait runs out (in-progress). Errors of the store propagate: without a
-   * decision the handler must not run.
+   * in progress waits until the first finishes (replay), gives up the key (this request claims it
+   * and runs), or the wait runs out (in-progress). It is woken by the store when the store can
+   * watch the record (PostgreSQL), and otherwise re-reads it every `waitPollInterval`. Errors of
+   * the store propagate: without a decision the handler must not run.
    */
   async begin(request: BeginRequest): Promise<Decision> {
     const waitUntil = Date.now() + request.waitTimeoutMs;
-    for (;;) {
-      const decision = await this.decide(request);
-      const remainingMs = waitUntil - Date.now();
-      if (decision.action !== 'in-progress' || request.concurrency !== 'wait' || remainingMs <= 0) {
-        this.metrics.record(OUTCOME_EVENTS[decision.action]);
-        return decision;
+    let watching = false;
+    let watch: RecordWatch | undefined;
+    try {
+      for (;;) {
+        const decision = await this.decide(request);
+        const remainingMs = waitUntil - Date.now();
+        if (decision.action !== 'in-progress' || request.concurrency !== 'wait' || remainingMs <= 0) {
+          this.metrics.record(OUTCOME_EVENTS[decision.action]);
+          return decision;
+        }
+        if (!watching) {
+          watching = true;
+          this.logger.debug(
+            `Key ${describe({ id: request.id })} is in progress; waiting up to ${remainingMs} ms`,
+          );
+          watch = this.store.watch?.(request.id);
+          // Watching began after the read: read again, or a change in between would go unseen.
+          // (Not live yet: the watch wakes this request once it is, and the re-read happens then.)
+          if (watch?.live) continue;
+        }
+        const intervalMs = watch?.live
+          ? Math.max(this.options.waitPollIntervalMs, NOTIFIED_WAIT_RECHECK_MS)
+          : this.options.waitPollIntervalMs;
+        const delayMs = Math.min(intervalMs, remainingMs, decision.retryAfterMs);
+        await (watch ? watch.changed(delayMs) : sleep(delayMs));
       }
-      await sleep(Math.min(this.options.waitPollIntervalMs, remainingMs, decision.retryAfterMs));
+    } finally {
+      watch?.close();
     }
   }
 
@@ -122,7 +151,9 @@ export class IdempotencyService {
     }));
     if (claim.claimed) {
       if (claim.takeover) this.metrics.record('expired');
-      return { action: 'execute', lease: claim.lease };
+      // In wait mode duplicates may wait on this key: its completion or release must wake them.
+      const lease = request.concurrency === 'wait' ? { ...claim.lease, watched: true } : claim.lease;
+      return { action: 'execute', lease };
     }
     const { record } = claim;
     // The payload is checked first: another payload is a 422 whether the key is done or running.
@@ -167,6 +198,6 @@ export class IdempotencyService {
   }
 }
 
-function describe({ id }: Lease): string {
+function describe({ id }: Pick<Lease, 'id'>): string {
   return `${truncateKeyForLog(id.key)} on ${id.endpoint}`;
 }

@@ -23,11 +23,15 @@ export {
   type Lease,
   type RecordId,
   type RecordSnapshot,
+  type RecordWatch,
   type StoredResponse,
 } from './storage/idempotency-store.interface.js';
 export { IdempotencyRecord, IDEMPOTENCY_RECORDS_TABLE } from './storage/typeorm/idempotency-record.entity.js';
 export { CreateIdempotencyRecords1763900000000 } from './storage/typeorm/create-idempotency-records.migration.js';
-export { TypeOrmIdempotencyStore } from './storage/typeorm/typeorm-idempotency.store.js';
+export {
+  TypeOrmIdempotencyStore,
+  type TypeOrmIdempotencyStoreOptions,
+} from './storage/typeorm/typeorm-idempotency.store.js';
 export {
   IdempotencyException,
   IdempotencyKeyInvalidException,

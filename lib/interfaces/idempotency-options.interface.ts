@@ -91,15 +91,28 @@ export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
    */
   purgeInterval?: Duration | false;
   /**
-   * Rows deleted per purge statement; the purge repeats batches until none are left.
-   * @default 1000
+   * Rows deleted per purge statement; the purge repeats batches until none are left. Larger
+   * batches purge faster (fewer commits), each holding its rows' locks a little longer.
+   * @default 5000
    */
   purgeBatchSize?: number;
   /**
-   * How often a waiting duplicate (`concurrency: 'wait'`) re-reads the record.
+   * How often a waiting duplicate (`concurrency: 'wait'`) re-reads the record when the store does
+   * not push changes (PGlite, MySQL/MariaDB, SQLite, `waitNotifications: false`, or PostgreSQL
+   * while the listening connection is down). With notifications a waiter re-reads only as a
+   * safety net, every `max(waitPollInterval, 1s)`.
    * @default '50ms'
    */
   waitPollInterval?: Duration;
+  /**
+   * On PostgreSQL (`pg` driver), wake waiting duplicates through LISTEN/NOTIFY instead of polling:
+   * the completion or release of a key in a `'wait'` route sends a NOTIFY, and each process holds
+   * one extra connection, opened on its first wait, that LISTENs. `false` (e.g. behind PgBouncer in
+   * transaction mode, where LISTEN does not work): waiters poll every `waitPollInterval`. Ignored
+   * with a custom `store` and on other databases.
+   * @default true
+   */
+  waitNotifications?: boolean;
   /**
    * How long one store operation (claim, complete, release) may take. A claim that takes longer
    * answers 503 and the handler does not run: a database that hangs costs clients a bounded wait,
