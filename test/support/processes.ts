@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
+import { isAbsolute } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url));
@@ -17,14 +18,15 @@ export interface AppProcess {
 }
 
 /**
- * Starts a compiled script (path under dist/, as `npm test` builds it) and resolves once it prints
+ * Starts a compiled script (path under dist/, as `npm test` builds it; or an absolute path, for an
+ * app outside the project such as an installed package fixture) and resolves once it prints
  * `listening <port>`.
  */
 export async function startAppProcess(
   script: string,
   env: Record<string, string>,
 ): Promise<AppProcess> {
-  const path = `${ROOT}dist/${script}`;
+  const path = isAbsolute(script) ? script : `${ROOT}dist/${script}`;
   if (!existsSync(path)) throw new Error(`${path} is missing: run \`npm test\` (it compiles first)`);
   const child = spawn(process.execPath, [path], {
     env: { ...process.env, ...env, NODE_OPTIONS: '' },
@@ -40,6 +42,7 @@ export async function startAppProcess(
     child.stdout!.on('data', onData);
     child.stderr!.on('data', (chunk: Buffer) => (output += chunk.toString()));
     child.once('exit', (code) => reject(new Error(`${script} exited (${code}) before listening:\n${output}`)));
+    child.once('error', (error) => reject(new Error(`${script} could not be started: ${error.message}`)));
   });
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   return {
