@@ -14,11 +14,17 @@ export interface TestDatabase {
    * for their side-effect tables) run on it.
    */
   readonly shared: boolean;
+  /**
+   * Each connection gets a database of its own, so no other spec's rows — or purges — are in its
+   * records table: only there can a test count what one purge deleted.
+   */
+  readonly ownTablePerConnection: boolean;
 }
 
 const pglite: TestDatabase = {
   name: 'pglite',
   shared: false,
+  ownTablePerConnection: true,
   options: () => ({ type: 'postgres', driver: new PGliteDriver().driver }),
 };
 
@@ -26,13 +32,14 @@ const pglite: TestDatabase = {
 function postgresFromEnv(): TestDatabase[] {
   const url = process.env.DATABASE_URL;
   if (!url) return [];
-  return [{ name: 'postgres', shared: true, options: () => ({ type: 'postgres', url }) }];
+  return [{ name: 'postgres', shared: true, ownTablePerConnection: false, options: () => ({ type: 'postgres', url }) }];
 }
 
 /** SQLite through better-sqlite3: a new file per connection, so no server is needed. */
 const sqlite: TestDatabase = {
   name: 'sqlite',
   shared: false,
+  ownTablePerConnection: true,
   options: () => ({
     type: 'better-sqlite3',
     database: join(tmpdir(), `nestjs-idempotency-${randomUUID()}.sqlite`),
@@ -43,7 +50,7 @@ const sqlite: TestDatabase = {
 function mariadbFromEnv(): TestDatabase[] {
   const url = process.env.MARIADB_URL;
   if (!url) return [];
-  return [{ name: 'mariadb', shared: false, options: () => ({ type: 'mariadb', url }) }];
+  return [{ name: 'mariadb', shared: false, ownTablePerConnection: false, options: () => ({ type: 'mariadb', url }) }];
 }
 
 /**
