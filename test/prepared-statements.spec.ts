@@ -1,0 +1,46 @@
+import { createFixtureApp, recordsOf, type FixtureApp } from './fixtures/fixture-app.js';
+import { newKey, post } from './support/http.js';
+import { describeOnPostgres } from './support/reliability.js';
+
+/**
+ * On PostgreSQL the store's statements are named prepared statements of the `pg` driver. A pool of
+ * one connection lets the test look at that connection's session (pg_prepared_statements) and
+ * pull the statements from under the driver, as a pooler that hands each transaction another
+ * server connection would (PgBouncer in transaction mode before 1.21).
+ */
+describeOnPostgres('prepared statements', (url) => {
+  let fixture: FixtureApp;
+  beforeAll(async () => {
+    const oneConnection = { name: 'postgres', shared: true, ownTablePerConnection: false, options: () => ({ type: 'postgres' as const, url, extra: { max: 1 } }) };
+    fixture = await createFixtureApp(oneConnection);
+  });
+  afterAll(() => fixture.close());
+
+  const preparedOnTheConnection = async (): Promise<string[]> =>
+    (await fixture.dataSource.query(`SELECT name FROM pg_prepared_statements ORDER BY name`)).map(
+      (row: { name: string }) => row.name,
+    );
+
+  it('prepares the claim and the completion once per connection, and replays through them', async () => {
+    const key = newKey();
+    const first = await post(fixture.http, '/charges', key, { amount: 5 }).expect(201);
+    const replay = await post(fixture.http, '/charges', key, { amount: 5 }).expect(201);
+    expect(replay.headers['idempotent-replayed']).toBe('true');
+    expect(replay.body).toEqual(first.body);
+    expect(fixture.calls.count('charges', key)).toBe(1);
+    expect(await preparedOnTheConnection()).toEqual(['nestjs_idempotency_claim', 'nestjs_idempotency_complete']);
+  });
+
+  it('falls back to unprepared statements when the server no longer knows them, without failing a request', async () => {
+    await fixture.dataSource.query('DEALLOCATE ALL');
+    const key = newKey();
+    const first = await post(fixture.http, '/charges', key, { amount: 6 }).expect(201);
+    const replay = await post(fixture.http, '/charges', key, { amount: 6 }).expect(201);
+    expect(replay.headers['idempotent-replayed']).toBe('true');
+    expect(replay.body).toEqual(first.body);
+    expect(fixture.calls.count('charges', key)).toBe(1);
+    expect((await recordsOf(fixture.dataSource, key)).map((r) => r.state)).toEqual(['completed']);
+    // Nothing was prepared again: the store runs its statements unprepared from then on.
+    expect(await preparedOnTheConnection()).toEqual([]);
+  });
+});
