@@ -5,6 +5,7 @@ import { apiKeyScope } from './common/api-key.scope.js';
 import type { SampleConfig } from './config/sample.config.js';
 import { SampleConfigModule } from './config/sample-config.module.js';
 import { DatabaseModule } from './database/database.module.js';
+import { MetricsModule } from './metrics/metrics.module.js';
 import { OrdersModule } from './orders/orders.module.js';
 import { PaymentsModule } from './payments/payments.module.js';
 import { TransfersModule } from './transfers/transfers.module.js';
@@ -27,6 +28,7 @@ export class AppModule {
         PaymentsModule,
         OrdersModule,
         TransfersModule,
+        MetricsModule,
       ],
     };
   }
