@@ -1,0 +1,65 @@
+/**
+ * Child process entry of our app under load: `node --expose-gc dist/bench/app-process.js <database>`.
+ * The app runs apart from autocannon so the load generator does not share its event loop; the
+ * runner drives it over the IPC channel (see child-process.ts for the protocol).
+ */
+import { startBenchApp, type BenchApp, type BenchDatabase } from './bench-app.js';
+import type { ChildCommand, ChildReply } from './child-process.js';
+
+const database = process.argv[2] as BenchDatabase;
+if (database !== 'postgres' && database !== 'pglite') {
+  throw new TypeError(`usage: app-process.js postgres|pglite; got ${String(process.argv[2])}`);
+}
+if (!process.send) throw new Error('app-process.js must be started with an IPC channel (fork)');
+
+const bench: BenchApp = await startBenchApp({
+  database,
+  databaseUrl: process.env.BENCH_DATABASE_URL ?? '',
+  schema: process.env.BENCH_SCHEMA ?? 'bench',
+});
+
+/** Forced collection first when available, so RSS after the load is not just uncollected garbage. */
+function memory() {
+  const gc = (globalThis as { gc?: () => void }).gc;
+  gc?.();
+  const { rss, heapUsed, external } = process.memoryUsage();
+  return { rss, heapUsed, external, gcForced: gc !== undefined };
+}
+
+async function handle(command: ChildCommand): Promise<unknown> {
+  switch (command.cmd) {
+    case 'queries-reset':
+      return bench.counter.reset();
+    case 'queries-read':
+      return bench.counter.read();
+    case 'memory':
+      return memory();
+    case 'pool':
+      return bench.pool();
+    case 'purge': {
+      const started = performance.now();
+      const deleted = await bench.purgeJob.purgeNow();
+      return { deleted, ms: performance.now() - started };
+    }
+    case 'close':
+      await bench.close();
+      setImmediate(() => process.exit(0));
+      return null;
+    default:
+      throw new Error(`unknown command ${command.cmd}`);
+  }
+}
+
+process.on('message', (command: ChildCommand) => {
+  handle(command).then(
+    (result) => process.send!({ id: command.id, ok: true, result } satisfies ChildReply),
+    (error: Error) => process.send!({ id: command.id, ok: false, error: error.message } satisfies ChildReply),
+  );
+});
+
+// The runner going away (Ctrl-C, crash) must not leave an orphan holding a port and a pool.
+process.on('disconnect', () => {
+  bench.close().finally(() => process.exit(0));
+});
+
+process.send({ type: 'ready', port: bench.port });

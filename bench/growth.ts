@@ -1,0 +1,175 @@
+import { randomUUID } from 'node:crypto';
+import { DataSource, type DataSourceOptions } from 'typeorm';
+import { PGliteDriver } from 'typeorm-pglite';
+import {
+  CreateIdempotencyRecords1763900000000,
+  IdempotencyRecord,
+  TypeOrmIdempotencyStore,
+} from '../lib/index.js';
+import { DEFAULTS } from '../lib/idempotency.constants.js';
+import { BENCH_CONFIG } from './bench-config.js';
+import { decidingStatement, explainRolledBack, withParameters } from './explain.js';
+import { QueryCounter } from './query-counter.js';
+import { dropSchema, resetSchema } from './environment.js';
+import { summarize, type LatencySummary } from './stats.js';
+import { bulkInsertSql, SYNTHETIC_ENDPOINT, SYNTHETIC_FINGERPRINT } from './synthetic-rows.js';
+
+/** Per table size: sequential single-client latency of the store's statements. */
+export interface GrowthPoint {
+  readonly rows: number;
+  readonly insert_s: number;
+  /** `claim` of a key never seen: the insert path (first request). */
+  readonly claim_new: LatencySummary;
+  /** `claim` of a completed key: the lookup path (replay). */
+  readonly claim_existing: LatencySummary;
+  /** A plain primary-key SELECT of the same rows: what a read costs on this database and client. */
+  readonly select_by_pk: LatencySummary;
+}
+
+export interface GrowthResult {
+  readonly points: GrowthPoint[];
+  /** p50 of the lookup at the largest size over the smallest (target: within 1.2). */
+  readonly lookup_p50_ratio: number;
+  readonly claim_p50_ratio: number;
+  /** EXPLAIN (ANALYZE, BUFFERS, WAL) of the claim, at the largest size (PostgreSQL only). */
+  readonly explain: { readonly claim_existing: string; readonly claim_new: string; readonly complete: string } | null;
+  /** The store's purge with nothing else running, next to the largest size (PostgreSQL only). */
+  readonly purge_idle: { readonly rows: number; readonly seconds: number; readonly rows_per_s: number } | null;
+}
+
+/** Expired rows of the idle purge: enough for a steady rate, small enough for the time budget. */
+const IDLE_PURGE_ROWS = 200_000;
+
+const GROWTH_SCHEMA = 'bench_growth';
+const OPS = 1000;
+const WARMUP_OPS = 100;
+
+/**
+ * Grows a records table through `sizes` with synthetic completed rows (one INSERT ... SELECT
+ * generate_series per step) and times the claim at each size. Runs in the runner process, after the
+ * load rounds, in a schema of its own so the loaded apps' table is not touched.
+ */
+export async function measureGrowth(database: 'postgres' | 'pglite', sizes: readonly number[]): Promise<GrowthResult> {
+  if (database === 'postgres') await resetSchema(GROWTH_SCHEMA);
+  const options: DataSourceOptions =
+    database === 'postgres'
+      ? { type: 'postgres', url: BENCH_CONFIG.databaseUrl, schema: GROWTH_SCHEMA }
+      : { type: 'postgres', driver: new PGliteDriver().driver };
+  const counter = new QueryCounter();
+  const dataSource = new DataSource({ ...options, entities: [IdempotencyRecord], logger: counter });
+  await dataSource.initialize();
+  try {
+    const runner = dataSource.createQueryRunner();
+    await new CreateIdempotencyRecords1763900000000().up(runner);
+    await runner.release();
+    const table = dataSource.getMetadata(IdempotencyRecord).tablePath;
+    const store = new TypeOrmIdempotencyStore(dataSource);
+    const points: GrowthPoint[] = [];
+    let filled = 0;
+    for (const size of sizes) {
+      const started = performance.now();
+      await dataSource.query(bulkInsertSql(table, filled, size, Date.now() + 86_400_000));
+      await dataSource.query(`ANALYZE ${table}`);
+      const insert_s = (performance.now() - started) / 1000;
+      filled = size;
+      points.push({ rows: size, insert_s, ...(await timeStatements(dataSource, store, table, size)) });
+    }
+    const first = points[0];
+    const last = points[points.length - 1];
+    return {
+      points,
+      lookup_p50_ratio: last.claim_existing.p50_ms / first.claim_existing.p50_ms,
+      claim_p50_ratio: last.claim_new.p50_ms / first.claim_new.p50_ms,
+      explain: database === 'postgres' ? await explainStatements(dataSource, store, counter, filled) : null,
+      purge_idle: database === 'postgres' ? await purgeIdle(dataSource, store, table) : null,
+    };
+  } finally {
+    await dataSource.destroy();
+    if (database === 'postgres') await dropSchema(GROWTH_SCHEMA);
+  }
+}
+
+async function timeStatements(dataSource: DataSource, store: TypeOrmIdempotencyStore, table: string, size: number) {
+  const stamp = Date.now();
+  const claimNew = (i: number) =>
+    store.claim(claimOf(`new-${size}-${stamp}-${i}`, randomUUID().replace(/-/g, '').padEnd(64, '0')));
+  // Random existing keys: a cycle over a few hot keys would stay in cache and hide growth.
+  const existingKey = () => `g-${Math.floor(Math.random() * size)}`;
+  const claimExisting = async () => {
+    const result = await store.claim(claimOf(existingKey(), SYNTHETIC_FINGERPRINT));
+    if (result.claimed || result.record.state !== 'completed') throw new Error('growth: a synthetic key did not replay');
+  };
+  const selectSql = `SELECT * FROM ${table} WHERE scope = $1 AND endpoint = $2 AND idempotency_key = $3`;
+  const select = () => dataSource.query(selectSql, ['', SYNTHETIC_ENDPOINT, existingKey()]);
+  return {
+    claim_new: await time(claimNew),
+    claim_existing: await time(claimExisting),
+    select_by_pk: await time(select),
+  };
+}
+
+/**
+ * What the purge does with the database to itself: the same batches as `IdempotencyPurgeJob`
+ * (store.purgeExpired, default batch size) with no request traffic, to set against the purge
+ * under load in results.md.
+ */
+async function purgeIdle(dataSource: DataSource, store: TypeOrmIdempotencyStore, table: string) {
+  await dataSource.query(bulkInsertSql(table, 0, IDLE_PURGE_ROWS, Date.now() - 3_600_000, 'expired-'));
+  await dataSource.query(`ANALYZE ${table}`);
+  const now = Date.now();
+  const started = performance.now();
+  let rows = 0;
+  for (;;) {
+    const deleted = await store.purgeExpired(now, DEFAULTS.purgeBatchSize);
+    rows += deleted;
+    if (deleted < DEFAULTS.purgeBatchSize) break;
+  }
+  const seconds = (performance.now() - started) / 1000;
+  return { rows, seconds: Math.round(seconds * 100) / 100, rows_per_s: Math.round(rows / seconds) };
+}
+
+function claimOf(key: string, fingerprint: string) {
+  const now = Date.now();
+  return {
+    id: { scope: '', endpoint: SYNTHETIC_ENDPOINT, key },
+    fingerprint,
+    token: randomUUID(),
+    now,
+    lockedUntil: now + 60_000,
+  };
+}
+
+async function time(operation: (i: number) => Promise<unknown>): Promise<LatencySummary> {
+  for (let i = 0; i < WARMUP_OPS; i++) await operation(-1 - i);
+  const latencies: number[] = [];
+  for (let i = 0; i < OPS; i++) {
+    const started = performance.now();
+    await operation(i);
+    latencies.push(performance.now() - started);
+  }
+  return summarize(latencies);
+}
+
+/**
+ * The plans of the statements the store really sends, captured by the logger (the claim's SQL is
+ * private to the library and the complete's is generated), each run in a rolled-back transaction.
+ */
+async function explainStatements(dataSource: DataSource, store: TypeOrmIdempotencyStore, counter: QueryCounter, size: number) {
+  const now = Date.now();
+  const existing = await counter.capture(() => store.claim(claimOf(`g-${Math.floor(size / 2)}`, SYNTHETIC_FINGERPRINT)));
+  // One real claim + complete of a sample key, then the same statements on a key never used.
+  const sample = claimOf(`explain-sample-${now}`, SYNTHETIC_FINGERPRINT);
+  const fresh = await counter.capture(() => store.claim(sample));
+  if (!fresh.result.claimed) throw new Error('growth: the sample claim did not claim');
+  const lease = fresh.result.lease;
+  const response = { status: 201, headers: {}, body: '{}', bodyEncoding: 'json', isError: false } as const;
+  const completed = await counter.capture(() => store.complete(lease, response, now + 86_400_000));
+  const swaps = new Map<unknown, unknown>([[sample.id.key, `explain-${now}`], [sample.token, randomUUID()]]);
+  const claimNew = withParameters(decidingStatement(fresh.statements, 'claim'), swaps);
+  return {
+    claim_existing: await explainRolledBack(dataSource, decidingStatement(existing.statements, 'claim')),
+    claim_new: await explainRolledBack(dataSource, claimNew),
+    // The complete of a row claimed in the same (rolled-back) transaction.
+    complete: await explainRolledBack(dataSource, withParameters(decidingStatement(completed.statements, 'complete'), swaps), claimNew),
+  };
+}

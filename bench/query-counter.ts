@@ -1,0 +1,89 @@
+import { createRequire } from 'node:module';
+import type { Logger as TypeOrmLogger } from 'typeorm';
+
+/** A statement as TypeORM sent it. */
+export interface Statement {
+  readonly query: string;
+  readonly parameters: unknown[];
+}
+
+/** Counted statements, keyed by their first words (enough to tell claim from complete). */
+export interface QueryCounts {
+  /** Statements TypeORM sent (its logger's `logQuery`): PostgreSQL and PGlite. */
+  readonly typeorm: number;
+  /** Statements the `pg` driver sent on the wire (PostgreSQL only; null on PGlite). */
+  readonly wire: number | null;
+  readonly byStatement: Record<string, number>;
+}
+
+/**
+ * Counts every statement in two places: TypeORM's logger (called for each query on every driver)
+ * and `pg.Client#query` (every round trip to the server, including any TypeORM does not log). If
+ * the two disagree, something talks to PostgreSQL behind TypeORM's back.
+ */
+export class QueryCounter implements TypeOrmLogger {
+  private typeorm = 0;
+  private wire = 0;
+  private wirePatched = false;
+  private byStatement = new Map<string, number>();
+  private recording: Statement[] | undefined;
+
+  logQuery(query: string, parameters?: unknown[]): void {
+    this.typeorm++;
+    const label = labelOf(query);
+    this.byStatement.set(label, (this.byStatement.get(label) ?? 0) + 1);
+    this.recording?.push({ query, parameters: parameters ?? [] });
+  }
+
+  /**
+   * The statements the library sends while `work` runs, exactly as sent (its SQL is private and
+   * the query builder's is generated), for EXPLAIN. Only for work that runs alone on the DataSource.
+   */
+  async capture<T>(work: () => Promise<T>): Promise<{ result: T; statements: Statement[] }> {
+    const statements: Statement[] = [];
+    this.recording = statements;
+    try {
+      return { result: await work(), statements };
+    } finally {
+      this.recording = undefined;
+    }
+  }
+  logQueryError(): void {}
+  logQuerySlow(): void {}
+  logSchemaBuild(): void {}
+  logMigration(): void {}
+  log(): void {}
+
+  /** Wraps the pg driver TypeORM loads (the same CommonJS module instance as this require). */
+  patchPgClient(): void {
+    if (this.wirePatched) return;
+    const pg = createRequire(import.meta.url)('pg') as { Client: { prototype: { query: Function } } };
+    const original = pg.Client.prototype.query;
+    const counter = this;
+    pg.Client.prototype.query = function (this: unknown, ...args: unknown[]) {
+      counter.wire++;
+      return original.apply(this, args);
+    };
+    this.wirePatched = true;
+  }
+
+  reset(): void {
+    this.typeorm = 0;
+    this.wire = 0;
+    this.byStatement = new Map();
+  }
+
+  read(): QueryCounts {
+    return {
+      typeorm: this.typeorm,
+      wire: this.wirePatched ? this.wire : null,
+      byStatement: Object.fromEntries(this.byStatement),
+    };
+  }
+}
+
+/** "WITH claimed AS (INSERT ..." → "WITH claimed AS", "UPDATE "bench"."idempotency_records" ..." → "UPDATE". */
+function labelOf(query: string): string {
+  const words = query.trim().split(/\s+/);
+  return words[0].toUpperCase() === 'WITH' ? words.slice(0, 3).join(' ') : words[0].toUpperCase();
+}

@@ -1,0 +1,203 @@
+import type { WaiterDelayFigures, WaiterDelayResult } from './waiter-delay.js';
+import { BENCH_CONFIG } from './bench-config.js';
+import type { GrowthResult } from './growth.js';
+import type { PurgeResult } from './purge-and-memory.js';
+import { checkTargets, type BenchResults, type Database, type DatabaseResults, type RunMeasurements } from './report-model.js';
+
+const DATABASE_LABEL: Record<Database, string> = {
+  postgres: 'PostgreSQL (server on this machine)',
+  pglite: 'PGlite (embedded, in the app process)',
+};
+
+const ROUTE_LABEL: Record<string, string> = {
+  plain: 'plain (no @Idempotent, ceiling)',
+  first: 'first (@Idempotent, fresh key)',
+  replay: 'replay (@Idempotent, completed key)',
+  peer_redis: 'peer Redis, fresh key',
+  peer_redis_replay: 'peer Redis, completed key',
+  peer_redis_plain: 'peer app plain (NestJS 10 ceiling)',
+  peer_memory: 'peer memory, fresh key',
+  peer_memory_replay: 'peer memory, completed key',
+  peer_memory_plain: 'peer app plain (NestJS 10, memory process)',
+};
+
+/** The headline table of one database: printed to the console and put in results.md. */
+export function routeTable(database: Database, results: DatabaseResults): string {
+  const lines = [
+    `### ${DATABASE_LABEL[database]}`,
+    '',
+    '| route | req/s | p50 ms | p99 ms | × plain | rounds req/s | CPU ms/req: app | postgres | redis | autocannon | other |',
+    '| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |',
+  ];
+  for (const [name, route] of Object.entries(results.routes)) {
+    const cpu = route.cpu_ms_per_req;
+    const bad = route.non2xx + route.errors > 0 ? ` ⚠ ${route.non2xx} non-2xx, ${route.errors} errors` : '';
+    lines.push(
+      `| ${ROUTE_LABEL[name] ?? name}${bad} | ${route.rps} | ${route.p50_ms} | ${route.p99_ms} | ${route.ratio_to_plain ?? '–'} | ${route.rounds_rps.join(' / ')} | ${cpu.app_ms} | ${cpu.postgres_ms} | ${cpu.redis_ms} | ${cpu.runner_ms} | ${cpu.other_ms} |`,
+    );
+  }
+  return lines.join('\n');
+}
+
+export function queriesTable(queries: RunMeasurements['queries']): string {
+  const lines = [
+    '| app | first: statements/req | replay: statements/req | first: wire round trips | replay: wire round trips | statements (first; replay) |',
+    '| --- | ---: | ---: | ---: | ---: | --- |',
+  ];
+  for (const [target, q] of Object.entries(queries)) {
+    const statements = (counts: Record<string, number>) => Object.entries(counts).map(([label, n]) => `${label} ×${n}`).join(', ');
+    lines.push(
+      `| ${target} | ${q.first} | ${q.replay} | ${q.first_wire ?? '–'} | ${q.replay_wire ?? '–'} | ${statements(q.statements.first)}; ${statements(q.statements.replay)} |`,
+    );
+  }
+  return lines.join('\n');
+}
+
+function growthTable(growth: GrowthResult): string {
+  const lines = [
+    '| rows | bulk insert s | claim new p50 / p99 ms | claim existing (lookup) p50 / p99 ms | PK SELECT p50 / p99 ms |',
+    '| ---: | ---: | ---: | ---: | ---: |',
+  ];
+  for (const point of growth.points) {
+    lines.push(
+      `| ${point.rows.toLocaleString('en')} | ${point.insert_s.toFixed(1)} | ${point.claim_new.p50_ms} / ${point.claim_new.p99_ms} | ${point.claim_existing.p50_ms} / ${point.claim_existing.p99_ms} | ${point.select_by_pk.p50_ms} / ${point.select_by_pk.p99_ms} |`,
+    );
+  }
+  lines.push('', `Lookup p50 largest/smallest: **${growth.lookup_p50_ratio.toFixed(2)}**; claim-new p50: ${growth.claim_p50_ratio.toFixed(2)}.`);
+  return lines.join('\n');
+}
+
+function purgeSection(purge: PurgeResult, idle: GrowthResult['purge_idle'] | undefined): string {
+  const during = purge.first_during_purge;
+  const without = purge.first_without_purge;
+  const after = purge.first_after_purge;
+  const pool = (p: typeof during.pool) => (p ? `${p.mean_waiting} (max ${p.max_waiting}) of ${p.pool_size}` : '–');
+  return [
+    `${purge.deleted.toLocaleString('en')} of ${purge.expired_rows.toLocaleString('en')} expired rows deleted by \`IdempotencyPurgeJob.purgeNow()\` (batch ${purge.batch_size}, the default) in ${purge.seconds} s while \`first\` was loaded: **${purge.rows_per_s.toLocaleString('en')} rows/s**; ${purge.left_over} expired rows left. (Bulk insert of the expired rows: ${purge.insert_s} s.)`,
+    '',
+    '',
+    idle
+      ? `The same store purge with no traffic (growth phase, ${idle.rows.toLocaleString('en')} expired rows next to 1M+ live ones, one connection of its own): **${idle.rows_per_s.toLocaleString('en')} rows/s**.`
+      : 'No idle purge measured.',
+    '',
+    '| `first` route | req/s | p50 ms | p99 ms | requests waiting for a pool connection: mean (max) of pool size |',
+    '| --- | ---: | ---: | ---: | --- |',
+    `| without purge (${without.durationS.toFixed(0)} s) | ${without.rps.toFixed(0)} | ${without.p50_ms} | ${without.p99_ms} | ${pool(without.pool)} |`,
+    `| during purge (${during.durationS.toFixed(0)} s) | ${during.rps.toFixed(0)} | ${during.p50_ms} | ${during.p99_ms} | ${pool(during.pool)} |`,
+    `| after purge (${after.durationS.toFixed(0)} s) | ${after.rps.toFixed(0)} | ${after.p50_ms} | ${after.p99_ms} | ${pool(after.pool)} |`,
+  ].join('\n');
+}
+
+/**
+ * CPU per request turned into the throughput this machine could give the route if nothing else
+ * ran: the routes are CPU-bound (app, database and load generator share the cores), so this is
+ * what the ratios to `plain` can at most be, whatever the latency.
+ */
+function limitsSection(results: BenchResults, cores: number): string[] {
+  const lines = [
+    '## What limits the routes',
+    '',
+    `CPU per request of everything the route needs (app + postgres + redis + autocannon, from the tables above) and the throughput ${cores} cores would give at that cost:`,
+    '',
+    '| database | route | CPU ms/req | ceiling req/s on these cores | measured req/s |',
+    '| --- | --- | ---: | ---: | ---: |',
+  ];
+  for (const database of ['postgres', 'pglite'] as const) {
+    const routes = results[database]?.routes ?? {};
+    const names = database === 'postgres' ? ['plain', 'first', 'replay', 'peer_redis', 'peer_redis_replay'] : ['plain', 'first', 'replay'];
+    for (const name of names) {
+      const route = routes[name];
+      if (!route) continue;
+      const cpu = route.cpu_ms_per_req;
+      const total = cpu.app_ms + cpu.postgres_ms + cpu.redis_ms + cpu.runner_ms;
+      lines.push(`| ${database} | ${name} | ${total.toFixed(2)} | ${total > 0 ? Math.round((cores * 1000) / total) : '–'} | ${route.rps} |`);
+    }
+  }
+  const explain = results.postgres?.growth?.explain?.claim_existing;
+  const wal = explain ? /WAL: records=(\d+)/.exec(explain) : null;
+  if (wal) {
+    lines.push(
+      '',
+      `The replay path is a write: the claim's EXPLAIN on a completed key shows \`WAL: records=${wal[1]}\`. \`INSERT … ON CONFLICT DO UPDATE … WHERE\` locks the conflicting row even when the WHERE is false, so each replay takes a transaction id, writes WAL (a full-page image when it is the first change to that page since a checkpoint) and waits for the WAL flush at commit, where a read would do none of that (compare the PK SELECT column of the growth table).`,
+    );
+  }
+  return lines;
+}
+
+function codeBlock(text: string): string {
+  return ['```', text, '```'].join('\n');
+}
+
+export function renderMarkdown(run: RunMeasurements, results: BenchResults): string {
+  const m = run.machine;
+  const out: string[] = [
+    '# Benchmark results (`npm run bench`)',
+    '',
+    `${m.date} — ${m.cores} × ${m.cpu}, ${m.memory_gib} GiB, ${m.os}. Node ${m.node}, NestJS ${m.nest}, TypeORM ${m.typeorm}, pg ${m.pg_driver}, PostgreSQL ${m.postgresql}, PGlite ${m.pglite}, Redis ${m.redis}, autocannon ${m.autocannon}. Peer: ${m.peer_library} on NestJS ${m.peer_nest}.`,
+    '',
+    `Load: autocannon, ${BENCH_CONFIG.connections} connections, pipelining 1, ${BENCH_CONFIG.durationS} s per route per round, ${BENCH_CONFIG.rounds} alternating rounds (each round loads every app's routes once, starting from a different app); figures are medians over the rounds. Each app runs in its own process; autocannon runs in the runner process, on the same 2 cores as the apps and the databases. The replay route cycles through ${BENCH_CONFIG.replayKeys} keys completed before the rounds. The whole run took ${(run.elapsedS / 60).toFixed(1)} min${BENCH_CONFIG.soak ? ' (soak mode)' : ''}.`,
+    '',
+    'CPU columns: CPU time per request, from /proc: the app process (for PGlite this includes the embedded database), every `postgres` process (other sessions\' backends too), `redis-server`, the runner (autocannon), and `other`: the machine\'s busy time that none of these account for (kernel, and processes of other sandboxes sharing these cores, invisible in /proc). A large `other` means the figures were taken on a busy machine.',
+    '',
+    `Machine busy before the bench started (2 s sample, all cores): ${run.backgroundBusy === null ? 'unknown' : `${Math.round(run.backgroundBusy * 100)} %`}.`,
+    '',
+    '## Routes',
+    '',
+  ];
+  for (const database of ['postgres', 'pglite'] as const) {
+    const entry = results[database];
+    if (entry) out.push(routeTable(database, entry), '');
+  }
+  out.push(...limitsSection(results, m.cores), '');
+  out.push('## Targets (issue 4)', '', '| target | measured | met |', '| --- | --- | --- |');
+  for (const check of checkTargets(results)) {
+    out.push(`| ${check.target} | ${check.measured} | ${check.met === null ? '–' : check.met ? 'yes' : '**no**'} |`);
+  }
+  out.push(
+    '',
+    '## Database statements per request',
+    '',
+    'Counted in the app while nothing else runs (200 sequential requests each): statements TypeORM sent (its logger) and, on PostgreSQL, queries on the `pg` client (every round trip). For the peer, calls to its storage adapter (each one Redis command).',
+    '',
+    queriesTable(run.queries),
+    '',
+  );
+  for (const database of ['postgres', 'pglite'] as const) {
+    const growth = run.growth[database];
+    if (!growth) continue;
+    out.push(`## Growth: ${DATABASE_LABEL[database]}`, '', `Sequential, one client, through \`TypeOrmIdempotencyStore\` (1000 operations per cell after 100 of warm-up, random keys), in a separate schema filled with synthetic completed rows by INSERT … SELECT generate_series.`, '', growthTable(growth), '');
+    if (growth.explain) {
+      out.push('EXPLAIN (ANALYZE, BUFFERS, WAL) of the claim statement on a completed key (the replay path), at the largest size, rolled back:', '', codeBlock(growth.explain.claim_existing), '', 'The same on a new key (the first-request path):', '', codeBlock(growth.explain.claim_new), '', "The first request's second statement, `complete` (a prepared UPDATE conditional on the lease), on a row claimed in the same transaction:", '', codeBlock(growth.explain.complete), '');
+    }
+  }
+  if (run.purge) {
+    out.push('## Purge (PostgreSQL only)', '', purgeSection(run.purge, run.growth.postgres?.purge_idle), '', 'EXPLAIN (ANALYZE, BUFFERS, WAL) of one purge batch with the expired rows in place, rolled back:', '', codeBlock(run.purge.explain), '');
+  } else {
+    out.push('## Purge', '', 'Not measured (PostgreSQL absent). PGlite: not measured; the purge phase is PostgreSQL only.', '');
+  }
+  if (run.waiterDelay) out.push(...waiterDelaySection(run.waiterDelay), '');
+  out.push('## Memory', '', 'RSS of the app process after a forced GC, before and after its `first` requests of the memory/purge phase (the loads without and during the purge count towards them). For PGlite the RSS includes the in-memory database.', '', '| app | `first` requests | RSS before MB | RSS after MB | growth MB | heap used before → after MB | forced GC |', '| --- | ---: | ---: | ---: | ---: | --- | --- |');
+  for (const [database, memory] of Object.entries(run.memory)) {
+    out.push(
+      `| ${database} | ${memory.requests.toLocaleString('en')}${memory.capped ? ` (of ${memory.target_requests.toLocaleString('en')} asked: stopped by the ${BENCH_CONFIG.budgetS} s run budget)` : ''} | ${memory.rss_before_mb} | ${memory.rss_after_mb} | ${memory.rss_growth_mb} | ${memory.heap_before_mb} → ${memory.heap_after_mb} | ${memory.gc_forced ? 'yes' : 'no'} |`,
+    );
+  }
+  if (run.skipped.length > 0) out.push('', '## Skipped', '', ...run.skipped.map((line) => `- ${line}`));
+  return out.join('\n') + '\n';
+}
+
+/** Wait mode on PostgreSQL: LISTEN/NOTIFY against polling, from bench/waiter-delay.ts. */
+function waiterDelaySection(result: WaiterDelayResult): string[] {
+  const row = (label: string, f: WaiterDelayFigures) =>
+    `| ${label} | ${f.p50Ms} | ${f.p99Ms} | ${f.maxMs} | ${f.readsPerWaiter} |`;
+  return [
+    '## Wait mode: how long a waiter waits beyond the first request (PostgreSQL)',
+    '',
+    `${result.keys} keys per mode; per key the first request "runs" 0–${result.maxRunMs} ms while a duplicate waits (\`concurrency: 'wait'\`), one app context each, as two processes behind a load balancer. Delay = from the completion's write returning to the waiter's replay returning. Polling at the default \`waitPollInterval\` (${result.waitPollIntervalMs} ms).`,
+    '',
+    '| waiter woken by | p50 ms | p99 ms | max ms | reads of the record per waiter |',
+    '| --- | ---: | ---: | ---: | ---: |',
+    row('LISTEN/NOTIFY (default on PostgreSQL)', result.notifications),
+    row(`polling every ${result.waitPollIntervalMs} ms`, result.polling),
+  ];
+}

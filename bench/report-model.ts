@@ -1,0 +1,164 @@
+import type { CpuPerRequest } from './cpu-usage.js';
+import type { MachineInfo } from './environment.js';
+import type { GrowthResult } from './growth.js';
+import type { MemoryResult, PurgeResult } from './purge-and-memory.js';
+import type { QueriesPerRequest, RouteName, Samples, TargetName } from './route-rounds.js';
+import { median, round } from './stats.js';
+import type { WaiterDelayResult } from './waiter-delay.js';
+
+export type Database = 'postgres' | 'pglite';
+
+/** One route's figures: medians over the rounds (one disturbed round does not move them). */
+export interface RouteFigures {
+  readonly rps: number;
+  readonly p50_ms: number;
+  readonly p99_ms: number;
+  /** rps over this database's `plain` rps in the same run. */
+  readonly ratio_to_plain: number | null;
+  readonly rounds_rps: number[];
+  readonly cpu_ms_per_req: CpuPerRequest;
+  readonly non2xx: number;
+  readonly errors: number;
+}
+
+export interface DatabaseResults {
+  /**
+   * plain, first, replay: ours on this database. peer_redis / peer_memory: @node-idempotency/nestjs
+   * on the `first` load (fresh keys); *_replay on completed keys; *_plain: the peer app's own
+   * ceiling (NestJS 10). The peer's figures are the same in both databases' entries.
+   */
+  readonly routes: Record<string, RouteFigures>;
+  readonly queries: QueriesPerRequest | null;
+  readonly growth: GrowthResult | null;
+  readonly purge_rows_per_s: number | null;
+  readonly purge: Omit<PurgeResult, 'explain'> | null;
+  readonly memory: MemoryResult | null;
+  /** Wait mode (PostgreSQL): how long a duplicate waits beyond the first's completion. */
+  readonly waiter_delay: WaiterDelayResult | null;
+  readonly machine: MachineInfo;
+}
+
+export type BenchResults = Partial<Record<Database, DatabaseResults>>;
+
+/** Everything a run measured, before it is shaped into results.json and results.md. */
+export interface RunMeasurements {
+  readonly machine: MachineInfo;
+  readonly samples: Samples;
+  readonly queries: Partial<Record<TargetName, QueriesPerRequest>>;
+  readonly growth: Partial<Record<Database, GrowthResult>>;
+  readonly purge: PurgeResult | null;
+  readonly memory: Partial<Record<Database, MemoryResult>>;
+  readonly waiterDelay: WaiterDelayResult | null;
+  readonly skipped: string[];
+  readonly elapsedS: number;
+  /** Fraction of all cores busy before the bench started (other sessions' work), or null. */
+  readonly backgroundBusy: number | null;
+}
+
+function figures(samples: Samples, target: TargetName, route: RouteName, plainRps: number | null): RouteFigures | null {
+  const runs = samples.get(`${target}:${route}`);
+  if (!runs || runs.length === 0) return null;
+  const rps = round(median(runs.map((run) => run.rps)), 0);
+  const cpu = (key: keyof CpuPerRequest) => round(median(runs.map((run) => run.cpu[key])), 3);
+  return {
+    rps,
+    p50_ms: median(runs.map((run) => run.p50_ms)),
+    p99_ms: median(runs.map((run) => run.p99_ms)),
+    ratio_to_plain: plainRps ? round(rps / plainRps, 2) : null,
+    rounds_rps: runs.map((run) => round(run.rps, 0)),
+    cpu_ms_per_req: {
+      app_ms: cpu('app_ms'),
+      runner_ms: cpu('runner_ms'),
+      postgres_ms: cpu('postgres_ms'),
+      redis_ms: cpu('redis_ms'),
+      other_ms: cpu('other_ms'),
+    },
+    non2xx: runs.reduce((sum, run) => sum + run.non2xx, 0),
+    errors: runs.reduce((sum, run) => sum + run.errors, 0),
+  };
+}
+
+/** Route names of results.json, and where each comes from. */
+const PEER_ROUTES: readonly [string, TargetName, RouteName][] = [
+  ['peer_redis', 'peer_redis', 'first'],
+  ['peer_redis_replay', 'peer_redis', 'replay'],
+  ['peer_redis_plain', 'peer_redis', 'plain'],
+  ['peer_memory', 'peer_memory', 'first'],
+  ['peer_memory_replay', 'peer_memory', 'replay'],
+  ['peer_memory_plain', 'peer_memory', 'plain'], // only when Redis is absent
+];
+
+export function buildResults(run: RunMeasurements): BenchResults {
+  const results: BenchResults = {};
+  for (const database of ['postgres', 'pglite'] as const) {
+    const plain = figures(run.samples, database, 'plain', null);
+    if (!plain) continue;
+    const routes: Record<string, RouteFigures> = { plain: { ...plain, ratio_to_plain: 1 } };
+    for (const route of ['first', 'replay'] as const) {
+      const figure = figures(run.samples, database, route, plain.rps);
+      if (figure) routes[route] = figure;
+    }
+    for (const [name, target, route] of PEER_ROUTES) {
+      const figure = figures(run.samples, target, route, plain.rps);
+      if (figure) routes[name] = figure;
+    }
+    const purge = database === 'postgres' ? run.purge : null;
+    results[database] = {
+      routes,
+      queries: run.queries[database] ?? null,
+      growth: run.growth[database] ?? null,
+      purge_rows_per_s: purge?.rows_per_s ?? null,
+      purge: purge ? withoutExplain(purge) : null,
+      memory: run.memory[database] ?? null,
+      waiter_delay: database === 'postgres' ? run.waiterDelay : null,
+      machine: run.machine,
+    };
+  }
+  return results;
+}
+
+function withoutExplain({ explain: _explain, ...rest }: PurgeResult): Omit<PurgeResult, 'explain'> {
+  return rest;
+}
+
+/** A target of issue 4, checked against the run's figures. */
+export interface TargetCheck {
+  readonly target: string;
+  readonly measured: string;
+  readonly met: boolean | null;
+}
+
+export function checkTargets(results: BenchResults): TargetCheck[] {
+  const pg = results.postgres;
+  const checks: TargetCheck[] = [];
+  // A ratio over routes that had failed requests is not a measurement of the happy path: say so.
+  const failed = (names: string[]) => names.some((name) => (pg?.routes[name]?.non2xx ?? 0) + (pg?.routes[name]?.errors ?? 0) > 0);
+  const ratio = (label: string, value: number | null | undefined, goal: number, routes: string[]) =>
+    checks.push({
+      target: `${label} ≥ ${goal}`,
+      measured: value == null ? 'not measured' : `${value.toFixed(2)}${failed(routes) ? ' (⚠ failed requests in these routes)' : ''}`,
+      met: value == null ? null : value >= goal,
+    });
+  const rps = (name: string) => pg?.routes[name]?.rps;
+  const over = (a: number | undefined, b: number | undefined) => (a && b ? a / b : null);
+  ratio('PostgreSQL first / plain', pg?.routes.first?.ratio_to_plain, 0.6, ['first', 'plain']);
+  ratio('PostgreSQL replay / plain', pg?.routes.replay?.ratio_to_plain, 0.8, ['replay', 'plain']);
+  ratio('PostgreSQL first / peer Redis first', over(rps('first'), rps('peer_redis')), 1.0, ['first', 'peer_redis']);
+  ratio('PostgreSQL replay / peer Redis replay', over(rps('replay'), rps('peer_redis_replay')), 1.0, ['replay', 'peer_redis_replay']);
+  const growth = pg?.growth;
+  if (growth) {
+    const sizes = `${growth.points[0].rows.toLocaleString('en')}→${growth.points[growth.points.length - 1].rows.toLocaleString('en')}`;
+    checks.push({
+      target: `lookup p50 flat ${sizes} (ratio ≤ 1.2)`,
+      measured: growth.lookup_p50_ratio.toFixed(2),
+      met: growth.lookup_p50_ratio <= 1.2,
+    });
+  }
+  const purge = pg?.purge_rows_per_s;
+  checks.push({
+    target: 'purge ≥ 100,000 rows/s (PostgreSQL, under load)',
+    measured: purge == null ? 'not measured' : `${purge.toLocaleString('en')} rows/s`,
+    met: purge == null ? null : purge >= 100_000,
+  });
+  return checks;
+}
