@@ -1,4 +1,5 @@
 import { createFixtureApp, recordsOf, type FixtureApp } from './fixtures/fixture-app.js';
+import { testDatabases } from './support/databases.js';
 import { newKey, post } from './support/http.js';
 import { describeOnPostgres } from './support/reliability.js';
 
@@ -42,5 +43,59 @@ describeOnPostgres('prepared statements', (url) => {
     expect((await recordsOf(fixture.dataSource, key)).map((r) => r.state)).toEqual(['completed']);
     // Nothing was prepared again: the store runs its statements unprepared from then on.
     expect(await preparedOnTheConnection()).toEqual([]);
+  });
+});
+
+/**
+ * PGlite (typeorm-pglite replaces `pg`, and its client takes no query configs): the statements are
+ * prepared with SQL `PREPARE` in its one session and run by `EXECUTE` with the values inlined as
+ * literals, so the literals must carry any text back unchanged.
+ */
+describe('prepared statements on PGlite', () => {
+  const pglite = testDatabases.find((database) => database.name === 'pglite')!;
+  let fixture: FixtureApp;
+  beforeAll(async () => (fixture = await createFixtureApp(pglite)));
+  afterAll(() => fixture.close());
+
+  const preparedInTheSession = async (): Promise<string[]> =>
+    (await fixture.dataSource.query(`SELECT name FROM pg_prepared_statements ORDER BY name`)).map(
+      (row: { name: string }) => row.name.replace(/_[0-9a-f]{12}$/, ''),
+    );
+
+  it('prepares the claim and the completion once, and replays through them', async () => {
+    const key = newKey();
+    const first = await post(fixture.http, '/charges', key, { amount: 5 }).expect(201);
+    const replay = await post(fixture.http, '/charges', key, { amount: 5 }).expect(201);
+    expect(replay.headers['idempotent-replayed']).toBe('true');
+    expect(replay.body).toEqual(first.body);
+    expect(fixture.calls.count('charges', key)).toBe(1);
+    expect(await preparedInTheSession()).toEqual(['nestjs_idempotency_claim', 'nestjs_idempotency_complete']);
+  });
+
+  it.each(['on', 'off'])('stores and replays quotes, backslashes and non-ASCII text exactly, in the key and the body (standard_conforming_strings %s)', async (setting) => {
+    await fixture.dataSource.query(`SET standard_conforming_strings = ${setting}`);
+    const key = `it's\\a key '' \\' ${newKey()}`;
+    const amount = `'); DROP TABLE idempotency_records; -- \\' \\\\ E'\\x41' ü 💳 $1 "quoted"`;
+    const first = await post(fixture.http, '/charges', key, { amount }).expect(201);
+    expect(first.body.amount).toBe(amount);
+    const replay = await post(fixture.http, '/charges', key, { amount }).expect(201);
+    expect(replay.headers['idempotent-replayed']).toBe('true');
+    expect(replay.body).toEqual(first.body);
+    expect(fixture.calls.count('charges', key)).toBe(1);
+    const [record] = await recordsOf(fixture.dataSource, key);
+    expect(record.key).toBe(key);
+    expect(JSON.parse(record.responseBody!)).toEqual(first.body);
+    await fixture.dataSource.query('RESET standard_conforming_strings');
+  });
+
+  it('prepares again when the session lost its statements, without failing a request', async () => {
+    await fixture.dataSource.query('DEALLOCATE ALL');
+    expect(await preparedInTheSession()).toEqual([]);
+    const key = newKey();
+    const first = await post(fixture.http, '/charges', key, { amount: 6 }).expect(201);
+    const replay = await post(fixture.http, '/charges', key, { amount: 6 }).expect(201);
+    expect(replay.body).toEqual(first.body);
+    expect(fixture.calls.count('charges', key)).toBe(1);
+    expect(await preparedInTheSession()).toEqual(['nestjs_idempotency_claim', 'nestjs_idempotency_complete']);
   });
 });

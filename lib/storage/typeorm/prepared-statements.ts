@@ -1,4 +1,5 @@
 import { Logger } from '@nestjs/common';
+import { createHash } from 'node:crypto';
 import type { DataSource, QueryRunner } from 'typeorm';
 
 /** What a statement returned: its rows, and how many rows it changed. */
@@ -25,28 +26,37 @@ interface PgResult {
 const REFUSALS = new Set(['26000', '42P05', '0A000']);
 
 /**
- * Runs the store's per-request statements on PostgreSQL as named prepared statements of the `pg`
- * driver: the server parses and plans each once per connection instead of on every request — for
- * the claim, planning costs more than executing (see bench/results.md). Statements still go through
- * TypeORM's pool and are reported to its logger. Elsewhere (PGlite and other custom drivers, MySQL,
- * SQLite) they run as ordinary statements through TypeORM, and so they do here after the server
- * refused a prepared statement once.
+ * How the statements run. `protocol`: named prepared statements of the `pg` driver (a Parse once
+ * per connection, then Bind/Execute). `sql`: for a driver that replaces `pg` — typeorm-pglite,
+ * whose client takes no query configs — `PREPARE` once per session and `EXECUTE` with the values
+ * inlined as literals (EXECUTE takes no bind parameters). `plain`: ordinary statements, after a
+ * server refused prepared ones.
+ */
+type Mode = 'protocol' | 'sql' | 'plain';
+
+/**
+ * Runs the store's per-request statements on PostgreSQL as prepared statements: the server parses
+ * and plans each once per session instead of on every request — for the claim, planning costs more
+ * than executing, on a server (see bench/results.md) and more so in PGlite's WASM build. Statements
+ * still go through TypeORM's pool and are reported to its logger. After the server refused a
+ * prepared statement once they run as ordinary statements.
  */
 export class PreparedStatements {
   private readonly logger = new Logger('Idempotency');
-  private named: boolean;
+  private mode: Mode;
 
   constructor(private readonly dataSource: DataSource) {
-    // A `driver` option replaces `pg` (typeorm-pglite does): its client may not take query configs.
     const options = dataSource.options as { type: string; driver?: unknown };
-    this.named = options.type === 'postgres' && options.driver === undefined;
+    this.mode = options.type !== 'postgres' ? 'plain' : options.driver === undefined ? 'protocol' : 'sql';
   }
 
   /** Runs `text` with `values`; `name` identifies the statement, one name per distinct text. */
   async run<Row>(name: string, text: string, values: unknown[]): Promise<StatementResult<Row>> {
     const runner = this.dataSource.createQueryRunner();
     try {
-      return this.named ? await this.runNamed<Row>(runner, name, text, values) : await ordinary<Row>(runner, text, values);
+      if (this.mode === 'protocol') return await this.runNamed<Row>(runner, name, text, values);
+      if (this.mode === 'sql') return await this.runExecute<Row>(runner, name, text, values);
+      return await ordinary<Row>(runner, text, values);
     } finally {
       await runner.release();
     }
@@ -58,15 +68,65 @@ export class PreparedStatements {
     try {
       return asResult<Row>(await client.query({ name: `nestjs_idempotency_${name}`, text, values }));
     } catch (error) {
-      const code = (error as { code?: unknown }).code;
-      if (typeof code !== 'string' || !REFUSALS.has(code)) throw error;
-      this.named = false;
-      this.logger.warn(
-        `PostgreSQL refused a prepared statement (${code}); running the store's statements unprepared from now on.`,
-      );
+      if (!this.refused(error)) throw error;
       return asResult<Row>(await client.query(text, values));
     }
   }
+
+  /**
+   * `EXECUTE`, and on 26000 (not prepared in this session: the first call, or a session that
+   * dropped it) `PREPARE` and `EXECUTE` again. The name carries a hash of the text, so two stores
+   * sharing one session (another table name) never run each other's statement, and a 42P05 from
+   * `PREPARE` means the very same statement is already there.
+   */
+  private async runExecute<Row>(runner: QueryRunner, name: string, text: string, values: unknown[]) {
+    const statement = `nestjs_idempotency_${name}_${createHash('sha256').update(text).digest('hex').slice(0, 12)}`;
+    const execute = `EXECUTE ${statement}(${values.map(sqlLiteral).join(', ')})`;
+    try {
+      return await ordinary<Row>(runner, execute, []);
+    } catch (error) {
+      if (errorCode(error) !== '26000') throw error;
+    }
+    try {
+      await runner.query(`PREPARE ${statement} AS ${text}`);
+    } catch (error) {
+      if (errorCode(error) !== '42P05') {
+        if (!this.refused(error)) throw error;
+        return ordinary<Row>(runner, text, values);
+      }
+    }
+    return ordinary<Row>(runner, execute, []);
+  }
+
+  /** Whether `error` means prepared statements cannot be used here; if so, stops using them. */
+  private refused(error: unknown): boolean {
+    const code = errorCode(error);
+    if (code === undefined || !REFUSALS.has(code)) return false;
+    this.mode = 'plain';
+    this.logger.warn(
+      `PostgreSQL refused a prepared statement (${code}); running the store's statements unprepared from now on.`,
+    );
+    return true;
+  }
+}
+
+function errorCode(error: unknown): string | undefined {
+  const code = (error as { code?: unknown } | null)?.code ?? (error as { driverError?: { code?: unknown } } | null)?.driverError?.code;
+  return typeof code === 'string' ? code : undefined;
+}
+
+/**
+ * A value as a PostgreSQL literal for `EXECUTE`, whose arguments cannot be bind parameters. Quoted
+ * text is coerced to the prepared statement's parameter type, as a bind parameter would be. An
+ * escape string (E'…') reads backslashes the same whatever `standard_conforming_strings` says, so
+ * doubling `\` and `'` is the whole escape. A NUL cannot be in PostgreSQL text, and here it would cut
+ * the statement short: refused, as the server refuses it in a bind parameter.
+ */
+function sqlLiteral(value: unknown): string {
+  if (value === null || value === undefined) return 'NULL';
+  const text = String(value);
+  if (text.includes('\0')) throw new TypeError('A value for the idempotency store contains a NUL character.');
+  return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "''")}'`;
 }
 
 async function ordinary<Row>(runner: QueryRunner, text: string, values: unknown[]): Promise<StatementResult<Row>> {
