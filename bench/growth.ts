@@ -43,69 +43,134 @@ const IDLE_PURGE_ROWS = 200_000;
 const GROWTH_SCHEMA = 'bench_growth';
 const OPS = 1000;
 const WARMUP_OPS = 100;
+/**
+ * On PostgreSQL every size is a table of its own, all filled first, then timed in this many
+ * alternating blocks (OPS / BLOCKS operations each): drift of a shared machine (other sandboxes, a
+ * checkpoint) then hits every size alike instead of whichever was timed when it came.
+ */
+const BLOCKS = 5;
+
+/** One filled records table and the store on it. */
+interface SizedTable {
+  readonly size: number;
+  readonly insert_s: number;
+  readonly dataSource: DataSource;
+  readonly store: TypeOrmIdempotencyStore;
+  readonly table: string;
+  readonly counter: QueryCounter;
+}
 
 /**
- * Grows a records table through `sizes` with synthetic completed rows (one INSERT ... SELECT
- * generate_series per step) and times the claim at each size. Runs in the runner process, after the
- * load rounds, in a schema of its own so the loaded apps' table is not touched.
+ * Fills records tables of `sizes` with synthetic completed rows (INSERT ... SELECT
+ * generate_series) and times the claim at each size. Runs in the runner process, after the load
+ * rounds, in schemas of its own so the loaded apps' table is not touched. PostgreSQL: a schema per
+ * size, timed in alternating blocks. PGlite (one database per process): one table grown in place,
+ * timed after each step.
  */
 export async function measureGrowth(database: 'postgres' | 'pglite', sizes: readonly number[]): Promise<GrowthResult> {
-  if (database === 'postgres') await resetSchema(GROWTH_SCHEMA);
-  const options: DataSourceOptions =
-    database === 'postgres'
-      ? { type: 'postgres', url: BENCH_CONFIG.databaseUrl, schema: GROWTH_SCHEMA }
-      : { type: 'postgres', driver: new PGliteDriver().driver };
-  const counter = new QueryCounter();
-  const dataSource = new DataSource({ ...options, entities: [IdempotencyRecord], logger: counter });
-  await dataSource.initialize();
+  const opened: SizedTable[] = [];
   try {
-    const runner = dataSource.createQueryRunner();
-    await new CreateIdempotencyRecords1763900000000().up(runner);
-    await runner.release();
-    const table = dataSource.getMetadata(IdempotencyRecord).tablePath;
-    const store = new TypeOrmIdempotencyStore(dataSource);
     const points: GrowthPoint[] = [];
-    let filled = 0;
-    for (const size of sizes) {
-      const started = performance.now();
-      await dataSource.query(bulkInsertSql(table, filled, size, Date.now() + 86_400_000));
-      await dataSource.query(`ANALYZE ${table}`);
-      const insert_s = (performance.now() - started) / 1000;
-      filled = size;
-      points.push({ rows: size, insert_s, ...(await timeStatements(dataSource, store, table, size)) });
+    if (database === 'postgres') {
+      for (const [index, size] of sizes.entries()) {
+        const schema = `${GROWTH_SCHEMA}_${index}`;
+        await resetSchema(schema);
+        const table = await openTable({ type: 'postgres', url: BENCH_CONFIG.databaseUrl, schema });
+        opened.push(table); // closed in `finally` even if the fill fails
+        opened[index] = { ...table, size, insert_s: await fill(table, 0, size) };
+      }
+      points.push(...(await timeAlternating(opened, BLOCKS)));
+    } else {
+      const table = await openTable({ type: 'postgres', driver: new PGliteDriver().driver });
+      opened.push(table);
+      let filled = 0;
+      for (const size of sizes) {
+        const insert_s = await fill(table, filled, size);
+        filled = size;
+        points.push(...(await timeAlternating([{ ...table, size, insert_s }], 1)));
+      }
     }
     const first = points[0];
     const last = points[points.length - 1];
+    const largest = opened[opened.length - 1];
     return {
       points,
       lookup_p50_ratio: last.claim_existing.p50_ms / first.claim_existing.p50_ms,
       claim_p50_ratio: last.claim_new.p50_ms / first.claim_new.p50_ms,
-      explain: database === 'postgres' ? await explainStatements(dataSource, store, counter, filled) : null,
-      purge_idle: database === 'postgres' ? await purgeIdle(dataSource, store, table) : null,
+      explain: database === 'postgres' ? await explainStatements(largest.dataSource, largest.store, largest.counter, last.rows) : null,
+      purge_idle: database === 'postgres' ? await purgeIdle(largest.dataSource, largest.store, largest.table) : null,
     };
   } finally {
-    await dataSource.destroy();
-    if (database === 'postgres') await dropSchema(GROWTH_SCHEMA);
+    for (const table of opened) await table.dataSource.destroy();
+    if (database === 'postgres') for (const index of sizes.keys()) await dropSchema(`${GROWTH_SCHEMA}_${index}`);
   }
 }
 
-async function timeStatements(dataSource: DataSource, store: TypeOrmIdempotencyStore, table: string, size: number) {
+async function openTable(options: DataSourceOptions): Promise<SizedTable> {
+  const counter = new QueryCounter();
+  const dataSource = new DataSource({ ...options, entities: [IdempotencyRecord], logger: counter });
+  await dataSource.initialize();
+  const runner = dataSource.createQueryRunner();
+  await new CreateIdempotencyRecords1763900000000().up(runner);
+  await runner.release();
+  const table = dataSource.getMetadata(IdempotencyRecord).tablePath;
+  return { size: 0, insert_s: 0, dataSource, store: new TypeOrmIdempotencyStore(dataSource), table, counter };
+}
+
+/** Adds synthetic completed rows `from`..`to` and refreshes the statistics; returns the seconds. */
+async function fill({ dataSource, table }: SizedTable, from: number, to: number): Promise<number> {
+  const started = performance.now();
+  await dataSource.query(bulkInsertSql(table, from, to, Date.now() + 86_400_000));
+  await dataSource.query(`ANALYZE ${table}`);
+  return (performance.now() - started) / 1000;
+}
+
+/** The three statements' latencies per table, timed in `blocks` rounds that visit every table. */
+async function timeAlternating(tables: readonly SizedTable[], blocks: number): Promise<GrowthPoint[]> {
+  const operations = tables.map((table) => statementsOf(table));
+  const latencies = tables.map(() => ({ claim_new: [] as number[], claim_existing: [] as number[], select_by_pk: [] as number[] }));
+  for (const ops of operations) for (const name of OPERATIONS) await repeat(ops[name], WARMUP_OPS);
+  for (let block = 0; block < blocks; block++) {
+    for (const [index, ops] of operations.entries()) {
+      for (const name of OPERATIONS) latencies[index][name].push(...(await repeat(ops[name], OPS / blocks)));
+    }
+  }
+  return tables.map((table, index) => ({
+    rows: table.size,
+    insert_s: table.insert_s,
+    claim_new: summarize(latencies[index].claim_new),
+    claim_existing: summarize(latencies[index].claim_existing),
+    select_by_pk: summarize(latencies[index].select_by_pk),
+  }));
+}
+
+const OPERATIONS = ['claim_new', 'claim_existing', 'select_by_pk'] as const;
+
+function statementsOf({ dataSource, store, table, size }: SizedTable): Record<(typeof OPERATIONS)[number], () => Promise<unknown>> {
   const stamp = Date.now();
-  const claimNew = (i: number) =>
-    store.claim(claimOf(`new-${size}-${stamp}-${i}`, randomUUID().replace(/-/g, '').padEnd(64, '0')));
+  let sequence = 0;
   // Random existing keys: a cycle over a few hot keys would stay in cache and hide growth.
   const existingKey = () => `g-${Math.floor(Math.random() * size)}`;
-  const claimExisting = async () => {
-    const result = await store.claim(claimOf(existingKey(), SYNTHETIC_FINGERPRINT));
-    if (result.claimed || result.record.state !== 'completed') throw new Error('growth: a synthetic key did not replay');
-  };
   const selectSql = `SELECT * FROM ${table} WHERE scope = $1 AND endpoint = $2 AND idempotency_key = $3`;
-  const select = () => dataSource.query(selectSql, ['', SYNTHETIC_ENDPOINT, existingKey()]);
   return {
-    claim_new: await time(claimNew),
-    claim_existing: await time(claimExisting),
-    select_by_pk: await time(select),
+    claim_new: () =>
+      store.claim(claimOf(`new-${size}-${stamp}-${sequence++}`, randomUUID().replace(/-/g, '').padEnd(64, '0'))),
+    claim_existing: async () => {
+      const result = await store.claim(claimOf(existingKey(), SYNTHETIC_FINGERPRINT));
+      if (result.claimed || result.record.state !== 'completed') throw new Error('growth: a synthetic key did not replay');
+    },
+    select_by_pk: () => dataSource.query(selectSql, ['', SYNTHETIC_ENDPOINT, existingKey()]),
   };
+}
+
+async function repeat(operation: () => Promise<unknown>, times: number): Promise<number[]> {
+  const latencies: number[] = [];
+  for (let i = 0; i < times; i++) {
+    const started = performance.now();
+    await operation();
+    latencies.push(performance.now() - started);
+  }
+  return latencies;
 }
 
 /**
@@ -137,17 +202,6 @@ function claimOf(key: string, fingerprint: string) {
     now,
     lockedUntil: now + 60_000,
   };
-}
-
-async function time(operation: (i: number) => Promise<unknown>): Promise<LatencySummary> {
-  for (let i = 0; i < WARMUP_OPS; i++) await operation(-1 - i);
-  const latencies: number[] = [];
-  for (let i = 0; i < OPS; i++) {
-    const started = performance.now();
-    await operation(i);
-    latencies.push(performance.now() - started);
-  }
-  return summarize(latencies);
 }
 
 /**

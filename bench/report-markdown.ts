@@ -165,7 +165,7 @@ export function renderMarkdown(run: RunMeasurements, results: BenchResults): str
   for (const database of ['postgres', 'pglite'] as const) {
     const growth = run.growth[database];
     if (!growth) continue;
-    out.push(`## Growth: ${DATABASE_LABEL[database]}`, '', `Sequential, one client, through \`TypeOrmIdempotencyStore\` (1000 operations per cell after 100 of warm-up, random keys), in a separate schema filled with synthetic completed rows by INSERT … SELECT generate_series.`, '', growthTable(growth), '');
+    out.push(`## Growth: ${DATABASE_LABEL[database]}`, '', `Sequential, one client, through \`TypeOrmIdempotencyStore\` (1000 operations per cell after 100 of warm-up, random keys), on tables filled with synthetic completed rows by INSERT … SELECT generate_series. ${database === 'postgres' ? 'PostgreSQL: a table per size, each in a schema of its own, all filled first and then timed in 5 alternating blocks of 200 operations, so drift of the machine hits every size alike.' : 'PGlite (one database per process): one table grown in place, timed after each step.'}`, '', growthTable(growth), '');
     if (growth.explain) {
       out.push('EXPLAIN (ANALYZE, BUFFERS, WAL) of the claim statement on a completed key (the replay path), at the largest size, rolled back:', '', codeBlock(growth.explain.claim_existing), '', 'The same on a new key (the first-request path):', '', codeBlock(growth.explain.claim_new), '', "The first request's second statement, `complete` (a prepared UPDATE conditional on the lease), on a row claimed in the same transaction:", '', codeBlock(growth.explain.complete), '');
     }
