@@ -40,9 +40,15 @@ export interface MemoryResult {
   readonly target_requests: number;
   readonly capped: boolean;
   readonly rss_before_mb: number;
+  /** After the first load (pool filled, code compiled): the start of the steady state. */
+  readonly rss_warm_mb: number;
+  readonly requests_warm: number;
   readonly rss_after_mb: number;
   readonly rss_growth_mb: number;
+  /** From warm to after: what the steady state added, the figure that says "bounded" or not. */
+  readonly rss_growth_after_warm_mb: number;
   readonly heap_before_mb: number;
+  readonly heap_warm_mb: number;
   readonly heap_after_mb: number;
   readonly gc_forced: boolean;
   /** The `first` load that made up the rest of the requests after the purge phase's. */
@@ -86,7 +92,8 @@ async function loadFirst(target: Target, tag: string, extra: { durationS?: numbe
  * budget; apart, 100k requests plus a purge phase would not):
  *
  * 1. RSS after a forced GC;
- * 2. `first` load without purge (the p99 to compare with; again after the purge);
+ * 2. `first` load without purge (the p99 to compare with; again after the purge), then RSS again:
+ *    the warm reading (pool connections open, code compiled), where the steady state starts;
  * 3. `purgeRows` expired records bulk-inserted into the app's table, then the app's own
  *    `IdempotencyPurgeJob.purgeNow()` (library default batch size) deletes them while `first` is
  *    loaded; that load stops when the purge returns;
@@ -102,6 +109,7 @@ export async function measureMemoryAndPurge(
   const before = await target.app.command<MemoryReading>('memory');
   const without = await loadFirst(target, 'nopurge', { durationS: BENCH_CONFIG.durationS * 2 });
   log(`${target.name}: first without purge ${without.rps.toFixed(0)} req/s, p99 ${without.p99_ms} ms`);
+  const warm = await target.app.command<MemoryReading>('memory');
   let sent = without.requests;
   let purge: PurgeResult | null = null;
   if (options.purgeRows) {
@@ -125,9 +133,13 @@ export async function measureMemoryAndPurge(
     target_requests: options.memoryRequests,
     capped: sent < options.memoryRequests,
     rss_before_mb: mb(before.rss),
+    rss_warm_mb: mb(warm.rss),
+    requests_warm: without.requests,
     rss_after_mb: mb(after.rss),
     rss_growth_mb: mb(after.rss - before.rss),
+    rss_growth_after_warm_mb: mb(after.rss - warm.rss),
     heap_before_mb: mb(before.heapUsed),
+    heap_warm_mb: mb(warm.heapUsed),
     heap_after_mb: mb(after.heapUsed),
     gc_forced: after.gcForced,
     top_up: topUp,

@@ -176,10 +176,10 @@ export function renderMarkdown(run: RunMeasurements, results: BenchResults): str
     out.push('## Purge', '', 'Not measured (PostgreSQL absent). PGlite: not measured; the purge phase is PostgreSQL only.', '');
   }
   if (run.waiterDelay) out.push(...waiterDelaySection(run.waiterDelay), '');
-  out.push('## Memory', '', 'RSS of the app process after a forced GC, before and after its `first` requests of the memory/purge phase (the loads without and during the purge count towards them). For PGlite the RSS includes the in-memory database.', '', '| app | `first` requests | RSS before MB | RSS after MB | growth MB | heap used before → after MB | forced GC |', '| --- | ---: | ---: | ---: | ---: | --- | --- |');
+  out.push('## Memory', '', 'RSS of the app process after a forced GC: before its first request, warm (after the first `first` load: pool connections open, code compiled) and after all the `first` requests of the memory/purge phase (the loads without and during the purge count towards them). Growth after warm is what the steady state added. For PGlite the RSS includes the in-memory database.', '', '| app | `first` requests | RSS before MB | RSS warm MB (after n requests) | RSS after MB | growth after warm MB | heap used before → warm → after MB | forced GC |', '| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |');
   for (const [database, memory] of Object.entries(run.memory)) {
     out.push(
-      `| ${database} | ${memory.requests.toLocaleString('en')}${memory.capped ? ` (of ${memory.target_requests.toLocaleString('en')} asked: stopped by the ${BENCH_CONFIG.budgetS} s run budget)` : ''} | ${memory.rss_before_mb} | ${memory.rss_after_mb} | ${memory.rss_growth_mb} | ${memory.heap_before_mb} → ${memory.heap_after_mb} | ${memory.gc_forced ? 'yes' : 'no'} |`,
+      `| ${database} | ${memory.requests.toLocaleString('en')}${memory.capped ? ` (of ${memory.target_requests.toLocaleString('en')} asked: stopped by the ${BENCH_CONFIG.budgetS} s run budget)` : ''} | ${memory.rss_before_mb} | ${memory.rss_warm_mb} (${memory.requests_warm.toLocaleString('en')}) | ${memory.rss_after_mb} | ${memory.rss_growth_after_warm_mb} | ${memory.heap_before_mb} → ${memory.heap_warm_mb} → ${memory.heap_after_mb} | ${memory.gc_forced ? 'yes' : 'no'} |`,
     );
   }
   if (run.skipped.length > 0) out.push('', '## Skipped', '', ...run.skipped.map((line) => `- ${line}`));

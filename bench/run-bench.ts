@@ -69,7 +69,7 @@ try {
     memory[memoryApp.name as Database] = measured.memory;
     purge = measured.purge;
     const m = measured.memory;
-    log(`memory: ${memoryApp.name} RSS ${m.rss_before_mb} → ${m.rss_after_mb} MB after ${m.requests.toLocaleString('en')} first requests${m.capped ? ` (CAPPED by the time budget; ${m.target_requests.toLocaleString('en')} asked)` : ''}`);
+    log(`memory: ${memoryApp.name} RSS ${m.rss_before_mb} → warm ${m.rss_warm_mb} → ${m.rss_after_mb} MB after ${m.requests.toLocaleString('en')} first requests${m.capped ? ` (CAPPED by the time budget; ${m.target_requests.toLocaleString('en')} asked)` : ''}`);
     if (purge) {
       log(`purge: ${purge.deleted} rows in ${purge.seconds} s = ${purge.rows_per_s} rows/s; first p99 before/during/after ${purge.first_without_purge.p99_ms}/${purge.first_during_purge.p99_ms}/${purge.first_after_purge.p99_ms} ms`);
     }
