@@ -3,6 +3,16 @@ import { testDatabases } from './support/databases.js';
 import { newKey, post } from './support/http.js';
 import { describeOnPostgres } from './support/reliability.js';
 
+/** POSTs `body` twice under `key`: the handler runs once, the second answer replays the first. */
+async function expectRunOnceThenReplayed(fixture: FixtureApp, key: string, body: object) {
+  const first = await post(fixture.http, '/charges', key, body).expect(201);
+  const replay = await post(fixture.http, '/charges', key, body).expect(201);
+  expect(replay.headers['idempotent-replayed']).toBe('true');
+  expect(replay.body).toEqual(first.body);
+  expect(fixture.calls.count('charges', key)).toBe(1);
+  return first.body;
+}
+
 /**
  * On PostgreSQL the store's statements are named prepared statements of the `pg` driver. A pool of
  * one connection lets the test look at that connection's session (pg_prepared_statements) and
@@ -24,22 +34,14 @@ describeOnPostgres('prepared statements', (url) => {
 
   it('prepares the claim and the completion once per connection, and replays through them', async () => {
     const key = newKey();
-    const first = await post(fixture.http, '/charges', key, { amount: 5 }).expect(201);
-    const replay = await post(fixture.http, '/charges', key, { amount: 5 }).expect(201);
-    expect(replay.headers['idempotent-replayed']).toBe('true');
-    expect(replay.body).toEqual(first.body);
-    expect(fixture.calls.count('charges', key)).toBe(1);
+    await expectRunOnceThenReplayed(fixture, key, { amount: 5 });
     expect(await preparedOnTheConnection()).toEqual(['nestjs_idempotency_claim', 'nestjs_idempotency_complete']);
   });
 
   it('falls back to unprepared statements when the server no longer knows them, without failing a request', async () => {
     await fixture.dataSource.query('DEALLOCATE ALL');
     const key = newKey();
-    const first = await post(fixture.http, '/charges', key, { amount: 6 }).expect(201);
-    const replay = await post(fixture.http, '/charges', key, { amount: 6 }).expect(201);
-    expect(replay.headers['idempotent-replayed']).toBe('true');
-    expect(replay.body).toEqual(first.body);
-    expect(fixture.calls.count('charges', key)).toBe(1);
+    await expectRunOnceThenReplayed(fixture, key, { amount: 6 });
     expect((await recordsOf(fixture.dataSource, key)).map((r) => r.state)).toEqual(['completed']);
     // Nothing was prepared again: the store runs its statements unprepared from then on.
     expect(await preparedOnTheConnection()).toEqual([]);
@@ -64,11 +66,7 @@ describe('prepared statements on PGlite', () => {
 
   it('prepares the claim and the completion once, and replays through them', async () => {
     const key = newKey();
-    const first = await post(fixture.http, '/charges', key, { amount: 5 }).expect(201);
-    const replay = await post(fixture.http, '/charges', key, { amount: 5 }).expect(201);
-    expect(replay.headers['idempotent-replayed']).toBe('true');
-    expect(replay.body).toEqual(first.body);
-    expect(fixture.calls.count('charges', key)).toBe(1);
+    await expectRunOnceThenReplayed(fixture, key, { amount: 5 });
     expect(await preparedInTheSession()).toEqual(['nestjs_idempotency_claim', 'nestjs_idempotency_complete']);
   });
 
@@ -76,15 +74,11 @@ describe('prepared statements on PGlite', () => {
     await fixture.dataSource.query(`SET standard_conforming_strings = ${setting}`);
     const key = `it's\\a key '' \\' ${newKey()}`;
     const amount = `'); DROP TABLE idempotency_records; -- \\' \\\\ E'\\x41' ü 💳 $1 "quoted"`;
-    const first = await post(fixture.http, '/charges', key, { amount }).expect(201);
-    expect(first.body.amount).toBe(amount);
-    const replay = await post(fixture.http, '/charges', key, { amount }).expect(201);
-    expect(replay.headers['idempotent-replayed']).toBe('true');
-    expect(replay.body).toEqual(first.body);
-    expect(fixture.calls.count('charges', key)).toBe(1);
+    const first = await expectRunOnceThenReplayed(fixture, key, { amount });
+    expect(first.amount).toBe(amount);
     const [record] = await recordsOf(fixture.dataSource, key);
     expect(record.key).toBe(key);
-    expect(JSON.parse(record.responseBody!)).toEqual(first.body);
+    expect(JSON.parse(record.responseBody!)).toEqual(first);
     await fixture.dataSource.query('RESET standard_conforming_strings');
   });
 
@@ -92,10 +86,7 @@ describe('prepared statements on PGlite', () => {
     await fixture.dataSource.query('DEALLOCATE ALL');
     expect(await preparedInTheSession()).toEqual([]);
     const key = newKey();
-    const first = await post(fixture.http, '/charges', key, { amount: 6 }).expect(201);
-    const replay = await post(fixture.http, '/charges', key, { amount: 6 }).expect(201);
-    expect(replay.body).toEqual(first.body);
-    expect(fixture.calls.count('charges', key)).toBe(1);
+    await expectRunOnceThenReplayed(fixture, key, { amount: 6 });
     expect(await preparedInTheSession()).toEqual(['nestjs_idempotency_claim', 'nestjs_idempotency_complete']);
   });
 });
