@@ -44,6 +44,7 @@ type Mode = 'protocol' | 'sql' | 'plain';
 export class PreparedStatements {
   private readonly logger = new Logger('Idempotency');
   private mode: Mode;
+  private readonly sqlNames = new Map<string, string>();
 
   constructor(private readonly dataSource: DataSource) {
     const options = dataSource.options as { type: string; driver?: unknown };
@@ -80,7 +81,7 @@ export class PreparedStatements {
    * `PREPARE` means the very same statement is already there.
    */
   private async runExecute<Row>(runner: QueryRunner, name: string, text: string, values: unknown[]) {
-    const statement = `nestjs_idempotency_${name}_${createHash('sha256').update(text).digest('hex').slice(0, 12)}`;
+    const statement = this.sqlNameOf(name, text);
     const execute = `EXECUTE ${statement}(${values.map(sqlLiteral).join(', ')})`;
     try {
       return await ordinary<Row>(runner, execute, []);
@@ -96,6 +97,16 @@ export class PreparedStatements {
       }
     }
     return ordinary<Row>(runner, execute, []);
+  }
+
+  /** The SQL-level statement name of `name`: hashed once per statement, not on every request. */
+  private sqlNameOf(name: string, text: string): string {
+    let statement = this.sqlNames.get(name);
+    if (!statement) {
+      statement = `nestjs_idempotency_${name}_${createHash('sha256').update(text).digest('hex').slice(0, 12)}`;
+      this.sqlNames.set(name, statement);
+    }
+    return statement;
   }
 
   /** Whether `error` means prepared statements cannot be used here; if so, stops using them. */
