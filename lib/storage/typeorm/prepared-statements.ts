@@ -45,6 +45,8 @@ export class PreparedStatements {
   private readonly logger = new Logger('Idempotency');
   private mode: Mode;
   private readonly sqlNames = new Map<string, string>();
+  /** SQL-level statements this store has prepared (or found prepared) in the session. */
+  private readonly sqlPrepared = new Set<string>();
 
   constructor(private readonly dataSource: DataSource) {
     const options = dataSource.options as { type: string; driver?: unknown };
@@ -75,28 +77,39 @@ export class PreparedStatements {
   }
 
   /**
-   * `EXECUTE`, and on 26000 (not prepared in this session: the first call, or a session that
-   * dropped it) `PREPARE` and `EXECUTE` again. The name carries a hash of the text, so two stores
-   * sharing one session (another table name) never run each other's statement, and a 42P05 from
-   * `PREPARE` means the very same statement is already there.
+   * `PREPARE` on first use, then `EXECUTE`. A session that lost the statement (26000: `DEALLOCATE`,
+   * or a new session behind the same DataSource) has it prepared again. The name carries a hash of
+   * the text, so two stores sharing one session (another table name) never run each other's
+   * statement, and a 42P05 from `PREPARE` means the very same statement is already there.
    */
   private async runExecute<Row>(runner: QueryRunner, name: string, text: string, values: unknown[]) {
     const statement = this.sqlNameOf(name, text);
+    if (!this.sqlPrepared.has(statement) && !(await this.prepare(runner, statement, text))) {
+      return ordinary<Row>(runner, text, values);
+    }
     const execute = `EXECUTE ${statement}(${values.map(sqlLiteral).join(', ')})`;
     try {
       return await ordinary<Row>(runner, execute, []);
     } catch (error) {
       if (errorCode(error) !== '26000') throw error;
     }
+    this.sqlPrepared.delete(statement);
+    if (!(await this.prepare(runner, statement, text))) return ordinary<Row>(runner, text, values);
+    return ordinary<Row>(runner, execute, []);
+  }
+
+  /** `PREPARE`s `text` as `statement`; false if the server refuses prepared statements. */
+  private async prepare(runner: QueryRunner, statement: string, text: string): Promise<boolean> {
     try {
       await runner.query(`PREPARE ${statement} AS ${text}`);
     } catch (error) {
       if (errorCode(error) !== '42P05') {
         if (!this.refused(error)) throw error;
-        return ordinary<Row>(runner, text, values);
+        return false;
       }
     }
-    return ordinary<Row>(runner, execute, []);
+    this.sqlPrepared.add(statement);
+    return true;
   }
 
   /** The SQL-level statement name of `name`: hashed once per statement, not on every request. */
