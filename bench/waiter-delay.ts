@@ -231,6 +231,10 @@ class ObservedStore implements IdempotencyStore {
     return this.inner.release(lease);
   }
 
+  renew(lease: Lease, lockedUntil: number) {
+    return this.inner.renew(lease, lockedUntil);
+  }
+
   purgeExpired(now: number, limit: number) {
     return this.inner.purgeExpired(now, limit);
   }

@@ -14,6 +14,11 @@ export type IdempotencyEvent =
   | 'released'
   /** A claim took over an expired record (TTL over, or an abandoned in-progress lock). */
   | 'expired'
+  /**
+   * A running handler's claim was found taken over (by its renewal, or by its completion): its
+   * result was not stored; in transactional mode its writes were rolled back.
+   */
+  | 'lease-lost'
   /** Records deleted by the purge. */
   | 'purged';
 
@@ -26,6 +31,7 @@ const EVENTS: readonly IdempotencyEvent[] = [
   'mismatch',
   'released',
   'expired',
+  'lease-lost',
   'purged',
 ];
 

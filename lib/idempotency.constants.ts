@@ -39,6 +39,8 @@ export const UNSTORED_RESPONSE_HEADERS: ReadonlySet<string> = new Set([
 export const DEFAULTS = {
   ttl: '24h',
   lockTimeout: '1m',
+  lockRenewalLimit: '15m',
+  transactional: false,
   required: true,
   concurrency: 'reject',
   waitTimeout: '10s',

@@ -7,6 +7,7 @@ import {
 import { RESOLVED_OPTIONS, resolveModuleOptions, type ResolvedModuleOptions } from './idempotency.options.js';
 import { IdempotencyPurgeJob } from './idempotency-purge.job.js';
 import { IdempotencyService } from './idempotency.service.js';
+import { IdempotencyContext } from './idempotency.context.js';
 import { IdempotencyMetrics } from './idempotency-metrics.js';
 import { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
 import { IdempotentRoutesCheck } from './interceptors/idempotent-routes.check.js';
@@ -55,10 +56,12 @@ const providers: Provider[] = [
       options.store ??
       new TypeOrmIdempotencyStore(connection!.dataSource, {
         waitNotifications: resolved.waitNotifications,
+        transactionRunner: options.transactionRunner,
       }),
     inject: [IDEMPOTENCY_MODULE_OPTIONS, RESOLVED_OPTIONS, IDEMPOTENCY_CONNECTION],
   },
   IdempotencyService,
+  IdempotencyContext,
   IdempotencyMetrics,
   IdempotencyInterceptor,
   IdempotencyPurgeJob,
@@ -73,7 +76,7 @@ const providers: Provider[] = [
 @Module({
   imports: [DiscoveryModule],
   providers,
-  exports: [IdempotencyMetrics, IdempotencyService, IdempotencyInterceptor, IdempotencyPurgeJob, IdempotencyStore, RESOLVED_OPTIONS],
+  exports: [IdempotencyMetrics, IdempotencyContext, IdempotencyService, IdempotencyInterceptor, IdempotencyPurgeJob, IdempotencyStore, RESOLVED_OPTIONS],
 })
 export class IdempotencyModule extends ConfigurableIdempotencyModule implements OnApplicationShutdown {
   constructor(

@@ -15,6 +15,9 @@ export const RESOLVED_OPTIONS = Symbol('IdempotencyResolvedOptions');
 export interface ResolvedRouteOptions {
   readonly ttlMs: number;
   readonly lockTimeoutMs: number;
+  /** 0: the claim is not renewed. */
+  readonly lockRenewalLimitMs: number;
+  readonly transactional: boolean;
   readonly required: boolean;
   readonly concurrency: ConcurrencyMode;
   readonly waitTimeoutMs: number;
@@ -44,6 +47,8 @@ const storeDecidedOutcomes = (status: number) =>
 const UNSET_ROUTE_OPTIONS: ResolvedRouteOptions = {
   ttlMs: 0,
   lockTimeoutMs: 0,
+  lockRenewalLimitMs: 0,
+  transactional: DEFAULTS.transactional,
   required: DEFAULTS.required,
   concurrency: DEFAULTS.concurrency,
   waitTimeoutMs: 0,
@@ -57,6 +62,7 @@ export function resolveModuleOptions(options: IdempotencyModuleOptions): Resolve
   const route = resolveRouteOptions(UNSET_ROUTE_OPTIONS, {
     ttl: DEFAULTS.ttl,
     lockTimeout: DEFAULTS.lockTimeout,
+    lockRenewalLimit: DEFAULTS.lockRenewalLimit,
     waitTimeout: DEFAULTS.waitTimeout,
     ...withoutUndefined(options),
   });
@@ -108,6 +114,11 @@ export function resolveRouteOptions(
       route.lockTimeout === undefined
         ? base.lockTimeoutMs
         : toMilliseconds(route.lockTimeout, 'lockTimeout'),
+    lockRenewalLimitMs:
+      route.lockRenewalLimit === undefined
+        ? base.lockRenewalLimitMs
+        : toMilliseconds(route.lockRenewalLimit, 'lockRenewalLimit'),
+    transactional: route.transactional ?? base.transactional,
     required: route.required ?? base.required,
     concurrency,
     waitTimeoutMs:

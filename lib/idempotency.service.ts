@@ -1,4 +1,4 @@
-import { Inject, Injectable, Logger } from '@nestjs/common';
+import { Inject, Injectable, Logger, type BeforeApplicationShutdown } from '@nestjs/common';
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
@@ -12,6 +12,8 @@ import { truncateKeyForLog } from './utils/idempotency-key.js';
 import type { ConcurrencyMode } from './interfaces/idempotency-options.interface.js';
 import { RESOLVED_OPTIONS, type ResolvedModuleOptions } from './idempotency.options.js';
 import { IdempotencyMetrics, type IdempotencyEvent } from './idempotency-metrics.js';
+import { runAsOperation } from './idempotency.context.js';
+import type { EntityManager } from 'typeorm';
 
 /** What to do with a request, decided by its key's record. */
 export type Decision =
@@ -30,6 +32,48 @@ export interface BeginRequest {
   readonly lockTimeoutMs: number;
   readonly concurrency: ConcurrencyMode;
   readonly waitTimeoutMs: number;
+}
+
+/** How a handler ended: the value it returned, or what it threw. */
+export type Outcome =
+  | { readonly ok: true; readonly value: unknown }
+  | { readonly ok: false; readonly error: unknown };
+
+/**
+ * The transport's part of settling a key: the response to store for an outcome, or `null` when the
+ * outcome is not stored and the key must be released (a crash, a status the policy does not keep,
+ * a response too large or a stream). Must not throw.
+ */
+export type CaptureOutcome = (outcome: Outcome) => StoredResponse | null;
+
+/** What `execute` needs of the route's options. */
+export interface ExecuteOptions {
+  readonly ttlMs: number;
+  readonly lockTimeoutMs: number;
+  readonly lockRenewalLimitMs: number;
+  readonly transactional: boolean;
+}
+
+/**
+ * The lease of a transactional route was lost before its completion (taken over after its lock
+ * timed out): the transaction was rolled back, nothing of this attempt was committed. Each
+ * transport renders it (HTTP: 409 problem `lease-lost`).
+ */
+export class LeaseLostError extends Error {
+  constructor(readonly lease: Lease) {
+    super('the claim on this key was taken over by another request; this attempt was rolled back');
+  }
+}
+
+/**
+ * A transactional route produced a result that is not stored (a status the policy does not keep,
+ * a response over maxResponseBytes, a stream): its writes were rolled back and its key released,
+ * since committing them without a stored response would let a retry run them again.
+ */
+export class UnstoredResultError extends Error {
+  constructor(readonly lease: Lease) {
+    super('the result of a transactional route could not be stored; its writes were rolled back');
+  }
 }
 
 const OUTCOME_EVENTS: Record<Decision['action'], IdempotencyEvent> = {
@@ -67,8 +111,10 @@ const WRITE_RETRY_DELAYS_MS = [0, 50, 250, 1000];
  * ```
  */
 @Injectable()
-export class IdempotencyService {
+export class IdempotencyService implements BeforeApplicationShutdown {
   private readonly logger = new Logger('Idempotency');
+  /** Renewals of the handlers running in this process. */
+  private readonly renewals = new Set<LeaseRenewal>();
 
   constructor(
     @Inject(IdempotencyStore) private readonly store: IdempotencyStore,
@@ -117,26 +163,162 @@ export class IdempotencyService {
   }
 
   /**
+   * Runs the handler of a claimed key (`run`, given the transaction's EntityManager in
+   * transactional mode) as the key's operation (see `IdempotencyContext`), renewing the claim while
+   * it runs, then stores what `capture` makes of its outcome or releases the key. Resolves to the
+   * handler's value or rejects with its error, as the handler did; in transactional mode it may
+   * also reject with `LeaseLostError` or `UnstoredResultError` (nothing was committed).
+   */
+  async execute(
+    lease: Lease,
+    fingerprint: string,
+    route: ExecuteOptions,
+    run: () => Promise<unknown>,
+    capture: CaptureOutcome,
+  ): Promise<unknown> {
+    const renewal = this.renew(lease, route);
+    const operation = (entityManager?: EntityManager) =>
+      runAsOperation({ ...lease.id, fingerprint, entityManager }, run);
+    try {
+      if (route.transactional) return await this.executeInTransaction(lease, route, renewal, operation, capture);
+      const outcome = await settled(operation());
+      renewal.stop();
+      await this.settle(lease, capture(outcome), route.ttlMs, renewal);
+      if (!outcome.ok) throw outcome.error;
+      return outcome.value;
+    } finally {
+      renewal.stop();
+    }
+  }
+
+  /**
+   * The claim is committed already; the handler's writes and the completion share one transaction,
+   * the completion (conditional on the lease) as its last statement. A handler that throws rolls
+   * its writes back, then its outcome is stored or released as in the plain mode.
+   */
+  private async executeInTransaction(
+    lease: Lease,
+    route: ExecuteOptions,
+    renewal: LeaseRenewal,
+    operation: (entityManager: EntityManager) => Promise<unknown>,
+    capture: CaptureOutcome,
+  ): Promise<unknown> {
+    if (!this.store.transaction) throw new Error('nestjs-idempotency: this store has no transactional mode');
+    /** The handler threw (its writes are rolled back): what it threw. */
+    let failed: { readonly ok: false; readonly error: unknown } | undefined;
+    try {
+      return await this.store.transaction(async (transaction) => {
+        const outcome = await settled(operation(transaction.manager));
+        renewal.stop();
+        if (!outcome.ok) {
+          failed = { ok: false, error: outcome.error };
+          throw outcome.error;
+        }
+        const response = capture(outcome);
+        if (!response) throw new UnstoredResultError(lease);
+        if (!(await transaction.complete(lease, response, Date.now() + route.ttlMs))) {
+          throw new LeaseLostError(lease);
+        }
+        return outcome.value;
+      });
+    } catch (error) {
+      const handlerError = failed;
+      if (handlerError) {
+        await this.settle(lease, capture(handlerError), route.ttlMs, renewal);
+        throw handlerError.error;
+      }
+      if (error instanceof LeaseLostError) {
+        this.reportLostLease(lease, renewal, 'its transaction was rolled back and nothing of this attempt was committed');
+        throw error;
+      }
+      // Not stored, or the transaction itself failed (BEGIN, the completion, COMMIT): whether or not
+      // it committed, the release is right — it deletes only a record still in progress, which a
+      // committed completion is not.
+      await this.release(lease);
+      throw error;
+    }
+  }
+
+  /** Stops every renewal: a process going down must not keep its keys locked. */
+  beforeApplicationShutdown(): void {
+    for (const renewal of this.renewals) renewal.stop();
+  }
+
+  private async settle(lease: Lease, response: StoredResponse | null, ttlMs: number, renewal: LeaseRenewal) {
+    if (!response) return this.release(lease, renewal);
+    return this.complete(lease, response, ttlMs, renewal);
+  }
+
+  /**
+   * Renews the lease every `lockTimeout / 3` while its handler runs, one statement at a time (a
+   * beat that comes while the previous renewal is still running is skipped), until `stop()`, the
+   * renewal limit, app shutdown, or a renewal that finds the lease gone.
+   */
+  private renew(lease: Lease, route: ExecuteOptions): LeaseRenewal {
+    const renewal: LeaseRenewal = { stopped: false, lostReported: false, stop: () => undefined };
+    if (route.lockRenewalLimitMs <= 0 || route.lockTimeoutMs <= 0) {
+      renewal.stopped = true;
+      return renewal;
+    }
+    const startedAt = Date.now();
+    let renewing = false;
+    const beat = () => {
+      if (renewing) return;
+      if (Date.now() - startedAt >= route.lockRenewalLimitMs) {
+        renewal.stop();
+        this.logger.error(
+          `Key ${describe(lease)} has run for lockRenewalLimit (${route.lockRenewalLimitMs} ms) and is presumed hung: its claim is no longer renewed, and a retry can take it over ${route.lockTimeoutMs} ms after the last renewal.`,
+        );
+        return;
+      }
+      renewing = true;
+      this.store.renew(lease, Date.now() + route.lockTimeoutMs).then(
+        (renewed) => {
+          renewing = false;
+          if (renewed || renewal.stopped) return;
+          renewal.stop();
+          this.reportLostLease(lease, renewal, 'its result will not be stored');
+        },
+        (error: unknown) => {
+          renewing = false;
+          if (!renewal.stopped) {
+            this.logger.warn(`Could not renew the claim on key ${describe(lease)}; trying again at the next beat: ${(error as Error).message}`);
+          }
+        },
+      );
+    };
+    const timer = setInterval(beat, Math.max(1, Math.floor(route.lockTimeoutMs / 3)));
+    timer.unref();
+    renewal.stop = () => {
+      renewal.stopped = true;
+      clearInterval(timer);
+      this.renewals.delete(renewal);
+    };
+    this.renewals.add(renewal);
+    return renewal;
+  }
+
+  /**
    * Stores the handler's response under the lease. A failed write is retried; if it still fails
    * the record stays in progress until its lock times out, and the next retry after that runs the
    * handler again — logged as an error, since that is the one window in which a handler can run
    * twice. Never throws: the handler's response goes back to the client either way.
    */
-  async complete(lease: Lease, response: StoredResponse, ttlMs: number): Promise<void> {
+  async complete(lease: Lease, response: StoredResponse, ttlMs: number, renewal?: LeaseRenewal): Promise<void> {
     await this.writeWithRetry(lease, 'store the response of', async () => {
       const stored = await this.withinStoreTimeout(
         this.store.complete(lease, response, Date.now() + ttlMs),
       );
-      if (!stored) this.warnLostLease(lease, 'its response was not stored');
+      if (!stored) this.reportLostLease(lease, renewal, 'its response was not stored');
     });
   }
 
   /** Gives the key up so a retry runs the handler again. Never throws (see `complete`). */
-  async release(lease: Lease): Promise<void> {
+  async release(lease: Lease, renewal?: LeaseRenewal): Promise<void> {
     await this.writeWithRetry(lease, 'release', async () => {
       const released = await this.withinStoreTimeout(this.store.release(lease));
       if (released) this.metrics.record('released');
-      else this.warnLostLease(lease, 'it was not released');
+      else this.reportLostLease(lease, renewal, 'it was not released');
     });
   }
 
@@ -191,11 +373,31 @@ export class IdempotencyService {
     return Promise.race([operation, timeout]).finally(() => clearTimeout(timer));
   }
 
-  private warnLostLease(lease: Lease, consequence: string) {
+  /** Logs and counts a lost lease, once per execution (its renewal may have found it first). */
+  private reportLostLease(lease: Lease, renewal: LeaseRenewal | undefined, consequence: string) {
+    if (renewal?.lostReported) return;
+    if (renewal) renewal.lostReported = true;
+    this.metrics.record('lease-lost');
     this.logger.warn(
-      `Key ${describe(lease)} was taken over by another request after its lock timed out; ${consequence}. Raise lockTimeout above the handler's longest run.`,
+      `Key ${describe(lease)} was taken over by another request after its claim went unrenewed for lockTimeout; ${consequence}.`,
     );
   }
+}
+
+/** The renewal of one running handler's lease. */
+interface LeaseRenewal {
+  stopped: boolean;
+  /** The loss of this lease was logged and counted already. */
+  lostReported: boolean;
+  stop(): void;
+}
+
+/** The outcome of a handler's promise, never rejecting. */
+function settled(promise: Promise<unknown>): Promise<Outcome> {
+  return promise.then(
+    (value) => ({ ok: true, value }),
+    (error: unknown) => ({ ok: false, error }),
+  );
 }
 
 function describe({ id }: Pick<Lease, 'id'>): string {

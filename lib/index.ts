@@ -2,7 +2,21 @@ export { IdempotencyModule } from './idempotency.module.js';
 export { IDEMPOTENCY_MODULE_OPTIONS } from './idempotency.module-definition.js';
 export { Idempotent } from './decorators/idempotent.decorator.js';
 export { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
-export { IdempotencyService, type Decision } from './idempotency.service.js';
+export {
+  IdempotencyService,
+  LeaseLostError,
+  UnstoredResultError,
+  type CaptureOutcome,
+  type Decision,
+  type ExecuteOptions,
+  type Outcome,
+} from './idempotency.service.js';
+export {
+  IdempotencyContext,
+  IdempotentTransaction,
+  downstreamKeyOf,
+  type IdempotentOperation,
+} from './idempotency.context.js';
 export { IdempotencyPurgeJob } from './idempotency-purge.job.js';
 export {
   IdempotencyMetrics,
@@ -25,19 +39,24 @@ export {
   type RecordSnapshot,
   type RecordWatch,
   type StoredResponse,
+  type StoreTransaction,
 } from './storage/idempotency-store.interface.js';
+export { pgliteDriver, type PGliteDriverOptions } from './storage/typeorm/pglite-driver.js';
 export { IdempotencyRecord, IDEMPOTENCY_RECORDS_TABLE } from './storage/typeorm/idempotency-record.entity.js';
 export { CreateIdempotencyRecords1763900000000 } from './storage/typeorm/create-idempotency-records.migration.js';
 export {
   TypeOrmIdempotencyStore,
   type TypeOrmIdempotencyStoreOptions,
+  type TransactionRunner,
 } from './storage/typeorm/typeorm-idempotency.store.js';
 export {
   IdempotencyException,
   IdempotencyKeyInvalidException,
   IdempotencyKeyMissingException,
   IdempotencyKeyReusedException,
+  IdempotencyLeaseLostException,
   IdempotencyRequestInProgressException,
+  IdempotencyResultNotStoredException,
   IdempotencyStoreUnavailableException,
   IdempotencyBodyUnreadableException,
   PROBLEM_CONTENT_TYPE,

@@ -22,7 +22,7 @@ async function expectRunOnceThenReplayed(fixture: FixtureApp, key: string, body:
 describeOnPostgres('prepared statements', (url) => {
   let fixture: FixtureApp;
   beforeAll(async () => {
-    const oneConnection = { name: 'postgres', shared: true, ownTablePerConnection: false, options: () => ({ type: 'postgres' as const, url, extra: { max: 1 } }) };
+    const oneConnection = { name: 'postgres', shared: true, ownTablePerConnection: false, transactions: true, options: () => ({ type: 'postgres' as const, url, extra: { max: 1 } }) };
     fixture = await createFixtureApp(oneConnection);
   });
   afterAll(() => fixture.close());

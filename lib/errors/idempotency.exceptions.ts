@@ -102,3 +102,36 @@ export class IdempotencyStoreUnavailableException extends IdempotencyException {
     );
   }
 }
+
+/**
+ * 409: a transactional route's claim was taken over before its result was stored (its process
+ * stopped renewing it for lockTimeout); its transaction was rolled back. The request that took the
+ * key over owns the operation now: a retry with the same key gets its result.
+ */
+export class IdempotencyLeaseLostException extends IdempotencyException {
+  constructor() {
+    super(
+      HttpStatus.CONFLICT,
+      'lease-lost',
+      'This attempt lost its claim on the Idempotency-Key',
+      'Another request with this Idempotency-Key took the operation over while this one ran, so nothing of this attempt was committed. Retry with the same key to receive the result of the operation.',
+      { 'Retry-After': '1' },
+    );
+  }
+}
+
+/**
+ * 500: a transactional route produced a result that cannot be stored (a status that is not kept, a
+ * response over maxResponseBytes, a stream). Its writes were rolled back and its key released, so
+ * a retry with the same key runs the handler again.
+ */
+export class IdempotencyResultNotStoredException extends IdempotencyException {
+  constructor() {
+    super(
+      HttpStatus.INTERNAL_SERVER_ERROR,
+      'result-not-stored',
+      'The result could not be stored',
+      'The operation produced a result that cannot be stored for replay, so nothing of it was committed. Retry with the same key to run it again.',
+    );
+  }
+}

@@ -9,8 +9,7 @@ import {
   type NestInterceptor,
 } from '@nestjs/common';
 import { HttpAdapterHost, Reflector } from '@nestjs/core';
-import { concatMap, of, type Observable } from 'rxjs';
-import { catchError } from 'rxjs/operators';
+import { catchError, defer, lastValueFrom, of, type Observable } from 'rxjs';
 import { IDEMPOTENT_REPLAYED_HEADER, IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
 import {
   RESOLVED_OPTIONS,
@@ -18,7 +17,13 @@ import {
   type ResolvedModuleOptions,
   type ResolvedRouteOptions,
 } from '../idempotency.options.js';
-import { IdempotencyService, type Decision } from '../idempotency.service.js';
+import {
+  IdempotencyService,
+  LeaseLostError,
+  UnstoredResultError,
+  type Decision,
+  type Outcome,
+} from '../idempotency.service.js';
 import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
 import {
   IdempotencyBodyUnreadableException,
@@ -26,7 +31,9 @@ import {
   IdempotencyKeyInvalidException,
   IdempotencyKeyMissingException,
   IdempotencyKeyReusedException,
+  IdempotencyLeaseLostException,
   IdempotencyRequestInProgressException,
+  IdempotencyResultNotStoredException,
   IdempotencyStoreUnavailableException,
   PROBLEM_CONTENT_TYPE,
 } from '../errors/idempotency.exceptions.js';
@@ -92,7 +99,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
           waitTimeoutMs: options.waitTimeoutMs,
         }),
       );
-      return this.act(decision, response, next, options);
+      return this.act(decision, fingerprint, response, next, options);
     } catch (error) {
       if (error instanceof IdempotencyException) this.prepareProblem(response, error);
       throw error;
@@ -101,13 +108,14 @@ export class IdempotencyInterceptor implements NestInterceptor {
 
   private act(
     decision: Decision,
+    fingerprint: string,
     response: any,
     next: CallHandler,
     options: ResolvedRouteOptions,
   ): Observable<unknown> {
     switch (decision.action) {
       case 'execute':
-        return this.execute(decision.lease, response, next, options);
+        return this.execute(decision.lease, fingerprint, response, next, options);
       case 'replay':
         return this.replay(decision.response, response, options);
       case 'mismatch':
@@ -119,45 +127,66 @@ export class IdempotencyInterceptor implements NestInterceptor {
     }
   }
 
-  /** Runs the handler, and before its response leaves, stores it or releases the key. */
+  /**
+   * Runs the handler through the service (which renews the claim, and in transactional mode wraps
+   * the handler in the transaction); before the response leaves, it is stored or the key released.
+   */
   private execute(
     lease: Lease,
+    fingerprint: string,
     response: any,
     next: CallHandler,
     options: ResolvedRouteOptions,
   ): Observable<unknown> {
-    return next.handle().pipe(
-      concatMap(async (value) => {
-        await this.settle(lease, options, response, statusOf(response), value, false);
-        return value;
-      }),
-      catchError(async (error: unknown) => {
-        // Only an HttpException is an answer the handler chose; anything else is a crash (500).
-        if (error instanceof HttpException) {
-          await this.settle(lease, options, response, error.getStatus(), error.getResponse(), true);
-        } else {
-          await this.service.release(lease);
-        }
-        throw error;
+    return defer(() =>
+      this.service.execute(
+        lease,
+        fingerprint,
+        options,
+        () => lastValueFrom(next.handle(), { defaultValue: undefined }),
+        (outcome) => this.capture(lease, options, response, outcome),
+      ),
+    ).pipe(
+      catchError((error: unknown) => {
+        const problem =
+          error instanceof LeaseLostError
+            ? new IdempotencyLeaseLostException()
+            : error instanceof UnstoredResultError
+              ? new IdempotencyResultNotStoredException()
+              : undefined;
+        if (!problem) throw error;
+        this.prepareProblem(response, problem);
+        throw problem;
       }),
     );
   }
 
-  /** Stores the outcome if the policy keeps its status, else releases the key. */
-  private async settle(
+  /**
+   * The response to store for a handler's outcome, or null to release the key. Only an
+   * HttpException is an answer the handler chose; anything else is a crash (500).
+   */
+  private capture(lease: Lease, options: ResolvedRouteOptions, response: any, outcome: Outcome): StoredResponse | null {
+    if (outcome.ok) return this.storable(lease, options, response, statusOf(response), outcome.value, false);
+    const { error } = outcome;
+    if (!(error instanceof HttpException)) return null;
+    return this.storable(lease, options, response, error.getStatus(), error.getResponse(), true);
+  }
+
+  /** The stored form of a result, if the policy keeps its status and it can be stored. */
+  private storable(
     lease: Lease,
     options: ResolvedRouteOptions,
     response: any,
     status: number,
     value: unknown,
     isError: boolean,
-  ): Promise<void> {
-    if (!options.shouldStore(status)) return this.service.release(lease);
+  ): StoredResponse | null {
+    if (!options.shouldStore(status)) return null;
     if (value instanceof StreamableFile) {
       this.logger.error(
         `A StreamableFile cannot be stored: key ${truncateKeyForLog(lease.id.key)} on ${lease.id.endpoint} was released, so a retry runs the handler again. Do not use @Idempotent() on streaming routes.`,
       );
-      return this.service.release(lease);
+      return null;
     }
     const encoded = encodeBody(value);
     const size = encoded?.body ? Buffer.byteLength(encoded.body) : 0;
@@ -165,15 +194,9 @@ export class IdempotencyInterceptor implements NestInterceptor {
       this.logger.warn(
         `Response for key ${truncateKeyForLog(lease.id.key)} on ${lease.id.endpoint} not stored (${encoded ? `${size} bytes, over maxResponseBytes` : 'not serialisable'}); key released.`,
       );
-      return this.service.release(lease);
+      return null;
     }
-    const stored: StoredResponse = {
-      status,
-      headers: storableHeaders(response),
-      ...encoded,
-      isError,
-    };
-    await this.service.complete(lease, stored, options.ttlMs);
+    return { status, headers: storableHeaders(response), ...encoded, isError };
   }
 
   /** Sends a stored response again: same headers and body, the original (or configured) status. */

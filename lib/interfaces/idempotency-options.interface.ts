@@ -1,6 +1,7 @@
 import type { DataSource, DataSourceOptions } from 'typeorm';
 import type { Duration } from '../utils/duration.js';
 import type { IdempotencyStore } from '../storage/idempotency-store.interface.js';
+import type { TransactionRunner } from '../storage/typeorm/typeorm-idempotency.store.js';
 
 /** What a duplicate does while the first request with its key is still running. */
 export type ConcurrencyMode = 'reject' | 'wait';
@@ -22,12 +23,31 @@ export interface IdempotencyRouteOptions {
    */
   ttl?: Duration;
   /**
-   * How long a key stays claimed while its request runs. A record still in progress after this
-   * (its process crashed, or the handler hangs) is taken over by the next retry, which runs the
-   * handler again. Set it above your handler's longest run.
+   * How long a claim holds its key without a sign of life. While the handler runs, its process
+   * renews the claim every `lockTimeout / 3` (see `lockRenewalLimit`), so a live handler is never
+   * taken over however long it runs; a record whose process died (or stopped renewing) is taken
+   * over by the first retry once `lockTimeout` has passed since its last renewal.
    * @default '1m'
    */
   lockTimeout?: Duration;
+  /**
+   * How long a running handler's claim is renewed. A handler still running after this is presumed
+   * hung: renewal stops (logged as an error) and its key can be taken over `lockTimeout` later.
+   * `0` turns renewal off (a handler longer than `lockTimeout` can then be taken over).
+   * @default '15m'
+   */
+  lockRenewalLimit?: Duration;
+  /**
+   * Transactional mode: the handler runs inside a database transaction on the store's DataSource,
+   * and its stored response is the last statement of that transaction, conditional on the claim
+   * still being held. The handler's writes and its stored response commit together or not at all,
+   * so a crash anywhere leaves both or neither. The handler writes through the transaction's
+   * EntityManager: `@IdempotentTransaction()`, `IdempotencyContext.entityManager`, or
+   * `@nestjs-cls/transactional` (see `transactionRunner`). PostgreSQL, PGlite and MySQL/MariaDB;
+   * refused at startup on SQLite.
+   * @default false
+   */
+  transactional?: boolean;
   /**
    * `true`: a request without `Idempotency-Key` is refused with 400.
    * `false`: it runs without idempotency.
@@ -79,6 +99,13 @@ export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
    * @default TypeOrmIdempotencyStore on `dataSource`
    */
   store?: IdempotencyStore;
+  /**
+   * How a transactional route opens its transaction, for instance to let
+   * `@nestjs-cls/transactional` own it: `(work) => txHost.withTransaction(() => work(txHost.tx))`.
+   * It must be a transaction of the store's DataSource. Ignored with a custom `store`.
+   * @default (work) => dataSource.transaction(work)
+   */
+  transactionRunner?: TransactionRunner;
   /**
    * Create the table on startup (an idempotent migration). Turn off if you run
    * `CreateIdempotencyRecords` with your own migrations.

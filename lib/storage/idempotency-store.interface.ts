@@ -1,3 +1,5 @@
+import type { EntityManager } from 'typeorm';
+
 /** Identifies one record: a key is unique per caller scope and per endpoint. */
 export interface RecordId {
   /** The caller's identity from the scope resolver ('' when keys are not per caller). */
@@ -73,6 +75,24 @@ export interface IdempotencyStore {
   complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean>;
   /** Deletes the record, if the lease is still held, so the key can be used again. */
   release(lease: Lease): Promise<boolean>;
+  /**
+   * Extends the lock of a lease that is still held (an in-progress record with this token) to
+   * `lockedUntil`, epoch ms; `false` when the lease was lost (taken over, completed or released).
+   */
+  renew(lease: Lease, lockedUntil: number): Promise<boolean>;
+  /**
+   * Optional, for the transactional mode: runs `work` in one transaction of the store's database.
+   * `work` runs the handler's writes through `transaction.manager` and ends with
+   * `transaction.complete(...)`; the transaction commits when `work` resolves and rolls back when
+   * it rejects. A store without it cannot serve routes with `transactional: true` (refused at
+   * startup).
+   */
+  transaction?<T>(work: (transaction: StoreTransaction) => Promise<T>): Promise<T>;
+  /**
+   * Optional: why this store cannot run the transactional mode (e.g. a driver that shares one
+   * session among all requests), or `undefined` when it can. Asked once at startup.
+   */
+  transactionsUnsupported?(): string | undefined;
   /** Deletes up to `limit` records that expired before `now`; returns how many it deleted. */
   purgeExpired(now: number, limit: number): Promise<number>;
   /**
@@ -81,6 +101,17 @@ export interface IdempotencyStore {
    * the store cannot push changes, and waiters poll every `waitPollInterval`.
    */
   watch?(id: RecordId): RecordWatch | undefined;
+}
+
+/** One transaction of the transactional mode (see `IdempotencyStore.transaction`). */
+export interface StoreTransaction {
+  /** The transaction's EntityManager: every write of the handler goes through it. */
+  readonly manager: EntityManager;
+  /**
+   * Stores the response inside the transaction, if the lease is still held: as `complete`, but it
+   * becomes visible only when the transaction commits, together with the handler's writes.
+   */
+  complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean>;
 }
 
 /**

@@ -2,7 +2,7 @@ import type { DataSourceOptions } from 'typeorm';
 import { randomUUID } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { PGliteDriver } from 'typeorm-pglite';
+import { pgliteDriver } from '../../lib/index.js';
 
 /** A database the e2e suite runs on. */
 export interface TestDatabase {
@@ -19,20 +19,24 @@ export interface TestDatabase {
    * records table: only there can a test count what one purge deleted.
    */
   readonly ownTablePerConnection: boolean;
+  /** Transactional routes run on it (all but SQLite, whose TypeORM driver shares one connection). */
+  readonly transactions: boolean;
 }
 
 const pglite: TestDatabase = {
   name: 'pglite',
   shared: false,
   ownTablePerConnection: true,
-  options: () => ({ type: 'postgres', driver: new PGliteDriver().driver }),
+  transactions: true,
+  // The library's driver, as in the module's default store: one query runner at a time.
+  options: () => ({ type: 'postgres', driver: pgliteDriver() }),
 };
 
 /** PostgreSQL when DATABASE_URL is set (postgres://user@host:port/db). */
 function postgresFromEnv(): TestDatabase[] {
   const url = process.env.DATABASE_URL;
   if (!url) return [];
-  return [{ name: 'postgres', shared: true, ownTablePerConnection: false, options: () => ({ type: 'postgres', url }) }];
+  return [{ name: 'postgres', shared: true, ownTablePerConnection: false, transactions: true, options: () => ({ type: 'postgres', url }) }];
 }
 
 /** SQLite through better-sqlite3: a new file per connection, so no server is needed. */
@@ -40,6 +44,7 @@ const sqlite: TestDatabase = {
   name: 'sqlite',
   shared: false,
   ownTablePerConnection: true,
+  transactions: false,
   options: () => ({
     type: 'better-sqlite3',
     database: join(tmpdir(), `nestjs-idempotency-${randomUUID()}.sqlite`),
@@ -50,7 +55,7 @@ const sqlite: TestDatabase = {
 function mariadbFromEnv(): TestDatabase[] {
   const url = process.env.MARIADB_URL;
   if (!url) return [];
-  return [{ name: 'mariadb', shared: false, ownTablePerConnection: false, options: () => ({ type: 'mariadb', url }) }];
+  return [{ name: 'mariadb', shared: false, ownTablePerConnection: false, transactions: true, options: () => ({ type: 'mariadb', url }) }];
 }
 
 /**

@@ -1,8 +1,8 @@
 import { Logger } from '@nestjs/common';
 import { DataSource, type DataSourceOptions } from 'typeorm';
-import { PGliteDriver } from 'typeorm-pglite';
 import { CreateIdempotencyRecords1763900000000 } from './create-idempotency-records.migration.js';
 import { IDEMPOTENCY_RECORDS_TABLE, IdempotencyRecord } from './idempotency-record.entity.js';
+import { pgliteDriver } from './pglite-driver.js';
 
 /** The connection the store uses, and whether the module opened it (and so must close it). */
 export interface IdempotencyConnection {
@@ -24,7 +24,7 @@ export async function openIdempotencyConnection(
   }
   const options: DataSourceOptions = given ?? {
     type: 'postgres',
-    driver: new PGliteDriver().driver,
+    driver: pgliteDriver(),
   };
   const dataSource = new DataSource({
     ...options,

@@ -1,4 +1,4 @@
-import type { DataSource } from 'typeorm';
+import type { DataSource, EntityManager } from 'typeorm';
 import type {
   ClaimRequest,
   ClaimResult,
@@ -7,7 +7,13 @@ import type {
   StoredResponse,
 } from '../idempotency-store.interface.js';
 import { IdempotencyRecord } from './idempotency-record.entity.js';
-import { affectedRows, completeUnderLease, releaseUnderLease, type StoreDialect } from './store-dialect.js';
+import {
+  affectedRows,
+  completeUnderLease,
+  releaseUnderLease,
+  renewUnderLease,
+  type StoreDialect,
+} from './store-dialect.js';
 
 const CLAIM_ATTEMPTS = 5;
 
@@ -36,8 +42,16 @@ export class PortableDialect implements StoreDialect {
     return completeUnderLease(this.dataSource, lease, response, expiresAt);
   }
 
+  completeWithin(manager: EntityManager, lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
+    return completeUnderLease(manager, lease, response, expiresAt);
+  }
+
   release(lease: Lease): Promise<boolean> {
     return releaseUnderLease(this.dataSource, lease);
+  }
+
+  renew(lease: Lease, lockedUntil: number): Promise<boolean> {
+    return renewUnderLease(this.dataSource, lease, lockedUntil);
   }
 
   async claim(request: ClaimRequest): Promise<ClaimResult> {

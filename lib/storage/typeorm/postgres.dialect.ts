@@ -1,4 +1,4 @@
-import type { DataSource } from 'typeorm';
+import type { DataSource, EntityManager } from 'typeorm';
 import type {
   ClaimRequest,
   ClaimResult,
@@ -62,7 +62,34 @@ export class PostgresDialect implements StoreDialect {
     throw new Error('nestjs-idempotency: the claim kept racing with concurrent writers');
   }
 
-  async complete(lease: Lease, response: StoredResponse, expiresAt: number, changeTag: string | null): Promise<boolean> {
+  complete(lease: Lease, response: StoredResponse, expiresAt: number, changeTag: string | null): Promise<boolean> {
+    return this.completeOn(undefined, lease, response, expiresAt, changeTag);
+  }
+
+  completeWithin(
+    manager: EntityManager,
+    lease: Lease,
+    response: StoredResponse,
+    expiresAt: number,
+    changeTag: string | null,
+  ): Promise<boolean> {
+    return this.completeOn(manager, lease, response, expiresAt, changeTag);
+  }
+
+  async renew(lease: Lease, lockedUntil: number): Promise<boolean> {
+    const { affected } = await this.statements.run('renew', this.sql.renew, [...leaseParameters(lease), lockedUntil]);
+    return affected === 1;
+  }
+
+  /** The completion, on the pool or as a statement of the transaction `manager` holds. */
+  private async completeOn(
+    manager: EntityManager | undefined,
+    lease: Lease,
+    response: StoredResponse,
+    expiresAt: number,
+    changeTag: string | null,
+  ): Promise<boolean> {
+    const within = manager?.queryRunner;
     const values = [
       ...leaseParameters(lease),
       expiresAt,
@@ -74,8 +101,8 @@ export class PostgresDialect implements StoreDialect {
     ];
     const { affected } =
       changeTag === null
-        ? await this.statements.run('complete', this.sql.complete, values)
-        : await this.statements.run('complete_notify', this.sql.completeAndNotify, [...values, changeTag]);
+        ? await this.statements.run('complete', this.sql.complete, values, within)
+        : await this.statements.run('complete_notify', this.sql.completeAndNotify, [...values, changeTag], within);
     return affected === 1;
   }
 
@@ -153,6 +180,8 @@ function buildStatements(table: string) {
     completeAndNotify: `WITH changed AS (${completion} RETURNING 1)
       SELECT pg_notify('${CHANGE_CHANNEL}', $11) FROM changed`,
     release: `DELETE FROM ${table} WHERE ${underLease}`,
+    /** $1–$4 the lease, $5 locked until: never moves a lock back. */
+    renew: `UPDATE ${table} SET expires_at = GREATEST(expires_at, $5::bigint) WHERE ${underLease}`,
     releaseAndNotify: `WITH changed AS (DELETE FROM ${table} WHERE ${underLease} RETURNING 1)
       SELECT pg_notify('${CHANGE_CHANNEL}', $5) FROM changed`,
     /**

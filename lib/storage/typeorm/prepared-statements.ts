@@ -53,15 +53,18 @@ export class PreparedStatements {
     this.mode = options.type !== 'postgres' ? 'plain' : options.driver === undefined ? 'protocol' : 'sql';
   }
 
-  /** Runs `text` with `values`; `name` identifies the statement, one name per distinct text. */
-  async run<Row>(name: string, text: string, values: unknown[]): Promise<StatementResult<Row>> {
-    const runner = this.dataSource.createQueryRunner();
+  /**
+   * Runs `text` with `values`; `name` identifies the statement, one name per distinct text. On a
+   * runner of the pool, or on `within` (a transaction's runner, left open) when given.
+   */
+  async run<Row>(name: string, text: string, values: unknown[], within?: QueryRunner): Promise<StatementResult<Row>> {
+    const runner = within ?? this.dataSource.createQueryRunner();
     try {
       if (this.mode === 'protocol') return await this.runNamed<Row>(runner, name, text, values);
       if (this.mode === 'sql') return await this.runExecute<Row>(runner, name, text, values);
       return await ordinary<Row>(runner, text, values);
     } finally {
-      await runner.release();
+      if (!within) await runner.release();
     }
   }
 

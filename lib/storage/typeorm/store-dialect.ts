@@ -1,4 +1,4 @@
-import type { DataSource } from 'typeorm';
+import type { DataSource, EntityManager } from 'typeorm';
 import type {
   ClaimRequest,
   ClaimResult,
@@ -15,19 +15,32 @@ export interface StoreDialect {
    * lease), the same statement also notifies the record's waiters under that tag.
    */
   complete(lease: Lease, response: StoredResponse, expiresAt: number, changeTag: string | null): Promise<boolean>;
+  /** As `complete`, as a statement of the transaction that `manager` holds. */
+  completeWithin(
+    manager: EntityManager,
+    lease: Lease,
+    response: StoredResponse,
+    expiresAt: number,
+    changeTag: string | null,
+  ): Promise<boolean>;
   /** Deletes the record if the lease is still held; notifies as `complete` does. */
   release(lease: Lease, changeTag: string | null): Promise<boolean>;
+  /** Extends the lock of a held lease. */
+  renew(lease: Lease, lockedUntil: number): Promise<boolean>;
   purgeExpired(now: number, limit: number): Promise<number>;
 }
 
-/** Stores the response, if the lease is still held: a QueryBuilder update (MySQL/MariaDB, SQLite). */
+/**
+ * Stores the response, if the lease is still held: a QueryBuilder update (MySQL/MariaDB, SQLite),
+ * on the pool (a DataSource) or in a transaction (its EntityManager).
+ */
 export async function completeUnderLease(
-  dataSource: DataSource,
+  on: DataSource | EntityManager,
   lease: Lease,
   response: StoredResponse,
   expiresAt: number,
 ): Promise<boolean> {
-  const result = await dataSource
+  const result = await on
     .createQueryBuilder()
     .update(IdempotencyRecord)
     .set({
@@ -39,6 +52,17 @@ export async function completeUnderLease(
       responseBodyEncoding: response.bodyEncoding,
       responseIsError: response.isError,
     })
+    .where(leaseCondition, leaseParameters(lease))
+    .execute();
+  return result.affected === 1;
+}
+
+/** Extends the lock of a lease that is still held. */
+export async function renewUnderLease(dataSource: DataSource, lease: Lease, lockedUntil: number): Promise<boolean> {
+  const result = await dataSource
+    .createQueryBuilder()
+    .update(IdempotencyRecord)
+    .set({ expiresAt: lockedUntil })
     .where(leaseCondition, leaseParameters(lease))
     .execute();
   return result.affected === 1;

@@ -1,4 +1,4 @@
-import type { DataSource } from 'typeorm';
+import type { DataSource, EntityManager } from 'typeorm';
 import type {
   ClaimRequest,
   ClaimResult,
@@ -7,8 +7,10 @@ import type {
   RecordId,
   RecordWatch,
   StoredResponse,
+  StoreTransaction,
 } from '../idempotency-store.interface.js';
 import { IdempotencyRecord } from './idempotency-record.entity.js';
+import { isOneRunnerAtATime } from './pglite-driver.js';
 import { PortableDialect } from './portable.dialect.js';
 import { changeTag, PostgresChangeListener } from './postgres-change-listener.js';
 import { PostgresDialect } from './postgres.dialect.js';
@@ -17,8 +19,23 @@ import { qualifiedTable, type StoreDialect } from './store-dialect.js';
 /** Databases the TypeORM store runs on, by TypeORM driver type. */
 const SUPPORTED = ['postgres', 'mysql', 'mariadb', 'better-sqlite3'] as const;
 
+/**
+ * Opens the transaction of a transactional route and runs `work` in it with the transaction's
+ * EntityManager; commits when `work` resolves, rolls back when it rejects. The default is
+ * `(work) => dataSource.transaction(work)`; with `@nestjs-cls/transactional`, for instance,
+ * `(work) => txHost.withTransaction(() => work(txHost.tx))`, so the handler's `@Transactional()`
+ * code joins the same transaction.
+ */
+export type TransactionRunner = <T>(work: (manager: EntityManager) => Promise<T>) => Promise<T>;
+
 /** Options of the TypeORM store. */
 export interface TypeOrmIdempotencyStoreOptions {
+  /**
+   * How transactional routes open their transaction (see {@link TransactionRunner}). It must open
+   * it on this store's DataSource.
+   * @default (work) => dataSource.transaction(work)
+   */
+  readonly transactionRunner?: TransactionRunner;
   /**
    * On PostgreSQL (with the `pg` driver), wake waiting duplicates through LISTEN/NOTIFY: one
    * listening connection per store, opened on the first wait. `false`: they poll. Elsewhere
@@ -42,10 +59,13 @@ export class TypeOrmIdempotencyStore implements IdempotencyStore {
   /** PostgreSQL with notifications on: the LISTEN connection of waiters; otherwise they poll. */
   private readonly listener: PostgresChangeListener | null;
 
+  private readonly transactionRunner: TransactionRunner;
+
   constructor(
     private readonly dataSource: DataSource,
     options: TypeOrmIdempotencyStoreOptions = {},
   ) {
+    this.transactionRunner = options.transactionRunner ?? ((work) => dataSource.transaction(work));
     if (!dataSource.hasMetadata(IdempotencyRecord)) {
       throw new Error(
         'nestjs-idempotency: IdempotencyRecord is not an entity of the DataSource given to IdempotencyModule. ' +
@@ -79,6 +99,36 @@ export class TypeOrmIdempotencyStore implements IdempotencyStore {
 
   release(lease: Lease): Promise<boolean> {
     return this.dialect.release(lease, this.changeTagOf(lease));
+  }
+
+  renew(lease: Lease, lockedUntil: number): Promise<boolean> {
+    return this.dialect.renew(lease, lockedUntil);
+  }
+
+  transaction<T>(work: (transaction: StoreTransaction) => Promise<T>): Promise<T> {
+    return this.transactionRunner((manager) => {
+      if (manager.connection !== this.dataSource || !manager.queryRunner?.isTransactionActive) {
+        throw new Error(
+          'nestjs-idempotency: the transactionRunner must run its work in a transaction of the DataSource the idempotency store uses.',
+        );
+      }
+      return work({
+        manager,
+        complete: (lease, response, expiresAt) =>
+          this.dialect.completeWithin(manager, lease, response, expiresAt, this.changeTagOf(lease)),
+      });
+    });
+  }
+
+  transactionsUnsupported(): string | undefined {
+    const options = this.dataSource.options as { type: string; driver?: unknown };
+    if (options.type === 'better-sqlite3') {
+      return "TypeORM's better-sqlite3 driver shares one connection among all requests, so one request's transaction would take in the statements of every other request. Use PostgreSQL, PGlite or MySQL/MariaDB for transactional routes.";
+    }
+    if (options.type === 'postgres' && options.driver !== undefined && !isOneRunnerAtATime(options.driver)) {
+      return "this PGlite DataSource shares its one session among all requests, so one request's transaction would take in the statements of every other request. Build it with the library's driver: `{ type: 'postgres', driver: pgliteDriver({ dataDir }) }`.";
+    }
+    return undefined;
   }
 
   purgeExpired(now: number, limit: number): Promise<number> {

@@ -1,0 +1,178 @@
+import { randomUUID } from 'node:crypto';
+import { IdempotencyMetrics, IdempotencyRecord } from '../lib/index.js';
+import { recordsOf, waitUntilPast } from './fixtures/fixture-app.js';
+import { LeaseController, SHORT_LOCK_MS } from './fixtures/lease.controller.js';
+import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
+import { CapturedLog } from './support/captured-log.js';
+import { eachDatabase } from './support/databases.js';
+import { expectProblem, newKey, post } from './support/http.js';
+import { report, waitFor } from './support/reliability.js';
+
+/** How long the tests hold a handler: more than three times its lockTimeout. */
+const HELD_MS = 4 * SHORT_LOCK_MS;
+
+/** The key's one record, read from the table. */
+async function recordOf(fixture: ReliabilityApp, key: string): Promise<IdempotencyRecord> {
+  const [record] = await recordsOf(fixture.dataSource, key);
+  return record;
+}
+
+/** Steals a running key's claim, as a takeover by another process would: a new lease token. */
+async function stealClaim(fixture: ReliabilityApp, key: string): Promise<string> {
+  const thief = randomUUID();
+  await fixture.dataSource
+    .createQueryBuilder()
+    .update(IdempotencyRecord)
+    .set({ leaseToken: thief })
+    .where('idempotency_key = :key', { key })
+    .execute();
+  return thief;
+}
+
+describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
+  let fixture: ReliabilityApp;
+  const log = new CapturedLog();
+  const lostLeases = () => fixture.app.get(IdempotencyMetrics).snapshot()['lease-lost'];
+
+  beforeAll(async () => {
+    fixture = await createReliabilityApp(database, { waitPollInterval: 20 }, { controllers: [LeaseController], logger: log });
+  });
+  afterAll(() => fixture.close());
+
+  /** Sends retries, one after another, while the handler is held for HELD_MS; returns their statuses. */
+  async function retriesWhileHeld(path: string, key: string): Promise<number[]> {
+    const statuses: number[] = [];
+    const until = Date.now() + HELD_MS;
+    while (Date.now() < until) {
+      statuses.push((await post(fixture.baseUrl, path, key)).status);
+      await new Promise((resolve) => setTimeout(resolve, SHORT_LOCK_MS / 3));
+    }
+    return statuses;
+  }
+
+  it('a handler three times longer than lockTimeout keeps its key: retries get 409, it runs once, then replays', async () => {
+    const key = newKey();
+    fixture.gate.hold(key);
+    const first = post(fixture.baseUrl, '/lease/held', key).then((response) => response);
+    await fixture.gate.arrived(key);
+    const claimedUntil = Number((await recordOf(fixture, key)).expiresAt);
+
+    const statuses = await retriesWhileHeld('/lease/held', key);
+    const renewedUntil = Number((await recordOf(fixture, key)).expiresAt);
+    fixture.gate.open(key);
+    const original = await first;
+
+    expect(statuses.length).toBeGreaterThanOrEqual(6);
+    expect(new Set(statuses)).toEqual(new Set([409]));
+    expect(renewedUntil).toBeGreaterThan(claimedUntil + SHORT_LOCK_MS);
+    expect(original.status).toBe(201);
+    const replay = await post(fixture.baseUrl, '/lease/held', key);
+    expect(replay.headers['idempotent-replayed']).toBe('true');
+    expect(replay.body).toEqual(original.body);
+    expect(fixture.calls.count('held', key)).toBe(1);
+    report(`lease renewal on ${database.name}: handler held ${HELD_MS} ms, lockTimeout ${SHORT_LOCK_MS} ms`, {
+      'retries while it ran': `${statuses.length}, all 409`,
+      'lock extended by renewal': `${renewedUntil - claimedUntil} ms`,
+      'handler runs': fixture.calls.count('held', key),
+    });
+  });
+
+  it('in wait mode a duplicate keeps waiting while the claim is renewed, then replays', async () => {
+    const key = newKey();
+    fixture.gate.hold(key);
+    const first = post(fixture.baseUrl, '/lease/held-wait', key).then((response) => response);
+    await fixture.gate.arrived(key);
+    const duplicate = post(fixture.baseUrl, '/lease/held-wait', key).then((response) => response);
+    // The duplicate is now waiting; the first outlives its lockTimeout several times over.
+    await waitUntilPast(Date.now() + HELD_MS);
+    fixture.gate.open(key);
+    const [original, waited] = await Promise.all([first, duplicate]);
+    expect(original.status).toBe(201);
+    expect(waited.status).toBe(201);
+    expect(waited.headers['idempotent-replayed']).toBe('true');
+    expect(waited.body).toEqual(original.body);
+    expect(fixture.calls.count('held-wait', key)).toBe(1);
+  });
+
+  it('stops renewing when the handler settles: the completed record keeps its TTL and no lease is lost', async () => {
+    const key = newKey();
+    const lostBefore = lostLeases();
+    fixture.gate.hold(key);
+    const first = post(fixture.baseUrl, '/lease/held', key).then((response) => response);
+    await fixture.gate.arrived(key);
+    await waitUntilPast(Date.now() + SHORT_LOCK_MS);
+    fixture.gate.open(key);
+    expect((await first).status).toBe(201);
+    const completed = await recordOf(fixture, key);
+    await waitUntilPast(Date.now() + 2 * SHORT_LOCK_MS);
+    const later = await recordOf(fixture, key);
+    expect(later.state).toBe('completed');
+    expect(Number(later.expiresAt)).toBe(Number(completed.expiresAt));
+    expect(lostLeases()).toBe(lostBefore);
+  });
+
+  it('stops at lockRenewalLimit: a hung handler is logged as an error and its key taken over lockTimeout later', async () => {
+    const key = newKey();
+    fixture.gate.hold(key);
+    const hung = post(fixture.baseUrl, '/lease/capped', key).then((response) => response);
+    await fixture.gate.arrived(key);
+    // Renewed for 600 ms; the lock then runs out at most lockTimeout after the last renewal.
+    const lastLock = await waitFor('the renewal to stop', async () => {
+      const until = Number((await recordOf(fixture, key)).expiresAt);
+      return Date.now() > until ? until : undefined;
+    }, { timeoutMs: 5_000 });
+    const takeover = await post(fixture.baseUrl, '/lease/capped', key);
+    expect(takeover.status).toBe(201);
+    expect(takeover.headers['idempotent-replayed']).toBeUndefined();
+    expect(fixture.calls.count('capped', key)).toBe(2);
+    expect(log.lines.some((line) => line.level === 'error' && /lockRenewalLimit \(600 ms\)/.test(line.text))).toBe(true);
+    fixture.gate.open(key);
+    await hung;
+    expect(lastLock).toBeGreaterThan(0);
+  });
+
+  it('reports a lost lease: the renewal finds the claim taken over, logs it and counts it once', async () => {
+    const key = newKey();
+    const lostBefore = lostLeases();
+    fixture.gate.hold(key);
+    const first = post(fixture.baseUrl, '/lease/held', key).then((response) => response);
+    await fixture.gate.arrived(key);
+    const thief = await stealClaim(fixture, key);
+    await waitFor('the renewal to find the lease gone', () => (lostLeases() > lostBefore ? true : undefined));
+    fixture.gate.open(key);
+    expect((await first).status).toBe(201);
+    // Its completion finds the lease gone too: still one lost lease, and the thief's record stays.
+    expect(lostLeases()).toBe(lostBefore + 1);
+    const record = await recordOf(fixture, key);
+    expect(record.state).toBe('in_progress');
+    expect(record.leaseToken).toBe(thief);
+    expect(log.lines.some((line) => line.level === 'warn' && /was taken over/.test(line.text))).toBe(true);
+  });
+
+  it('stops renewing when the app shuts down, so a dying process does not keep its keys', async () => {
+    const own = await createReliabilityApp(database, {}, { controllers: [LeaseController] });
+    const key = newKey();
+    own.gate.hold(key);
+    const first = post(own.baseUrl, '/lease/held', key).then(
+      (response) => response,
+      () => undefined,
+    );
+    await own.gate.arrived(key);
+    await waitUntilPast(Date.now() + SHORT_LOCK_MS);
+    const closing = own.app.close();
+    // No renewal after shutdown began: the lock runs out while the handler is still held (with
+    // renewal going on, it would stay ahead of the clock and this wait would time out).
+    const until = await waitFor('the lock to run out', async () => {
+      const expiresAt = Number((await recordsOf(own.dataSource, key))[0].expiresAt);
+      return Date.now() > expiresAt ? expiresAt : undefined;
+    }, { timeoutMs: 3_000 });
+    await waitUntilPast(Date.now() + SHORT_LOCK_MS);
+    const [record] = await recordsOf(own.dataSource, key);
+    expect(record.state).toBe('in_progress');
+    expect(Number(record.expiresAt)).toBe(until);
+    own.gate.open(key);
+    await closing;
+    await first;
+    await own.dataSource.destroy();
+  });
+});
