@@ -23,7 +23,12 @@ export class AppModule {
         IdempotencyModule.forRootAsync({
           imports: [DatabaseModule],
           inject: [DataSource],
-          useFactory: (dataSource: DataSource) => ({ dataSource, ttl: '24h', scope: apiKeyScope }),
+          useFactory: (dataSource: DataSource) => ({
+            dataSource,
+            ttl: '24h',
+            lockTimeout: config.lockTimeout,
+            scope: apiKeyScope,
+          }),
         }),
         PaymentsModule,
         OrdersModule,

@@ -3,6 +3,7 @@ import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createSampleApp } from './app.factory.js';
+import { runCrashScenario, type CrashOutcome } from './demo-crash.js';
 
 /**
  * A client on a flaky network pays once, twice over: with an Idempotency-Key, and without one.
@@ -10,7 +11,11 @@ import { createSampleApp } from './app.factory.js';
  * the server carries on and charges — and the client retries until it gets an answer. Then the
  * demo counts the charges each scenario really made.
  *
- * `npm run demo`. It boots the sample in-process on an in-memory database and a free port.
+ * Then the shop itself crashes right after a transfer's money moved (see demo-crash.ts): in the
+ * plain mode the retry moves the money again, in the transactional mode once.
+ *
+ * `npm run demo`. It boots the sample in-process on an in-memory database and a free port, and for
+ * the crash, as processes of its own on a PGlite folder in the system's temp directory.
  */
 
 const GATEWAY_LATENCY_MS = 300;
@@ -59,10 +64,18 @@ async function main(): Promise<void> {
   } finally {
     await app.close();
   }
+  const crashes: CrashOutcome[] = [];
+  for (const mode of ['plain', 'transactional'] as const) crashes.push(await runCrashScenario(mode));
   printTable(outcomes);
+  printCrashTable(crashes);
   const keyed = outcomes[0];
   if (keyed.charges !== 1 || keyed.finalStatus !== 201) {
     console.error(`\nUnexpected: with a key there should be exactly one charge and a 201.`);
+    process.exitCode = 1;
+  }
+  const transactional = crashes[1];
+  if (transactional.moved !== 1 || transactional.finalStatus !== 201) {
+    console.error(`\nUnexpected: in the transactional mode the money should move once, with a 201.`);
     process.exitCode = 1;
   }
 }
@@ -139,7 +152,7 @@ function isTimeout(error: unknown): boolean {
 }
 
 function printTable(outcomes: readonly Outcome[]): void {
-  const rows = [
+  printRows([
     ['scenario', 'attempts', 'responses lost', 'charges created', 'final response'],
     ...outcomes.map((o) => [
       o.scenario.name,
@@ -148,17 +161,32 @@ function printTable(outcomes: readonly Outcome[]): void {
       String(o.charges),
       o.finalResponse,
     ]),
-  ];
+  ]);
+  const [keyed, unkeyed] = outcomes;
+  console.log(
+    `\nOne payment, the same flaky network: with a key the customer is charged ${times(keyed.charges)}, without one ${times(unkeyed.charges)}.`,
+  );
+}
+
+function printCrashTable(crashes: readonly CrashOutcome[]): void {
+  console.log('');
+  printRows([
+    ['crash after the money moved', 'attempts', 'final response', 'money moved'],
+    ...crashes.map((c) => [`${c.mode} mode`, String(c.attempts), String(c.finalStatus), times(c.moved)]),
+  ]);
+  const [plain, transactional] = crashes;
+  console.log(
+    `\nThe shop died between moving the money and storing the response: in the plain mode the retry moved it ${times(plain.moved)}, in the transactional mode ${times(transactional.moved)}.`,
+  );
+}
+
+function printRows(rows: string[][]): void {
   const widths = rows[0].map((_, column) => Math.max(...rows.map((row) => row[column].length)));
   const line = (row: string[]) =>
     row.map((cell, i) => cell.padEnd(widths[i])).join(' | ').trimEnd();
   console.log(line(rows[0]));
   console.log(widths.map((width) => '-'.repeat(width)).join('-|-'));
   for (const row of rows.slice(1)) console.log(line(row));
-  const [keyed, unkeyed] = outcomes;
-  console.log(
-    `\nOne payment, the same flaky network: with a key the customer is charged ${times(keyed.charges)}, without one ${times(unkeyed.charges)}.`,
-  );
 }
 
 function times(count: number): string {

@@ -4,10 +4,15 @@ import { resolve } from 'node:path';
 export interface SampleAppOptions {
   /** PostgreSQL URL. Wins over `dataDir`; `DATABASE_URL` is used when neither is given. */
   databaseUrl?: string;
-  /** PGlite data folder, or `'memory://'` for a database that lives as long as the process. */
+  /**
+   * PGlite data folder, or `'memory://'` for a database that lives as long as the process. Falls
+   * back to `SAMPLE_DATA_DIR`, then `.data/sample`.
+   */
   dataDir?: string;
   /** Simulated payment gateway latency. Falls back to `GATEWAY_LATENCY_MS`, then 200. */
   gatewayLatencyMs?: number;
+  /** The idempotency lockTimeout. Falls back to `IDEMPOTENCY_LOCK_TIMEOUT`, then `'1m'`. */
+  lockTimeout?: string;
 }
 
 /** Where the sample's rows (and the idempotency records) live. */
@@ -19,6 +24,12 @@ export type DatabaseConfig =
 export interface SampleConfig {
   readonly database: DatabaseConfig;
   readonly gatewayLatencyMs: number;
+  readonly lockTimeout: string;
+  /**
+   * For the demo's crash scenario only (`SAMPLE_CRASH_AFTER_TRANSFER=1`): the process kills itself
+   * (SIGKILL) right after a transfer's money moved, before its response is stored or sent.
+   */
+  readonly crashAfterTransfer: boolean;
 }
 
 export const SAMPLE_CONFIG = Symbol('SampleConfig');
@@ -38,6 +49,8 @@ export function resolveSampleConfig(
   return {
     database: resolveDatabase(options, env),
     gatewayLatencyMs: resolveLatency(options.gatewayLatencyMs ?? env.GATEWAY_LATENCY_MS),
+    lockTimeout: options.lockTimeout ?? (env.IDEMPOTENCY_LOCK_TIMEOUT || '1m'),
+    crashAfterTransfer: env.SAMPLE_CRASH_AFTER_TRANSFER === '1',
   };
 }
 
@@ -45,7 +58,7 @@ function resolveDatabase(options: SampleAppOptions, env: NodeJS.ProcessEnv): Dat
   if (options.databaseUrl) return { kind: 'postgres', url: options.databaseUrl };
   if (options.dataDir) return { kind: 'pglite', dataDir: toDataDir(options.dataDir) };
   if (env.DATABASE_URL) return { kind: 'postgres', url: env.DATABASE_URL };
-  return { kind: 'pglite', dataDir: toDataDir(DEFAULT_DATA_DIR) };
+  return { kind: 'pglite', dataDir: toDataDir(env.SAMPLE_DATA_DIR || DEFAULT_DATA_DIR) };
 }
 
 function toDataDir(dataDir: string): string {

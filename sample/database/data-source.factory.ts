@@ -1,16 +1,16 @@
 import { mkdirSync } from 'node:fs';
 import { DataSource, type DataSourceOptions } from 'typeorm';
-import { IdempotencyRecord } from '../../lib/index.js';
+import { IdempotencyRecord, pgliteDriver } from '../../lib/index.js';
 import type { DatabaseConfig } from '../config/sample.config.js';
+import { GatewayCharge } from '../gateway/gateway-charge.entity.js';
 import { Order } from '../orders/order.entity.js';
 import { Payment } from '../payments/payment.entity.js';
 import { Account } from '../transfers/account.entity.js';
 import { Transfer } from '../transfers/transfer.entity.js';
 import { lockDataDir } from './data-dir.lock.js';
-import { exclusivePGliteDriver } from './exclusive-pglite.driver.js';
 
 /** The sample's tables and the library's, in one DataSource: one connection pool, one database. */
-export const SAMPLE_ENTITIES = [Payment, Order, Account, Transfer, IdempotencyRecord];
+export const SAMPLE_ENTITIES = [Payment, Order, Account, Transfer, GatewayCharge, IdempotencyRecord];
 
 /** Any constant shared by every sample process: they take turns creating the schema. */
 const SCHEMA_LOCK_ID = 727_274_001;
@@ -80,7 +80,9 @@ function optionsFor(database: DatabaseConfig): DataSourceOptions {
   const common = { entities: SAMPLE_ENTITIES, synchronize: false } as const;
   return database.kind === 'postgres'
     ? { type: 'postgres', url: database.url, ...common }
-    : { type: 'postgres', driver: exclusivePGliteDriver(database.dataDir), ...common };
+    : // The library's PGlite driver hands the one session to one query runner at a time, so a
+      // transaction (a transfer) never takes in another request's statements.
+      { type: 'postgres', driver: pgliteDriver({ dataDir: database.dataDir }), ...common };
 }
 
 /**

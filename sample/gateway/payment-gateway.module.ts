@@ -1,7 +1,9 @@
 import { Module } from '@nestjs/common';
+import { PaymentGatewayController } from './payment-gateway.controller.js';
 import { PaymentGatewayService } from './payment-gateway.service.js';
 
 @Module({
+  controllers: [PaymentGatewayController],
   providers: [PaymentGatewayService],
   exports: [PaymentGatewayService],
 })

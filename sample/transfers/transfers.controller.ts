@@ -17,10 +17,24 @@ import {
 export class TransfersController {
   constructor(private readonly transfers: TransfersService) {}
 
-  /** A retried transfer must not move the money twice; a refused one replays its 409. */
+  /**
+   * A retried transfer must not move the money twice; a refused one replays its 409. Transactional:
+   * the balances, the transfer row and the stored response commit in one transaction, so even a
+   * crash between the money moving and the response being stored cannot move it twice.
+   */
   @Post('transfers')
-  @Idempotent()
+  @Idempotent({ transactional: true })
   transfer(@Body() body: unknown): Promise<TransferView> {
+    return this.transfers.transfer(parseMakeTransfer(body));
+  }
+
+  /**
+   * For the demo only: the same transfer in the plain mode, where the money commits before the
+   * response is stored. A crash in between, and the retry moves it again.
+   */
+  @Post('transfers/plain-mode')
+  @Idempotent()
+  transferPlainMode(@Body() body: unknown): Promise<TransferView> {
     return this.transfers.transfer(parseMakeTransfer(body));
   }
 

@@ -20,11 +20,12 @@ export interface AppProcess {
 /**
  * Starts a compiled script (path under dist/, as `npm test` builds it; or an absolute path, for an
  * app outside the project such as an installed package fixture) and resolves once it prints
- * `listening <port>`.
+ * `listening <port>` (or what `listening` matches, the port its first group).
  */
 export async function startAppProcess(
   script: string,
   env: Record<string, string>,
+  listening = /listening (\d+)/,
 ): Promise<AppProcess> {
   const path = isAbsolute(script) ? script : `${ROOT}dist/${script}`;
   if (!existsSync(path)) throw new Error(`${path} is missing: run \`npm test\` (it compiles first)`);
@@ -36,7 +37,7 @@ export async function startAppProcess(
   const port = await new Promise<number>((resolve, reject) => {
     const onData = (chunk: Buffer) => {
       output += chunk.toString();
-      const match = /listening (\d+)/.exec(output);
+      const match = listening.exec(output);
       if (match) resolve(Number(match[1]));
     };
     child.stdout!.on('data', onData);

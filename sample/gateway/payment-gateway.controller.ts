@@ -1,0 +1,20 @@
+import { Controller, Get } from '@nestjs/common';
+import { PaymentGatewayService } from './payment-gateway.service.js';
+
+/** The simulated gateway's dashboard: what the card network really charged. */
+@Controller('gateway')
+export class PaymentGatewayController {
+  constructor(private readonly gateway: PaymentGatewayService) {}
+
+  @Get('charges')
+  async charges() {
+    const charges = await this.gateway.charges();
+    return charges.map((charge) => ({
+      id: charge.id,
+      idempotency_key: charge.idempotencyKey,
+      amount: charge.amount,
+      currency: charge.currency,
+      created_at: charge.createdAt.toISOString(),
+    }));
+  }
+}
