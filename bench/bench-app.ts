@@ -4,8 +4,14 @@ import { NestFactory } from '@nestjs/core';
 import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { DataSource, type DataSourceOptions } from 'typeorm';
-import { PGliteDriver } from 'typeorm-pglite';
-import { Idempotent, IdempotencyModule, IdempotencyPurgeJob, IdempotencyRecord } from '../lib/index.js';
+import {
+  Idempotent,
+  IdempotencyContext,
+  IdempotencyModule,
+  IdempotencyPurgeJob,
+  IdempotencyRecord,
+  pgliteDriver,
+} from '../lib/index.js';
 import { QueryCounter } from './query-counter.js';
 
 export type BenchDatabase = 'postgres' | 'pglite';
@@ -42,6 +48,51 @@ class OrdersController {
   }
 }
 
+/** The realistic handler's table: one row per payment, in the bench's schema. */
+let paymentsTable = 'bench_payments';
+
+/** The realistic handler: one INSERT of a payment row, through `query` (the pool, or a transaction). */
+async function insertPayment(body: OrderRequest, query: (sql: string, values: unknown[]) => Promise<unknown>) {
+  const payment = acceptOrder(body);
+  await query(`INSERT INTO ${paymentsTable} (id, amount, currency, customer) VALUES ($1, $2, $3, $4)`, [
+    payment.id,
+    payment.amount,
+    payment.currency,
+    payment.customer,
+  ]);
+  return payment;
+}
+
+/**
+ * The realistic handler three ways: `plain` without the library, `/payments` behind `@Idempotent()`
+ * (its INSERT commits on its own, then the response is stored), `/payments/tx` in the transactional
+ * mode (the INSERT and the stored response commit together).
+ */
+@Controller('payments')
+class PaymentsController {
+  constructor(
+    private readonly dataSource: DataSource,
+    private readonly idempotency: IdempotencyContext,
+  ) {}
+
+  @Post('plain')
+  plain(@Body() body: OrderRequest) {
+    return insertPayment(body, (sql, values) => this.dataSource.query(sql, values));
+  }
+
+  @Post()
+  @Idempotent()
+  create(@Body() body: OrderRequest) {
+    return insertPayment(body, (sql, values) => this.dataSource.query(sql, values));
+  }
+
+  @Post('tx')
+  @Idempotent({ transactional: true })
+  createInTransaction(@Body() body: OrderRequest) {
+    return insertPayment(body, (sql, values) => this.idempotency.entityManager.query(sql, values));
+  }
+}
+
 export interface BenchApp {
   readonly app: INestApplication;
   readonly port: number;
@@ -71,7 +122,7 @@ export async function startBenchApp(options: BenchAppOptions): Promise<BenchApp>
   const base: DataSourceOptions =
     options.database === 'postgres'
       ? { type: 'postgres', url: options.databaseUrl, schema: options.schema, extra: { max: POOL_SIZE, idleTimeoutMillis: 0 } }
-      : { type: 'postgres', driver: new PGliteDriver().driver };
+      : { type: 'postgres', driver: pgliteDriver() };
   if (options.database === 'postgres') counter.patchPgClient();
   const dataSource = new DataSource({ ...base, entities: [IdempotencyRecord], logger: counter });
   await dataSource.initialize();
@@ -80,9 +131,15 @@ export async function startBenchApp(options: BenchAppOptions): Promise<BenchApp>
     await Promise.all(Array.from({ length: POOL_SIZE }, () => dataSource.query('SELECT pg_sleep(0.05)')));
   }
 
+  paymentsTable = options.database === 'postgres' ? `${options.schema}.bench_payments` : 'bench_payments';
+  await dataSource.query(
+    `CREATE TABLE IF NOT EXISTS ${paymentsTable} (id uuid PRIMARY KEY, amount int NOT NULL, currency text NOT NULL, customer text NOT NULL)`,
+  );
+
   @Module({
     imports: [IdempotencyModule.forRoot({ dataSource, purgeInterval: false })],
-    controllers: [OrdersController],
+    controllers: [OrdersController, PaymentsController],
+    providers: [{ provide: DataSource, useValue: dataSource }],
   })
   class BenchModule {}
 

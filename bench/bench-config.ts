@@ -73,4 +73,8 @@ export const ORDER_BODY = JSON.stringify({ amount: 1250, currency: 'eur', custom
 export const ROUTES = {
   plain: '/orders/plain',
   idempotent: '/orders',
+  /** Ours only: the realistic handler (one INSERT) without, with, and transactional. */
+  write: '/payments/plain',
+  writeIdempotent: '/payments',
+  writeTransactional: '/payments/tx',
 } as const;

@@ -14,6 +14,11 @@ export interface QueryCounts {
   /** Statements the `pg` driver sent on the wire (PostgreSQL only; null on PGlite). */
   readonly wire: number | null;
   readonly byStatement: Record<string, number>;
+  /**
+   * Commits: each statement outside a transaction, plus each COMMIT. Exact only while requests run
+   * one at a time (countQueries), since one flag tracks whether a transaction is open.
+   */
+  readonly commits: number;
 }
 
 /**
@@ -27,10 +32,17 @@ export class QueryCounter implements TypeOrmLogger {
   private wirePatched = false;
   private byStatement = new Map<string, number>();
   private recording: Statement[] | undefined;
+  private commits = 0;
+  private inTransaction = false;
 
   logQuery(query: string, parameters?: unknown[]): void {
     this.typeorm++;
     const label = labelOf(query);
+    if (label === 'START' || label === 'BEGIN') this.inTransaction = true;
+    else if (label === 'COMMIT' || label === 'ROLLBACK') {
+      this.inTransaction = false;
+      if (label === 'COMMIT') this.commits++;
+    } else if (!this.inTransaction) this.commits++;
     this.byStatement.set(label, (this.byStatement.get(label) ?? 0) + 1);
     this.recording?.push({ query, parameters: parameters ?? [] });
   }
@@ -71,6 +83,8 @@ export class QueryCounter implements TypeOrmLogger {
     this.typeorm = 0;
     this.wire = 0;
     this.byStatement = new Map();
+    this.commits = 0;
+    this.inTransaction = false;
   }
 
   read(): QueryCounts {
@@ -78,6 +92,7 @@ export class QueryCounter implements TypeOrmLogger {
       typeorm: this.typeorm,
       wire: this.wirePatched ? this.wire : null,
       byStatement: Object.fromEntries(this.byStatement),
+      commits: this.commits,
     };
   }
 }

@@ -13,6 +13,9 @@ const ROUTE_LABEL: Record<string, string> = {
   plain: 'plain (no @Idempotent, ceiling)',
   first: 'first (@Idempotent, fresh key)',
   replay: 'replay (@Idempotent, completed key)',
+  write: 'realistic handler (one INSERT), no @Idempotent: × for the two rows below',
+  write_first: 'realistic handler, @Idempotent, fresh key',
+  write_tx: 'realistic handler, @Idempotent transactional, fresh key',
   peer_redis: 'peer Redis, fresh key',
   peer_redis_replay: 'peer Redis, completed key',
   peer_redis_plain: 'peer app plain (NestJS 10 ceiling)',
@@ -49,6 +52,21 @@ export function queriesTable(queries: RunMeasurements['queries']): string {
     lines.push(
       `| ${target} | ${q.first} | ${q.replay} | ${q.first_wire ?? '–'} | ${q.replay_wire ?? '–'} | ${statements(q.statements.first)}; ${statements(q.statements.replay)} |`,
     );
+  }
+  return lines.join('\n');
+}
+
+/** The realistic handler's statements and commits per request, with and without the transaction. */
+export function writeQueriesTable(queries: RunMeasurements['queries']): string {
+  const lines = [
+    '| app | realistic handler | statements/req | commits/req |',
+    '| --- | --- | --- | ---: |',
+  ];
+  for (const [target, q] of Object.entries(queries)) {
+    if (!q.write) continue;
+    const statements = (counts: Record<string, number>) => Object.entries(counts).map(([label, n]) => `${label} ×${n}`).join(', ');
+    lines.push(`| ${target} | @Idempotent() | ${statements(q.write.idempotent.statements)} | ${q.write.idempotent.commits} |`);
+    lines.push(`| ${target} | @Idempotent({ transactional: true }) | ${statements(q.write.transactional.statements)} | ${q.write.transactional.commits} |`);
   }
   return lines.join('\n');
 }
@@ -160,6 +178,10 @@ export function renderMarkdown(run: RunMeasurements, results: BenchResults): str
     'Counted in the app while nothing else runs (200 sequential requests each): statements TypeORM sent (its logger) and, on PostgreSQL, queries on the `pg` client (every round trip). For the peer, calls to its storage adapter (each one Redis command).',
     '',
     queriesTable(run.queries),
+    '',
+    'The realistic handler (one INSERT of a payment row): in the transactional mode the INSERT and the completion share one transaction, so the completion adds no commit of its own.',
+    '',
+    writeQueriesTable(run.queries),
     '',
   );
   for (const database of ['postgres', 'pglite'] as const) {

@@ -98,6 +98,15 @@ export function buildResults(run: RunMeasurements): BenchResults {
       const figure = figures(run.samples, database, route, plain.rps);
       if (figure) routes[route] = figure;
     }
+    // The realistic handler, as ratios to the same handler without the library.
+    const write = figures(run.samples, database, 'write', null);
+    if (write) {
+      routes.write = { ...write, ratio_to_plain: 1 };
+      for (const route of ['write_first', 'write_tx'] as const) {
+        const figure = figures(run.samples, database, route, write.rps);
+        if (figure) routes[route] = figure;
+      }
+    }
     for (const [name, target, route] of PEER_ROUTES) {
       const figure = figures(run.samples, target, route, plain.rps);
       if (figure) routes[name] = figure;
@@ -143,6 +152,8 @@ export function checkTargets(results: BenchResults): TargetCheck[] {
   const over = (a: number | undefined, b: number | undefined) => (a && b ? a / b : null);
   ratio('PostgreSQL first / plain', pg?.routes.first?.ratio_to_plain, 0.6, ['first', 'plain']);
   ratio('PostgreSQL replay / plain', pg?.routes.replay?.ratio_to_plain, 0.8, ['replay', 'plain']);
+  ratio('PostgreSQL realistic handler: idempotent / without', pg?.routes.write_first?.ratio_to_plain, 0.8, ['write_first', 'write']);
+  ratio('PostgreSQL realistic handler: transactional / without', pg?.routes.write_tx?.ratio_to_plain, 0.85, ['write_tx', 'write']);
   ratio('PostgreSQL first / peer Redis first', over(rps('first'), rps('peer_redis')), 1.0, ['first', 'peer_redis']);
   ratio('PostgreSQL replay / peer Redis replay', over(rps('replay'), rps('peer_redis_replay')), 1.0, ['replay', 'peer_redis_replay']);
   const growth = pg?.growth;

@@ -8,8 +8,19 @@ import { postOnce, runLoad, seedKeys, type KeyPlan, type LoadResult } from './lo
 import type { QueryCounts } from './query-counter.js';
 
 export type TargetName = 'postgres' | 'pglite' | 'peer_redis' | 'peer_memory';
-export type RouteName = 'plain' | 'first' | 'replay';
+export type RouteName = 'plain' | 'first' | 'replay' | 'write' | 'write_first' | 'write_tx';
 export const ROUTE_NAMES: readonly RouteName[] = ['plain', 'first', 'replay'];
+/** Our apps also load the realistic handler: one INSERT, without, with and transactional. */
+const OUR_ROUTE_NAMES: readonly RouteName[] = [...ROUTE_NAMES, 'write', 'write_first', 'write_tx'];
+
+const ROUTE_PATHS: Record<RouteName, string> = {
+  plain: ROUTES.plain,
+  first: ROUTES.idempotent,
+  replay: ROUTES.idempotent,
+  write: ROUTES.write,
+  write_first: ROUTES.writeIdempotent,
+  write_tx: ROUTES.writeTransactional,
+};
 
 /** An app under load, with the completed keys its `replay` route cycles through. */
 export interface Target {
@@ -54,21 +65,22 @@ export async function startTargets(services: Services, log: (line: string) => vo
     // The peer's plain route is the same NestJS 10 app whatever its adapter: loaded once, on Redis
     // (or in memory when Redis is absent), to save a route per round.
     const peerPlainElsewhere = name === 'peer_memory' && wanted.some((other) => other.name === 'peer_redis');
-    return { name, app, replayKeys, routes: peerPlainElsewhere ? ['first', 'replay'] : ROUTE_NAMES };
+    const ours = name === 'postgres' || name === 'pglite';
+    return { name, app, replayKeys, routes: peerPlainElsewhere ? ['first', 'replay'] : ours ? OUR_ROUTE_NAMES : ROUTE_NAMES };
   }));
 }
 
 function keyPlan(target: Target, route: RouteName, tag: string): KeyPlan {
-  if (route === 'plain') return { kind: 'none' };
-  if (route === 'first') return { kind: 'fresh', prefix: `first-${target.name}-${tag}-${Date.now()}` };
-  return { kind: 'cycle', keys: target.replayKeys };
+  if (route === 'plain' || route === 'write') return { kind: 'none' };
+  if (route === 'replay') return { kind: 'cycle', keys: target.replayKeys };
+  return { kind: 'fresh', prefix: `${route}-${target.name}-${tag}-${Date.now()}` };
 }
 
 async function loadRoute(target: Target, route: RouteName, durationS: number, tag: string): Promise<RouteSample> {
   const before = cpuSnapshot(target.app.pid);
   const result = await runLoad({
     port: target.app.port,
-    path: route === 'plain' ? ROUTES.plain : ROUTES.idempotent,
+    path: ROUTE_PATHS[route],
     keys: keyPlan(target, route, tag),
     connections: BENCH_CONFIG.connections,
     durationS,
@@ -113,6 +125,14 @@ export interface QueriesPerRequest {
   readonly first_wire: number | null;
   readonly replay_wire: number | null;
   readonly statements: { readonly first: Record<string, number>; readonly replay: Record<string, number> };
+  /**
+   * Our apps' realistic handler (one INSERT): statements and commits per request, behind
+   * `@Idempotent()` and in the transactional mode (where the completion adds no commit).
+   */
+  readonly write: {
+    readonly idempotent: { readonly statements: Record<string, number>; readonly commits: number };
+    readonly transactional: { readonly statements: Record<string, number>; readonly commits: number };
+  } | null;
 }
 
 /**
@@ -120,10 +140,10 @@ export interface QueriesPerRequest {
  * requests with fresh keys, then as many replays. Sequential so the count is exact per request.
  */
 export async function countQueries(target: Target, requests = 200): Promise<QueriesPerRequest> {
-  const measure = async (keyOf: (i: number) => string) => {
+  const measure = async (keyOf: (i: number) => string, path: string = ROUTES.idempotent) => {
     await target.app.command('queries-reset');
     for (let i = 0; i < requests; i++) {
-      const { status } = await postOnce(target.app.port, ROUTES.idempotent, keyOf(i));
+      const { status } = await postOnce(target.app.port, path, keyOf(i));
       if (status !== 201) throw new Error(`${target.name}: counting request answered ${status}`);
     }
     return target.app.command<QueryCounts>('queries-read');
@@ -134,7 +154,15 @@ export async function countQueries(target: Target, requests = 200): Promise<Quer
   const per = (count: number) => Math.round((count / requests) * 100) / 100;
   const perStatement = (counts: QueryCounts) =>
     Object.fromEntries(Object.entries(counts.byStatement).map(([label, count]) => [label, per(count)]));
+  const writeOf = async (path: string) => {
+    const counts = await measure((i) => `count-${path}-${stamp}-${i}`, path);
+    return { statements: perStatement(counts), commits: per(counts.commits) };
+  };
+  const ours = target.routes.includes('write_tx');
   return {
+    write: ours
+      ? { idempotent: await writeOf(ROUTES.writeIdempotent), transactional: await writeOf(ROUTES.writeTransactional) }
+      : null,
     first: per(first.typeorm),
     replay: per(replay.typeorm),
     first_wire: first.wire === null ? null : per(first.wire),

@@ -12,7 +12,7 @@ import { measureGrowth, type GrowthResult } from './growth.js';
 import { machineBusyFraction } from './cpu-usage.js';
 import { measureMemoryAndPurge, type MemoryResult, type PurgeResult } from './purge-and-memory.js';
 import { buildResults, checkTargets, type Database, type RunMeasurements } from './report-model.js';
-import { queriesTable, renderMarkdown, routeTable } from './report-markdown.js';
+import { queriesTable, renderMarkdown, routeTable, writeQueriesTable } from './report-markdown.js';
 import { measureWaiterDelay, type WaiterDelayResult } from './waiter-delay.js';
 import {
   countQueries,
@@ -53,6 +53,7 @@ try {
 
   for (const target of targets) queries[target.name] = await countQueries(target);
   console.log(`\nStatements per request (target: replay = 1, first = 2):\n\n${queriesTable(queries)}\n`);
+  console.log(`Realistic handler, statements and commits per request:\n\n${writeQueriesTable(queries)}\n`);
 
   // Memory and purge load the PostgreSQL app (PGlite's `first` is too slow for 100k requests in the
   // time budget: without PostgreSQL, PGlite gets a shorter memory reading and no purge).

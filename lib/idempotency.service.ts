@@ -100,15 +100,19 @@ const WRITE_RETRY_DELAYS_MS = [0, 50, 250, 1000];
  * ```
  *                claim (insert wins)                  complete (lease held)
  *   (no record) ─────────────────────▶ IN_PROGRESS ─────────────────────────▶ COMPLETED
- *        ▲                               │   │  ▲                                  │
- *        │ release (lease held):         │   │  │ takeover: lock expired,          │ TTL over:
- *        │ 5xx, thrown error, 4xx the    │   │  │ same fingerprint (new lease)     │ the next claim
- *        │ client must correct           │   └──┘                                  │ takes it over,
- *        └───────────────────────────────┘                                         │ purge deletes it
- *                                                                                  ▼
+ *        ▲                             │  │   │  ▲                                  │
+ *        │ release (lease held):       │  │   │  │ takeover: lock expired,          │ TTL over:
+ *        │ 5xx, thrown error, 4xx the  │  │   │  │ same fingerprint (new lease)     │ the next claim
+ *        │ client must correct         │  │   └──┘                                  │ takes it over,
+ *        └─────────────────────────────┘  │ renew (lease held): every lockTimeout/3 │ purge deletes it
+ *                                         └──▶ while the handler runs             ▼
  *   claim finds IN_PROGRESS (lock live) → 409, or wait;  COMPLETED (TTL live) → replay;
  *   any live record with another fingerprint → 422.
  * ```
+ *
+ * Transactional mode: the claim commits on its own; the handler's writes and `complete` share one
+ * transaction, so the record reaches COMPLETED exactly when the writes commit. A lost lease makes
+ * `complete` match nothing, and the transaction rolls back.
  */
 @Injectable()
 export class IdempotencyService implements BeforeApplicationShutdown {
@@ -299,10 +303,11 @@ export class IdempotencyService implements BeforeApplicationShutdown {
   }
 
   /**
-   * Stores the handler's response under the lease. A failed write is retried; if it still fails
-   * the record stays in progress until its lock times out, and the next retry after that runs the
-   * handler again — logged as an error, since that is the one window in which a handler can run
-   * twice. Never throws: the handler's response goes back to the client either way.
+   * Stores the handler's response under the lease (plain mode). A failed write is retried; if it
+   * still fails the record stays in progress until its lock times out, and the next retry after
+   * that runs the handler again — logged as an error (the transactional mode has no such case: its
+   * completion commits with the handler's writes). Never throws: the handler's response goes back
+   * to the client either way.
    */
   async complete(lease: Lease, response: StoredResponse, ttlMs: number, renewal?: LeaseRenewal): Promise<void> {
     await this.writeWithRetry(lease, 'store the response of', async () => {

@@ -13,6 +13,7 @@ const REQUEST_OUTCOMES = ['executed', 'replayed', 'conflict', 'mismatch'] as con
  *   mismatch (422);
  * - `idempotency_keys_released_total`: keys given up after a result that is not stored;
  * - `idempotency_records_expired_total`: claims that took over an expired or abandoned record;
+ * - `idempotency_leases_lost_total`: running handlers whose claim was found taken over;
  * - `idempotency_records_purged_total`: rows deleted by the purge;
  * - prom-client's default process metrics (`process_*`, `nodejs_*`).
  */
@@ -41,6 +42,11 @@ export class IdempotencyPrometheus implements OnModuleDestroy {
       expired: new Counter({
         name: 'idempotency_records_expired_total',
         help: 'Claims that took over an expired record or an abandoned lock.',
+        registers,
+      }),
+      'lease-lost': new Counter({
+        name: 'idempotency_leases_lost_total',
+        help: 'Running handlers whose claim was found taken over: result not stored (transactional: rolled back).',
         registers,
       }),
       purged: new Counter({
