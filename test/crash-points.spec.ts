@@ -45,7 +45,9 @@ describeOnPostgres('SIGKILL at each point of a request, transactional and plain'
     await createEffectsTables(db, tag);
     const env = { DATABASE_URL: url, EFFECTS_TABLE: tag, CRASH_LOCK_TIMEOUT: LOCK_TIMEOUT };
     [victim, ...survivors] = await Promise.all([
-      startAppProcess('test/fixtures/storm-server.js', { ...env, HANG: '1' }),
+      // Every transactional request hung in its handler holds a pool connection (its transaction):
+      // the victim's pool must outnumber them, or its other claims would wait for a connection.
+      startAppProcess('test/fixtures/storm-server.js', { ...env, HANG: '1', POOL_MAX: String(2 * KEYS_PER_CASE * POINTS.length + 10) }),
       startAppProcess('test/fixtures/storm-server.js', { ...env, HANG: '0' }),
       startAppProcess('test/fixtures/storm-server.js', { ...env, HANG: '0' }),
     ]);
