@@ -42,7 +42,7 @@ export const DEFAULTS = {
   lockRenewalLimit: '15m',
   transactional: false,
   required: true,
-  concurrency: 'reject',
+  messageKeyField: 'idempotencyKey',
   waitTimeout: '10s',
   waitPollInterval: '50ms',
   waitNotifications: true,

@@ -11,6 +11,9 @@ import { IdempotencyContext } from './idempotency.context.js';
 import { IdempotencyMetrics } from './idempotency-metrics.js';
 import { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
 import { IdempotentRoutesCheck } from './interceptors/idempotent-routes.check.js';
+import { GraphQLTransport } from './transports/graphql.transport.js';
+import { HttpTransport } from './transports/http.transport.js';
+import { RpcTransport } from './transports/rpc.transport.js';
 import { idempotencyOpenApiProvider } from './openapi/idempotency-openapi.js';
 import { DiscoveryModule } from '@nestjs/core';
 import type { IdempotencyModuleOptions } from './interfaces/idempotency-options.interface.js';
@@ -64,6 +67,9 @@ const providers: Provider[] = [
   IdempotencyContext,
   IdempotencyMetrics,
   IdempotencyInterceptor,
+  HttpTransport,
+  GraphQLTransport,
+  RpcTransport,
   IdempotencyPurgeJob,
   IdempotentRoutesCheck,
   idempotencyOpenApiProvider,
@@ -76,7 +82,7 @@ const providers: Provider[] = [
 @Module({
   imports: [DiscoveryModule],
   providers,
-  exports: [IdempotencyMetrics, IdempotencyContext, IdempotencyService, IdempotencyInterceptor, IdempotencyPurgeJob, IdempotencyStore, RESOLVED_OPTIONS],
+  exports: [IdempotencyMetrics, IdempotencyContext, IdempotencyService, HttpTransport, GraphQLTransport, RpcTransport, IdempotencyInterceptor, IdempotencyPurgeJob, IdempotencyStore, RESOLVED_OPTIONS],
 })
 export class IdempotencyModule extends ConfigurableIdempotencyModule implements OnApplicationShutdown {
   constructor(

@@ -7,6 +7,7 @@ import type {
   StoreStatusPolicy,
 } from './interfaces/idempotency-options.interface.js';
 import { toMilliseconds } from './utils/duration.js';
+import type { MessageAcknowledgement } from './transports/rpc.transport.js';
 
 /** Internal token: the module's options with defaults applied and durations in milliseconds. */
 export const RESOLVED_OPTIONS = Symbol('IdempotencyResolvedOptions');
@@ -19,11 +20,13 @@ export interface ResolvedRouteOptions {
   readonly lockRenewalLimitMs: number;
   readonly transactional: boolean;
   readonly required: boolean;
-  readonly concurrency: ConcurrencyMode;
+  /** Unset: the transport's default (HTTP and GraphQL reject, messages wait). */
+  readonly concurrency: ConcurrencyMode | undefined;
   readonly waitTimeoutMs: number;
   readonly scope: ScopeResolver;
   readonly shouldStore: (status: number) => boolean;
   readonly replayStatus: number | undefined;
+  readonly acknowledge: MessageAcknowledgement | undefined;
 }
 
 export interface ResolvedModuleOptions extends ResolvedRouteOptions {
@@ -35,6 +38,7 @@ export interface ResolvedModuleOptions extends ResolvedRouteOptions {
   readonly maxResponseBytes: number;
   readonly storeTimeoutMs: number;
   readonly runMigrations: boolean;
+  readonly messageKeyField: string;
 }
 
 const everyoneInOneScope: ScopeResolver = () => '';
@@ -50,11 +54,12 @@ const UNSET_ROUTE_OPTIONS: ResolvedRouteOptions = {
   lockRenewalLimitMs: 0,
   transactional: DEFAULTS.transactional,
   required: DEFAULTS.required,
-  concurrency: DEFAULTS.concurrency,
+  concurrency: undefined,
   waitTimeoutMs: 0,
   scope: everyoneInOneScope,
   shouldStore: storeDecidedOutcomes,
   replayStatus: undefined,
+  acknowledge: undefined,
 };
 
 /** Applies defaults and validates, so a bad option fails at startup rather than per request. */
@@ -90,6 +95,7 @@ export function resolveModuleOptions(options: IdempotencyModuleOptions): Resolve
       toMilliseconds(options.storeTimeout ?? DEFAULTS.storeTimeout, 'storeTimeout'),
     ),
     runMigrations: options.runMigrations ?? DEFAULTS.runMigrations,
+    messageKeyField: options.messageKeyField ?? DEFAULTS.messageKeyField,
   };
 }
 
@@ -99,7 +105,7 @@ export function resolveRouteOptions(
   route: IdempotencyRouteOptions,
 ): ResolvedRouteOptions {
   const concurrency = route.concurrency ?? base.concurrency;
-  if (concurrency !== 'reject' && concurrency !== 'wait') {
+  if (concurrency !== undefined && concurrency !== 'reject' && concurrency !== 'wait') {
     throw new TypeError(
       `nestjs-idempotency: concurrency must be 'reject' or 'wait'; got ${JSON.stringify(concurrency)}`,
     );
@@ -128,6 +134,7 @@ export function resolveRouteOptions(
     scope: route.scope ?? base.scope,
     shouldStore: route.storeStatuses ? toPredicate(route.storeStatuses) : base.shouldStore,
     replayStatus,
+    acknowledge: route.acknowledge ?? base.acknowledge,
   };
 }
 

@@ -63,4 +63,22 @@ export {
   type ProblemDetails,
 } from './errors/idempotency.exceptions.js';
 export { IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER } from './idempotency.constants.js';
+export {
+  graphqlCodeOf,
+  rejection,
+  IdempotencyRejectionError,
+  type IdempotencyRejection,
+  type RejectionCode,
+} from './errors/idempotency-rejection.js';
+export type { IdempotencyTransport, OperationDescription } from './transports/idempotency-transport.js';
+export { HttpTransport } from './transports/http.transport.js';
+export { GraphQLTransport, GRAPHQL_KEY_ARGUMENT, IdempotencyGraphQLError } from './transports/graphql.transport.js';
+export {
+  RpcTransport,
+  rabbitMqAcknowledgement,
+  transportKey,
+  type MessageAcknowledgement,
+  type MessageScopeSource,
+  type SettledMessage,
+} from './transports/rpc.transport.js';
 export type { Duration } from './utils/duration.js';

@@ -1,4 +1,5 @@
 import { HttpException, HttpStatus } from '@nestjs/common';
+import type { IdempotencyRejection } from './idempotency-rejection.js';
 
 /** RFC 9457 problem details, as this module sends them. */
 export interface ProblemDetails {
@@ -133,5 +134,30 @@ export class IdempotencyResultNotStoredException extends IdempotencyException {
       'The result could not be stored',
       'The operation produced a result that cannot be stored for replay, so nothing of it was committed. Retry with the same key to run it again.',
     );
+  }
+}
+
+/**
+ * The HTTP exception of a rejection: the class of its code (so `instanceof` in an exception filter
+ * works as before), with the rejection's detail and Retry-After.
+ */
+export function httpExceptionFor(rejection: IdempotencyRejection): IdempotencyException {
+  switch (rejection.code) {
+    case 'key-missing':
+      return new IdempotencyKeyMissingException();
+    case 'key-invalid':
+      return new IdempotencyKeyInvalidException(rejection.detail);
+    case 'body-unreadable':
+      return new IdempotencyBodyUnreadableException();
+    case 'key-reused':
+      return new IdempotencyKeyReusedException();
+    case 'request-in-progress':
+      return new IdempotencyRequestInProgressException(rejection.retryAfterSeconds ?? 1);
+    case 'store-unavailable':
+      return new IdempotencyStoreUnavailableException();
+    case 'lease-lost':
+      return new IdempotencyLeaseLostException();
+    case 'result-not-stored':
+      return new IdempotencyResultNotStoredException();
   }
 }

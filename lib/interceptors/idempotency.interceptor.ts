@@ -1,221 +1,140 @@
 import {
-  HttpException,
   Inject,
   Injectable,
   Logger,
-  StreamableFile,
   type CallHandler,
   type ExecutionContext,
   type NestInterceptor,
 } from '@nestjs/common';
-import { HttpAdapterHost, Reflector } from '@nestjs/core';
-import { catchError, defer, lastValueFrom, of, type Observable } from 'rxjs';
-import { IDEMPOTENT_REPLAYED_HEADER, IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
+import { Reflector } from '@nestjs/core';
+import { catchError, defer, lastValueFrom, tap, type Observable } from 'rxjs';
+import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
 import {
   RESOLVED_OPTIONS,
   resolveRouteOptions,
   type ResolvedModuleOptions,
   type ResolvedRouteOptions,
 } from '../idempotency.options.js';
-import {
-  IdempotencyService,
-  LeaseLostError,
-  UnstoredResultError,
-  type Decision,
-  type Outcome,
-} from '../idempotency.service.js';
+import { IdempotencyService, LeaseLostError, UnstoredResultError, type Decision } from '../idempotency.service.js';
 import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
-import {
-  IdempotencyBodyUnreadableException,
-  IdempotencyException,
-  IdempotencyKeyInvalidException,
-  IdempotencyKeyMissingException,
-  IdempotencyKeyReusedException,
-  IdempotencyLeaseLostException,
-  IdempotencyRequestInProgressException,
-  IdempotencyResultNotStoredException,
-  IdempotencyStoreUnavailableException,
-  PROBLEM_CONTENT_TYPE,
-} from '../errors/idempotency.exceptions.js';
-import type { Lease, StoredResponse } from '../storage/idempotency-store.interface.js';
+import { IdempotencyRejectionError, rejection, type IdempotencyRejection } from '../errors/idempotency-rejection.js';
+import type { RecordId } from '../storage/idempotency-store.interface.js';
 import { fingerprintRequest } from '../utils/fingerprint.js';
-import { readIdempotencyKey, truncateKeyForLog } from '../utils/idempotency-key.js';
-import { decodeBody, encodeBody } from '../utils/response-body.js';
-import {
-  boundedColumnValue,
-  endpointOf,
-  keyFieldLines,
-  pinStatus,
-  statusOf,
-  storableHeaders,
-  urlOf,
-} from './http-exchange.js';
+import { truncateKeyForLog } from '../utils/idempotency-key.js';
+import { GraphQLTransport } from '../transports/graphql.transport.js';
+import { boundedColumnValue } from '../transports/http-exchange.js';
+import { HttpTransport } from '../transports/http.transport.js';
+import type { IdempotencyTransport, OperationDescription } from '../transports/idempotency-transport.js';
+import { loadMicroservices, RpcTransport, type SettledMessage } from '../transports/rpc.transport.js';
 
-/** Marks a request already handled, when `@Idempotent()` sits on both a controller and a method. */
-const HANDLED = Symbol('IdempotencyHandled');
+/** Calls already handled, when `@Idempotent()` sits on both a controller and a method. */
+const handledCalls = new WeakSet<object>();
 
 /**
- * The HTTP side: reads the key, fingerprints the request, asks the service for a decision and acts
- * on it — run the handler and store its result, replay a stored result, or answer a problem.
+ * Drives one plan for every transport: read the key, ask the service for a decision, then run the
+ * handler and store its result, replay a stored result, or reject. What depends on the transport
+ * (where the key is, what identifies the operation, how results are captured, replayed and
+ * rejections rendered) is its adapter's (see `IdempotencyTransport`).
  */
 @Injectable()
 export class IdempotencyInterceptor implements NestInterceptor {
   private readonly logger = new Logger('Idempotency');
   private readonly routeOptions = new WeakMap<Function, ResolvedRouteOptions>();
+  private readonly transports: Readonly<Record<string, IdempotencyTransport>>;
 
   constructor(
     private readonly reflector: Reflector,
     private readonly service: IdempotencyService,
-    private readonly adapterHost: HttpAdapterHost,
+    http: HttpTransport,
+    graphql: GraphQLTransport,
+    rpc: RpcTransport,
     @Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions,
-  ) {}
+  ) {
+    this.transports = { http, graphql, rpc };
+  }
 
   async intercept(context: ExecutionContext, next: CallHandler): Promise<Observable<unknown>> {
-    if (context.getType() !== 'http') return next.handle();
-    const request = context.switchToHttp().getRequest();
-    const response = context.switchToHttp().getResponse();
-    if (request[HANDLED]) return next.handle();
-    request[HANDLED] = true;
+    const transport = this.transports[context.getType()];
+    if (!transport || !transport.applies(context) || alreadyHandled(context)) return next.handle();
+    if (transport.type === 'rpc') await loadMicroservices();
     const options = this.optionsFor(context);
     try {
-      const reading = readIdempotencyKey(keyFieldLines(request));
-      if (reading.kind === 'invalid') throw new IdempotencyKeyInvalidException(reading.reason);
+      const reading = transport.readKey(context);
+      if (reading.kind === 'invalid') throw new IdempotencyRejectionError(rejection('key-invalid', { detail: reading.reason }));
       if (reading.kind === 'absent') {
-        if (options.required) throw new IdempotencyKeyMissingException();
+        if (options.required) throw new IdempotencyRejectionError(rejection('key-missing'));
         return next.handle();
       }
-      const id = {
-        scope: boundedColumnValue(await options.scope(request)),
-        endpoint: endpointOf(request),
+      const operation = transport.describe(context);
+      const id: RecordId = {
+        scope: boundedColumnValue(await options.scope(operation.scopeSource)),
+        endpoint: operation.endpoint,
         key: reading.key,
       };
-      const fingerprint = this.fingerprint(request);
+      const fingerprint = fingerprintOf(operation);
       const decision = await this.decide(id.key, () =>
         this.service.begin({
           id,
           fingerprint,
           lockTimeoutMs: options.lockTimeoutMs,
-          concurrency: options.concurrency,
+          concurrency: options.concurrency ?? transport.defaultConcurrency,
           waitTimeoutMs: options.waitTimeoutMs,
         }),
       );
-      return this.act(decision, fingerprint, response, next, options);
+      return this.act(transport, context, decision, fingerprint, next, options);
     } catch (error) {
-      if (error instanceof IdempotencyException) this.prepareProblem(response, error);
-      throw error;
+      if (!(error instanceof IdempotencyRejectionError)) throw error;
+      transport.settled?.(context, settledBy(error.rejection), options);
+      throw transport.reject(context, error.rejection);
     }
   }
 
   private act(
+    transport: IdempotencyTransport,
+    context: ExecutionContext,
     decision: Decision,
     fingerprint: string,
-    response: any,
     next: CallHandler,
     options: ResolvedRouteOptions,
   ): Observable<unknown> {
     switch (decision.action) {
       case 'execute':
-        return this.execute(decision.lease, fingerprint, response, next, options);
+        return defer(() =>
+          this.service.execute(
+            decision.lease,
+            fingerprint,
+            options,
+            () => lastValueFrom(next.handle(), { defaultValue: undefined }),
+            (outcome) => transport.capture(context, outcome, options, decision.lease.id.key),
+          ),
+        ).pipe(
+          tap(() => transport.settled?.(context, { kind: 'done', replayed: false }, options)),
+          catchError((error: unknown) => {
+            const code =
+              error instanceof LeaseLostError ? 'lease-lost' : error instanceof UnstoredResultError ? 'result-not-stored' : undefined;
+            const refusal = code ? rejection(code) : undefined;
+            // A stored error (an HttpException or RpcException the handler chose) is the message's
+            // result: done. A crash released the key: a redelivery runs the handler again.
+            const stored = !refusal && this.storedError(transport, context, error, options, decision.lease.id.key);
+            transport.settled?.(context, refusal ? settledBy(refusal) : stored ? { kind: 'done', replayed: false } : { kind: 'retry', reason: 'the handler failed' }, options);
+            throw refusal ? transport.reject(context, refusal) : error;
+          }),
+        );
       case 'replay':
-        return this.replay(decision.response, response, options);
+        transport.settled?.(context, { kind: 'done', replayed: true }, options);
+        return transport.replay(context, decision.response, options);
       case 'mismatch':
-        throw new IdempotencyKeyReusedException();
+        throw new IdempotencyRejectionError(rejection('key-reused'));
       case 'in-progress':
-        throw new IdempotencyRequestInProgressException(
-          Math.max(1, Math.ceil(decision.retryAfterMs / 1000)),
+        throw new IdempotencyRejectionError(
+          rejection('request-in-progress', { retryAfterSeconds: Math.max(1, Math.ceil(decision.retryAfterMs / 1000)) }),
         );
     }
   }
 
-  /**
-   * Runs the handler through the service (which renews the claim, and in transactional mode wraps
-   * the handler in the transaction); before the response leaves, it is stored or the key released.
-   */
-  private execute(
-    lease: Lease,
-    fingerprint: string,
-    response: any,
-    next: CallHandler,
-    options: ResolvedRouteOptions,
-  ): Observable<unknown> {
-    return defer(() =>
-      this.service.execute(
-        lease,
-        fingerprint,
-        options,
-        () => lastValueFrom(next.handle(), { defaultValue: undefined }),
-        (outcome) => this.capture(lease, options, response, outcome),
-      ),
-    ).pipe(
-      catchError((error: unknown) => {
-        const problem =
-          error instanceof LeaseLostError
-            ? new IdempotencyLeaseLostException()
-            : error instanceof UnstoredResultError
-              ? new IdempotencyResultNotStoredException()
-              : undefined;
-        if (!problem) throw error;
-        this.prepareProblem(response, problem);
-        throw problem;
-      }),
-    );
-  }
-
-  /**
-   * The response to store for a handler's outcome, or null to release the key. Only an
-   * HttpException is an answer the handler chose; anything else is a crash (500).
-   */
-  private capture(lease: Lease, options: ResolvedRouteOptions, response: any, outcome: Outcome): StoredResponse | null {
-    if (outcome.ok) return this.storable(lease, options, response, statusOf(response), outcome.value, false);
-    const { error } = outcome;
-    if (!(error instanceof HttpException)) return null;
-    return this.storable(lease, options, response, error.getStatus(), error.getResponse(), true);
-  }
-
-  /** The stored form of a result, if the policy keeps its status and it can be stored. */
-  private storable(
-    lease: Lease,
-    options: ResolvedRouteOptions,
-    response: any,
-    status: number,
-    value: unknown,
-    isError: boolean,
-  ): StoredResponse | null {
-    if (!options.shouldStore(status)) return null;
-    if (value instanceof StreamableFile) {
-      this.logger.error(
-        `A StreamableFile cannot be stored: key ${truncateKeyForLog(lease.id.key)} on ${lease.id.endpoint} was released, so a retry runs the handler again. Do not use @Idempotent() on streaming routes.`,
-      );
-      return null;
-    }
-    const encoded = encodeBody(value);
-    const size = encoded?.body ? Buffer.byteLength(encoded.body) : 0;
-    if (!encoded || size > this.moduleOptions.maxResponseBytes) {
-      this.logger.warn(
-        `Response for key ${truncateKeyForLog(lease.id.key)} on ${lease.id.endpoint} not stored (${encoded ? `${size} bytes, over maxResponseBytes` : 'not serialisable'}); key released.`,
-      );
-      return null;
-    }
-    return { status, headers: storableHeaders(response), ...encoded, isError };
-  }
-
-  /** Sends a stored response again: same headers and body, the original (or configured) status. */
-  private replay(
-    stored: StoredResponse,
-    response: any,
-    options: ResolvedRouteOptions,
-  ): Observable<unknown> {
-    const adapter = this.adapterHost.httpAdapter;
-    for (const [name, value] of Object.entries(stored.headers)) {
-      adapter.setHeader(response, name, value as string);
-    }
-    adapter.setHeader(response, IDEMPOTENT_REPLAYED_HEADER, 'true');
-    const body = decodeBody(stored);
-    // A stored error goes through the exception filters again, as the original did.
-    if (stored.isError) throw new HttpException(body as string | object, stored.status);
-    const status = options.replayStatus ?? stored.status;
-    if (status !== statusOf(response)) pinStatus(response, status);
-    return of(body);
+  /** Whether the handler's error is one that was stored as its result (see `capture`). */
+  private storedError(transport: IdempotencyTransport, context: ExecutionContext, error: unknown, options: ResolvedRouteOptions, key: string): boolean {
+    return transport.capture(context, { ok: false, error }, options, key) !== null;
   }
 
   /** Decides, turning a store failure into a 503: the handler never runs without a claim. */
@@ -223,27 +142,8 @@ export class IdempotencyInterceptor implements NestInterceptor {
     try {
       return await begin();
     } catch (error) {
-      this.logger.error(
-        `Idempotency store unavailable for key ${truncateKeyForLog(key)}: ${(error as Error).message}`,
-      );
-      throw new IdempotencyStoreUnavailableException();
-    }
-  }
-
-  private fingerprint(request: any): string {
-    try {
-      return fingerprintRequest({ method: request.method, url: urlOf(request), body: request.body });
-    } catch {
-      throw new IdempotencyBodyUnreadableException();
-    }
-  }
-
-  /** Content-Type and headers of a problem, set before the exception filter writes its body. */
-  private prepareProblem(response: any, problem: IdempotencyException): void {
-    const adapter = this.adapterHost.httpAdapter;
-    adapter.setHeader(response, 'Content-Type', PROBLEM_CONTENT_TYPE);
-    for (const [name, value] of Object.entries(problem.headers)) {
-      adapter.setHeader(response, name, value);
+      this.logger.error(`Idempotency store unavailable for key ${truncateKeyForLog(key)}: ${(error as Error).message}`);
+      throw new IdempotencyRejectionError(rejection('store-unavailable', { retryAfterSeconds: 1 }));
     }
   }
 
@@ -251,13 +151,39 @@ export class IdempotencyInterceptor implements NestInterceptor {
     const handler = context.getHandler();
     let resolved = this.routeOptions.get(handler);
     if (!resolved) {
-      const route = this.reflector.getAllAndOverride<IdempotencyRouteOptions | undefined>(
-        IDEMPOTENT_ROUTE_OPTIONS,
-        [handler, context.getClass()],
-      );
+      const route = this.reflector.getAllAndOverride<IdempotencyRouteOptions | undefined>(IDEMPOTENT_ROUTE_OPTIONS, [
+        handler,
+        context.getClass(),
+      ]);
       resolved = resolveRouteOptions(this.moduleOptions, route ?? {});
       this.routeOptions.set(handler, resolved);
     }
     return resolved;
   }
+}
+
+/** A refused message: to be delivered again when a retry may succeed (Retry-After), else dropped. */
+function settledBy(refusal: IdempotencyRejection): SettledMessage {
+  return refusal.retryAfterSeconds === undefined
+    ? { kind: 'drop', reason: refusal.code }
+    : { kind: 'retry', reason: refusal.code };
+}
+
+function fingerprintOf(operation: OperationDescription): string {
+  try {
+    return fingerprintRequest(operation.fingerprint);
+  } catch {
+    throw new IdempotencyRejectionError(rejection('body-unreadable'));
+  }
+}
+
+/**
+ * Marks the call, so a second `@Idempotent()` interceptor on it (class and method) passes it
+ * through. On HTTP the request object, elsewhere the call's argument list (one per call).
+ */
+function alreadyHandled(context: ExecutionContext): boolean {
+  const marker: object = context.getType() === 'http' ? context.switchToHttp().getRequest() : context.getArgs();
+  if (handledCalls.has(marker)) return true;
+  handledCalls.add(marker);
+  return false;
 }

@@ -2,13 +2,16 @@ import type { DataSource, DataSourceOptions } from 'typeorm';
 import type { Duration } from '../utils/duration.js';
 import type { IdempotencyStore } from '../storage/idempotency-store.interface.js';
 import type { TransactionRunner } from '../storage/typeorm/typeorm-idempotency.store.js';
+import type { MessageAcknowledgement } from '../transports/rpc.transport.js';
 
 /** What a duplicate does while the first request with its key is still running. */
 export type ConcurrencyMode = 'reject' | 'wait';
 
 /**
  * Identifies the caller, so keys never cross callers: a user id, an API key, a tenant. Receives the
- * platform's request object (Express `Request` or Fastify `FastifyRequest`).
+ * platform's request object (Express `Request` or Fastify `FastifyRequest`) on HTTP and GraphQL
+ * (the GraphQL context's request), and `{ data, context }` (`MessageScopeSource`: the payload and
+ * the transport's context) for a message handler.
  */
 export type ScopeResolver = (request: any) => string | Promise<string>;
 
@@ -56,9 +59,9 @@ export interface IdempotencyRouteOptions {
   required?: boolean;
   /**
    * A duplicate that arrives while the first request runs: `'reject'` answers 409 with
-   * `Retry-After`; `'wait'` waits up to `waitTimeout` for the first to finish and replays its
-   * result (409 if the wait runs out).
-   * @default 'reject'
+   * `Retry-After` (a `request-in-progress` error on GraphQL and RPC); `'wait'` waits up to
+   * `waitTimeout` for the first to finish and replays its result (409 if the wait runs out).
+   * @default 'reject' on HTTP and GraphQL, 'wait' for message handlers
    */
   concurrency?: ConcurrencyMode;
   /**
@@ -84,6 +87,14 @@ export interface IdempotencyRouteOptions {
    * @default undefined (the original status)
    */
   replayStatus?: number;
+  /**
+   * Message handlers with manual acknowledgement (RabbitMQ `noAck: false`): settles each message
+   * with its broker once the module knows how it ended — done, to retry, or to drop (see
+   * `SettledMessage`) — so the handler does not acknowledge itself. `rabbitMqAcknowledgement`
+   * does it for RabbitMQ.
+   * @default undefined (the module acknowledges nothing)
+   */
+  acknowledge?: MessageAcknowledgement;
 }
 
 /** Options of `IdempotencyModule.forRoot()` / `forRootAsync()`. */
@@ -99,6 +110,12 @@ export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
    * @default TypeOrmIdempotencyStore on `dataSource`
    */
   store?: IdempotencyStore;
+  /**
+   * The payload field of a message handler's key; without it, the transport's own message identity
+   * (RabbitMQ `message_id`, NATS `Nats-Msg-Id`, MQTT 5 user property, Kafka header or offset).
+   * @default 'idempotencyKey'
+   */
+  messageKeyField?: string;
   /**
    * How a transactional route opens its transaction, for instance to let
    * `@nestjs-cls/transactional` own it: `(work) => txHost.withTransaction(() => work(txHost.tx))`.

@@ -1,0 +1,88 @@
+/**
+ * Why the module answered a call itself instead of running (or storing) its handler. The same
+ * codes on every transport: HTTP renders them as problem+json (`type` ends in the code), GraphQL
+ * as an error with `extensions.code` (`IDEMPOTENCY_` + the code in upper snake case), RPC as an
+ * RpcException whose error object carries `code`.
+ */
+export type RejectionCode =
+  | 'key-missing'
+  | 'key-invalid'
+  | 'body-unreadable'
+  | 'key-reused'
+  | 'request-in-progress'
+  | 'store-unavailable'
+  | 'lease-lost'
+  | 'result-not-stored';
+
+/** A rejection before a transport renders it. */
+export interface IdempotencyRejection {
+  readonly code: RejectionCode;
+  /** The HTTP status this rejection stands for (409, 422, …); RPC and GraphQL carry it too. */
+  readonly status: number;
+  readonly title: string;
+  readonly detail: string;
+  /** When a retry may succeed (409, 503): seconds. */
+  readonly retryAfterSeconds?: number;
+}
+
+const REJECTIONS: Record<RejectionCode, Omit<IdempotencyRejection, 'code' | 'detail' | 'retryAfterSeconds'> & { detail: string }> = {
+  'key-missing': {
+    status: 400,
+    title: 'Idempotency-Key is missing',
+    detail: 'This operation requires an Idempotency-Key, e.g. a UUID v4 that you send again on every retry of the same operation.',
+  },
+  'key-invalid': { status: 400, title: 'Idempotency-Key is invalid', detail: 'The Idempotency-Key is invalid.' },
+  'body-unreadable': {
+    status: 400,
+    title: 'Request body cannot be fingerprinted',
+    detail: 'The request body is too deeply nested to be compared with later retries.',
+  },
+  'key-reused': {
+    status: 422,
+    title: 'Idempotency-Key reused with a different request',
+    detail: 'This Idempotency-Key was already used with a different request payload. Use a new key for a new operation.',
+  },
+  'request-in-progress': {
+    status: 409,
+    title: 'A request with this Idempotency-Key is in progress',
+    detail: 'The first request with this Idempotency-Key has not finished yet. Retry later with the same key to receive its result.',
+  },
+  'store-unavailable': {
+    status: 503,
+    title: 'Idempotency store unavailable',
+    detail: 'The request was not processed because its Idempotency-Key could not be checked. Retry later with the same key.',
+  },
+  'lease-lost': {
+    status: 409,
+    title: 'This attempt lost its claim on the Idempotency-Key',
+    detail:
+      'Another request with this Idempotency-Key took the operation over while this one ran, so nothing of this attempt was committed. Retry with the same key to receive the result of the operation.',
+  },
+  'result-not-stored': {
+    status: 500,
+    title: 'The result could not be stored',
+    detail:
+      'The operation produced a result that cannot be stored for replay, so nothing of it was committed. Retry with the same key to run it again.',
+  },
+};
+
+/** The rejection `code`, with its standard text; `detail` and `retryAfterSeconds` as given. */
+export function rejection(
+  code: RejectionCode,
+  extra: { readonly detail?: string; readonly retryAfterSeconds?: number } = {},
+): IdempotencyRejection {
+  const { status, title, detail } = REJECTIONS[code];
+  return { code, status, title, detail: extra.detail ?? detail, retryAfterSeconds: extra.retryAfterSeconds };
+}
+
+/** Thrown inside the module to stop a call with a rejection; the transport renders it. */
+export class IdempotencyRejectionError extends Error {
+  constructor(readonly rejection: IdempotencyRejection) {
+    super(rejection.title);
+  }
+}
+
+/** `key-reused` → `IDEMPOTENCY_KEY_REUSED`: the GraphQL `extensions.code` of a rejection. */
+export function graphqlCodeOf(code: RejectionCode): string {
+  return `IDEMPOTENCY_${code.replaceAll('-', '_').toUpperCase()}`;
+}

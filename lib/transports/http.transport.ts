@@ -1,0 +1,86 @@
+import { HttpException, Inject, Injectable, type ExecutionContext } from '@nestjs/common';
+import { HttpAdapterHost } from '@nestjs/core';
+import { of, type Observable } from 'rxjs';
+import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
+import { httpExceptionFor, PROBLEM_CONTENT_TYPE } from '../errors/idempotency.exceptions.js';
+import { IDEMPOTENT_REPLAYED_HEADER } from '../idempotency.constants.js';
+import { RESOLVED_OPTIONS, type ResolvedModuleOptions, type ResolvedRouteOptions } from '../idempotency.options.js';
+import type { Outcome } from '../idempotency.service.js';
+import type { StoredResponse } from '../storage/idempotency-store.interface.js';
+import { readIdempotencyKey } from '../utils/idempotency-key.js';
+import { decodeBody } from '../utils/response-body.js';
+import { endpointOf, keyFieldLines, pinStatus, statusOf, storableHeaders, urlOf } from './http-exchange.js';
+import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
+import { storedResult } from './stored-result.js';
+
+/**
+ * HTTP (Express and Fastify): the key is the Idempotency-Key header, the operation is the route
+ * (method and pattern) with the URL and body fingerprinted, replays carry the stored status and
+ * headers plus `Idempotent-Replayed: true`, rejections are problem+json.
+ */
+@Injectable()
+export class HttpTransport implements IdempotencyTransport {
+  readonly type = 'http';
+  readonly defaultConcurrency = 'reject';
+
+  constructor(
+    private readonly adapterHost: HttpAdapterHost,
+    @Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions,
+  ) {}
+
+  applies(): boolean {
+    return true;
+  }
+
+  readKey(context: ExecutionContext) {
+    return readIdempotencyKey(keyFieldLines(context.switchToHttp().getRequest()));
+  }
+
+  describe(context: ExecutionContext): OperationDescription {
+    const request = context.switchToHttp().getRequest();
+    return {
+      endpoint: endpointOf(request),
+      scopeSource: request,
+      fingerprint: { method: request.method, url: urlOf(request), body: request.body },
+    };
+  }
+
+  /** Only an HttpException is an answer the handler chose; anything else is a crash (500). */
+  capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, key: string): StoredResponse | null {
+    const request = context.switchToHttp().getRequest();
+    const response = context.switchToHttp().getResponse();
+    const base = { key, endpoint: endpointOf(request), headers: storableHeaders(response) };
+    if (outcome.ok) {
+      return storedResult({ ...base, status: statusOf(response), value: outcome.value, isError: false }, options.shouldStore, this.moduleOptions.maxResponseBytes);
+    }
+    if (!(outcome.error instanceof HttpException)) return null;
+    const { error } = outcome;
+    return storedResult({ ...base, status: error.getStatus(), value: error.getResponse(), isError: true }, options.shouldStore, this.moduleOptions.maxResponseBytes);
+  }
+
+  /** Sends a stored response again: same headers and body, the original (or configured) status. */
+  replay(context: ExecutionContext, stored: StoredResponse, options: ResolvedRouteOptions): Observable<unknown> {
+    const response = context.switchToHttp().getResponse();
+    const adapter = this.adapterHost.httpAdapter;
+    for (const [name, value] of Object.entries(stored.headers)) {
+      adapter.setHeader(response, name, value as string);
+    }
+    adapter.setHeader(response, IDEMPOTENT_REPLAYED_HEADER, 'true');
+    const body = decodeBody(stored);
+    // A stored error goes through the exception filters again, as the original did.
+    if (stored.isError) throw new HttpException(body as string | object, stored.status);
+    const status = options.replayStatus ?? stored.status;
+    if (status !== statusOf(response)) pinStatus(response, status);
+    return of(body);
+  }
+
+  /** problem+json: Content-Type and headers are set before the exception filter writes the body. */
+  reject(context: ExecutionContext, rejection: IdempotencyRejection): Error {
+    const problem = httpExceptionFor(rejection);
+    const response = context.switchToHttp().getResponse();
+    const adapter = this.adapterHost.httpAdapter;
+    adapter.setHeader(response, 'Content-Type', PROBLEM_CONTENT_TYPE);
+    for (const [name, value] of Object.entries(problem.headers)) adapter.setHeader(response, name, value);
+    return problem;
+  }
+}
