@@ -1,4 +1,6 @@
 import { type DynamicModule, Module } from '@nestjs/common';
+import { ApolloDriver, type ApolloDriverConfig } from '@nestjs/apollo';
+import { GraphQLModule } from '@nestjs/graphql';
 import { DataSource } from 'typeorm';
 import { IdempotencyModule } from '../lib/index.js';
 import { apiKeyScope } from './common/api-key.scope.js';
@@ -8,6 +10,8 @@ import { DatabaseModule } from './database/database.module.js';
 import { MetricsModule } from './metrics/metrics.module.js';
 import { OrdersModule } from './orders/orders.module.js';
 import { PaymentsModule } from './payments/payments.module.js';
+import { PAYMENTS_GRAPHQL_SCHEMA } from './payments/payments.resolver.js';
+import { TransferQueueModule } from './transfers/transfer-queue.module.js';
 import { TransfersModule } from './transfers/transfers.module.js';
 
 @Module({})
@@ -30,10 +34,18 @@ export class AppModule {
             scope: apiKeyScope,
           }),
         }),
+        // GraphQL at /graphql; the request goes into the context, where the module reads the
+        // Idempotency-Key header (when a mutation has no idempotencyKey argument) and the scope.
+        GraphQLModule.forRoot<ApolloDriverConfig>({
+          driver: ApolloDriver,
+          typeDefs: PAYMENTS_GRAPHQL_SCHEMA,
+          context: ({ req }: { req: unknown }) => ({ req }),
+        }),
         PaymentsModule,
         OrdersModule,
         TransfersModule,
         MetricsModule,
+        ...(config.rabbitmqUrl ? [TransferQueueModule.register(config.rabbitmqUrl)] : []),
       ],
     };
   }

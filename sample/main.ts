@@ -1,7 +1,9 @@
 import { Logger } from '@nestjs/common';
+import { Transport } from '@nestjs/microservices';
 import type { AddressInfo } from 'node:net';
 import { createSampleApp } from './app.factory.js';
 import { describeDatabase, SAMPLE_CONFIG, type SampleConfig } from './config/sample.config.js';
+import { TRANSFER_QUEUE } from './transfers/transfer-queue.module.js';
 
 const port = Number(process.env.PORT ?? 3000);
 if (!Number.isInteger(port) || port < 0 || port > 65535) {
@@ -20,6 +22,14 @@ try {
 }
 
 const config = app.get<SampleConfig>(SAMPLE_CONFIG);
+if (config.rabbitmqUrl) {
+  // A hybrid app: the same process consumes the queued transfers (manual acks: the module settles).
+  app.connectMicroservice({
+    transport: Transport.RMQ,
+    options: { urls: [config.rabbitmqUrl], queue: TRANSFER_QUEUE, noAck: false, queueOptions: { durable: true } },
+  });
+  await app.startAllMicroservices();
+}
 // The port actually bound (PORT=0 picks a free one).
 const { port: boundPort } = app.getHttpServer().address() as AddressInfo;
 const base = `localhost:${boundPort}`;
@@ -35,5 +45,11 @@ Try it: create a payment, then send the very same request again (same key):
 The second answer is the first one replayed (header Idempotent-Replayed: true), and
   curl ${base}/payments
 still lists a single payment. The same key with another body gets 422.
-More: POST /orders, POST /transfers, GET /accounts/acc_alice; npm run demo for a flaky client.
+GraphQL at http://${base}/graphql, the same payments (idempotencyKey argument, or the header):
+
+  curl -s ${base}/graphql -H 'Content-Type: application/json' -H "Idempotency-Key: $KEY-gql" \\
+    -d '{"query":"mutation { createPayment(amount: 500, currency: \\"eur\\", source: \\"tok_visa\\") { id amount } }"}'
+
+More: POST /orders, POST /transfers, GET /accounts/acc_alice, GET /gateway/charges; npm run demo for a flaky client and a crash.
+${config.rabbitmqUrl ? 'RabbitMQ consumer on: POST /transfers/async queues a transfer, executed once however often it is delivered.' : 'Set RABBITMQ_URL for POST /transfers/async and its RabbitMQ consumer.'}
 `);

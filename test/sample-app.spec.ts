@@ -49,4 +49,18 @@ describe.each(eachDatabase)('the sample shop on %s', (name) => {
     const after = (await request(http()).get('/accounts/acc_alice').expect(200)).body.balance;
     expect(Number(before) - Number(after)).toBe(1);
   });
+
+  it('charges once for a GraphQL createPayment sent twice with one idempotencyKey', async () => {
+    const key = randomUUID();
+    const reference = `gql-${randomUUID()}`;
+    const query = `mutation Pay($key: String, $reference: String) {
+      createPayment(amount: 700, currency: "eur", source: "tok_visa", reference: $reference, idempotencyKey: $key) { id amount }
+    }`;
+    const send = () => request(http()).post('/graphql').send({ query, variables: { key, reference } });
+    const [first, second] = [await send(), await send()];
+    expect(first.body.errors).toBeUndefined();
+    expect(second.body.data).toEqual(first.body.data);
+    const all = await request(http()).get('/payments').expect(200);
+    expect(all.body.filter((p: { reference?: string }) => p.reference === reference)).toHaveLength(1);
+  });
 });

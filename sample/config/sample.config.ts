@@ -13,6 +13,8 @@ export interface SampleAppOptions {
   gatewayLatencyMs?: number;
   /** The idempotency lockTimeout. Falls back to `IDEMPOTENCY_LOCK_TIMEOUT`, then `'1m'`. */
   lockTimeout?: string;
+  /** RabbitMQ for the queued transfers and their consumer. Falls back to `RABBITMQ_URL`; none: off. */
+  rabbitmqUrl?: string;
 }
 
 /** Where the sample's rows (and the idempotency records) live. */
@@ -30,6 +32,8 @@ export interface SampleConfig {
    * (SIGKILL) right after a transfer's money moved, before its response is stored or sent.
    */
   readonly crashAfterTransfer: boolean;
+  /** Set: `POST /transfers/async` and the consumer that executes the queued transfers. */
+  readonly rabbitmqUrl: string | undefined;
 }
 
 export const SAMPLE_CONFIG = Symbol('SampleConfig');
@@ -51,6 +55,7 @@ export function resolveSampleConfig(
     gatewayLatencyMs: resolveLatency(options.gatewayLatencyMs ?? env.GATEWAY_LATENCY_MS),
     lockTimeout: options.lockTimeout ?? (env.IDEMPOTENCY_LOCK_TIMEOUT || '1m'),
     crashAfterTransfer: env.SAMPLE_CRASH_AFTER_TRANSFER === '1',
+    rabbitmqUrl: options.rabbitmqUrl ?? (env.RABBITMQ_URL || undefined),
   };
 }
 

@@ -40,7 +40,7 @@ export class PaymentsController {
   }
 }
 
-function parseCreatePayment(body: unknown): CreatePayment {
+export function parseCreatePayment(body: unknown): CreatePayment {
   const input = requireObject(body);
   return {
     amount: requirePositiveInteger(input.amount, 'amount'),

@@ -44,7 +44,7 @@ export class TransfersController {
   }
 }
 
-function parseMakeTransfer(body: unknown): MakeTransfer {
+export function parseMakeTransfer(body: unknown): MakeTransfer {
   const input = requireObject(body);
   const fromAccount = requireText(input.from_account, 'from_account', 64);
   const toAccount = requireText(input.to_account, 'to_account', 64);

@@ -6,5 +6,6 @@ import { TransfersService } from './transfers.service.js';
 @Module({
   controllers: [TransfersController],
   providers: [TransfersService, AccountsSeeder],
+  exports: [TransfersService],
 })
 export class TransfersModule {}
