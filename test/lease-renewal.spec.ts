@@ -1,6 +1,5 @@
-import { randomUUID } from 'node:crypto';
-import { IdempotencyMetrics, IdempotencyRecord } from '../lib/index.js';
-import { recordsOf, waitUntilPast } from './fixtures/fixture-app.js';
+import { IdempotencyMetrics, type IdempotencyRecord } from '../lib/index.js';
+import { recordsOf, stealClaim, waitUntilPast } from './fixtures/fixture-app.js';
 import { LeaseController, SHORT_LOCK_MS } from './fixtures/lease.controller.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { CapturedLog } from './support/captured-log.js';
@@ -15,18 +14,6 @@ const HELD_MS = 4 * SHORT_LOCK_MS;
 async function recordOf(fixture: ReliabilityApp, key: string): Promise<IdempotencyRecord> {
   const [record] = await recordsOf(fixture.dataSource, key);
   return record;
-}
-
-/** Steals a running key's claim, as a takeover by another process would: a new lease token. */
-async function stealClaim(fixture: ReliabilityApp, key: string): Promise<string> {
-  const thief = randomUUID();
-  await fixture.dataSource
-    .createQueryBuilder()
-    .update(IdempotencyRecord)
-    .set({ leaseToken: thief })
-    .where('idempotency_key = :key', { key })
-    .execute();
-  return thief;
 }
 
 describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
@@ -137,7 +124,7 @@ describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
     fixture.gate.hold(key);
     const first = post(fixture.baseUrl, '/lease/held', key).then((response) => response);
     await fixture.gate.arrived(key);
-    const thief = await stealClaim(fixture, key);
+    const thief = await stealClaim(fixture.dataSource, key);
     await waitFor('the renewal to find the lease gone', () => (lostLeases() > lostBefore ? true : undefined));
     fixture.gate.open(key);
     expect((await first).status).toBe(201);

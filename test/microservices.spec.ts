@@ -78,6 +78,16 @@ describeOnPostgres('message handlers on real brokers', (url) => {
       return keys.every((key) => of(key).length > 0) ? of : undefined;
     }, { timeoutMs: 30_000, intervalMs: 100 });
 
+  /** Waits until every key's record is completed: the firsts ran, the duplicates can only replay. */
+  const allCompleted = (keys: string[]) =>
+    waitFor('every record to be completed', async () => {
+      const [{ n }]: { n: number }[] = await db.query(
+        `SELECT count(*)::int AS n FROM idempotency_records WHERE scope = $1 AND idempotency_key = ANY($2) AND state = 'completed'`,
+        [tag, keys],
+      );
+      return n === keys.length ? true : undefined;
+    });
+
   describeWith(BROKERS.rmq, 'RabbitMQ (manual acknowledgement)')(() => {
     const publish = async (queue: string, keys: string[]) => {
       const connection = await connectAmqp(BROKERS.rmq!);
@@ -142,13 +152,7 @@ describeOnPostgres('message handlers on real brokers', (url) => {
       await nc.close();
       const effects = await settledEffects(keys);
       // Give the second copies time to arrive and be dropped: they are in flight together with the firsts.
-      await waitFor('the duplicates to be settled', async () => {
-        const records: { n: number }[] = await db.query(
-          `SELECT count(*)::int AS n FROM idempotency_records WHERE scope = $1 AND idempotency_key = ANY($2) AND state = 'completed'`,
-          [tag, keys],
-        );
-        return records[0].n === keys.length ? true : undefined;
-      });
+      await allCompleted(keys);
       const after = await effectsOf(keys);
       for (const key of keys) expect(after(key)).toHaveLength(1);
       report('NATS: 3 consumers in a queue group, every message published twice', {
@@ -171,13 +175,7 @@ describeOnPostgres('message handlers on real brokers', (url) => {
       }
       await client.endAsync();
       await settledEffects(keys);
-      await waitFor('the duplicates to be settled', async () => {
-        const records: { n: number }[] = await db.query(
-          `SELECT count(*)::int AS n FROM idempotency_records WHERE scope = $1 AND idempotency_key = ANY($2) AND state = 'completed'`,
-          [tag, keys],
-        );
-        return records[0].n === keys.length ? true : undefined;
-      });
+      await allCompleted(keys);
       const effects = await effectsOf(keys);
       for (const key of keys) expect(effects(key)).toHaveLength(1);
     }, 60_000);

@@ -1,7 +1,6 @@
-import { randomUUID } from 'node:crypto';
-import { downstreamKeyOf, IdempotencyMetrics, IdempotencyRecord } from '../lib/index.js';
+import { downstreamKeyOf, IdempotencyMetrics } from '../lib/index.js';
 import { fingerprintRequest } from '../lib/utils/fingerprint.js';
-import { recordsOf } from './fixtures/fixture-app.js';
+import { recordsOf, stealClaim } from './fixtures/fixture-app.js';
 import {
   createLedgerTable,
   TransactionalLeaseController,
@@ -115,14 +114,8 @@ describe.each(serverDatabases)('transactional mode with a lost lease on %s', (_n
     fixture.gate.hold(key);
     const first = post(fixture.baseUrl, '/lease/tx', key).then((response) => response);
     await fixture.gate.arrived(key);
-    const thief = randomUUID();
     // Another process took the key over (a new lease token), as after a stall longer than lockTimeout.
-    await fixture.dataSource
-      .createQueryBuilder()
-      .update(IdempotencyRecord)
-      .set({ leaseToken: thief })
-      .where('idempotency_key = :key', { key })
-      .execute();
+    const thief = await stealClaim(fixture.dataSource, key);
     await waitFor('the renewal to find the lease gone', () => (lost() > lostBefore ? true : undefined));
     fixture.gate.open(key);
     const response = await first;

@@ -8,7 +8,7 @@ import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js
 import { decodeBody } from '../utils/response-body.js';
 import { boundedColumnValue, keyFieldLines } from './http-exchange.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
-import { storedResult } from './stored-result.js';
+import { resultStorer } from './stored-result.js';
 
 /** The argument of a mutation that carries the key; without it, the Idempotency-Key header. */
 export const GRAPHQL_KEY_ARGUMENT = 'idempotencyKey';
@@ -95,8 +95,7 @@ export class GraphQLTransport implements IdempotencyTransport {
 
   capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, key: string): StoredResponse | null {
     const endpoint = this.describe(context).endpoint;
-    const store = (status: number, value: unknown, isError: boolean) =>
-      storedResult({ key, endpoint, headers: {}, status, value, isError }, options.shouldStore, this.moduleOptions.maxResponseBytes);
+    const store = resultStorer({ key, endpoint, headers: {} }, options.shouldStore, this.moduleOptions.maxResponseBytes);
     if (outcome.ok) return store(200, outcome.value, false);
     const { error } = outcome;
     if (error instanceof HttpException) return store(error.getStatus(), error.getResponse(), true);

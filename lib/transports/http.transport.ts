@@ -11,7 +11,7 @@ import { readIdempotencyKey } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';
 import { endpointOf, keyFieldLines, pinStatus, statusOf, storableHeaders, urlOf } from './http-exchange.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
-import { storedResult } from './stored-result.js';
+import { resultStorer } from './stored-result.js';
 
 /**
  * HTTP (Express and Fastify): the key is the Idempotency-Key header, the operation is the route
@@ -49,13 +49,14 @@ export class HttpTransport implements IdempotencyTransport {
   capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, key: string): StoredResponse | null {
     const request = context.switchToHttp().getRequest();
     const response = context.switchToHttp().getResponse();
-    const base = { key, endpoint: endpointOf(request), headers: storableHeaders(response) };
-    if (outcome.ok) {
-      return storedResult({ ...base, status: statusOf(response), value: outcome.value, isError: false }, options.shouldStore, this.moduleOptions.maxResponseBytes);
-    }
+    const store = resultStorer(
+      { key, endpoint: endpointOf(request), headers: storableHeaders(response) },
+      options.shouldStore,
+      this.moduleOptions.maxResponseBytes,
+    );
+    if (outcome.ok) return store(statusOf(response), outcome.value, false);
     if (!(outcome.error instanceof HttpException)) return null;
-    const { error } = outcome;
-    return storedResult({ ...base, status: error.getStatus(), value: error.getResponse(), isError: true }, options.shouldStore, this.moduleOptions.maxResponseBytes);
+    return store(outcome.error.getStatus(), outcome.error.getResponse(), true);
   }
 
   /** Sends a stored response again: same headers and body, the original (or configured) status. */

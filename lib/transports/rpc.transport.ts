@@ -8,7 +8,7 @@ import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js
 import { decodeBody } from '../utils/response-body.js';
 import { boundedColumnValue } from './http-exchange.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
-import { storedResult } from './stored-result.js';
+import { resultStorer } from './stored-result.js';
 
 type Microservices = typeof import('@nestjs/microservices');
 
@@ -112,8 +112,7 @@ export class RpcTransport implements IdempotencyTransport {
 
   capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, key: string): StoredResponse | null {
     const endpoint = this.describe(context).endpoint;
-    const store = (status: number, value: unknown, isError: boolean) =>
-      storedResult({ key, endpoint, headers: {}, status, value, isError }, options.shouldStore, this.moduleOptions.maxResponseBytes);
+    const store = resultStorer({ key, endpoint, headers: {} }, options.shouldStore, this.moduleOptions.maxResponseBytes);
     if (outcome.ok) return store(200, outcome.value, false);
     const { error } = outcome;
     // An RpcException is the handler's deliberate answer (stored as a 400 unless it carries a

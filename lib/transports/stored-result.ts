@@ -43,3 +43,15 @@ export function storedResult(
   }
   return { status: result.status, headers: result.headers, ...encoded, isError: result.isError };
 }
+
+/**
+ * `storedResult` for one call: given the key, endpoint and headers once, it takes the outcome's
+ * status, value and whether it is an error.
+ */
+export function resultStorer(
+  call: Pick<ResultToStore, 'key' | 'endpoint' | 'headers'>,
+  shouldStore: (status: number) => boolean,
+  maxResponseBytes: number,
+): (status: number, value: unknown, isError: boolean) => StoredResponse | null {
+  return (status, value, isError) => storedResult({ ...call, status, value, isError }, shouldStore, maxResponseBytes);
+}
