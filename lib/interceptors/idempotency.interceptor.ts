@@ -113,10 +113,9 @@ export class IdempotencyInterceptor implements NestInterceptor {
             const code =
               error instanceof LeaseLostError ? 'lease-lost' : error instanceof UnstoredResultError ? 'result-not-stored' : undefined;
             const refusal = code ? rejection(code) : undefined;
-            // A stored error (an HttpException or RpcException the handler chose) is the message's
-            // result: done. A crash released the key: a redelivery runs the handler again.
-            const stored = !refusal && this.storedError(transport, context, error, options, decision.lease.id.key);
-            transport.settled?.(context, refusal ? settledBy(refusal) : stored ? { kind: 'done', replayed: false } : { kind: 'retry', reason: 'the handler failed' }, options);
+            if (transport.settled) {
+              transport.settled(context, this.settledAfterFailure(transport, context, error, refusal, options, decision.lease.id.key), options);
+            }
             throw refusal ? transport.reject(context, refusal) : error;
           }),
         );
@@ -132,9 +131,22 @@ export class IdempotencyInterceptor implements NestInterceptor {
     }
   }
 
-  /** Whether the handler's error is one that was stored as its result (see `capture`). */
-  private storedError(transport: IdempotencyTransport, context: ExecutionContext, error: unknown, options: ResolvedRouteOptions, key: string): boolean {
-    return transport.capture(context, { ok: false, error }, options, key) !== null;
+  /**
+   * How a message whose execution failed ended: refused (lease lost, result not stored), done (a
+   * stored error: an HttpException or RpcException the handler chose is its result), or to be
+   * retried (a crash released the key, so a redelivery runs the handler again).
+   */
+  private settledAfterFailure(
+    transport: IdempotencyTransport,
+    context: ExecutionContext,
+    error: unknown,
+    refusal: IdempotencyRejection | undefined,
+    options: ResolvedRouteOptions,
+    key: string,
+  ): SettledMessage {
+    if (refusal) return settledBy(refusal);
+    const stored = transport.capture(context, { ok: false, error }, options, key) !== null;
+    return stored ? { kind: 'done', replayed: false } : { kind: 'retry', reason: 'the handler failed' };
   }
 
   /** Decides, turning a store failure into a 503: the handler never runs without a claim. */
