@@ -105,7 +105,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
             fingerprint,
             options,
             () => lastValueFrom(next.handle(), { defaultValue: undefined }),
-            (outcome) => transport.capture(context, outcome, options, decision.lease.id.key),
+            (outcome) => transport.capture(context, outcome, options, decision.lease.id),
           ),
         ).pipe(
           tap(() => transport.settled?.(context, { kind: 'done', replayed: false }, options)),
@@ -114,7 +114,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
               error instanceof LeaseLostError ? 'lease-lost' : error instanceof UnstoredResultError ? 'result-not-stored' : undefined;
             const refusal = code ? rejection(code) : undefined;
             if (transport.settled) {
-              transport.settled(context, this.settledAfterFailure(transport, context, error, refusal, options, decision.lease.id.key), options);
+              transport.settled(context, this.settledAfterFailure(transport, context, error, refusal, options, decision.lease.id), options);
             }
             throw refusal ? transport.reject(context, refusal) : error;
           }),
@@ -142,10 +142,10 @@ export class IdempotencyInterceptor implements NestInterceptor {
     error: unknown,
     refusal: IdempotencyRejection | undefined,
     options: ResolvedRouteOptions,
-    key: string,
+    id: RecordId,
   ): SettledMessage {
     if (refusal) return settledBy(refusal);
-    const stored = transport.capture(context, { ok: false, error }, options, key) !== null;
+    const stored = transport.capture(context, { ok: false, error }, options, id) !== null;
     return stored ? { kind: 'done', replayed: false } : { kind: 'retry', reason: 'the handler failed' };
   }
 

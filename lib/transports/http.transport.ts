@@ -6,7 +6,7 @@ import { httpExceptionFor, PROBLEM_CONTENT_TYPE } from '../errors/idempotency.ex
 import { IDEMPOTENT_REPLAYED_HEADER } from '../idempotency.constants.js';
 import { RESOLVED_OPTIONS, type ResolvedModuleOptions, type ResolvedRouteOptions } from '../idempotency.options.js';
 import type { Outcome } from '../idempotency.service.js';
-import type { StoredResponse } from '../storage/idempotency-store.interface.js';
+import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import { readIdempotencyKey } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';
 import { endpointOf, keyFieldLines, pinStatus, statusOf, storableHeaders, urlOf } from './http-exchange.js';
@@ -46,11 +46,10 @@ export class HttpTransport implements IdempotencyTransport {
   }
 
   /** Only an HttpException is an answer the handler chose; anything else is a crash (500). */
-  capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, key: string): StoredResponse | null {
-    const request = context.switchToHttp().getRequest();
+  capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, id: RecordId): StoredResponse | null {
     const response = context.switchToHttp().getResponse();
     const store = resultStorer(
-      { key, endpoint: endpointOf(request), headers: storableHeaders(response) },
+      { key: id.key, endpoint: id.endpoint, headers: storableHeaders(response) },
       options.shouldStore,
       this.moduleOptions.maxResponseBytes,
     );

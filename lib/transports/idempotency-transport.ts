@@ -4,7 +4,7 @@ import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import type { Outcome } from '../idempotency.service.js';
 import type { ResolvedRouteOptions } from '../idempotency.options.js';
 import type { ConcurrencyMode } from '../interfaces/idempotency-options.interface.js';
-import type { StoredResponse } from '../storage/idempotency-store.interface.js';
+import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import type { FingerprintInput } from '../utils/fingerprint.js';
 import type { KeyReading } from '../utils/idempotency-key.js';
 
@@ -43,7 +43,7 @@ export interface IdempotencyTransport {
    * The response to store for the handler's outcome, or `null` when it is not stored (the key is
    * then released): a crash, a status the policy does not keep, too large, a stream. Never throws.
    */
-  capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, key: string): StoredResponse | null;
+  capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, id: RecordId): StoredResponse | null;
   /** Answers with a stored response, as the first call was answered. */
   replay(context: ExecutionContext, stored: StoredResponse, options: ResolvedRouteOptions): Observable<unknown>;
   /** The transport's native error for a rejection (thrown by the interceptor). */

@@ -3,7 +3,7 @@ import { of, type Observable } from 'rxjs';
 import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import { RESOLVED_OPTIONS, type ResolvedModuleOptions, type ResolvedRouteOptions } from '../idempotency.options.js';
 import type { Outcome } from '../idempotency.service.js';
-import type { StoredResponse } from '../storage/idempotency-store.interface.js';
+import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';
 import { boundedColumnValue } from './http-exchange.js';
@@ -110,9 +110,8 @@ export class RpcTransport implements IdempotencyTransport {
     };
   }
 
-  capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, key: string): StoredResponse | null {
-    const endpoint = this.describe(context).endpoint;
-    const store = resultStorer({ key, endpoint, headers: {} }, options.shouldStore, this.moduleOptions.maxResponseBytes);
+  capture(_context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, id: RecordId): StoredResponse | null {
+    const store = resultStorer({ key: id.key, endpoint: id.endpoint, headers: {} }, options.shouldStore, this.moduleOptions.maxResponseBytes);
     if (outcome.ok) return store(200, outcome.value, false);
     const { error } = outcome;
     // An RpcException is the handler's deliberate answer (stored as a 400 unless it carries a
