@@ -25,7 +25,8 @@ export interface IdempotencyRejection {
   readonly retryAfterSeconds?: number;
 }
 
-const REJECTIONS: Record<RejectionCode, Omit<IdempotencyRejection, 'code' | 'detail' | 'retryAfterSeconds'> & { detail: string }> = {
+/** Each code's status and text, and when a retry may succeed (the rejections a retry can outlast). */
+const REJECTIONS: Record<RejectionCode, Omit<IdempotencyRejection, 'code'>> = {
   'key-missing': {
     status: 400,
     title: 'Idempotency-Key is missing',
@@ -51,12 +52,14 @@ const REJECTIONS: Record<RejectionCode, Omit<IdempotencyRejection, 'code' | 'det
     status: 503,
     title: 'Idempotency store unavailable',
     detail: 'The request was not processed because its Idempotency-Key could not be checked. Retry later with the same key.',
+    retryAfterSeconds: 1,
   },
   'lease-lost': {
     status: 409,
     title: 'This attempt lost its claim on the Idempotency-Key',
     detail:
       'Another request with this Idempotency-Key took the operation over while this one ran, so nothing of this attempt was committed. Retry with the same key to receive the result of the operation.',
+    retryAfterSeconds: 1,
   },
   'result-not-stored': {
     status: 500,
@@ -66,13 +69,19 @@ const REJECTIONS: Record<RejectionCode, Omit<IdempotencyRejection, 'code' | 'det
   },
 };
 
-/** The rejection `code`, with its standard text; `detail` and `retryAfterSeconds` as given. */
+/** The rejection `code`, with its standard text and retry delay; `detail` and `retryAfterSeconds` as given. */
 export function rejection(
   code: RejectionCode,
   extra: { readonly detail?: string; readonly retryAfterSeconds?: number } = {},
 ): IdempotencyRejection {
-  const { status, title, detail } = REJECTIONS[code];
-  return { code, status, title, detail: extra.detail ?? detail, retryAfterSeconds: extra.retryAfterSeconds };
+  const standard = REJECTIONS[code];
+  return {
+    code,
+    status: standard.status,
+    title: standard.title,
+    detail: extra.detail ?? standard.detail,
+    retryAfterSeconds: extra.retryAfterSeconds ?? standard.retryAfterSeconds,
+  };
 }
 
 /** Thrown inside the module to stop a call with a rejection; the transport renders it. */

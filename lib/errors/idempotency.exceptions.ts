@@ -1,5 +1,5 @@
-import { HttpException, HttpStatus } from '@nestjs/common';
-import type { IdempotencyRejection } from './idempotency-rejection.js';
+import { HttpException } from '@nestjs/common';
+import { rejection, type IdempotencyRejection } from './idempotency-rejection.js';
 
 /** RFC 9457 problem details, as this module sends them. */
 export interface ProblemDetails {
@@ -14,93 +14,67 @@ export const PROBLEM_CONTENT_TYPE = 'application/problem+json';
 const PROBLEM_TYPE_BASE = 'tag:nestjs-idempotency,2026:';
 
 /**
- * Base of every error this module answers with. The body is RFC 9457 problem details; the
- * interceptor sets `Content-Type: application/problem+json` and `headers` on the response before
- * the exception reaches the exception filters, so the default filter sends it as it is.
+ * Base of every error this module answers with on HTTP: a rejection (see `IdempotencyRejection`,
+ * whose code, status and text it carries) as RFC 9457 problem details. The interceptor sets
+ * `Content-Type: application/problem+json` and `headers` on the response before the exception
+ * reaches the exception filters, so the default filter sends it as it is.
  */
 export abstract class IdempotencyException extends HttpException {
-  /** Headers to send with the problem (besides its Content-Type). */
+  /** Headers to send with the problem (besides its Content-Type): `Retry-After` when a retry may succeed. */
   readonly headers: Readonly<Record<string, string>>;
 
-  protected constructor(
-    status: HttpStatus,
-    slug: string,
-    title: string,
-    detail: string,
-    headers: Record<string, string> = {},
-  ) {
-    const problem: ProblemDetails = { type: PROBLEM_TYPE_BASE + slug, title, status, detail };
-    super(problem, status);
-    this.headers = headers;
+  protected constructor(readonly rejection: IdempotencyRejection) {
+    const problem: ProblemDetails = {
+      type: PROBLEM_TYPE_BASE + rejection.code,
+      title: rejection.title,
+      status: rejection.status,
+      detail: rejection.detail,
+    };
+    super(problem, rejection.status);
+    this.headers =
+      rejection.retryAfterSeconds === undefined ? {} : { 'Retry-After': String(rejection.retryAfterSeconds) };
   }
 }
 
 /** 400: the route requires an Idempotency-Key and the request has none. */
 export class IdempotencyKeyMissingException extends IdempotencyException {
   constructor() {
-    super(
-      HttpStatus.BAD_REQUEST,
-      'key-missing',
-      'Idempotency-Key is missing',
-      'This operation requires an Idempotency-Key header, e.g. a UUID v4 that you send again on every retry of the same operation.',
-    );
+    super(rejection('key-missing'));
   }
 }
 
 /** 400: the Idempotency-Key header is unusable (empty, too long, not ASCII, malformed, repeated). */
 export class IdempotencyKeyInvalidException extends IdempotencyException {
   constructor(reason: string) {
-    super(HttpStatus.BAD_REQUEST, 'key-invalid', 'Idempotency-Key is invalid', reason);
+    super(rejection('key-invalid', { detail: reason }));
   }
 }
 
 /** 400: the request body cannot be fingerprinted (for example nested beyond what can be hashed). */
 export class IdempotencyBodyUnreadableException extends IdempotencyException {
   constructor() {
-    super(
-      HttpStatus.BAD_REQUEST,
-      'body-unreadable',
-      'Request body cannot be fingerprinted',
-      'The request body is too deeply nested to be compared with later retries.',
-    );
+    super(rejection('body-unreadable'));
   }
 }
 
 /** 422: the key was first used with another method, URL or body. */
 export class IdempotencyKeyReusedException extends IdempotencyException {
   constructor() {
-    super(
-      HttpStatus.UNPROCESSABLE_ENTITY,
-      'key-reused',
-      'Idempotency-Key reused with a different request',
-      'This Idempotency-Key was already used with a different request payload. Use a new key for a new operation.',
-    );
+    super(rejection('key-reused'));
   }
 }
 
 /** 409: the first request with this key is still running. */
 export class IdempotencyRequestInProgressException extends IdempotencyException {
   constructor(retryAfterSeconds: number) {
-    super(
-      HttpStatus.CONFLICT,
-      'request-in-progress',
-      'A request with this Idempotency-Key is in progress',
-      'The first request with this Idempotency-Key has not finished yet. Retry later with the same key to receive its result.',
-      { 'Retry-After': String(retryAfterSeconds) },
-    );
+    super(rejection('request-in-progress', { retryAfterSeconds }));
   }
 }
 
 /** 503: the record could not be read or claimed, so the handler was not run. */
 export class IdempotencyStoreUnavailableException extends IdempotencyException {
   constructor() {
-    super(
-      HttpStatus.SERVICE_UNAVAILABLE,
-      'store-unavailable',
-      'Idempotency store unavailable',
-      'The request was not processed because its Idempotency-Key could not be checked. Retry later with the same key.',
-      { 'Retry-After': '1' },
-    );
+    super(rejection('store-unavailable'));
   }
 }
 
@@ -111,13 +85,7 @@ export class IdempotencyStoreUnavailableException extends IdempotencyException {
  */
 export class IdempotencyLeaseLostException extends IdempotencyException {
   constructor() {
-    super(
-      HttpStatus.CONFLICT,
-      'lease-lost',
-      'This attempt lost its claim on the Idempotency-Key',
-      'Another request with this Idempotency-Key took the operation over while this one ran, so nothing of this attempt was committed. Retry with the same key to receive the result of the operation.',
-      { 'Retry-After': '1' },
-    );
+    super(rejection('lease-lost'));
   }
 }
 
@@ -128,12 +96,7 @@ export class IdempotencyLeaseLostException extends IdempotencyException {
  */
 export class IdempotencyResultNotStoredException extends IdempotencyException {
   constructor() {
-    super(
-      HttpStatus.INTERNAL_SERVER_ERROR,
-      'result-not-stored',
-      'The result could not be stored',
-      'The operation produced a result that cannot be stored for replay, so nothing of it was committed. Retry with the same key to run it again.',
-    );
+    super(rejection('result-not-stored'));
   }
 }
 
@@ -141,18 +104,18 @@ export class IdempotencyResultNotStoredException extends IdempotencyException {
  * The HTTP exception of a rejection: the class of its code (so `instanceof` in an exception filter
  * works as before), with the rejection's detail and Retry-After.
  */
-export function httpExceptionFor(rejection: IdempotencyRejection): IdempotencyException {
-  switch (rejection.code) {
+export function httpExceptionFor(refusal: IdempotencyRejection): IdempotencyException {
+  switch (refusal.code) {
     case 'key-missing':
       return new IdempotencyKeyMissingException();
     case 'key-invalid':
-      return new IdempotencyKeyInvalidException(rejection.detail);
+      return new IdempotencyKeyInvalidException(refusal.detail);
     case 'body-unreadable':
       return new IdempotencyBodyUnreadableException();
     case 'key-reused':
       return new IdempotencyKeyReusedException();
     case 'request-in-progress':
-      return new IdempotencyRequestInProgressException(rejection.retryAfterSeconds ?? 1);
+      return new IdempotencyRequestInProgressException(refusal.retryAfterSeconds ?? 1);
     case 'store-unavailable':
       return new IdempotencyStoreUnavailableException();
     case 'lease-lost':

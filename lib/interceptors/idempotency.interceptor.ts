@@ -155,7 +155,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
       return await begin();
     } catch (error) {
       this.logger.error(`Idempotency store unavailable for key ${truncateKeyForLog(key)}: ${(error as Error).message}`);
-      throw new IdempotencyRejectionError(rejection('store-unavailable', { retryAfterSeconds: 1 }));
+      throw new IdempotencyRejectionError(rejection('store-unavailable'));
     }
   }
 
