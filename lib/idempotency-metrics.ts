@@ -1,4 +1,6 @@
 import { Injectable } from '@nestjs/common';
+import { channel, type Channel } from 'node:diagnostics_channel';
+import type { RecordId } from './storage/idempotency-store.interface.js';
 
 /** What happened to a request or a record, as counted by {@link IdempotencyMetrics}. */
 export type IdempotencyEvent =
@@ -19,8 +21,26 @@ export type IdempotencyEvent =
    * result was not stored; in transactional mode its writes were rolled back.
    */
   | 'lease-lost'
+  /** A stored response could not be opened (encryption keys, tampering): 500, the handler not run. */
+  | 'unreadable'
   /** Records deleted by the purge. */
   | 'purged';
+
+/**
+ * The message published on the `node:diagnostics_channel` of an event (`nestjs-idempotency:` + the
+ * event, e.g. `nestjs-idempotency:replayed`): the event, how many, and the record it concerns (all
+ * but `purged`).
+ */
+export interface IdempotencyEventMessage {
+  readonly event: IdempotencyEvent;
+  readonly count: number;
+  readonly id?: RecordId;
+}
+
+/** The diagnostics channel name of an event. */
+export function idempotencyChannelName(event: IdempotencyEvent): string {
+  return `nestjs-idempotency:${event}`;
+}
 
 export type IdempotencyEventListener = (event: IdempotencyEvent, count: number) => void;
 
@@ -32,12 +52,20 @@ const EVENTS: readonly IdempotencyEvent[] = [
   'released',
   'expired',
   'lease-lost',
+  'unreadable',
   'purged',
 ];
+
+const CHANNELS = Object.fromEntries(EVENTS.map((event) => [event, channel(idempotencyChannelName(event))])) as Record<
+  IdempotencyEvent,
+  Channel
+>;
 
 /**
  * Counters since startup, for export to whatever metrics system the app uses: read `snapshot()`
  * on scrape, or subscribe with `onEvent` to forward each increment (e.g. to a prom-client Counter).
+ * Each event is also published on its `node:diagnostics_channel` (see `idempotencyChannelName`), for
+ * APMs and code outside Nest's container; nothing is built when no one subscribes.
  */
 @Injectable()
 export class IdempotencyMetrics {
@@ -47,11 +75,13 @@ export class IdempotencyMetrics {
   >;
   private readonly listeners = new Set<IdempotencyEventListener>();
 
-  /** Counts `count` occurrences of `event` and tells the listeners. */
-  record(event: IdempotencyEvent, count = 1): void {
+  /** Counts `count` occurrences of `event` (about record `id`), tells the listeners and the channel. */
+  record(event: IdempotencyEvent, count = 1, id?: RecordId): void {
     if (count <= 0) return;
     this.counts[event] += count;
     for (const listener of this.listeners) listener(event, count);
+    const published = CHANNELS[event];
+    if (published.hasSubscribers) published.publish({ event, count, id } satisfies IdempotencyEventMessage);
   }
 
   /** The counters as they stand. */

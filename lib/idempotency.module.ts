@@ -9,6 +9,7 @@ import { IdempotencyPurgeJob } from './idempotency-purge.job.js';
 import { IdempotencyService } from './idempotency.service.js';
 import { IdempotencyContext } from './idempotency.context.js';
 import { IdempotencyMetrics } from './idempotency-metrics.js';
+import { IdempotencyTracing } from './observability/idempotency-tracing.js';
 import { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
 import { IdempotentRoutesCheck } from './interceptors/idempotent-routes.check.js';
 import { GraphQLTransport } from './transports/graphql.transport.js';
@@ -38,6 +39,7 @@ const providers: Provider[] = [
     provide: IDEMPOTENCY_CONNECTION,
     useFactory: async (options: IdempotencyModuleOptions, resolved: ResolvedModuleOptions) => {
       if (options.store) return null;
+      refuseInMemoryInProduction(options);
       const connection = await openIdempotencyConnection(options.dataSource);
       try {
         if (resolved.runMigrations) await ensureIdempotencyTable(connection.dataSource);
@@ -63,6 +65,7 @@ const providers: Provider[] = [
       }),
     inject: [IDEMPOTENCY_MODULE_OPTIONS, RESOLVED_OPTIONS, IDEMPOTENCY_CONNECTION],
   },
+  { provide: IdempotencyTracing, useFactory: () => IdempotencyTracing.load() },
   IdempotencyService,
   IdempotencyContext,
   IdempotencyMetrics,
@@ -74,6 +77,19 @@ const providers: Provider[] = [
   IdempotentRoutesCheck,
   idempotencyOpenApiProvider,
 ];
+
+/**
+ * The default store (an in-memory PGlite database) forgets every key on restart and is not shared
+ * between instances: under `NODE_ENV=production` it must be chosen explicitly.
+ */
+function refuseInMemoryInProduction(options: IdempotencyModuleOptions): void {
+  if (options.dataSource || options.allowInMemoryStore || process.env.NODE_ENV !== 'production') return;
+  throw new Error(
+    'nestjs-idempotency: NODE_ENV is production but IdempotencyModule has no `dataSource` or `store`, so keys would live in an in-memory database: ' +
+      'a restart would forget them and other instances would not see them, so retries after a deploy or on another instance would run handlers twice. ' +
+      'Pass your TypeORM DataSource (`dataSource`, e.g. PostgreSQL), a `store`, or set `allowInMemoryStore: true` to accept this.',
+  );
+}
 
 /**
  * Idempotency-Key support. Import once, in the root module:

@@ -8,6 +8,7 @@ import type {
 } from './interfaces/idempotency-options.interface.js';
 import { toMilliseconds } from './utils/duration.js';
 import type { MessageAcknowledgement } from './transports/rpc.transport.js';
+import { ResponseSealer } from './security/response-sealer.js';
 
 /** Internal token: the module's options with defaults applied and durations in milliseconds. */
 export const RESOLVED_OPTIONS = Symbol('IdempotencyResolvedOptions');
@@ -24,6 +25,8 @@ export interface ResolvedRouteOptions {
   readonly concurrency: ConcurrencyMode | undefined;
   readonly waitTimeoutMs: number;
   readonly scope: ScopeResolver;
+  /** A scope resolver was configured (module or route); unset, every caller shares one scope. */
+  readonly scoped: boolean;
   readonly shouldStore: (status: number) => boolean;
   readonly replayStatus: number | undefined;
   readonly acknowledge: MessageAcknowledgement | undefined;
@@ -39,6 +42,8 @@ export interface ResolvedModuleOptions extends ResolvedRouteOptions {
   readonly storeTimeoutMs: number;
   readonly runMigrations: boolean;
   readonly messageKeyField: string;
+  /** Seals and opens stored responses, when `encryption` is set. */
+  readonly sealer: ResponseSealer | undefined;
 }
 
 const everyoneInOneScope: ScopeResolver = () => '';
@@ -57,6 +62,7 @@ const UNSET_ROUTE_OPTIONS: ResolvedRouteOptions = {
   concurrency: undefined,
   waitTimeoutMs: 0,
   scope: everyoneInOneScope,
+  scoped: false,
   shouldStore: storeDecidedOutcomes,
   replayStatus: undefined,
   acknowledge: undefined,
@@ -96,6 +102,7 @@ export function resolveModuleOptions(options: IdempotencyModuleOptions): Resolve
     ),
     runMigrations: options.runMigrations ?? DEFAULTS.runMigrations,
     messageKeyField: options.messageKeyField ?? DEFAULTS.messageKeyField,
+    sealer: options.encryption ? new ResponseSealer(options.encryption) : undefined,
   };
 }
 
@@ -132,6 +139,7 @@ export function resolveRouteOptions(
         ? base.waitTimeoutMs
         : toMilliseconds(route.waitTimeout, 'waitTimeout'),
     scope: route.scope ?? base.scope,
+    scoped: route.scope !== undefined || base.scoped,
     shouldStore: route.storeStatuses ? toPredicate(route.storeStatuses) : base.shouldStore,
     replayStatus,
     acknowledge: route.acknowledge ?? base.acknowledge,

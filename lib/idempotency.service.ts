@@ -13,6 +13,8 @@ import type { ConcurrencyMode } from './interfaces/idempotency-options.interface
 import { RESOLVED_OPTIONS, type ResolvedModuleOptions } from './idempotency.options.js';
 import { IdempotencyMetrics, type IdempotencyEvent } from './idempotency-metrics.js';
 import { runAsOperation } from './idempotency.context.js';
+import { IdempotencyTracing, type TracedStep } from './observability/idempotency-tracing.js';
+import { openUnencrypted, UnreadableResponseError } from './security/response-sealer.js';
 import type { EntityManager } from 'typeorm';
 
 /** What to do with a request, decided by its key's record. */
@@ -24,7 +26,12 @@ export type Decision =
   /** The key belongs to another payload. */
   | { readonly action: 'mismatch' }
   /** The first request with the key is still running (and the wait, if any, ran out). */
-  | { readonly action: 'in-progress'; readonly retryAfterMs: number };
+  | { readonly action: 'in-progress'; readonly retryAfterMs: number }
+  /**
+   * The key completed with this payload, but its stored response cannot be opened (encryption
+   * keys, tampering): the request fails closed, and the handler does not run again.
+   */
+  | { readonly action: 'unreadable' };
 
 export interface BeginRequest {
   readonly id: RecordId;
@@ -81,6 +88,7 @@ const OUTCOME_EVENTS: Record<Decision['action'], IdempotencyEvent> = {
   replay: 'replayed',
   mismatch: 'mismatch',
   'in-progress': 'conflict',
+  unreadable: 'unreadable',
 };
 
 /**
@@ -124,6 +132,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     @Inject(IdempotencyStore) private readonly store: IdempotencyStore,
     @Inject(RESOLVED_OPTIONS) private readonly options: ResolvedModuleOptions,
     private readonly metrics: IdempotencyMetrics,
+    private readonly tracing: IdempotencyTracing,
   ) {}
 
   /**
@@ -133,7 +142,20 @@ export class IdempotencyService implements BeforeApplicationShutdown {
    * watch the record (PostgreSQL), and otherwise re-reads it every `waitPollInterval`. Errors of
    * the store propagate: without a decision the handler must not run.
    */
-  async begin(request: BeginRequest): Promise<Decision> {
+  begin(request: BeginRequest): Promise<Decision> {
+    return this.tracing.step('claim', request.id, async (traced) => {
+      try {
+        const decision = await this.decideWaiting(request);
+        traced.outcome(OUTCOME_EVENTS[decision.action]);
+        return decision;
+      } catch (error) {
+        traced.outcome('store-unavailable');
+        throw error;
+      }
+    });
+  }
+
+  private async decideWaiting(request: BeginRequest): Promise<Decision> {
     const waitUntil = Date.now() + request.waitTimeoutMs;
     let watching = false;
     let watch: RecordWatch | undefined;
@@ -142,7 +164,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
         const decision = await this.decide(request);
         const remainingMs = waitUntil - Date.now();
         if (decision.action !== 'in-progress' || request.concurrency !== 'wait' || remainingMs <= 0) {
-          this.metrics.record(OUTCOME_EVENTS[decision.action]);
+          this.metrics.record(OUTCOME_EVENTS[decision.action], 1, request.id);
           return decision;
         }
         if (!watching) {
@@ -182,7 +204,17 @@ export class IdempotencyService implements BeforeApplicationShutdown {
   ): Promise<unknown> {
     const renewal = this.renew(lease, route);
     const operation = (entityManager?: EntityManager) =>
-      runAsOperation({ ...lease.id, fingerprint, entityManager }, run);
+      this.tracing.step(
+        'run',
+        lease.id,
+        async (traced) => {
+          const outcome = await settled(runAsOperation({ ...lease.id, fingerprint, entityManager }, run));
+          traced.outcome(outcome.ok ? 'returned' : 'threw');
+          if (!outcome.ok) throw outcome.error;
+          return outcome.value;
+        },
+        true,
+      );
     try {
       if (route.transactional) return await this.executeInTransaction(lease, route, renewal, operation, capture);
       const outcome = await settled(operation());
@@ -220,9 +252,11 @@ export class IdempotencyService implements BeforeApplicationShutdown {
         }
         const response = capture(outcome);
         if (!response) throw new UnstoredResultError(lease);
-        if (!(await transaction.complete(lease, response, Date.now() + route.ttlMs))) {
-          throw new LeaseLostError(lease);
-        }
+        await this.tracing.step('complete', lease.id, async (traced) => {
+          const stored = await transaction.complete(lease, this.sealed(lease, response), Date.now() + route.ttlMs);
+          traced.outcome(stored ? 'stored' : 'lease-lost');
+          if (!stored) throw new LeaseLostError(lease);
+        });
         return outcome.value;
       });
     } catch (error) {
@@ -248,9 +282,10 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     for (const renewal of this.renewals) renewal.stop();
   }
 
-  private async settle(lease: Lease, response: StoredResponse | null, ttlMs: number, renewal: LeaseRenewal) {
-    if (!response) return this.release(lease, renewal);
-    return this.complete(lease, response, ttlMs, renewal);
+  private settle(lease: Lease, response: StoredResponse | null, ttlMs: number, renewal: LeaseRenewal) {
+    return this.tracing.step('complete', lease.id, (traced) =>
+      response ? this.complete(lease, response, ttlMs, renewal, traced) : this.release(lease, renewal, traced),
+    );
   }
 
   /**
@@ -309,22 +344,53 @@ export class IdempotencyService implements BeforeApplicationShutdown {
    * completion commits with the handler's writes). Never throws: the handler's response goes back
    * to the client either way.
    */
-  async complete(lease: Lease, response: StoredResponse, ttlMs: number, renewal?: LeaseRenewal): Promise<void> {
+  async complete(
+    lease: Lease,
+    response: StoredResponse,
+    ttlMs: number,
+    renewal?: LeaseRenewal,
+    traced?: TracedStep,
+  ): Promise<void> {
+    const sealed = this.sealed(lease, response);
+    traced?.outcome('failed');
     await this.writeWithRetry(lease, 'store the response of', async () => {
-      const stored = await this.withinStoreTimeout(
-        this.store.complete(lease, response, Date.now() + ttlMs),
-      );
+      const stored = await this.withinStoreTimeout(this.store.complete(lease, sealed, Date.now() + ttlMs));
+      traced?.outcome(stored ? 'stored' : 'lease-lost');
       if (!stored) this.reportLostLease(lease, renewal, 'its response was not stored');
     });
   }
 
   /** Gives the key up so a retry runs the handler again. Never throws (see `complete`). */
-  async release(lease: Lease, renewal?: LeaseRenewal): Promise<void> {
+  async release(lease: Lease, renewal?: LeaseRenewal, traced?: TracedStep): Promise<void> {
+    traced?.outcome('failed');
     await this.writeWithRetry(lease, 'release', async () => {
       const released = await this.withinStoreTimeout(this.store.release(lease));
-      if (released) this.metrics.record('released');
+      traced?.outcome(released ? 'released' : 'lease-lost');
+      if (released) this.metrics.record('released', 1, lease.id);
       else this.reportLostLease(lease, renewal, 'it was not released');
     });
+  }
+
+  /** The response as the store keeps it: sealed when encryption is on. */
+  private sealed(lease: Lease, response: StoredResponse): StoredResponse {
+    return this.options.sealer ? this.options.sealer.seal(lease.id, response) : response;
+  }
+
+  /**
+   * A stored response opened for replay, or `undefined` (logged, without the body) when it cannot
+   * be: sealed under keys that are not configured, tampered with, copied from another record, or
+   * sealed while encryption is off (and unsealed while it is on, unless `acceptUnsealed`).
+   */
+  private opened(id: RecordId, stored: StoredResponse): StoredResponse | undefined {
+    try {
+      return this.options.sealer ? this.options.sealer.open(id, stored) : openUnencrypted(stored);
+    } catch (error) {
+      if (!(error instanceof UnreadableResponseError)) throw error;
+      this.logger.error(
+        `The stored response of key ${describe({ id })} cannot be replayed: ${error.message}. Answered with a 500 problem; the handler was not run again.`,
+      );
+      return undefined;
+    }
   }
 
   private async decide(request: BeginRequest): Promise<Decision> {
@@ -337,7 +403,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       lockedUntil: now + request.lockTimeoutMs,
     }));
     if (claim.claimed) {
-      if (claim.takeover) this.metrics.record('expired');
+      if (claim.takeover) this.metrics.record('expired', 1, request.id);
       // In wait mode duplicates may wait on this key: its completion or release must wake them.
       const lease = request.concurrency === 'wait' ? { ...claim.lease, watched: true } : claim.lease;
       return { action: 'execute', lease };
@@ -346,7 +412,8 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     // The payload is checked first: another payload is a 422 whether the key is done or running.
     if (record.fingerprint !== request.fingerprint) return { action: 'mismatch' };
     if (record.state === 'completed' && record.response) {
-      return { action: 'replay', response: record.response };
+      const response = this.opened(request.id, record.response);
+      return response ? { action: 'replay', response } : { action: 'unreadable' };
     }
     return { action: 'in-progress', retryAfterMs: Math.max(record.expiresAt - now, 0) };
   }
@@ -382,7 +449,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
   private reportLostLease(lease: Lease, renewal: LeaseRenewal | undefined, consequence: string) {
     if (renewal?.lostReported) return;
     if (renewal) renewal.lostReported = true;
-    this.metrics.record('lease-lost');
+    this.metrics.record('lease-lost', 1, lease.id);
     this.logger.warn(
       `Key ${describe(lease)} was taken over by another request after its claim went unrenewed for lockTimeout; ${consequence}.`,
     );

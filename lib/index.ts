@@ -38,6 +38,7 @@ export {
   type RecordId,
   type RecordSnapshot,
   type RecordWatch,
+  type BodyEncoding,
   type StoredResponse,
   type StoreTransaction,
 } from './storage/idempotency-store.interface.js';
@@ -57,6 +58,7 @@ export {
   IdempotencyLeaseLostException,
   IdempotencyRequestInProgressException,
   IdempotencyResultNotStoredException,
+  IdempotencyResponseUnreadableException,
   IdempotencyStoreUnavailableException,
   IdempotencyBodyUnreadableException,
   PROBLEM_CONTENT_TYPE,
@@ -82,3 +84,5 @@ export {
   type SettledMessage,
 } from './transports/rpc.transport.js';
 export type { Duration } from './utils/duration.js';
+export { SEALED_ENCODING, type EncryptionKey, type IdempotencyEncryptionOptions } from './security/response-sealer.js';
+export { idempotencyChannelName, type IdempotencyEventMessage } from './idempotency-metrics.js';

@@ -1,4 +1,5 @@
-import { downstreamKeyOf, IdempotencyMetrics } from '../lib/index.js';
+import { randomBytes } from 'node:crypto';
+import { downstreamKeyOf, IdempotencyMetrics, SEALED_ENCODING } from '../lib/index.js';
 import { fingerprintRequest } from '../lib/utils/fingerprint.js';
 import { recordsOf, stealClaim } from './fixtures/fixture-app.js';
 import {
@@ -17,6 +18,28 @@ import { waitFor } from './support/reliability.js';
 const transactionalDatabases = eachDatabase.filter(([, database]) => database.transactions);
 const serverDatabases = transactionalDatabases.filter(([, database]) => !database.ownTablePerConnection);
 const settings = { controllers: [TransactionalLeaseController], providers: [LedgerService], entities: [LedgerEntry] };
+
+describe.each(transactionalDatabases)('transactional mode with encryption on %s', (_name, database) => {
+  let fixture: ReliabilityApp;
+  beforeAll(async () => {
+    fixture = await createReliabilityApp(database, { encryption: { keys: [randomBytes(32)] } }, settings);
+    await createLedgerTable(fixture.dataSource);
+  });
+  afterAll(() => fixture.close());
+
+  it('commits the sealed response with the handler’s write, and replays it', async () => {
+    const key = newKey();
+    const first = await post(fixture.baseUrl, '/lease/tx', key, { amount: 31 });
+    expect(first.status).toBe(201);
+    const [record] = await recordsOf(fixture.dataSource, key);
+    expect(record.responseBodyEncoding).toBe(SEALED_ENCODING);
+    expect(record.responseBody).not.toContain(String(first.body.entry));
+    const retry = await post(fixture.baseUrl, '/lease/tx', key, { amount: 31 });
+    expect(retry.headers['idempotent-replayed']).toBe('true');
+    expect(retry.body).toEqual(first.body);
+    expect(await ledgerOf(fixture.dataSource, key)).toHaveLength(1);
+  });
+});
 
 describe.each(transactionalDatabases)('transactional mode on %s', (_name, database) => {
   let fixture: ReliabilityApp;

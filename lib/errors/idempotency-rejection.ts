@@ -12,7 +12,8 @@ export type RejectionCode =
   | 'request-in-progress'
   | 'store-unavailable'
   | 'lease-lost'
-  | 'result-not-stored';
+  | 'result-not-stored'
+  | 'response-unreadable';
 
 /** A rejection before a transport renders it. */
 export interface IdempotencyRejection {
@@ -66,6 +67,12 @@ const REJECTIONS: Record<RejectionCode, Omit<IdempotencyRejection, 'code'>> = {
     title: 'The result could not be stored',
     detail:
       'The operation produced a result that cannot be stored for replay, so nothing of it was committed. Retry with the same key to run it again.',
+  },
+  'response-unreadable': {
+    status: 500,
+    title: 'The stored result cannot be read',
+    detail:
+      'This Idempotency-Key was completed, but its stored result cannot be read back, so it is not sent again; the operation was not run again either.',
   },
 };
 

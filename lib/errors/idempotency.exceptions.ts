@@ -101,6 +101,16 @@ export class IdempotencyResultNotStoredException extends IdempotencyException {
 }
 
 /**
+ * 500: the key completed, but its stored response cannot be opened (sealed under keys that are not
+ * configured, tampered with, copied from another record). The operation is not run again.
+ */
+export class IdempotencyResponseUnreadableException extends IdempotencyException {
+  constructor() {
+    super(rejection('response-unreadable'));
+  }
+}
+
+/**
  * The HTTP exception of a rejection: the class of its code (so `instanceof` in an exception filter
  * works as before), with the rejection's detail and Retry-After.
  */
@@ -122,5 +132,7 @@ export function httpExceptionFor(refusal: IdempotencyRejection): IdempotencyExce
       return new IdempotencyLeaseLostException();
     case 'result-not-stored':
       return new IdempotencyResultNotStoredException();
+    case 'response-unreadable':
+      return new IdempotencyResponseUnreadableException();
   }
 }

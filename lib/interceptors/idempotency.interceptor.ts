@@ -30,6 +30,9 @@ import { loadMicroservices, RpcTransport, type SettledMessage } from '../transpo
 /** Calls already handled, when `@Idempotent()` sits on both a controller and a method. */
 const handledCalls = new WeakSet<object>();
 
+/** Handlers already warned about an authenticated caller without a scope. */
+const warnedUnscoped = new WeakSet<Function>();
+
 /**
  * Drives one plan for every transport: read the key, ask the service for a decision, then run the
  * handler and store its result, replay a stored result, or reject. What depends on the transport
@@ -66,6 +69,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
         return next.handle();
       }
       const operation = transport.describe(context);
+      if (!options.scoped) this.warnIfAuthenticated(context, operation.scopeSource);
       const id: RecordId = {
         scope: boundedColumnValue(await options.scope(operation.scopeSource)),
         endpoint: operation.endpoint,
@@ -128,6 +132,8 @@ export class IdempotencyInterceptor implements NestInterceptor {
         throw new IdempotencyRejectionError(
           rejection('request-in-progress', { retryAfterSeconds: Math.max(1, Math.ceil(decision.retryAfterMs / 1000)) }),
         );
+      case 'unreadable':
+        throw new IdempotencyRejectionError(rejection('response-unreadable'));
     }
   }
 
@@ -157,6 +163,21 @@ export class IdempotencyInterceptor implements NestInterceptor {
       this.logger.error(`Idempotency store unavailable for key ${truncateKeyForLog(key)}: ${(error as Error).message}`);
       throw new IdempotencyRejectionError(rejection('store-unavailable'));
     }
+  }
+
+  /**
+   * An authenticated caller (`request.user`, as Passport sets it) on a route whose keys are shared
+   * by every caller: one user's key could replay another user's response. Warned once per route.
+   */
+  private warnIfAuthenticated(context: ExecutionContext, scopeSource: unknown): void {
+    if ((scopeSource as { user?: unknown } | undefined)?.user == null) return;
+    const handler = context.getHandler();
+    if (warnedUnscoped.has(handler)) return;
+    warnedUnscoped.add(handler);
+    this.logger.warn(
+      `${context.getClass().name}.${handler.name} is called by an authenticated user (request.user), but its keys have no scope: every caller shares one key space, ` +
+        'so a user who sends another user\'s key receives that user\'s stored response. Set `scope`, e.g. IdempotencyModule.forRoot({ scope: (request) => request.user.id }).',
+    );
   }
 
   private optionsFor(context: ExecutionContext): ResolvedRouteOptions {

@@ -1,11 +1,20 @@
-import { Inject, Injectable, type OnModuleInit } from '@nestjs/common';
 import {
+  ClassSerializerInterceptor,
+  Inject,
+  Injectable,
+  Logger,
+  type OnApplicationBootstrap,
+  type OnModuleInit,
+} from '@nestjs/common';
+import {
+  INTERCEPTORS_METADATA,
   RESPONSE_PASSTHROUGH_METADATA,
   ROUTE_ARGS_METADATA,
   SSE_METADATA,
 } from '@nestjs/common/constants.js';
 import { RouteParamtypes } from '@nestjs/common/enums/route-paramtypes.enum.js';
-import { DiscoveryService, MetadataScanner } from '@nestjs/core';
+import { ApplicationConfig, DiscoveryService, MetadataScanner } from '@nestjs/core';
+import { IdempotencyInterceptor } from './idempotency.interceptor.js';
 import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
 import { RESOLVED_OPTIONS, resolveRouteOptions, type ResolvedModuleOptions } from '../idempotency.options.js';
 import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
@@ -15,11 +24,16 @@ import { IdempotencyStore } from '../storage/idempotency-store.interface.js';
  * Refuses, at startup, `@Idempotent()` routes whose response the interceptor can never see: a
  * handler that writes the response itself (`@Res()` / `@Next()` without `passthrough`) or streams
  * server-sent events. Left alone, such a route would look protected and run on every retry. Also
- * refuses transactional routes on a store that cannot run them (see `transactionsUnsupported`).
+ * refuses transactional routes on a store that cannot run them (see `transactionsUnsupported`),
+ * and warns about a ClassSerializerInterceptor that runs outside the idempotency interceptor.
  */
 @Injectable()
-export class IdempotentRoutesCheck implements OnModuleInit {
+export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstrap {
+  /** The `@Idempotent()` routes: name, controller and method. */
+  private readonly routes: { readonly name: string; readonly controller: Function; readonly handler: Function }[] = [];
+
   constructor(
+    private readonly config: ApplicationConfig,
     private readonly discovery: DiscoveryService,
     private readonly scanner: MetadataScanner,
     @Inject(RESOLVED_OPTIONS) private readonly options: ResolvedModuleOptions,
@@ -38,6 +52,7 @@ export class IdempotentRoutesCheck implements OnModuleInit {
         const handler = prototype[method];
         const handlerOptions: IdempotencyRouteOptions | undefined = Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, handler);
         if (!classOptions && !handlerOptions) continue;
+        this.routes.push({ name: `${metatype.name}.${method}`, controller: metatype, handler });
         const reason = unsupportedReason(metatype, method, handler);
         if (reason) problems.push(`${metatype.name}.${method}: ${reason}`);
         // As the interceptor reads them: the method's options override the class's as a whole.
@@ -54,6 +69,34 @@ export class IdempotentRoutesCheck implements OnModuleInit {
     }
   }
 
+  /**
+   * A serializer outside the idempotency interceptor (global, or listed before it) transforms the
+   * response after it was stored: the stored body is the handler's object with every field the
+   * serializer removes (`@Exclude()`), and a replay — a plain object, with no class to read
+   * `@Exclude()` from — sends those fields. Checked once the app's global interceptors are known.
+   */
+  onApplicationBootstrap(): void {
+    const global = [
+      ...this.config.getGlobalInterceptors(),
+      ...this.config.getGlobalRequestInterceptors().map((wrapper) => wrapper.metatype),
+    ];
+    const exposed = this.routes.filter(({ controller, handler }) => {
+      const chain: unknown[] = [
+        ...global,
+        ...(Reflect.getMetadata(INTERCEPTORS_METADATA, controller) ?? []),
+        ...(Reflect.getMetadata(INTERCEPTORS_METADATA, handler) ?? []),
+      ];
+      const ours = chain.findIndex((interceptor) => interceptor === IdempotencyInterceptor);
+      return chain.slice(0, ours).some(isSerializer);
+    });
+    if (exposed.length === 0) return;
+    new Logger('Idempotency').warn(
+      `ClassSerializerInterceptor wraps @Idempotent() on ${exposed.map(({ name }) => name).join(', ')}: responses are stored before it serialises them, ` +
+        'so stored bodies keep the fields it removes (@Exclude()), and replays send those fields to the client. ' +
+        'Serialise inside: put @UseInterceptors(ClassSerializerInterceptor) on the method above @Idempotent(), or return instanceToPlain(value) from the handler.',
+    );
+  }
+
   private checkTransactional(routes: string[]): void {
     if (routes.length === 0) return;
     const reason = this.store.transaction
@@ -65,6 +108,10 @@ export class IdempotentRoutesCheck implements OnModuleInit {
       );
     }
   }
+}
+
+function isSerializer(interceptor: unknown): boolean {
+  return interceptor === ClassSerializerInterceptor || interceptor instanceof ClassSerializerInterceptor;
 }
 
 function unsupportedReason(controller: Function, method: string, handler: Function): string | undefined {

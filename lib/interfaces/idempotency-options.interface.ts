@@ -3,6 +3,7 @@ import type { Duration } from '../utils/duration.js';
 import type { IdempotencyStore } from '../storage/idempotency-store.interface.js';
 import type { TransactionRunner } from '../storage/typeorm/typeorm-idempotency.store.js';
 import type { MessageAcknowledgement } from '../transports/rpc.transport.js';
+import type { IdempotencyEncryptionOptions } from '../security/response-sealer.js';
 
 /** What a duplicate does while the first request with its key is still running. */
 export type ConcurrencyMode = 'reject' | 'wait';
@@ -105,6 +106,22 @@ export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
    * @default an in-memory embedded PGlite database (keys do not survive a restart)
    */
   dataSource?: DataSource | DataSourceOptions;
+  /**
+   * With neither `dataSource` nor `store`, keys live in an in-memory PGlite database: a restart
+   * forgets them and other instances never see them, so a retry that reaches another process, or
+   * comes after a deploy, runs the handler again. Under `NODE_ENV=production` that default is
+   * refused at startup unless this is `true`.
+   * @default false
+   */
+  allowInMemoryStore?: boolean;
+  /**
+   * Encrypts stored responses (bodies and headers) with AES-256-GCM under the first of `keys`;
+   * every key listed opens them (rotation). The record's scope, endpoint and key are authenticated,
+   * so a response copied to another record does not replay. A response that cannot be opened is
+   * answered with a 500 problem (`response-unreadable`) and its handler is not run again.
+   * @default undefined (stored in clear)
+   */
+  encryption?: IdempotencyEncryptionOptions;
   /**
    * A store of your own instead of the TypeORM one; `dataSource` is then ignored.
    * @default TypeOrmIdempotencyStore on `dataSource`

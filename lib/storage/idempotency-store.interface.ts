@@ -10,13 +10,17 @@ export interface RecordId {
   readonly key: string;
 }
 
+/** How a stored body is serialised. */
+export type BodyEncoding = 'json' | 'base64' | 'sealed';
+
 /** A response as stored: everything needed to send it again. */
 export interface StoredResponse {
   readonly status: number;
   readonly headers: Readonly<Record<string, string | string[]>>;
   /** The body in serialised form (see `encodeBody`); `null` for no body. */
   readonly body: string | null;
-  readonly bodyEncoding: 'json' | 'base64';
+  /** `sealed`: encrypted (`encryption` option); the body is the envelope and the headers are in it. */
+  readonly bodyEncoding: BodyEncoding;
   /** The handler threw an HttpException: the replay throws it again, through the same filters. */
   readonly isError: boolean;
 }

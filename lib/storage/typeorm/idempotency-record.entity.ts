@@ -1,5 +1,5 @@
 import { Column, Entity, Index, PrimaryColumn } from 'typeorm';
-import type { RecordState } from '../idempotency-store.interface.js';
+import type { BodyEncoding, RecordState } from '../idempotency-store.interface.js';
 
 /** Table name, shared by the entity, the migration and the store's hand-written SQL. */
 export const IDEMPOTENCY_RECORDS_TABLE = 'idempotency_records';
@@ -61,7 +61,7 @@ export class IdempotencyRecord {
   responseBody!: string | null;
 
   @Column({ name: 'response_body_encoding', type: 'varchar', length: 8, nullable: true })
-  responseBodyEncoding!: 'json' | 'base64' | null;
+  responseBodyEncoding!: BodyEncoding | null;
 
   @Column({ name: 'response_is_error', type: 'boolean', default: false })
   responseIsError!: boolean;

@@ -1,5 +1,6 @@
 import type { DataSource, EntityManager } from 'typeorm';
 import type {
+  BodyEncoding,
   ClaimRequest,
   ClaimResult,
   Lease,
@@ -22,7 +23,7 @@ interface ClaimRow {
   response_status: number | null;
   response_headers: string | null;
   response_body: string | null;
-  response_body_encoding: 'json' | 'base64' | null;
+  response_body_encoding: BodyEncoding | null;
   response_is_error: boolean;
 }
 
