@@ -87,7 +87,8 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
         ...(Reflect.getMetadata(INTERCEPTORS_METADATA, handler) ?? []),
       ];
       const ours = chain.findIndex((interceptor) => interceptor === IdempotencyInterceptor);
-      return chain.slice(0, ours).some(isSerializer);
+      // A serializer inside ours too stores the serialised body, which the outer one leaves as is.
+      return chain.slice(0, ours).some(isSerializer) && !chain.slice(ours + 1).some(isSerializer);
     });
     if (exposed.length === 0) return;
     new Logger('Idempotency').warn(
