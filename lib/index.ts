@@ -42,6 +42,12 @@ export {
   type StoredResponse,
   type StoreTransaction,
 } from './storage/idempotency-store.interface.js';
+export {
+  RedisIdempotencyStore,
+  type RedisClient,
+  type RedisIdempotencyStoreOptions,
+  type RedisSubscriber,
+} from './storage/redis/redis-idempotency.store.js';
 export { pgliteDriver, type PGliteDriverOptions } from './storage/typeorm/pglite-driver.js';
 export { IdempotencyRecord, IDEMPOTENCY_RECORDS_TABLE } from './storage/typeorm/idempotency-record.entity.js';
 export { CreateIdempotencyRecords1763900000000 } from './storage/typeorm/create-idempotency-records.migration.js';

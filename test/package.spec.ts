@@ -160,6 +160,8 @@ describe('npm pack', () => {
       manifest.types,
       manifest.exports['.'].types,
       manifest.exports['.'].default,
+      manifest.exports['./testing'].types,
+      manifest.exports['./testing'].default,
     ].map((path: string) => path.replace(/^\.\//, ''));
     expect(entryPoints.filter((path) => !packedFiles.includes(path))).toEqual([]);
     expect(manifest.type).toBe('module');
@@ -183,6 +185,17 @@ describe.each(fixtures)('the packed tarball installed in $dir (NestJS $nestMajor
     expect(existsSync(join(appDir, 'node_modules/nestjs-idempotency/node_modules/typeorm'))).toBe(false);
     expect(existsSync(join(appDir, 'node_modules/@nestjs/swagger'))).toBe(fixture.swagger);
   });
+
+  if (fixture.nestMajor === 12) {
+    it('exports the store kit as nestjs-idempotency/testing; run with no test runner, the shipped store passes it', async () => {
+      const script = join(appDir, 'store-kit.mjs');
+      await cp(join(ROOT, 'test/fixtures/store-kit.mjs'), script);
+      const { stdout } = await execFileAsync('node', [script], { cwd: appDir, env: { ...process.env, NODE_OPTIONS: '' } });
+      const result = JSON.parse(stdout.trim().split('\n').at(-1)!);
+      expect(result.failed).toEqual([]);
+      expect(result.passed).toBeGreaterThanOrEqual(15);
+    }, 60_000);
+  }
 
   describe.each(databases)('on %s', (name, database) => {
     let app: AppProcess;

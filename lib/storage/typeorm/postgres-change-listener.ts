@@ -2,6 +2,7 @@ import { Logger } from '@nestjs/common';
 import { createHash } from 'node:crypto';
 import type { DataSource } from 'typeorm';
 import type { RecordId, RecordWatch } from '../idempotency-store.interface.js';
+import { RecordWatches } from '../record-watches.js';
 
 /**
  * The NOTIFY channel of every records table: the payload (`changeTag`) says which record of which
@@ -58,7 +59,7 @@ interface PgDriverInternals {
  */
 export class PostgresChangeListener {
   private readonly logger = new Logger('Idempotency');
-  private readonly watches = new Map<string, Set<Watch>>();
+  private readonly watches = new RecordWatches(() => this.listening);
   private client: ListeningClient | null = null;
   private listening = false;
   private connecting = false;
@@ -88,10 +89,7 @@ export class PostgresChangeListener {
   }
 
   watch(tag: string): RecordWatch {
-    const watch = new Watch(this, () => this.unwatch(tag, watch));
-    let watches = this.watches.get(tag);
-    if (!watches) this.watches.set(tag, (watches = new Set()));
-    watches.add(watch);
+    const watch = this.watches.watch(tag);
     if (!this.client && !this.connecting && this.reconnectTimer === undefined) void this.connect();
     return watch;
   }
@@ -104,12 +102,6 @@ export class PostgresChangeListener {
     const client = this.client;
     this.detach();
     if (client) await client.end().catch(() => undefined);
-  }
-
-  private unwatch(tag: string, watch: Watch) {
-    const watches = this.watches.get(tag);
-    watches?.delete(watch);
-    if (watches?.size === 0) this.watches.delete(tag);
   }
 
   private async connect(): Promise<void> {
@@ -173,7 +165,7 @@ export class PostgresChangeListener {
       keepAliveInitialDelayMillis: KEEP_ALIVE_DELAY_MS,
     });
     client.on('notification', ({ channel, payload }) => {
-      if (channel === CHANGE_CHANNEL && payload) this.wake(this.watches.get(payload));
+      if (channel === CHANGE_CHANNEL && payload) this.watches.wake(payload);
     });
     client.on('error', (error) => this.lost(client, error));
     client.on('end', () => this.lost(client));
@@ -212,54 +204,7 @@ export class PostgresChangeListener {
     this.reconnectTimer.unref();
   }
 
-  private wake(watches: Set<Watch> | undefined) {
-    watches?.forEach((watch) => watch.wake());
-  }
-
   private wakeAll() {
-    this.watches.forEach((watches) => this.wake(watches));
-  }
-}
-
-/** One waiter's subscription: a wake-up that arrives while nobody awaits `changed` is kept. */
-class Watch implements RecordWatch {
-  private pending = false;
-  private resolveWait: (() => void) | undefined;
-
-  constructor(
-    private readonly listener: PostgresChangeListener,
-    private readonly unsubscribe: () => void,
-  ) {}
-
-  get live(): boolean {
-    return this.listener.live;
-  }
-
-  changed(timeoutMs: number): Promise<void> {
-    if (this.pending) {
-      this.pending = false;
-      return Promise.resolve();
-    }
-    return new Promise<void>((resolve) => {
-      const timer = setTimeout(done, timeoutMs);
-      const self = this;
-      function done() {
-        clearTimeout(timer);
-        self.pending = false;
-        self.resolveWait = undefined;
-        resolve();
-      }
-      this.resolveWait = done;
-    });
-  }
-
-  wake() {
-    this.pending = true;
-    this.resolveWait?.();
-  }
-
-  close() {
-    this.resolveWait?.();
-    this.unsubscribe();
+    this.watches.wakeAll();
   }
 }

@@ -1,0 +1,256 @@
+import { Logger } from '@nestjs/common';
+import { createHash } from 'node:crypto';
+import type {
+  BodyEncoding,
+  ClaimRequest,
+  ClaimResult,
+  IdempotencyStore,
+  Lease,
+  RecordId,
+  RecordState,
+  RecordWatch,
+  StoredResponse,
+} from '../idempotency-store.interface.js';
+import { RecordWatches } from '../record-watches.js';
+
+/**
+ * What the store needs of an ioredis 5 client (`Redis` or `Cluster`); typed here so the package
+ * does not depend on ioredis.
+ */
+export interface RedisClient {
+  defineCommand(name: string, definition: { numberOfKeys: number; lua: string }): unknown;
+  /** A new connection with the same options: the store's subscriber. */
+  duplicate(): RedisSubscriber;
+}
+
+/** What the store needs of its subscriber connection. */
+export interface RedisSubscriber {
+  on(event: 'message', listener: (channel: string, message: string) => void): unknown;
+  on(event: 'ready' | 'close', listener: () => void): unknown;
+  on(event: 'error', listener: (error: Error) => void): unknown;
+  subscribe(channel: string): Promise<unknown>;
+  quit(): Promise<unknown>;
+  disconnect(): void;
+}
+
+/** Options of the Redis store. */
+export interface RedisIdempotencyStoreOptions {
+  /**
+   * Prefix of every Redis key of the store (one hash per record) and of its change channel.
+   * @default 'idempotency:'
+   */
+  readonly prefix?: string;
+  /**
+   * How long past its end (TTL or lock) Redis keeps a record before expiring it, in ms. Ends are
+   * decided by the app's clock, as on the SQL stores; Redis's own expiry only collects garbage, so
+   * this margin must exceed the clock skew between the app's hosts and Redis.
+   * @default 60000
+   */
+  readonly expiryGraceMs?: number;
+  /**
+   * Wake waiting duplicates through Redis pub/sub (one extra connection per store, opened on the
+   * first wait) instead of polling.
+   * @default true
+   */
+  readonly waitNotifications?: boolean;
+}
+
+/**
+ * Hash fields: s state, f fingerprint, t lease token, x expires at (ms), and the response:
+ * c status, h headers (JSON), b body (absent: no body), e body encoding, r is error ('1'/'0').
+ * Every script reads the record and writes it in one step (scripts run atomically).
+ */
+const CLAIM = `
+local r = redis.call('HMGET', KEYS[1], 's', 'f', 'x', 'c', 'h', 'b', 'e', 'r')
+local takeover = 0
+if r[1] then
+  local dead = tonumber(r[3]) <= tonumber(ARGV[3]) and (r[1] == 'completed' or r[2] == ARGV[1])
+  if not dead then return {0, r[1], r[2], r[3], r[4] or '', r[5] or '', r[6] or '', r[7] or '', r[8] or '', r[6] and '1' or '0'} end
+  takeover = 1
+  redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[1], 's', 'in_progress', 'f', ARGV[1], 't', ARGV[2], 'x', ARGV[4])
+redis.call('PEXPIREAT', KEYS[1], tonumber(ARGV[4]) + tonumber(ARGV[5]))
+return {1, takeover}`;
+
+const UNDER_LEASE = `
+local held = redis.call('HMGET', KEYS[1], 's', 't', 'x')
+if held[1] ~= 'in_progress' or held[2] ~= ARGV[1] then return 0 end`;
+
+const NOTIFY = `
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], ARGV[3]) end`;
+
+/** ARGV: token, channel ('' for none), tag, expires at, grace, status, headers, is error, encoding, has body, body. */
+const COMPLETE = `${UNDER_LEASE}
+redis.call('HSET', KEYS[1], 's', 'completed', 'x', ARGV[4], 'c', ARGV[6], 'h', ARGV[7], 'r', ARGV[8], 'e', ARGV[9])
+if ARGV[10] == '1' then redis.call('HSET', KEYS[1], 'b', ARGV[11]) end
+redis.call('PEXPIREAT', KEYS[1], tonumber(ARGV[4]) + tonumber(ARGV[5]))${NOTIFY}
+return 1`;
+
+/** ARGV: token, channel, tag. */
+const RELEASE = `${UNDER_LEASE}
+redis.call('DEL', KEYS[1])${NOTIFY}
+return 1`;
+
+/** ARGV: token, (unused), (unused), locked until, grace. Never moves a lock back. */
+const RENEW = `${UNDER_LEASE}
+local lockedUntil = math.max(tonumber(held[3]), tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], 'x', string.format('%.0f', lockedUntil))
+redis.call('PEXPIREAT', KEYS[1], lockedUntil + tonumber(ARGV[5]))
+return 1`;
+
+interface Scripts {
+  idempotencyClaim(key: string, ...args: (string | number)[]): Promise<(string | number | null)[]>;
+  idempotencyComplete(key: string, ...args: (string | number)[]): Promise<number>;
+  idempotencyRelease(key: string, ...args: (string | number)[]): Promise<number>;
+  idempotencyRenew(key: string, ...args: (string | number)[]): Promise<number>;
+}
+
+/**
+ * Records in Redis (ioredis): one hash per record, claim, completion, renewal and release as Lua
+ * scripts fenced by the lease token, records expired by Redis, waiting duplicates woken through
+ * pub/sub. Give it a client of your own (`new Redis(url)`, or a `Cluster`: each script touches one
+ * key); call `close()` when done (the module does not own the client, and closes only the store's
+ * own subscriber connection).
+ *
+ * Durability is Redis's: with `appendonly yes` and `appendfsync everysec` a crash of Redis can lose
+ * the last second of claims and completions, and a retry of a lost completion runs its handler
+ * again; `maxmemory-policy` must be `noeviction` (an evicted record is a forgotten key). There is
+ * no transactional mode: the handler's writes live elsewhere.
+ */
+export class RedisIdempotencyStore implements IdempotencyStore {
+  private readonly logger = new Logger('Idempotency');
+  private readonly prefix: string;
+  private readonly graceMs: number;
+  private readonly channel: string;
+  private readonly redis: RedisClient & Scripts;
+  private subscriber: RedisSubscriber | null = null;
+  private subscribed = false;
+  private readonly watches = new RecordWatches(() => this.subscribed);
+  private readonly notifications: boolean;
+
+  constructor(redis: RedisClient, options: RedisIdempotencyStoreOptions = {}) {
+    this.prefix = options.prefix ?? 'idempotency:';
+    this.graceMs = options.expiryGraceMs ?? 60_000;
+    this.channel = `${this.prefix}changes`;
+    this.notifications = options.waitNotifications ?? true;
+    this.redis = redis as RedisClient & Scripts;
+    if (!this.redis.idempotencyClaim) {
+      redis.defineCommand('idempotencyClaim', { numberOfKeys: 1, lua: CLAIM });
+      redis.defineCommand('idempotencyComplete', { numberOfKeys: 1, lua: COMPLETE });
+      redis.defineCommand('idempotencyRelease', { numberOfKeys: 1, lua: RELEASE });
+      redis.defineCommand('idempotencyRenew', { numberOfKeys: 1, lua: RENEW });
+    }
+  }
+
+  async claim({ id, fingerprint, token, now, lockedUntil }: ClaimRequest): Promise<ClaimResult> {
+    const reply = await this.redis.idempotencyClaim(this.keyOf(id), fingerprint, token, now, lockedUntil, this.graceMs);
+    if (reply[0] === 1) return { claimed: true, lease: { id, token }, takeover: reply[1] === 1 };
+    const [, state, recordFingerprint, expiresAt, status, headers, body, encoding, isError, hasBody] = reply as string[];
+    return {
+      claimed: false,
+      record: {
+        state: state as RecordState,
+        fingerprint: recordFingerprint,
+        expiresAt: Number(expiresAt),
+        response:
+          state === 'completed'
+            ? {
+                status: Number(status),
+                headers: headers ? JSON.parse(headers) : {},
+                body: hasBody === '1' ? body : null,
+                bodyEncoding: (encoding || 'json') as BodyEncoding,
+                isError: isError === '1',
+              }
+            : null,
+      },
+    };
+  }
+
+  async complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
+    const reply = await this.redis.idempotencyComplete(
+      this.keyOf(lease.id),
+      ...this.leaseArguments(lease),
+      expiresAt,
+      this.graceMs,
+      response.status,
+      JSON.stringify(response.headers),
+      response.isError ? '1' : '0',
+      response.bodyEncoding,
+      response.body === null ? '0' : '1',
+      response.body ?? '',
+    );
+    return reply === 1;
+  }
+
+  async release(lease: Lease): Promise<boolean> {
+    return (await this.redis.idempotencyRelease(this.keyOf(lease.id), ...this.leaseArguments(lease))) === 1;
+  }
+
+  async renew(lease: Lease, lockedUntil: number): Promise<boolean> {
+    return (await this.redis.idempotencyRenew(this.keyOf(lease.id), lease.token, '', '', lockedUntil, this.graceMs)) === 1;
+  }
+
+  /** Redis expires records by itself (`expiryGraceMs` after their end): nothing to purge. */
+  async purgeExpired(): Promise<number> {
+    return 0;
+  }
+
+  watch(id: RecordId): RecordWatch | undefined {
+    if (!this.notifications) return undefined;
+    const watch = this.watches.watch(this.tagOf(id));
+    if (!this.subscriber) this.subscribe();
+    return watch;
+  }
+
+  /** Nest calls it at app shutdown: the store's own subscriber must not keep the process alive. */
+  onApplicationShutdown(): Promise<void> {
+    return this.close();
+  }
+
+  /** Closes the store's subscriber connection, if it opened one; the client given is left open. */
+  async close(): Promise<void> {
+    const subscriber = this.subscriber;
+    this.subscriber = null;
+    this.subscribed = false;
+    if (subscriber) await subscriber.quit().catch(() => subscriber.disconnect());
+  }
+
+  /**
+   * One subscriber connection per store (a duplicate of the client). ioredis reconnects it and
+   * subscribes again by itself; while it is down, watches report `live: false` and waiters poll,
+   * and each change of `live` wakes every watch.
+   */
+  private subscribe(): void {
+    const subscriber = this.redis.duplicate();
+    this.subscriber = subscriber;
+    const setLive = (live: boolean) => {
+      if (this.subscribed === live) return;
+      this.subscribed = live;
+      this.watches.wakeAll();
+    };
+    subscriber.on('message', (channel: string, tag: string) => {
+      if (channel === this.channel) this.watches.wake(tag);
+    });
+    subscriber.on('ready', () => {
+      // After a reconnect ioredis subscribes again right after `ready`: the reply is the sign.
+      subscriber.subscribe(this.channel).then(() => setLive(this.subscriber === subscriber), () => undefined);
+    });
+    subscriber.on('close', () => setLive(false));
+    subscriber.on('error', (error: Error) => this.logger.debug(`Redis subscriber: ${error.message}`));
+  }
+
+  /** Token, and the channel and tag to notify: only for a watched lease. */
+  private leaseArguments(lease: Lease): [string, string, string] {
+    return lease.watched && this.notifications ? [lease.token, this.channel, this.tagOf(lease.id)] : [lease.token, '', ''];
+  }
+
+  private keyOf({ scope, endpoint, key }: RecordId): string {
+    return `${this.prefix}${JSON.stringify([scope, endpoint, key])}`;
+  }
+
+  /** The pub/sub payload of a record: a hash, so the key never travels in clear. */
+  private tagOf(id: RecordId): string {
+    return createHash('sha256').update(this.keyOf(id)).digest('hex').slice(0, 32);
+  }
+}

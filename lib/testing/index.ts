@@ -1,0 +1,1 @@
+export { storeContract, type StoreCheck, type StoreContractOptions } from './store-contract.js';

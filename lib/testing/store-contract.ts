@@ -1,0 +1,298 @@
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import type {
+  ClaimResult,
+  IdempotencyStore,
+  Lease,
+  RecordId,
+  StoredResponse,
+} from '../storage/idempotency-store.interface.js';
+
+/** What the contract needs to know about the store under test. */
+export interface StoreContractOptions {
+  /**
+   * The store deletes expired records by itself (Redis expiry) rather than in `purgeExpired`: the
+   * purge check then only requires that `purgeExpired` never deletes a live record.
+   * @default false
+   */
+  readonly expiresByItself?: boolean;
+  /**
+   * Concurrent claims of the claim-race check.
+   * @default 20
+   */
+  readonly racers?: number;
+}
+
+/** One check of the contract: a name for the test runner, and the check (rejects on failure). */
+export interface StoreCheck {
+  readonly name: string;
+  run(): Promise<void>;
+}
+
+const MINUTE = 60_000;
+
+/**
+ * The contract every `IdempotencyStore` must meet, as a list of checks that any test runner can
+ * run (each rejects with an `AssertionError` on failure):
+ *
+ * ```ts
+ * import { storeContract } from 'nestjs-idempotency/testing';
+ * describe('my store', () => {
+ *   for (const check of storeContract(() => myStore)) it(check.name, () => check.run());
+ * });
+ * // node:test: for (const check of storeContract(() => myStore)) test(check.name, () => check.run());
+ * ```
+ *
+ * Each check works on records of its own (a fresh endpoint), so the store may be shared with other
+ * tests and between checks, and checks may run concurrently. Times are given to the store, as the
+ * module does, so expiry is checked without waiting; only the purge check uses records that expired
+ * before the real current time (a purge with a future time would delete other tests' live records).
+ */
+export function storeContract(
+  store: () => IdempotencyStore | Promise<IdempotencyStore>,
+  options: StoreContractOptions = {},
+): StoreCheck[] {
+  const racers = options.racers ?? 20;
+  const check = (name: string, body: (subject: Subject) => Promise<void>): StoreCheck => ({
+    name,
+    run: async () => body(new Subject(await store())),
+  });
+
+  return [
+    check('claims a new key, and a second claim finds it in progress', async (s) => {
+      const id = s.id();
+      const first = await s.claim(id, 'fp-a');
+      assert.equal(first.claimed, true);
+      assert.equal(first.claimed && first.takeover, false);
+      const second = await s.claim(id, 'fp-a');
+      assert.equal(second.claimed, false, 'a held key must not be claimed twice');
+      if (second.claimed) return;
+      assert.equal(second.record.state, 'in_progress');
+      assert.equal(second.record.fingerprint, 'fp-a');
+      assert.equal(second.record.expiresAt, s.now + MINUTE);
+      assert.equal(second.record.response, null);
+    }),
+
+    check(`lets exactly one of ${racers} concurrent claims of a key win`, async (s) => {
+      const id = s.id();
+      const results = await Promise.all(Array.from({ length: racers }, () => s.claim(id, 'fp-race')));
+      assert.equal(results.filter((result) => result.claimed).length, 1);
+      for (const result of results) {
+        if (!result.claimed) assert.equal(result.record.fingerprint, 'fp-race');
+      }
+    }),
+
+    check('lets exactly one of concurrent claims with different payloads win', async (s) => {
+      const id = s.id();
+      const results = await Promise.all(Array.from({ length: racers }, (_, i) => s.claim(id, `fp-${i}`)));
+      const winners = results.filter((result) => result.claimed);
+      assert.equal(winners.length, 1);
+    }),
+
+    check('stores a completed response and returns it exactly, until its expiry', async (s) => {
+      const id = s.id();
+      const lease = await s.leaseOf(id, 'fp-a');
+      const response = sampleResponse();
+      assert.equal(await s.store.complete(lease, response, s.now + 10 * MINUTE), true);
+      const read = await s.claim(id, 'fp-a', s.now + 5 * MINUTE);
+      assert.equal(read.claimed, false, 'a completed record must not be claimed before its expiry');
+      if (read.claimed) return;
+      assert.equal(read.record.state, 'completed');
+      assert.equal(read.record.expiresAt, s.now + 10 * MINUTE);
+      assert.deepEqual(read.record.response, response);
+    }),
+
+    check('fences the lease: complete, renew and release with another token do nothing', async (s) => {
+      const id = s.id();
+      const lease = await s.leaseOf(id, 'fp-a');
+      const forged: Lease = { id, token: randomUUID() };
+      assert.equal(await s.store.complete(forged, sampleResponse(), s.now + MINUTE), false);
+      assert.equal(await s.store.renew(forged, s.now + 5 * MINUTE), false);
+      assert.equal(await s.store.release(forged), false);
+      const read = await s.claim(id, 'fp-a');
+      assert.equal(!read.claimed && read.record.state, 'in_progress');
+      assert.equal(!read.claimed && read.record.expiresAt, s.now + MINUTE);
+      assert.equal(await s.store.complete(lease, sampleResponse(), s.now + MINUTE), true);
+    }),
+
+    check('keeps a completed record final: no second completion, release or renewal, whatever the payload', async (s) => {
+      const id = s.id();
+      const lease = await s.leaseOf(id, 'fp-a');
+      const response = sampleResponse();
+      assert.equal(await s.store.complete(lease, response, s.now + 10 * MINUTE), true);
+      assert.equal(await s.store.complete(lease, { ...response, status: 500 }, s.now + 20 * MINUTE), false);
+      assert.equal(await s.store.renew(lease, s.now + 20 * MINUTE), false);
+      assert.equal(await s.store.release(lease), false);
+      const other = await s.claim(id, 'fp-b', s.now + 9 * MINUTE);
+      assert.equal(other.claimed, false);
+      if (other.claimed) return;
+      assert.equal(other.record.fingerprint, 'fp-a');
+      assert.deepEqual(other.record.response, response);
+    }),
+
+    check('renews a held lock, so a claim after the old lock finds it in progress', async (s) => {
+      const id = s.id();
+      const lease = await s.leaseOf(id, 'fp-a');
+      assert.equal(await s.store.renew(lease, s.now + 3 * MINUTE), true);
+      const read = await s.claim(id, 'fp-a', s.now + 2 * MINUTE);
+      assert.equal(read.claimed, false, 'a renewed lock must hold until its new end');
+      assert.equal(!read.claimed && read.record.expiresAt, s.now + 3 * MINUTE);
+      assert.equal(await s.store.complete(lease, sampleResponse(), s.now + 10 * MINUTE), true);
+    }),
+
+    check('takes an abandoned claim over for the same payload once its lock ended, and fences the old lease off', async (s) => {
+      const id = s.id();
+      const abandoned = await s.leaseOf(id, 'fp-a');
+      const takeover = await s.claim(id, 'fp-a', s.now + MINUTE + 1);
+      assert.equal(takeover.claimed, true);
+      if (!takeover.claimed) return;
+      assert.equal(takeover.takeover, true);
+      assert.equal(await s.store.complete(abandoned, sampleResponse(), s.now + 10 * MINUTE), false);
+      assert.equal(await s.store.renew(abandoned, s.now + 10 * MINUTE), false);
+      assert.equal(await s.store.release(abandoned), false);
+      assert.equal(await s.store.complete(takeover.lease, sampleResponse(), s.now + 10 * MINUTE), true);
+    }),
+
+    check('keeps an abandoned claim bound to its payload: another payload is refused, not taken over', async (s) => {
+      const id = s.id();
+      await s.leaseOf(id, 'fp-a');
+      const other = await s.claim(id, 'fp-b', s.now + MINUTE + 1);
+      assert.equal(other.claimed, false);
+      assert.equal(!other.claimed && other.record.fingerprint, 'fp-a');
+    }),
+
+    check('takes a completed record over, for any payload, once its TTL ended', async (s) => {
+      const id = s.id();
+      const lease = await s.leaseOf(id, 'fp-a');
+      assert.equal(await s.store.complete(lease, sampleResponse(), s.now + 2 * MINUTE), true);
+      const later = await s.claim(id, 'fp-b', s.now + 2 * MINUTE + 1);
+      assert.equal(later.claimed, true);
+      assert.equal(later.claimed && later.takeover, true);
+      const read = await s.claim(id, 'fp-b', s.now + 2 * MINUTE + 2);
+      assert.equal(!read.claimed && read.record.state, 'in_progress');
+      assert.equal(!read.claimed && read.record.response, null);
+    }),
+
+    check('releases a held key, so the next claim is a new one; a second release does nothing', async (s) => {
+      const id = s.id();
+      const lease = await s.leaseOf(id, 'fp-a');
+      assert.equal(await s.store.release(lease), true);
+      assert.equal(await s.store.release(lease), false);
+      const again = await s.claim(id, 'fp-b');
+      assert.equal(again.claimed, true);
+      assert.equal(again.claimed && again.takeover, false);
+    }),
+
+    check('purges expired records in batches of at most `limit`, and never a live one', async (s) => {
+      const realNow = Date.now();
+      // A store that expires records by itself may already have dropped these: only the live one
+      // is checked there.
+      const expired = options.expiresByItself ? [] : [s.id(), s.id(), s.id()];
+      for (const id of expired) {
+        const lease = await s.leaseOf(id, 'fp-a', realNow - 10 * MINUTE, realNow - 5 * MINUTE);
+        assert.equal(await s.store.complete(lease, sampleResponse(), realNow - MINUTE), true);
+      }
+      const abandoned = s.id();
+      if (!options.expiresByItself) await s.leaseOf(abandoned, 'fp-a', realNow - 10 * MINUTE, realNow - 5 * MINUTE);
+      const live = s.id();
+      const liveLease = await s.leaseOf(live, 'fp-a', realNow, realNow + 10 * MINUTE);
+      for (let batches = 0; ; batches++) {
+        assert.ok(batches < 10_000, 'the purge never finished');
+        const deleted = await s.store.purgeExpired(Date.now(), 2);
+        assert.ok(deleted >= 0 && deleted <= 2, `a purge with limit 2 deleted ${deleted}`);
+        if (deleted === 0) break;
+      }
+      if (!options.expiresByItself) {
+        for (const id of [...expired, abandoned]) {
+          // Gone: a claim with another payload is a new claim (an abandoned record would refuse it).
+          const claim = await s.claim(id, 'fp-b', Date.now());
+          assert.equal(claim.claimed && claim.takeover, false, 'an expired record survived the purge');
+        }
+      }
+      const read = await s.claim(live, 'fp-a', Date.now());
+      assert.equal(!read.claimed && read.record.state, 'in_progress', 'the purge deleted a live record');
+      assert.equal(await s.store.complete(liveLease, sampleResponse(), Date.now() + MINUTE), true);
+    }),
+
+    check('keeps ids apart that differ only in scope, endpoint, case or Unicode normalisation', async (s) => {
+      const base = s.id();
+      const ids: RecordId[] = [
+        base,
+        { ...base, scope: 'tenant-b' },
+        { ...base, endpoint: `${base.endpoint}/x` },
+        { ...base, key: base.key.toUpperCase() },
+        { ...base, key: `${base.key}-\u00e9` },
+        { ...base, key: `${base.key}-e\u0301` },
+      ];
+      for (const id of ids) assert.equal((await s.claim(id, 'fp-a')).claimed, true, `${JSON.stringify(id)} was not new`);
+    }),
+
+    check('handles keys, scopes and endpoints of 255 characters, in any script', async (s) => {
+      const unicode = 'ключ-鍵-مفتاح-🔑-';
+      const id: RecordId = {
+        scope: 'тенант-'.repeat(40).slice(0, 255),
+        endpoint: `POST /${unicode}`.padEnd(255, 'é'),
+        key: `${unicode}${randomUUID()}`.padEnd(255, 'x'),
+      };
+      const lease = await s.leaseOf(id, 'fp-a');
+      const response = { ...sampleResponse(), body: JSON.stringify({ text: unicode, ok: '✓' }) };
+      assert.equal(await s.store.complete(lease, response, s.now + MINUTE), true);
+      const read = await s.claim(id, 'fp-a');
+      assert.equal(read.claimed, false);
+      if (read.claimed) return;
+      assert.deepEqual(read.record.response, response);
+      assert.equal((await s.claim({ ...id, key: id.key.slice(0, 254) }, 'fp-a')).claimed, true);
+    }),
+
+    check('stores bodies of 1 MiB, binary ones and none at all', async (s) => {
+      const bodies: StoredResponse[] = [
+        { ...sampleResponse(), body: JSON.stringify({ blob: 'x'.repeat(1024 * 1024 - 20) }) },
+        { ...sampleResponse(), body: Buffer.from(Array.from({ length: 4096 }, (_, i) => i % 256)).toString('base64'), bodyEncoding: 'base64' },
+        { ...sampleResponse(), status: 204, body: null },
+      ];
+      for (const response of bodies) {
+        const id = s.id();
+        const lease = await s.leaseOf(id, 'fp-a');
+        assert.equal(await s.store.complete(lease, response, s.now + MINUTE), true);
+        const read = await s.claim(id, 'fp-a');
+        assert.equal(read.claimed, false);
+        if (!read.claimed) assert.deepEqual(read.record.response, response);
+      }
+    }),
+  ];
+}
+
+/** One check's view of the store: fresh ids, and claims at a fixed `now`. */
+class Subject {
+  readonly now = Date.now();
+  private readonly endpoint = `CONTRACT /${randomUUID()}`;
+  private ids = 0;
+
+  constructor(readonly store: IdempotencyStore) {}
+
+  id(): RecordId {
+    return { scope: '', endpoint: this.endpoint, key: `key-${++this.ids}-${randomUUID()}` };
+  }
+
+  claim(id: RecordId, fingerprint: string, now = this.now, lockedUntil = now + MINUTE): Promise<ClaimResult> {
+    return this.store.claim({ id, fingerprint, token: randomUUID(), now, lockedUntil });
+  }
+
+  /** Claims a new id and returns the lease; the claim locks it until `lockedUntil`. */
+  async leaseOf(id: RecordId, fingerprint: string, now = this.now, lockedUntil = this.now + MINUTE): Promise<Lease> {
+    const result = await this.claim(id, fingerprint, now, lockedUntil);
+    assert.equal(result.claimed, true, `${JSON.stringify(id)} could not be claimed`);
+    if (!result.claimed) throw new Error('unreachable');
+    return result.lease;
+  }
+}
+
+function sampleResponse(): StoredResponse {
+  return {
+    status: 201,
+    headers: { 'content-type': 'application/json; charset=utf-8', 'set-cookie': ['a=1', 'b=2'], location: '/payments/1' },
+    body: JSON.stringify({ id: randomUUID(), amount: 4200, note: null }),
+    bodyEncoding: 'json',
+    isError: false,
+  };
+}

@@ -1,0 +1,87 @@
+import { Redis } from 'ioredis';
+import { DataSource } from 'typeorm';
+import {
+  IdempotencyRecord,
+  RedisIdempotencyStore,
+  TypeOrmIdempotencyStore,
+  type ClaimRequest,
+  type ClaimResult,
+  type IdempotencyStore,
+  type Lease,
+  type StoredResponse,
+} from '../lib/index.js';
+import { ensureIdempotencyTable } from '../lib/storage/typeorm/idempotency-data-source.js';
+import { storeContract } from '../lib/testing/index.js';
+import { eachDatabase } from './support/databases.js';
+
+describe.each(eachDatabase)('the store contract, TypeORM store on %s', (_name, database) => {
+  let dataSource: DataSource;
+  let store: TypeOrmIdempotencyStore;
+  beforeAll(async () => {
+    dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
+    await dataSource.initialize();
+    await ensureIdempotencyTable(dataSource);
+    store = new TypeOrmIdempotencyStore(dataSource);
+  });
+  afterAll(async () => {
+    await store.close();
+    await dataSource.destroy();
+  });
+
+  for (const check of storeContract(() => store)) it(check.name, () => check.run());
+});
+
+const redisUrl = process.env.REDIS_URL;
+(redisUrl ? describe : describe.skip)('the store contract, Redis store', () => {
+  let redis: Redis;
+  let store: RedisIdempotencyStore;
+  beforeAll(() => {
+    redis = new Redis(redisUrl!);
+    store = new RedisIdempotencyStore(redis, { prefix: `contract-${process.pid}:` });
+  });
+  afterAll(async () => {
+    await store.close();
+    await redis.quit();
+  });
+
+  for (const check of storeContract(() => store, { expiresByItself: true })) it(check.name, () => check.run());
+});
+
+/**
+ * The kit must catch broken stores: a naive in-memory store that reads, yields, then writes (so
+ * concurrent claims can all win) and never checks the lease token.
+ */
+describe('the store contract against a broken store', () => {
+  class CarelessStore implements IdempotencyStore {
+    private readonly records = new Map<string, { fingerprint: string; state: 'in_progress' | 'completed'; expiresAt: number; response: StoredResponse | null }>();
+    async claim(request: ClaimRequest): Promise<ClaimResult> {
+      const name = JSON.stringify(request.id);
+      const existing = this.records.get(name);
+      await new Promise((resolve) => setImmediate(resolve));
+      if (existing && existing.expiresAt > request.now) return { claimed: false, record: existing };
+      this.records.set(name, { fingerprint: request.fingerprint, state: 'in_progress', expiresAt: request.lockedUntil, response: null });
+      return { claimed: true, lease: { id: request.id, token: request.token }, takeover: !!existing };
+    }
+    async complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
+      this.records.set(JSON.stringify(lease.id), { ...this.records.get(JSON.stringify(lease.id))!, state: 'completed', response, expiresAt });
+      return true;
+    }
+    async release(lease: Lease): Promise<boolean> {
+      return this.records.delete(JSON.stringify(lease.id));
+    }
+    async renew(): Promise<boolean> {
+      return true;
+    }
+    async purgeExpired(): Promise<number> {
+      return 0;
+    }
+  }
+  const checks = storeContract(() => new CarelessStore());
+  const failing = ['concurrent claims of a key win', 'fences the lease', 'keeps a completed record final'];
+
+  it.each(failing)('fails "%s"', async (part) => {
+    const check = checks.find((candidate) => candidate.name.includes(part));
+    expect(check).toBeDefined();
+    await expect(check!.run()).rejects.toThrow();
+  });
+});
