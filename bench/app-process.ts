@@ -7,8 +7,8 @@ import { startBenchApp, type BenchApp, type BenchDatabase } from './bench-app.js
 import type { ChildCommand, ChildReply } from './child-process.js';
 
 const database = process.argv[2] as BenchDatabase;
-if (database !== 'postgres' && database !== 'pglite') {
-  throw new TypeError(`usage: app-process.js postgres|pglite; got ${String(process.argv[2])}`);
+if (database !== 'postgres' && database !== 'pglite' && database !== 'redis') {
+  throw new TypeError(`usage: app-process.js postgres|pglite|redis; got ${String(process.argv[2])}`);
 }
 if (!process.send) throw new Error('app-process.js must be started with an IPC channel (fork)');
 
@@ -16,6 +16,7 @@ const bench: BenchApp = await startBenchApp({
   database,
   databaseUrl: process.env.BENCH_DATABASE_URL ?? '',
   schema: process.env.BENCH_SCHEMA ?? 'bench',
+  redisUrl: process.env.BENCH_REDIS_URL ?? '',
 });
 
 /** Forced collection first when available, so RSS after the load is not just uncollected garbage. */

@@ -3,6 +3,7 @@ import { Body, Controller, Module, Post, type INestApplication } from '@nestjs/c
 import { NestFactory } from '@nestjs/core';
 import { randomUUID } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
+import { Redis } from 'ioredis';
 import { DataSource, type DataSourceOptions } from 'typeorm';
 import {
   Idempotent,
@@ -11,10 +12,13 @@ import {
   IdempotencyPurgeJob,
   IdempotencyRecord,
   pgliteDriver,
+  RedisIdempotencyStore,
+  type IdempotencyStore,
 } from '../lib/index.js';
 import { QueryCounter } from './query-counter.js';
 
-export type BenchDatabase = 'postgres' | 'pglite';
+/** Where our records live: PostgreSQL, PGlite, or Redis (the RedisIdempotencyStore). */
+export type BenchDatabase = 'postgres' | 'pglite' | 'redis';
 
 /** pg's and TypeORM's default pool size, stated so the bench does not depend on the default. */
 const POOL_SIZE = 10;
@@ -108,6 +112,35 @@ export interface BenchAppOptions {
   readonly databaseUrl: string;
   /** PostgreSQL schema of the records table; it must exist (the runner creates it). */
   readonly schema: string;
+  readonly redisUrl: string;
+}
+
+/** The bench's Redis keys, deleted when the app closes. */
+const REDIS_PREFIX = `bench-ours-${process.pid}:`;
+
+/** Each store call is one Redis command (a script): counted as one statement, for the queries table. */
+function countedRedisStore(store: RedisIdempotencyStore, counter: QueryCounter): IdempotencyStore {
+  const counted = <A extends unknown[], R>(name: string, call: (...args: A) => Promise<R>) => (...args: A) => {
+    counter.logQuery(`EVALSHA ${name}`);
+    return call(...args);
+  };
+  return {
+    claim: counted('claim', (request) => store.claim(request)),
+    complete: counted('complete', (lease, response, expiresAt) => store.complete(lease, response, expiresAt)),
+    release: counted('release', (lease) => store.release(lease)),
+    renew: counted('renew', (lease, lockedUntil) => store.renew(lease, lockedUntil)),
+    purgeExpired: () => store.purgeExpired(),
+    watch: (id) => store.watch(id),
+  };
+}
+
+async function deleteRedisKeys(redis: Redis): Promise<void> {
+  let cursor = '0';
+  do {
+    const [next, keys] = await redis.scan(cursor, 'MATCH', `${REDIS_PREFIX}*`, 'COUNT', 1000);
+    if (keys.length > 0) await redis.unlink(...keys);
+    cursor = next;
+  } while (cursor !== '0');
 }
 
 /**
@@ -119,6 +152,8 @@ export async function startBenchApp(options: BenchAppOptions): Promise<BenchApp>
   const counter = new QueryCounter();
   // idleTimeoutMillis 0: the pool keeps its connections between rounds. The server is shared with
   // the test suite, which can fill max_connections; a pool that had to reconnect then fails.
+  const redis = options.database === 'redis' ? new Redis(options.redisUrl, { enableOfflineQueue: false }) : null;
+  const redisStore = redis ? new RedisIdempotencyStore(redis, { prefix: REDIS_PREFIX }) : null;
   const base: DataSourceOptions =
     options.database === 'postgres'
       ? { type: 'postgres', url: options.databaseUrl, schema: options.schema, extra: { max: POOL_SIZE, idleTimeoutMillis: 0 } }
@@ -136,9 +171,11 @@ export async function startBenchApp(options: BenchAppOptions): Promise<BenchApp>
     `CREATE TABLE IF NOT EXISTS ${paymentsTable} (id uuid PRIMARY KEY, amount int NOT NULL, currency text NOT NULL, customer text NOT NULL)`,
   );
 
+  const store = redisStore ? countedRedisStore(redisStore, counter) : undefined;
   @Module({
-    imports: [IdempotencyModule.forRoot({ dataSource, purgeInterval: false })],
-    controllers: [OrdersController, PaymentsController],
+    imports: [IdempotencyModule.forRoot({ dataSource, store, purgeInterval: false })],
+    // On Redis only the orders: the realistic handler's transactional route needs a SQL store.
+    controllers: redisStore ? [OrdersController] : [OrdersController, PaymentsController],
     providers: [{ provide: DataSource, useValue: dataSource }],
   })
   class BenchModule {}
@@ -160,6 +197,11 @@ export async function startBenchApp(options: BenchAppOptions): Promise<BenchApp>
     async close() {
       await app.close();
       if (dataSource.isInitialized) await dataSource.destroy();
+      if (redis) {
+        await redisStore!.close();
+        await deleteRedisKeys(redis);
+        redis.disconnect();
+      }
     },
   };
 }

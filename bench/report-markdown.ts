@@ -22,6 +22,9 @@ const ROUTE_LABEL: Record<string, string> = {
   peer_memory: 'peer memory, fresh key',
   peer_memory_replay: 'peer memory, completed key',
   peer_memory_plain: 'peer app plain (NestJS 10, memory process)',
+  redis_plain: 'ours on Redis: app plain (the Redis process’s ceiling)',
+  redis_first: 'ours on Redis (RedisIdempotencyStore), fresh key',
+  redis_replay: 'ours on Redis (RedisIdempotencyStore), completed key',
 };
 
 /** The headline table of one database: printed to the console and put in results.md. */
@@ -167,7 +170,7 @@ export function renderMarkdown(run: RunMeasurements, results: BenchResults): str
     if (entry) out.push(routeTable(database, entry), '');
   }
   out.push(...limitsSection(results, m.cores), '');
-  out.push('## Targets (issue 4)', '', '| target | measured | met |', '| --- | --- | --- |');
+  out.push('## Targets (issue 11)', '', '| target | measured | met |', '| --- | --- | --- |');
   for (const check of checkTargets(results)) {
     out.push(`| ${check.target} | ${check.measured} | ${check.met === null ? '–' : check.met ? 'yes' : '**no**'} |`);
   }

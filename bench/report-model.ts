@@ -86,6 +86,10 @@ const PEER_ROUTES: readonly [string, TargetName, RouteName][] = [
   ['peer_memory', 'peer_memory', 'first'],
   ['peer_memory_replay', 'peer_memory', 'replay'],
   ['peer_memory_plain', 'peer_memory', 'plain'], // only when Redis is absent
+  // Ours on the RedisIdempotencyStore: like for like with the peer on Redis.
+  ['redis_plain', 'redis', 'plain'],
+  ['redis_first', 'redis', 'first'],
+  ['redis_replay', 'redis', 'replay'],
 ];
 
 export function buildResults(run: RunMeasurements): BenchResults {
@@ -130,7 +134,7 @@ function withoutExplain({ explain: _explain, ...rest }: PurgeResult): Omit<Purge
   return rest;
 }
 
-/** A target of issue 4, checked against the run's figures. */
+/** A target of issue 11, checked against the run's figures. */
 export interface TargetCheck {
   readonly target: string;
   readonly measured: string;
@@ -139,23 +143,44 @@ export interface TargetCheck {
 
 export function checkTargets(results: BenchResults): TargetCheck[] {
   const pg = results.postgres;
+  const lite = results.pglite;
   const checks: TargetCheck[] = [];
   // A ratio over routes that had failed requests is not a measurement of the happy path: say so.
-  const failed = (names: string[]) => names.some((name) => (pg?.routes[name]?.non2xx ?? 0) + (pg?.routes[name]?.errors ?? 0) > 0);
-  const ratio = (label: string, value: number | null | undefined, goal: number, routes: string[]) =>
+  const failed = (names: string[]) =>
+    names.some((name) => (pg?.routes[name]?.non2xx ?? 0) + (pg?.routes[name]?.errors ?? 0) + (lite?.routes[name]?.non2xx ?? 0) > 0);
+  const check = (target: string, value: number | null | undefined, met: (value: number) => boolean, routes: string[]) =>
     checks.push({
-      target: `${label} ≥ ${goal}`,
+      target,
       measured: value == null ? 'not measured' : `${value.toFixed(2)}${failed(routes) ? ' (⚠ failed requests in these routes)' : ''}`,
-      met: value == null ? null : value >= goal,
+      met: value == null ? null : met(value),
     });
+  const atLeast = (label: string, value: number | null | undefined, goal: number, routes: string[]) =>
+    check(`${label} ≥ ${goal}`, value, (measured) => measured >= goal, routes);
   const rps = (name: string) => pg?.routes[name]?.rps;
   const over = (a: number | undefined, b: number | undefined) => (a && b ? a / b : null);
-  ratio('PostgreSQL first / plain', pg?.routes.first?.ratio_to_plain, 0.6, ['first', 'plain']);
-  ratio('PostgreSQL replay / plain', pg?.routes.replay?.ratio_to_plain, 0.8, ['replay', 'plain']);
-  ratio('PostgreSQL realistic handler: idempotent / without', pg?.routes.write_first?.ratio_to_plain, 0.8, ['write_first', 'write']);
-  ratio('PostgreSQL realistic handler: transactional / without', pg?.routes.write_tx?.ratio_to_plain, 0.85, ['write_tx', 'write']);
-  ratio('PostgreSQL first / peer Redis first', over(rps('first'), rps('peer_redis')), 1.0, ['first', 'peer_redis']);
-  ratio('PostgreSQL replay / peer Redis replay', over(rps('replay'), rps('peer_redis_replay')), 1.0, ['replay', 'peer_redis_replay']);
+  /** Our overhead against the peer's, each over its own plain app: ≥ 1 means ours costs no more. */
+  const overhead = (label: string, ours: string, ourPlain: string, peer: string) => {
+    const mine = over(rps(ours), rps(ourPlain));
+    const theirs = over(rps(peer), rps('peer_redis_plain'));
+    check(
+      `${label}: ours ÷ our plain ≥ peer ÷ its plain (${mine?.toFixed(2) ?? '?'} vs ${theirs?.toFixed(2) ?? '?'})`,
+      mine && theirs ? mine / theirs : null,
+      (ratio) => ratio >= 1,
+      [ours, ourPlain, peer, 'peer_redis_plain'],
+    );
+  };
+  atLeast('PostgreSQL first / plain', pg?.routes.first?.ratio_to_plain, 0.6, ['first', 'plain']);
+  atLeast('PostgreSQL replay / plain', pg?.routes.replay?.ratio_to_plain, 0.9, ['replay', 'plain']);
+  overhead('fresh keys, PostgreSQL vs peer on Redis', 'first', 'plain', 'peer_redis');
+  overhead('completed keys, PostgreSQL vs peer on Redis', 'replay', 'plain', 'peer_redis_replay');
+  overhead('fresh keys, our Redis store vs peer on Redis', 'redis_first', 'redis_plain', 'peer_redis');
+  overhead('completed keys, our Redis store vs peer on Redis', 'redis_replay', 'redis_plain', 'peer_redis_replay');
+  atLeast('PGlite first / plain', lite?.routes.first?.ratio_to_plain, 0.4, ['first', 'plain']);
+  atLeast('PGlite replay / plain', lite?.routes.replay?.ratio_to_plain, 0.7, ['replay', 'plain']);
+  atLeast('PostgreSQL realistic handler: idempotent / without', pg?.routes.write_first?.ratio_to_plain, 0.8, ['write_first', 'write']);
+  atLeast('PostgreSQL realistic handler: transactional / without', pg?.routes.write_tx?.ratio_to_plain, 0.85, ['write_tx', 'write']);
+  const p99 = over(pg?.routes.first?.p99_ms, pg?.routes.plain?.p99_ms);
+  check('PostgreSQL first p99 / plain p99 ≤ 2', p99, (ratio) => ratio <= 2, ['first', 'plain']);
   const growth = pg?.growth;
   if (growth) {
     const sizes = `${growth.points[0].rows.toLocaleString('en')}→${growth.points[growth.points.length - 1].rows.toLocaleString('en')}`;

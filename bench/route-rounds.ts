@@ -7,7 +7,7 @@ import type { Services } from './environment.js';
 import { postOnce, runLoad, seedKeys, type KeyPlan, type LoadResult } from './load.js';
 import type { QueryCounts } from './query-counter.js';
 
-export type TargetName = 'postgres' | 'pglite' | 'peer_redis' | 'peer_memory';
+export type TargetName = 'postgres' | 'pglite' | 'redis' | 'peer_redis' | 'peer_memory';
 export type RouteName = 'plain' | 'first' | 'replay' | 'write' | 'write_first' | 'write_tx';
 export const ROUTE_NAMES: readonly RouteName[] = ['plain', 'first', 'replay'];
 /** Our apps also load the realistic handler: one INSERT, without, with and transactional. */
@@ -48,6 +48,8 @@ export async function startTargets(services: Services, log: (line: string) => vo
     startChild({ name: `peer (${adapter})`, script: join(PEER_DIR, 'peer-app.cjs'), args: [adapter], cwd: PEER_DIR, env });
   if (services.postgres) wanted.push({ name: 'postgres', start: ours('postgres') });
   wanted.push({ name: 'pglite', start: ours('pglite') });
+  // Ours on Redis: like for like with the peer on Redis.
+  if (services.redis) wanted.push({ name: 'redis', start: ours('redis') });
   if (services.peer && services.redis) wanted.push({ name: 'peer_redis', start: peer('redis') });
   if (services.peer) wanted.push({ name: 'peer_memory', start: peer('memory') });
 
