@@ -3,6 +3,7 @@
  * The app runs apart from autocannon so the load generator does not share its event loop; the
  * runner drives it over the IPC channel (see child-process.ts for the protocol).
  */
+import { Session } from 'node:inspector/promises';
 import { startBenchApp, type BenchApp, type BenchDatabase } from './bench-app.js';
 import type { ChildCommand, ChildReply } from './child-process.js';
 
@@ -27,8 +28,25 @@ function memory() {
   return { rss, heapUsed, external, gcForced: gc !== undefined };
 }
 
+/** The inspector session of `profile-start` … `profile-stop`. */
+let profiler: Session | undefined;
+
 async function handle(command: ChildCommand): Promise<unknown> {
   switch (command.cmd) {
+    case 'profile-start':
+      profiler = new Session();
+      profiler.connect();
+      await profiler.post('Profiler.enable');
+      await profiler.post('Profiler.setSamplingInterval', { interval: 100 });
+      await profiler.post('Profiler.start');
+      return null;
+    case 'profile-stop': {
+      if (!profiler) throw new Error('profile-start first');
+      const { profile } = await profiler.post('Profiler.stop');
+      profiler.disconnect();
+      profiler = undefined;
+      return profile;
+    }
     case 'queries-reset':
       return bench.counter.reset();
     case 'queries-read':

@@ -14,6 +14,9 @@ export interface QueryCounts {
   /** Statements the `pg` driver sent on the wire (PostgreSQL only; null on PGlite). */
   readonly wire: number | null;
   readonly byStatement: Record<string, number>;
+  /** Batched statements (an array as first parameter: several requests' rows), and their rows. */
+  readonly batches: number;
+  readonly batchRows: number;
   /**
    * Commits: each statement outside a transaction, plus each COMMIT. Exact only while requests run
    * one at a time (countQueries), since one flag tracks whether a transaction is open.
@@ -34,6 +37,8 @@ export class QueryCounter implements TypeOrmLogger {
   private recording: Statement[] | undefined;
   private commits = 0;
   private inTransaction = false;
+  private batches = 0;
+  private batchRows = 0;
 
   logQuery(query: string, parameters?: unknown[]): void {
     this.typeorm++;
@@ -44,6 +49,10 @@ export class QueryCounter implements TypeOrmLogger {
       if (label === 'COMMIT') this.commits++;
     } else if (!this.inTransaction) this.commits++;
     this.byStatement.set(label, (this.byStatement.get(label) ?? 0) + 1);
+    if (Array.isArray(parameters?.[0])) {
+      this.batches++;
+      this.batchRows += parameters[0].length;
+    }
     this.recording?.push({ query, parameters: parameters ?? [] });
   }
 
@@ -85,6 +94,8 @@ export class QueryCounter implements TypeOrmLogger {
     this.byStatement = new Map();
     this.commits = 0;
     this.inTransaction = false;
+    this.batches = 0;
+    this.batchRows = 0;
   }
 
   read(): QueryCounts {
@@ -93,6 +104,8 @@ export class QueryCounter implements TypeOrmLogger {
       wire: this.wirePatched ? this.wire : null,
       byStatement: Object.fromEntries(this.byStatement),
       commits: this.commits,
+      batches: this.batches,
+      batchRows: this.batchRows,
     };
   }
 }

@@ -2,6 +2,7 @@ import type { WaiterDelayFigures, WaiterDelayResult } from './waiter-delay.js';
 import { BENCH_CONFIG } from './bench-config.js';
 import type { GrowthResult } from './growth.js';
 import type { PurgeResult } from './purge-and-memory.js';
+import type { ProfileSummary } from './profile.js';
 import { checkTargets, type BenchResults, type Database, type DatabaseResults, type RunMeasurements } from './report-model.js';
 
 const DATABASE_LABEL: Record<Database, string> = {
@@ -225,4 +226,42 @@ function waiterDelaySection(result: WaiterDelayResult): string[] {
     row('LISTEN/NOTIFY (default on PostgreSQL)', result.notifications),
     row(`polling every ${result.waitPollIntervalMs} ms`, result.polling),
   ];
+}
+
+/**
+ * Where the app's CPU per request goes (V8 CPU profiles; the profiler's own cost inflates every
+ * figure alike): per target, ms per request by category on plain, first and replay, and the extra
+ * of first and replay over plain; then the library's costliest functions on `first`.
+ */
+export function profileTable(summaries: readonly ProfileSummary[]): string {
+  const out: string[] = [];
+  for (const summary of summaries) {
+    const categories = [...new Set([...Object.keys(summary.plain), ...Object.keys(summary.first), ...Object.keys(summary.replay)])]
+      .filter((category) => category !== 'idle')
+      .sort((a, b) => (summary.first[b] ?? 0) - (summary.plain[b] ?? 0) - ((summary.first[a] ?? 0) - (summary.plain[a] ?? 0)));
+    const total = (times: Record<string, number>) => categories.reduce((sum, category) => sum + (times[category] ?? 0), 0);
+    const ms = (value: number) => value.toFixed(3);
+    out.push(
+      `#### ${summary.target}: CPU ms per request, by code`,
+      '',
+      '| code | plain | first | first − plain | replay | replay − plain |',
+      '| --- | ---: | ---: | ---: | ---: | ---: |',
+    );
+    for (const category of categories) {
+      const plain = summary.plain[category] ?? 0;
+      const first = summary.first[category] ?? 0;
+      const replay = summary.replay[category] ?? 0;
+      out.push(`| ${category} | ${ms(plain)} | ${ms(first)} | ${ms(first - plain)} | ${ms(replay)} | ${ms(replay - plain)} |`);
+    }
+    const [plain, first, replay] = [total(summary.plain), total(summary.first), total(summary.replay)];
+    out.push(`| **all (idle aside)** | ${ms(plain)} | ${ms(first)} | ${ms(first - plain)} | ${ms(replay)} | ${ms(replay - plain)} |`, '');
+    const load = summary.underLoad;
+    const batch = (rows: number | null) => (rows === null ? 'none batched' : `${rows} rows per batched statement`);
+    out.push(
+      `Under this load: \`first\` ${load.first.rps} req/s, ${load.first.statements_per_req} statements per request (${batch(load.first.rows_per_batch)}); \`replay\` ${load.replay.rps} req/s, ${load.replay.statements_per_req} (${batch(load.replay.rows_per_batch)}).`,
+      '',
+    );
+    out.push(`The library's costliest functions on \`first\` (self time, µs per request): ${summary.libraryTop.map(({ fn, us_per_req }) => `${fn} ${us_per_req}`).join('; ')}.`, '');
+  }
+  return out.join('\n');
 }

@@ -89,6 +89,46 @@ export function storeContract(
       assert.equal(winners.length, 1);
     }),
 
+    check('decides concurrent claims and completions of many keys each on its own', async (s) => {
+      // Four kinds of record, claimed all at once: new, completed, held by another payload, abandoned.
+      const fresh = Array.from({ length: 8 }, () => s.id());
+      const completed = Array.from({ length: 8 }, () => s.id());
+      const held = Array.from({ length: 8 }, () => s.id());
+      const abandoned = Array.from({ length: 8 }, () => s.id());
+      const responses = new Map<RecordId, StoredResponse>();
+      for (const id of completed) {
+        const lease = await s.leaseOf(id, 'fp-a');
+        const response = sampleResponse();
+        responses.set(id, response);
+        assert.equal(await s.store.complete(lease, response, s.now + 10 * MINUTE), true);
+      }
+      for (const id of held) await s.leaseOf(id, 'fp-a');
+      const stale: Lease[] = [];
+      for (const id of abandoned) stale.push(await s.leaseOf(id, 'fp-a'));
+      // Past every lock (the held records keep their payload: another one is still refused).
+      const later = s.now + MINUTE + 1;
+      const [freshClaims, completedClaims, heldClaims, abandonedClaims] = await Promise.all([
+        Promise.all(fresh.map((id) => s.claim(id, 'fp-a', later))),
+        Promise.all(completed.map((id) => s.claim(id, 'fp-a', later))),
+        Promise.all(held.map((id) => s.claim(id, 'fp-b', later))),
+        Promise.all(abandoned.map((id) => s.claim(id, 'fp-a', later))),
+      ]);
+      for (const claim of freshClaims) assert.equal(claim.claimed && !claim.takeover, true, 'a new key was not claimed as new');
+      completedClaims.forEach((claim, i) => {
+        assert.equal(claim.claimed, false);
+        if (!claim.claimed) assert.deepEqual(claim.record.response, responses.get(completed[i]));
+      });
+      for (const claim of heldClaims) assert.equal(!claim.claimed && claim.record.fingerprint, 'fp-a');
+      for (const claim of abandonedClaims) assert.equal(claim.claimed && claim.takeover, true, 'an abandoned claim was not taken over');
+      // All at once: the new leases complete, the stale ones of the taken-over records do not.
+      const leases = [...freshClaims, ...abandonedClaims].map((claim) => (claim.claimed ? claim.lease : undefined)!);
+      const outcomes = await Promise.all([
+        ...leases.map((lease) => s.store.complete(lease, sampleResponse(), s.now + 10 * MINUTE)),
+        ...stale.map((lease) => s.store.complete(lease, sampleResponse(), s.now + 10 * MINUTE)),
+      ]);
+      assert.deepEqual(outcomes, [...leases.map(() => true), ...stale.map(() => false)]);
+    }),
+
     check('stores a completed response and returns it exactly, until its expiry', async (s) => {
       const id = s.id();
       const lease = await s.leaseOf(id, 'fp-a');

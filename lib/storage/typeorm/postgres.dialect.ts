@@ -9,6 +9,7 @@ import type {
 } from '../idempotency-store.interface.js';
 import { CHANGE_CHANNEL } from './postgres-change-listener.js';
 import { PreparedStatements } from './prepared-statements.js';
+import { StatementBatcher } from './statement-batcher.js';
 import type { StoreDialect } from './store-dialect.js';
 
 /** Raw row of the claim statement: the table's columns plus whether this call claimed it. */
@@ -34,6 +35,18 @@ interface ClaimRow {
  */
 const CLAIM_ATTEMPTS = 5;
 
+/** Row of the batched claim: the claim row, and which request (1-based, in the batch) it answers. */
+interface BatchClaimRow extends ClaimRow {
+  ord: string | number;
+}
+
+/** A completion waiting for its batch. */
+interface Completion {
+  readonly lease: Lease;
+  readonly response: StoredResponse;
+  readonly expiresAt: number;
+}
+
 /**
  * PostgreSQL and PGlite: a claim is one statement — an insert that, on conflict, takes the row
  * over only when it is dead, and otherwise returns the row as it stands. A first request costs two
@@ -44,12 +57,77 @@ export class PostgresDialect implements StoreDialect {
   private readonly statements: PreparedStatements;
   private readonly sql: ReturnType<typeof buildStatements>;
 
+  /** With the `pg` driver: claims and completions of concurrent requests batched (see StatementBatcher). */
+  private readonly claims: StatementBatcher<ClaimRequest, ClaimResult> | null;
+  private readonly completions: StatementBatcher<Completion, boolean> | null;
+
   constructor(dataSource: DataSource, table: string) {
     this.statements = new PreparedStatements(dataSource);
     this.sql = buildStatements(table);
+    // PGlite (a driver given) runs one statement at a time in-process: nothing to gather there.
+    const pg = (dataSource.options as { driver?: unknown }).driver === undefined;
+    this.claims = pg
+      ? new StatementBatcher({ keyOf: ({ id }) => rowKey(id), runOne: (request) => this.claimAlone(request), runMany: (requests) => this.claimMany(requests) })
+      : null;
+    this.completions = pg
+      ? new StatementBatcher({
+          keyOf: ({ lease }) => rowKey(lease.id),
+          runOne: ({ lease, response, expiresAt }) => this.completeOn(undefined, lease, response, expiresAt, null),
+          runMany: (completions) => this.completeMany(completions),
+        })
+      : null;
   }
 
-  async claim(request: ClaimRequest): Promise<ClaimResult> {
+  claim(request: ClaimRequest): Promise<ClaimResult> {
+    return this.claims ? this.claims.run(request) : this.claimAlone(request);
+  }
+
+  /**
+   * Several claims in one statement. A request the statement could not decide (its row turned live
+   * after the statement's snapshot) is left `undefined`, and claimed again alone.
+   */
+  private async claimMany(requests: readonly ClaimRequest[]): Promise<(ClaimResult | undefined)[]> {
+    const column = <T>(pick: (request: ClaimRequest) => T) => requests.map(pick);
+    const { rows } = await this.statements.run<BatchClaimRow>('claim_many', this.sql.claimMany, [
+      column((request) => request.id.scope),
+      column((request) => request.id.endpoint),
+      column((request) => request.id.key),
+      column((request) => request.fingerprint),
+      column((request) => request.token),
+      column((request) => request.lockedUntil),
+      column((request) => request.now),
+    ]);
+    const results: (ClaimResult | undefined)[] = new Array(requests.length).fill(undefined);
+    for (const row of rows) {
+      const index = Number(row.ord) - 1;
+      const { id, token } = requests[index];
+      results[index] = row.claimed
+        ? { claimed: true, lease: { id, token }, takeover: !row.inserted }
+        : { claimed: false, record: toSnapshot(row) };
+    }
+    return results;
+  }
+
+  /** Several completions in one statement: each is stored if its own lease is still held. */
+  private async completeMany(completions: readonly Completion[]): Promise<boolean[]> {
+    const column = <T>(pick: (completion: Completion) => T) => completions.map(pick);
+    const { rows } = await this.statements.run<{ ord: string | number }>('complete_many', this.sql.completeMany, [
+      column(({ lease }) => lease.id.scope),
+      column(({ lease }) => lease.id.endpoint),
+      column(({ lease }) => lease.id.key),
+      column(({ lease }) => lease.token),
+      column(({ expiresAt }) => expiresAt),
+      column(({ response }) => response.status),
+      column(({ response }) => JSON.stringify(response.headers)),
+      column(({ response }) => response.body),
+      column(({ response }) => response.bodyEncoding),
+      column(({ response }) => response.isError),
+    ]);
+    const stored = new Set(rows.map((row) => Number(row.ord)));
+    return completions.map((_, i) => stored.has(i + 1));
+  }
+
+  private async claimAlone(request: ClaimRequest): Promise<ClaimResult> {
     const { id, fingerprint, token, now, lockedUntil } = request;
     const params = [id.scope, id.endpoint, id.key, fingerprint, token, lockedUntil, now];
     for (let attempt = 1; attempt <= CLAIM_ATTEMPTS; attempt++) {
@@ -64,6 +142,8 @@ export class PostgresDialect implements StoreDialect {
   }
 
   complete(lease: Lease, response: StoredResponse, expiresAt: number, changeTag: string | null): Promise<boolean> {
+    // A completion that notifies waiters runs alone (its NOTIFY is part of its statement).
+    if (changeTag === null && this.completions) return this.completions.run({ lease, response, expiresAt });
     return this.completeOn(undefined, lease, response, expiresAt, changeTag);
   }
 
@@ -122,6 +202,11 @@ export class PostgresDialect implements StoreDialect {
   }
 }
 
+/** The row an id names, as a batch key. */
+function rowKey({ scope, endpoint, key }: { scope: string; endpoint: string; key: string }): string {
+  return JSON.stringify([scope, endpoint, key]);
+}
+
 /** $1 scope, $2 endpoint, $3 key, $4 lease token. */
 function leaseParameters({ id, token }: Lease): string[] {
   return [id.scope, id.endpoint, id.key, token];
@@ -170,8 +255,57 @@ function buildStatements(table: string) {
   SELECT true AS claimed, ${COLUMNS}, inserted FROM claimed
   UNION ALL
   SELECT false AS claimed, ${COLUMNS}, false AS inserted FROM live`,
+    /**
+     * The claim of several requests ($1–$7: arrays of scope, endpoint, key, fingerprint, lease token,
+     * locked until, now; one row each, distinct ids), each exactly as \`claim\` decides it. \`ord\`
+     * says which request a result row answers; a request with no row is claimed again alone.
+     */
+    claimMany: `WITH input AS (
+    SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::varchar[], $6::bigint[], $7::bigint[])
+      WITH ORDINALITY AS i(scope, endpoint, idempotency_key, fingerprint, lease_token, locked_until, now, ord)
+  ), live AS (
+    SELECT i.ord, ${COLUMNS.replace(/(\w+)/g, 'r.$1')} FROM input i JOIN ${table} r
+      ON r.scope = i.scope AND r.endpoint = i.endpoint AND r.idempotency_key = i.idempotency_key
+    WHERE NOT (r.expires_at <= i.now AND (r.state = 'completed' OR r.fingerprint = i.fingerprint))
+  ), claimed AS (
+    INSERT INTO ${table} AS r (scope, endpoint, idempotency_key, fingerprint, state, lease_token,
+      expires_at, created_at, response_is_error)
+    SELECT i.scope, i.endpoint, i.idempotency_key, i.fingerprint, 'in_progress', i.lease_token, i.locked_until, i.now, false
+    FROM input i WHERE NOT EXISTS (SELECT 1 FROM live l WHERE l.ord = i.ord)
+    ORDER BY i.ord
+    ON CONFLICT (scope, endpoint, idempotency_key) DO UPDATE SET
+      fingerprint = EXCLUDED.fingerprint, state = 'in_progress', lease_token = EXCLUDED.lease_token,
+      expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at, response_status = NULL,
+      response_headers = NULL, response_body = NULL, response_body_encoding = NULL,
+      response_is_error = false
+    WHERE r.expires_at <= EXCLUDED.created_at AND (r.state = 'completed' OR r.fingerprint = EXCLUDED.fingerprint)
+    RETURNING r.scope, r.endpoint, r.idempotency_key, (r.xmax = 0) AS inserted
+  )
+  SELECT i.ord, true AS claimed, c.inserted, NULL::varchar AS fingerprint, NULL::varchar AS state,
+    NULL::varchar AS lease_token, NULL::bigint AS expires_at, NULL::int AS response_status,
+    NULL::text AS response_headers, NULL::text AS response_body, NULL::varchar AS response_body_encoding,
+    NULL::boolean AS response_is_error
+  FROM claimed c JOIN input i
+    ON i.scope = c.scope AND i.endpoint = c.endpoint AND i.idempotency_key = c.idempotency_key
+  UNION ALL
+  SELECT ord, false AS claimed, false AS inserted, ${COLUMNS} FROM live`,
     /** $1–$4 the lease, $5 expires at, $6–$10 the response. */
     complete: completion,
+    /**
+     * The completion of several leases ($1–$10: arrays of scope, endpoint, key, lease token,
+     * expires at, status, headers, body, body encoding, is error; distinct ids), each stored only
+     * if its own lease is held. Returns the \`ord\` of each stored one.
+     */
+    completeMany: `UPDATE ${table} AS r SET state = 'completed', expires_at = i.expires_at,
+      response_status = i.status, response_headers = i.headers, response_body = i.body,
+      response_body_encoding = i.encoding, response_is_error = i.is_error
+    FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::bigint[], $6::int[],
+      $7::text[], $8::text[], $9::varchar[], $10::boolean[])
+      WITH ORDINALITY AS i(scope, endpoint, idempotency_key, lease_token, expires_at, status, headers,
+        body, encoding, is_error, ord)
+    WHERE r.scope = i.scope AND r.endpoint = i.endpoint AND r.idempotency_key = i.idempotency_key
+      AND r.lease_token = i.lease_token AND r.state = 'in_progress'
+    RETURNING i.ord`,
     /**
      * The write and its NOTIFY in one statement ($11 the change tag): PostgreSQL delivers the
      * notification when the statement commits, so a woken waiter always reads the new state. A
