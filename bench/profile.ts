@@ -22,7 +22,7 @@ export interface ProfileSummary {
    * Under this load (not one request at a time): statements per request, and rows per statement
    * of the batched ones, on `first` and `replay` — how much concurrent requests share statements.
    */
-  readonly underLoad: Record<'first' | 'replay', { readonly rps: number; readonly statements_per_req: number; readonly rows_per_batch: number | null }>;
+  readonly underLoad: Record<'plain' | 'first' | 'replay', { readonly rps: number; readonly statements_per_req: number; readonly rows_per_batch: number | null }>;
 }
 
 /** Categories, by the script a function comes from (first match wins). */
@@ -118,6 +118,6 @@ export async function profileTarget(target: Target, durationS = 5): Promise<Prof
     first: byCategory(first.profile, first.requests),
     replay: byCategory(replay.profile, replay.requests),
     libraryTop: libraryTop(first.profile, first.requests),
-    underLoad: { first: first.underLoad, replay: replay.underLoad },
+    underLoad: { plain: plain.underLoad, first: first.underLoad, replay: replay.underLoad },
   };
 }

@@ -258,7 +258,7 @@ export function profileTable(summaries: readonly ProfileSummary[]): string {
     const load = summary.underLoad;
     const batch = (rows: number | null) => (rows === null ? 'none batched' : `${rows} rows per batched statement`);
     out.push(
-      `Under this load: \`first\` ${load.first.rps} req/s, ${load.first.statements_per_req} statements per request (${batch(load.first.rows_per_batch)}); \`replay\` ${load.replay.rps} req/s, ${load.replay.statements_per_req} (${batch(load.replay.rows_per_batch)}).`,
+      `Under this load: \`plain\` ${load.plain.rps} req/s; \`first\` ${load.first.rps} req/s, ${load.first.statements_per_req} statements per request (${batch(load.first.rows_per_batch)}); \`replay\` ${load.replay.rps} req/s, ${load.replay.statements_per_req} (${batch(load.replay.rows_per_batch)}).`,
       '',
     );
     out.push(`The library's costliest functions on \`first\` (self time, µs per request): ${summary.libraryTop.map(({ fn, us_per_req }) => `${fn} ${us_per_req}`).join('; ')}.`, '');

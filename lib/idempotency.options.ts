@@ -9,6 +9,7 @@ import type {
 import { toMilliseconds } from './utils/duration.js';
 import type { MessageAcknowledgement } from './transports/rpc.transport.js';
 import { ResponseSealer } from './security/response-sealer.js';
+import { ReplayCache } from './replay-cache.js';
 
 /** Internal token: the module's options with defaults applied and durations in milliseconds. */
 export const RESOLVED_OPTIONS = Symbol('IdempotencyResolvedOptions');
@@ -44,6 +45,8 @@ export interface ResolvedModuleOptions extends ResolvedRouteOptions {
   readonly messageKeyField: string;
   /** Seals and opens stored responses, when `encryption` is set. */
   readonly sealer: ResponseSealer | undefined;
+  /** Completed records read in this process, unless `replayCache: false`. */
+  readonly replayCache: ReplayCache | undefined;
 }
 
 const everyoneInOneScope: ScopeResolver = () => '';
@@ -103,6 +106,7 @@ export function resolveModuleOptions(options: IdempotencyModuleOptions): Resolve
     runMigrations: options.runMigrations ?? DEFAULTS.runMigrations,
     messageKeyField: options.messageKeyField ?? DEFAULTS.messageKeyField,
     sealer: options.encryption ? new ResponseSealer(options.encryption) : undefined,
+    replayCache: options.replayCache === false ? undefined : new ReplayCache(options.replayCache),
   };
 }
 

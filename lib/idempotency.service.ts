@@ -395,6 +395,8 @@ export class IdempotencyService implements BeforeApplicationShutdown {
 
   private async decide(request: BeginRequest): Promise<Decision> {
     const now = Date.now();
+    const cached = this.options.replayCache?.get(request.id, now);
+    if (cached) return cached.fingerprint === request.fingerprint ? { action: 'replay', response: cached.response } : { action: 'mismatch' };
     const claim = await this.withinStoreTimeout(this.store.claim({
       id: request.id,
       fingerprint: request.fingerprint,
@@ -413,7 +415,9 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     if (record.fingerprint !== request.fingerprint) return { action: 'mismatch' };
     if (record.state === 'completed' && record.response) {
       const response = this.opened(request.id, record.response);
-      return response ? { action: 'replay', response } : { action: 'unreadable' };
+      if (!response) return { action: 'unreadable' };
+      this.options.replayCache?.set(request.id, { fingerprint: record.fingerprint, expiresAt: record.expiresAt, response });
+      return { action: 'replay', response };
     }
     return { action: 'in-progress', retryAfterMs: Math.max(record.expiresAt - now, 0) };
   }

@@ -90,5 +90,6 @@ export {
   type SettledMessage,
 } from './transports/rpc.transport.js';
 export type { Duration } from './utils/duration.js';
+export type { ReplayCacheOptions } from './replay-cache.js';
 export { SEALED_ENCODING, type EncryptionKey, type IdempotencyEncryptionOptions } from './security/response-sealer.js';
 export { idempotencyChannelName, type IdempotencyEventMessage } from './idempotency-metrics.js';

@@ -4,6 +4,7 @@ import type { IdempotencyStore } from '../storage/idempotency-store.interface.js
 import type { TransactionRunner } from '../storage/typeorm/typeorm-idempotency.store.js';
 import type { MessageAcknowledgement } from '../transports/rpc.transport.js';
 import type { IdempotencyEncryptionOptions } from '../security/response-sealer.js';
+import type { ReplayCacheOptions } from '../replay-cache.js';
 
 /** What a duplicate does while the first request with its key is still running. */
 export type ConcurrencyMode = 'reject' | 'wait';
@@ -122,6 +123,15 @@ export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
    * @default undefined (stored in clear)
    */
   encryption?: IdempotencyEncryptionOptions;
+  /**
+   * Keeps the completed records this process has read, so later retries of those keys replay
+   * without a round trip to the store. A completed record cannot change before its TTL ends, and an
+   * entry is dropped then, so the cache never answers what the store would not. Bounded (least
+   * recently used first); `false` turns it off. A record deleted by hand from the store keeps
+   * replaying from the caches that hold it until its TTL ends.
+   * @default { maxEntries: 10000, maxBytes: 16 MiB }
+   */
+  replayCache?: ReplayCacheOptions | false;
   /**
    * A store of your own instead of the TypeORM one; `dataSource` is then ignored.
    * @default TypeOrmIdempotencyStore on `dataSource`

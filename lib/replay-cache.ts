@@ -1,0 +1,94 @@
+import type { RecordId, StoredResponse } from './storage/idempotency-store.interface.js';
+
+/** Options of `replayCache` (see `IdempotencyModuleOptions.replayCache`). */
+export interface ReplayCacheOptions {
+  /**
+   * Most completed records kept.
+   * @default 10000
+   */
+  readonly maxEntries?: number;
+  /**
+   * Most bytes of stored bodies and headers kept; a response larger than a sixteenth of it is
+   * never kept.
+   * @default 16777216 (16 MiB)
+   */
+  readonly maxBytes?: number;
+}
+
+/** A completed record as the store returned it, with its response opened. */
+export interface CachedRecord {
+  readonly fingerprint: string;
+  /** Its TTL's end, epoch ms: past it the record is the store's to decide again. */
+  readonly expiresAt: number;
+  readonly response: StoredResponse;
+}
+
+interface Entry extends CachedRecord {
+  readonly bytes: number;
+}
+
+/**
+ * Completed records this process has read, so a later retry of the same key is answered without
+ * a round trip. Safe because a completed record never changes before its TTL ends: no claim takes
+ * it over, no completion or release matches it, no purge deletes it (every store decides with the
+ * app's clock, as this cache does). An entry is dropped at its TTL's end, so from then on the
+ * store decides. Least recently used entries go first when a bound is reached.
+ */
+export class ReplayCache {
+  private readonly entries = new Map<string, Entry>();
+  private bytes = 0;
+  private readonly maxEntries: number;
+  private readonly maxBytes: number;
+
+  constructor(options: ReplayCacheOptions = {}) {
+    this.maxEntries = options.maxEntries ?? 10_000;
+    this.maxBytes = options.maxBytes ?? 16 * 1024 * 1024;
+    if (!(Number.isInteger(this.maxEntries) && this.maxEntries > 0) || !(this.maxBytes > 0)) {
+      throw new TypeError('nestjs-idempotency: replayCache.maxEntries and maxBytes must be positive');
+    }
+  }
+
+  /** The record of `id` if it is cached and its TTL has not ended at `now`. */
+  get(id: RecordId, now: number): CachedRecord | undefined {
+    const name = nameOf(id);
+    const entry = this.entries.get(name);
+    if (!entry) return undefined;
+    this.entries.delete(name);
+    if (entry.expiresAt <= now) {
+      this.bytes -= entry.bytes;
+      return undefined;
+    }
+    this.entries.set(name, entry);
+    return entry;
+  }
+
+  set(id: RecordId, record: CachedRecord): void {
+    const bytes = sizeOf(record.response);
+    if (bytes > this.maxBytes / 16) return;
+    const name = nameOf(id);
+    const previous = this.entries.get(name);
+    if (previous) {
+      this.entries.delete(name);
+      this.bytes -= previous.bytes;
+    }
+    this.entries.set(name, { ...record, bytes });
+    this.bytes += bytes;
+    for (const [oldest, entry] of this.entries) {
+      if (this.entries.size <= this.maxEntries && this.bytes <= this.maxBytes) break;
+      this.entries.delete(oldest);
+      this.bytes -= entry.bytes;
+    }
+  }
+}
+
+function nameOf({ scope, endpoint, key }: RecordId): string {
+  return `${scope.length}:${scope}${endpoint.length}:${endpoint}${key}`;
+}
+
+function sizeOf(response: StoredResponse): number {
+  let bytes = 64 + (response.body?.length ?? 0);
+  for (const [name, value] of Object.entries(response.headers)) {
+    bytes += name.length + (Array.isArray(value) ? value.join('').length : String(value).length);
+  }
+  return bytes;
+}
