@@ -7,7 +7,7 @@ import {
   type NestInterceptor,
 } from '@nestjs/common';
 import { Reflector } from '@nestjs/core';
-import { catchError, defer, lastValueFrom, tap, type Observable } from 'rxjs';
+import { lastValueFrom, Observable } from 'rxjs';
 import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
 import {
   RESOLVED_OPTIONS,
@@ -27,8 +27,8 @@ import { HttpTransport } from '../transports/http.transport.js';
 import type { IdempotencyTransport, OperationDescription } from '../transports/idempotency-transport.js';
 import { loadMicroservices, RpcTransport, type SettledMessage } from '../transports/rpc.transport.js';
 
-/** Calls already handled, when `@Idempotent()` sits on both a controller and a method. */
-const handledCalls = new WeakSet<object>();
+/** Marks a call already handled, when `@Idempotent()` sits on both a controller and a method. */
+const HANDLED = Symbol('nestjs-idempotency.handled');
 
 /** Handlers already warned about an authenticated caller without a scope. */
 const warnedUnscoped = new WeakSet<Function>();
@@ -103,26 +103,38 @@ export class IdempotencyInterceptor implements NestInterceptor {
   ): Observable<unknown> {
     switch (decision.action) {
       case 'execute':
-        return defer(() =>
-          this.service.execute(
-            decision.lease,
-            fingerprint,
-            options,
-            () => lastValueFrom(next.handle(), { defaultValue: undefined }),
-            (outcome) => transport.capture(context, outcome, options, decision.lease.id),
-          ),
-        ).pipe(
-          tap(() => transport.settled?.(context, { kind: 'done', replayed: false }, options)),
-          catchError((error: unknown) => {
-            const code =
-              error instanceof LeaseLostError ? 'lease-lost' : error instanceof UnstoredResultError ? 'result-not-stored' : undefined;
-            const refusal = code ? rejection(code) : undefined;
-            if (transport.settled) {
-              transport.settled(context, this.settledAfterFailure(transport, context, error, refusal, options, decision.lease.id), options);
-            }
-            throw refusal ? transport.reject(context, refusal) : error;
-          }),
-        );
+        // One promise chain in one Observable (started on subscription, as `defer` would): the
+        // lightest form for a path every first request takes.
+        return new Observable<unknown>((subscriber) => {
+          this.service
+            .execute(
+              decision.lease,
+              fingerprint,
+              options,
+              () => lastValueFrom(next.handle(), { defaultValue: undefined }),
+              (outcome) => transport.capture(context, outcome, options, decision.lease.id),
+            )
+            .then((value) => {
+              transport.settled?.(context, { kind: 'done', replayed: false }, options);
+              return value;
+            })
+            .catch((error: unknown) => {
+              const code =
+                error instanceof LeaseLostError ? 'lease-lost' : error instanceof UnstoredResultError ? 'result-not-stored' : undefined;
+              const refusal = code ? rejection(code) : undefined;
+              if (transport.settled) {
+                transport.settled(context, this.settledAfterFailure(transport, context, error, refusal, options, decision.lease.id), options);
+              }
+              throw refusal ? transport.reject(context, refusal) : error;
+            })
+            .then(
+              (value) => {
+                subscriber.next(value);
+                subscriber.complete();
+              },
+              (error: unknown) => subscriber.error(error),
+            );
+        });
       case 'replay':
         transport.settled?.(context, { kind: 'done', replayed: true }, options);
         return transport.replay(context, decision.response, options);
@@ -215,8 +227,8 @@ function fingerprintOf(operation: OperationDescription): string {
  * through. On HTTP the request object, elsewhere the call's argument list (one per call).
  */
 function alreadyHandled(context: ExecutionContext): boolean {
-  const marker: object = context.getType() === 'http' ? context.switchToHttp().getRequest() : context.getArgs();
-  if (handledCalls.has(marker)) return true;
-  handledCalls.add(marker);
+  const marker = (context.getType() === 'http' ? context.switchToHttp().getRequest() : context.getArgs()) as Record<symbol, boolean>;
+  if (marker[HANDLED]) return true;
+  Object.defineProperty(marker, HANDLED, { value: true });
   return false;
 }

@@ -55,6 +55,11 @@ export class IdempotencyTracing {
     const span: Span = tracer.startSpan(`idempotency.${step}`, {
       attributes: { 'idempotency.endpoint': id.endpoint, 'idempotency.key': id.key },
     });
+    // No tracer provider registered, or not sampled: nothing to record, nothing to make active.
+    if (!span.isRecording()) {
+      span.end();
+      return work(UNTRACED);
+    }
     let outcomeSet = false;
     const traced: TracedStep = {
       outcome: (outcome) => {

@@ -1,4 +1,38 @@
+import fc from 'fast-check';
 import { canonicalJson, fingerprintRequest } from './fingerprint.js';
+
+/** The canonical form as version 0.1 computed it: stored fingerprints were made with this. */
+function canonicalJsonOfVersion01(value: unknown): string | undefined {
+  return JSON.stringify(value, (_key, nested: unknown) =>
+    nested !== null && typeof nested === 'object' && !Array.isArray(nested)
+      ? Object.fromEntries(Object.entries(nested as Record<string, unknown>).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)))
+      : nested,
+  );
+}
+
+describe('canonicalJson', () => {
+  it('is byte for byte the form fingerprints were stored with, for any JSON body', () => {
+    const key = fc.oneof(fc.string(), fc.constantFrom('__proto__', '0', '1', '10', '9', '01', '-1', '4294967295', '4294967294', 'constructor'));
+    const body = fc.letrec((tie) => ({
+      value: fc.oneof(
+        { depthSize: 'small' },
+        fc.jsonValue(),
+        fc.array(tie('value'), { maxLength: 4 }),
+        fc.dictionary(key, tie('value'), { maxKeys: 6 }),
+      ),
+    })).value;
+    fc.assert(fc.property(body, (value) => expect(canonicalJson(value)).toBe(canonicalJsonOfVersion01(value))), { numRuns: 2000 });
+  });
+
+  it.each([
+    ['integer-like keys', { b: 1, 10: 2, 9: 3, a: 4 }],
+    ['an own __proto__ key', JSON.parse('{"z":1,"__proto__":{"x":1},"a":2}')],
+    ['values JSON drops or nulls', { a: undefined, b: () => 1, c: [undefined, NaN, Infinity, -0], d: null }],
+    ['a Date', { at: new Date(0) }],
+  ])('matches for %s', (_case, value) => {
+    expect(canonicalJson(value)).toBe(canonicalJsonOfVersion01(value));
+  });
+});
 
 const base = { method: 'POST', url: '/payments', body: { amount: 10, currency: 'eur' } };
 

@@ -22,15 +22,49 @@ export function fingerprintRequest({ method, url, body }: FingerprintInput): str
   return hash.digest('hex');
 }
 
-/** JSON.stringify with object keys sorted; `undefined` for a value JSON cannot represent. */
+/**
+ * JSON.stringify with object keys sorted; `undefined` for a value JSON cannot represent. Written
+ * out rather than as a replacer that rebuilds every object, and byte for byte the output of
+ * `JSON.stringify(value, sortKeys)` (stored fingerprints must stay valid): an object's
+ * array-index keys come first in numeric order, as a rebuilt object would enumerate them.
+ */
 export function canonicalJson(value: unknown): string | undefined {
-  return JSON.stringify(value, (_key, nested: unknown) =>
-    nested !== null && typeof nested === 'object' && !Array.isArray(nested)
-      ? Object.fromEntries(
-          Object.entries(nested as Record<string, unknown>).sort(([a], [b]) =>
-            a < b ? -1 : a > b ? 1 : 0,
-          ),
-        )
-      : nested,
-  );
+  switch (typeof value) {
+    case 'string':
+      return JSON.stringify(value);
+    case 'number':
+      return Number.isFinite(value) ? String(value) : 'null';
+    case 'boolean':
+      return value ? 'true' : 'false';
+    case 'bigint':
+      return JSON.stringify(value); // throws, as JSON.stringify does
+    case 'object':
+      break;
+    default:
+      return undefined;
+  }
+  if (value === null) return 'null';
+  const toJSON = (value as { toJSON?: unknown }).toJSON;
+  if (typeof toJSON === 'function') return canonicalJson(toJSON.call(value, ''));
+  if (Array.isArray(value)) {
+    let out = '[';
+    for (let i = 0; i < value.length; i++) out += (i > 0 ? ',' : '') + (canonicalJson(value[i]) ?? 'null');
+    return `${out}]`;
+  }
+  const keys = Object.keys(value);
+  // Object.keys lists array indices first, ascending; the other keys are sorted by code unit.
+  let indices = 0;
+  while (indices < keys.length && isArrayIndex(keys[indices])) indices++;
+  const names = indices === 0 ? keys.sort() : [...keys.slice(0, indices), ...keys.slice(indices).sort()];
+  let out = '{';
+  for (const name of names) {
+    const nested = canonicalJson((value as Record<string, unknown>)[name]);
+    if (nested === undefined) continue;
+    out += `${out.length > 1 ? ',' : ''}${JSON.stringify(name)}:${nested}`;
+  }
+  return `${out}}`;
+}
+
+function isArrayIndex(name: string): boolean {
+  return /^(?:0|[1-9][0-9]*)$/.test(name) && Number(name) < 4294967295;
 }

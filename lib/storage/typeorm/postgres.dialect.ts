@@ -204,7 +204,7 @@ export class PostgresDialect implements StoreDialect {
 
 /** The row an id names, as a batch key. */
 function rowKey({ scope, endpoint, key }: { scope: string; endpoint: string; key: string }): string {
-  return JSON.stringify([scope, endpoint, key]);
+  return `${scope.length}:${scope}${endpoint.length}:${endpoint}${key}`;
 }
 
 /** $1 scope, $2 endpoint, $3 key, $4 lease token. */
