@@ -177,6 +177,11 @@ export function renderMarkdown(run: RunMeasurements, results: BenchResults): str
   }
   out.push(
     '',
+    '## Profile: where the app\'s CPU per request goes',
+    '',
+    'Each of our apps loaded for a few seconds per route with V8\'s sampling profiler on (in the running app, through node:inspector), self time summed by the code it was spent in and divided by the requests served. The profiler slows every route alike; compare routes, not these figures with the rounds above. `npm run bench:profile` runs this part alone; `BENCH_PROFILE_DIR=dir` keeps the profiles for Chrome DevTools.',
+    '',
+    profileTable(run.profiles),
     '## Database statements per request',
     '',
     'Counted in the app while nothing else runs (200 sequential requests each): statements TypeORM sent (its logger) and, on PostgreSQL, queries on the `pg` client (every round trip). For the peer, calls to its storage adapter (each one Redis command).',

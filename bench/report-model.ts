@@ -5,6 +5,7 @@ import type { MemoryResult, PurgeResult } from './purge-and-memory.js';
 import type { QueriesPerRequest, RouteName, Samples, TargetName } from './route-rounds.js';
 import { median, round } from './stats.js';
 import type { WaiterDelayResult } from './waiter-delay.js';
+import type { ProfileSummary } from './profile.js';
 
 export type Database = 'postgres' | 'pglite';
 
@@ -35,6 +36,8 @@ export interface DatabaseResults {
   readonly memory: MemoryResult | null;
   /** Wait mode (PostgreSQL): how long a duplicate waits beyond the first's completion. */
   readonly waiter_delay: WaiterDelayResult | null;
+  /** Where the app's CPU per request goes, on this database (and, under postgres, ours on Redis). */
+  readonly profiles: readonly ProfileSummary[];
   readonly machine: MachineInfo;
 }
 
@@ -43,6 +46,8 @@ export type BenchResults = Partial<Record<Database, DatabaseResults>>;
 /** Everything a run measured, before it is shaped into results.json and results.md. */
 export interface RunMeasurements {
   readonly machine: MachineInfo;
+  /** Where each of our apps' CPU per request goes (V8 profiles under load). */
+  readonly profiles: readonly ProfileSummary[];
   readonly samples: Samples;
   readonly queries: Partial<Record<TargetName, QueriesPerRequest>>;
   readonly growth: Partial<Record<Database, GrowthResult>>;
@@ -124,6 +129,7 @@ export function buildResults(run: RunMeasurements): BenchResults {
       purge: purge ? withoutExplain(purge) : null,
       memory: run.memory[database] ?? null,
       waiter_delay: database === 'postgres' ? run.waiterDelay : null,
+      profiles: run.profiles.filter((profile) => profile.target === database || (database === 'postgres' && profile.target === 'redis')),
       machine: run.machine,
     };
   }

@@ -12,8 +12,9 @@ import { measureGrowth, type GrowthResult } from './growth.js';
 import { machineBusyFraction } from './cpu-usage.js';
 import { measureMemoryAndPurge, type MemoryResult, type PurgeResult } from './purge-and-memory.js';
 import { buildResults, checkTargets, type Database, type RunMeasurements } from './report-model.js';
-import { queriesTable, renderMarkdown, routeTable, writeQueriesTable } from './report-markdown.js';
+import { profileTable, queriesTable, renderMarkdown, routeTable, writeQueriesTable } from './report-markdown.js';
 import { measureWaiterDelay, type WaiterDelayResult } from './waiter-delay.js';
+import { profileTarget, type ProfileSummary } from './profile.js';
 import {
   countQueries,
   runRounds,
@@ -41,6 +42,7 @@ const memory: Partial<Record<Database, MemoryResult>> = {};
 const growth: Partial<Record<Database, GrowthResult>> = {};
 let purge: PurgeResult | null = null;
 let waiterDelay: WaiterDelayResult | null = null;
+const profiles: ProfileSummary[] = [];
 
 // Children exit when the runner's IPC channel closes, so Ctrl-C leaves no orphan apps behind.
 process.once('SIGINT', () => process.exit(130));
@@ -54,6 +56,12 @@ try {
   for (const target of targets) queries[target.name] = await countQueries(target);
   console.log(`\nStatements per request (target: replay = 1, first = 2):\n\n${queriesTable(queries)}\n`);
   console.log(`Realistic handler, statements and commits per request:\n\n${writeQueriesTable(queries)}\n`);
+
+  for (const target of targets.filter((candidate) => ['postgres', 'redis', 'pglite'].includes(candidate.name))) {
+    log(`profile: ${target.name}`);
+    profiles.push(await profileTarget(target, 3));
+  }
+  console.log(`Where the app's CPU per request goes (profiled):\n\n${profileTable(profiles)}`);
 
   // Memory and purge load the PostgreSQL app (PGlite's `first` is too slow for 100k requests in the
   // time budget: without PostgreSQL, PGlite gets a shorter memory reading and no purge).
@@ -103,6 +111,7 @@ if (services.postgres) await dropSchema(BENCH_CONFIG.schema);
 
 const run: RunMeasurements = {
   machine: describeMachine(services),
+  profiles,
   samples,
   queries,
   growth,

@@ -32,7 +32,8 @@ interface Entry extends CachedRecord {
  * a round trip. Safe because a completed record never changes before its TTL ends: no claim takes
  * it over, no completion or release matches it, no purge deletes it (every store decides with the
  * app's clock, as this cache does). An entry is dropped at its TTL's end, so from then on the
- * store decides. Least recently used entries go first when a bound is reached.
+ * store decides. The oldest entries go first when a bound is reached (a hit does not reorder:
+ * a Map lookup is all a replay costs).
  */
 export class ReplayCache {
   private readonly entries = new Map<string, Entry>();
@@ -52,14 +53,10 @@ export class ReplayCache {
   get(id: RecordId, now: number): CachedRecord | undefined {
     const name = nameOf(id);
     const entry = this.entries.get(name);
-    if (!entry) return undefined;
+    if (!entry || entry.expiresAt > now) return entry;
     this.entries.delete(name);
-    if (entry.expiresAt <= now) {
-      this.bytes -= entry.bytes;
-      return undefined;
-    }
-    this.entries.set(name, entry);
-    return entry;
+    this.bytes -= entry.bytes;
+    return undefined;
   }
 
   set(id: RecordId, record: CachedRecord): void {

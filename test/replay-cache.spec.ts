@@ -70,7 +70,7 @@ describe.each(eachDatabase)('the replay cache on %s', (_name, database) => {
     expect(cachedOne.calls.count('short-ttl', key) + other.calls.count('short-ttl', key)).toBe(2);
   });
 
-  it('holds at most maxEntries records, dropping the least recently used', async () => {
+  it('holds at most maxEntries records, dropping the oldest', async () => {
     const fixture = await app({ replayCache: { maxEntries: 2 } });
     const keys = [newKey(), newKey(), newKey()];
     for (const key of keys) {

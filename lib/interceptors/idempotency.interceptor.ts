@@ -8,6 +8,7 @@ import {
 } from '@nestjs/common';
 import { Reflector } from '@nestjs/core';
 import { lastValueFrom, Observable } from 'rxjs';
+import { INTERCEPTORS_METADATA } from '@nestjs/common/constants.js';
 import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
 import {
   RESOLVED_OPTIONS,
@@ -27,6 +28,12 @@ import { HttpTransport } from '../transports/http.transport.js';
 import type { IdempotencyTransport, OperationDescription } from '../transports/idempotency-transport.js';
 import { loadMicroservices, RpcTransport, type SettledMessage } from '../transports/rpc.transport.js';
 
+/** A handler's resolved options, and whether the interceptor is listed on it more than once. */
+interface Route {
+  readonly options: ResolvedRouteOptions;
+  readonly twice: boolean;
+}
+
 /** Marks a call already handled, when `@Idempotent()` sits on both a controller and a method. */
 const HANDLED = Symbol('nestjs-idempotency.handled');
 
@@ -42,7 +49,7 @@ const warnedUnscoped = new WeakSet<Function>();
 @Injectable()
 export class IdempotencyInterceptor implements NestInterceptor {
   private readonly logger = new Logger('Idempotency');
-  private readonly routeOptions = new WeakMap<Function, ResolvedRouteOptions>();
+  private readonly routes = new WeakMap<Function, Route>();
   private readonly transports: Readonly<Record<string, IdempotencyTransport>>;
 
   constructor(
@@ -58,9 +65,10 @@ export class IdempotencyInterceptor implements NestInterceptor {
 
   async intercept(context: ExecutionContext, next: CallHandler): Promise<Observable<unknown>> {
     const transport = this.transports[context.getType()];
-    if (!transport || !transport.applies(context) || alreadyHandled(context)) return next.handle();
+    if (!transport || !transport.applies(context)) return next.handle();
+    const { options, twice } = this.routeOf(context);
+    if (twice && alreadyHandled(context)) return next.handle();
     if (transport.type === 'rpc') await loadMicroservices();
-    const options = this.optionsFor(context);
     try {
       const reading = transport.readKey(context);
       if (reading.kind === 'invalid') throw new IdempotencyRejectionError(rejection('key-invalid', { detail: reading.reason }));
@@ -192,18 +200,24 @@ export class IdempotencyInterceptor implements NestInterceptor {
     );
   }
 
-  private optionsFor(context: ExecutionContext): ResolvedRouteOptions {
+  /** The handler's options, and whether this interceptor is on it twice (class and method). */
+  private routeOf(context: ExecutionContext): Route {
     const handler = context.getHandler();
-    let resolved = this.routeOptions.get(handler);
-    if (!resolved) {
-      const route = this.reflector.getAllAndOverride<IdempotencyRouteOptions | undefined>(IDEMPOTENT_ROUTE_OPTIONS, [
+    let route = this.routes.get(handler);
+    if (!route) {
+      const controller = context.getClass();
+      const options = this.reflector.getAllAndOverride<IdempotencyRouteOptions | undefined>(IDEMPOTENT_ROUTE_OPTIONS, [
         handler,
-        context.getClass(),
+        controller,
       ]);
-      resolved = resolveRouteOptions(this.moduleOptions, route ?? {});
-      this.routeOptions.set(handler, resolved);
+      const listed = (target: object) =>
+        ((Reflect.getMetadata(INTERCEPTORS_METADATA, target) as unknown[] | undefined) ?? []).filter(
+          (interceptor) => interceptor === IdempotencyInterceptor || interceptor instanceof IdempotencyInterceptor,
+        ).length;
+      route = { options: resolveRouteOptions(this.moduleOptions, options ?? {}), twice: listed(controller) + listed(handler) > 1 };
+      this.routes.set(handler, route);
     }
-    return resolved;
+    return route;
   }
 }
 

@@ -126,8 +126,8 @@ export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
   /**
    * Keeps the completed records this process has read, so later retries of those keys replay
    * without a round trip to the store. A completed record cannot change before its TTL ends, and an
-   * entry is dropped then, so the cache never answers what the store would not. Bounded (least
-   * recently used first); `false` turns it off. A record deleted by hand from the store keeps
+   * entry is dropped then, so the cache never answers what the store would not. Bounded (oldest
+   * first); `false` turns it off. A record deleted by hand from the store keeps
    * replaying from the caches that hold it until its TTL ends.
    * @default { maxEntries: 10000, maxBytes: 16 MiB }
    */
