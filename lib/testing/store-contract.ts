@@ -91,7 +91,12 @@ export function storeContract(
 
     check('decides concurrent claims and completions of many keys each on its own', async (s) => {
       // Four kinds of record, claimed all at once: new, completed, held by another payload, abandoned.
-      const fresh = Array.from({ length: 8 }, () => s.id());
+      // Characters that quoting or escaping gets wrong, when statements carry several ids at once.
+      const awkward = ['"', "'", '\\', '{', '}', ',', 'NULL', ' 🔑 ', 'é'];
+      const fresh = Array.from({ length: 8 }, (_, i) => {
+        const id = s.id();
+        return { ...id, scope: awkward[i], key: `${id.key}${awkward[i + 1]}` };
+      });
       const completed = Array.from({ length: 8 }, () => s.id());
       const held = Array.from({ length: 8 }, () => s.id());
       const abandoned = Array.from({ length: 8 }, () => s.id());
@@ -114,6 +119,7 @@ export function storeContract(
         Promise.all(abandoned.map((id) => s.claim(id, 'fp-a', later))),
       ]);
       for (const claim of freshClaims) assert.equal(claim.claimed && !claim.takeover, true, 'a new key was not claimed as new');
+      freshClaims.forEach((claim, i) => assert.deepEqual(claim.claimed && claim.lease.id, fresh[i]));
       completedClaims.forEach((claim, i) => {
         assert.equal(claim.claimed, false);
         if (!claim.claimed) assert.deepEqual(claim.record.response, responses.get(completed[i]));
@@ -127,6 +133,9 @@ export function storeContract(
         ...stale.map((lease) => s.store.complete(lease, sampleResponse(), s.now + 10 * MINUTE)),
       ]);
       assert.deepEqual(outcomes, [...leases.map(() => true), ...stale.map(() => false)]);
+      // Each stored under its own id, exactly as given.
+      const reads = await Promise.all(fresh.map((id) => s.claim(id, 'fp-a', later + 1)));
+      for (const read of reads) assert.equal(!read.claimed && read.record.state, 'completed');
     }),
 
     check('stores a completed response and returns it exactly, until its expiry', async (s) => {

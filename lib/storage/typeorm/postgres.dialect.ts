@@ -64,8 +64,9 @@ export class PostgresDialect implements StoreDialect {
   constructor(dataSource: DataSource, table: string) {
     this.statements = new PreparedStatements(dataSource);
     this.sql = buildStatements(table);
-    // PGlite (a driver given) runs one statement at a time in-process: nothing to gather there.
-    const pg = (dataSource.options as { driver?: unknown }).driver === undefined;
+    // On PGlite too: its one session runs one statement at a time, and each costs a parse of the
+    // protocol and a pass through the WebAssembly engine, whatever its size.
+    const pg = true;
     this.claims = pg
       ? new StatementBatcher({ keyOf: ({ id }) => rowKey(id), runOne: (request) => this.claimAlone(request), runMany: (requests) => this.claimMany(requests) })
       : null;

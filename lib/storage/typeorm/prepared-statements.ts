@@ -151,9 +151,21 @@ function errorCode(error: unknown): string | undefined {
  */
 function sqlLiteral(value: unknown): string {
   if (value === null || value === undefined) return 'NULL';
-  const text = String(value);
+  const text = Array.isArray(value) ? arrayLiteral(value) : String(value);
   if (text.includes('\0')) throw new TypeError('A value for the idempotency store contains a NUL character.');
   return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "''")}'`;
+}
+
+/**
+ * An array in PostgreSQL's array input syntax (`{"a","b",NULL}`), which the prepared statement's
+ * parameter type (`varchar[]`, `bigint[]`, …) reads as a bind parameter would: every element
+ * double-quoted, `"` and `\` escaped with a backslash.
+ */
+function arrayLiteral(values: readonly unknown[]): string {
+  const elements = values.map((element) =>
+    element === null || element === undefined ? 'NULL' : `"${String(element).replaceAll('\\', '\\\\').replaceAll('"', '\\"')}"`,
+  );
+  return `{${elements.join(',')}}`;
 }
 
 async function ordinary<Row>(runner: QueryRunner, text: string, values: unknown[]): Promise<StatementResult<Row>> {
