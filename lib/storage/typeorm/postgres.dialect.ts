@@ -50,37 +50,40 @@ interface Completion {
 /**
  * PostgreSQL and PGlite: a claim is one statement — an insert that, on conflict, takes the row
  * over only when it is dead, and otherwise returns the row as it stands. A first request costs two
- * round trips (claim, complete), a replay one. Every statement here is hand-written SQL run as a
- * prepared statement (see PreparedStatements): these run on every request.
+ * statements (claim, complete), a replay one (none when the replay cache has it); under load the
+ * claims and completions of concurrent requests share statements (one row each, decided as if
+ * alone). Every statement here is hand-written SQL run as a prepared statement (see
+ * PreparedStatements): these run on every request.
  */
 export class PostgresDialect implements StoreDialect {
   private readonly statements: PreparedStatements;
   private readonly sql: ReturnType<typeof buildStatements>;
 
-  /** With the `pg` driver: claims and completions of concurrent requests batched (see StatementBatcher). */
-  private readonly claims: StatementBatcher<ClaimRequest, ClaimResult> | null;
-  private readonly completions: StatementBatcher<Completion, boolean> | null;
+  /**
+   * Claims and completions of concurrent requests, batched (see StatementBatcher): on a server,
+   * one round trip, commit and backend wake-up for all of them; on PGlite, whose one session runs
+   * one statement at a time, one pass through the protocol and the WebAssembly engine.
+   */
+  private readonly claims: StatementBatcher<ClaimRequest, ClaimResult>;
+  private readonly completions: StatementBatcher<Completion, boolean>;
 
   constructor(dataSource: DataSource, table: string) {
     this.statements = new PreparedStatements(dataSource);
     this.sql = buildStatements(table);
-    // On PGlite too: its one session runs one statement at a time, and each costs a parse of the
-    // protocol and a pass through the WebAssembly engine, whatever its size.
-    const pg = true;
-    this.claims = pg
-      ? new StatementBatcher({ keyOf: ({ id }) => rowKey(id), runOne: (request) => this.claimAlone(request), runMany: (requests) => this.claimMany(requests) })
-      : null;
-    this.completions = pg
-      ? new StatementBatcher({
-          keyOf: ({ lease }) => rowKey(lease.id),
-          runOne: ({ lease, response, expiresAt }) => this.completeOn(undefined, lease, response, expiresAt, null),
-          runMany: (completions) => this.completeMany(completions),
-        })
-      : null;
+    this.claims = new StatementBatcher({
+      keyOf: ({ id }) => rowKey(id),
+      runOne: (request) => this.claimAlone(request),
+      runMany: (requests) => this.claimMany(requests),
+    });
+    this.completions = new StatementBatcher({
+      keyOf: ({ lease }) => rowKey(lease.id),
+      runOne: ({ lease, response, expiresAt }) => this.completeOn(undefined, lease, response, expiresAt, null),
+      runMany: (completions) => this.completeMany(completions),
+    });
   }
 
   claim(request: ClaimRequest): Promise<ClaimResult> {
-    return this.claims ? this.claims.run(request) : this.claimAlone(request);
+    return this.claims.run(request);
   }
 
   /**
@@ -144,7 +147,7 @@ export class PostgresDialect implements StoreDialect {
 
   complete(lease: Lease, response: StoredResponse, expiresAt: number, changeTag: string | null): Promise<boolean> {
     // A completion that notifies waiters runs alone (its NOTIFY is part of its statement).
-    if (changeTag === null && this.completions) return this.completions.run({ lease, response, expiresAt });
+    if (changeTag === null) return this.completions.run({ lease, response, expiresAt });
     return this.completeOn(undefined, lease, response, expiresAt, changeTag);
   }
 
