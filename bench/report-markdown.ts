@@ -3,6 +3,7 @@ import { BENCH_CONFIG } from './bench-config.js';
 import type { GrowthResult } from './growth.js';
 import type { PurgeResult } from './purge-and-memory.js';
 import type { ProfileSummary } from './profile.js';
+import type { StoreBatchingResult } from './store-batching.js';
 import { checkTargets, type BenchResults, type Database, type DatabaseResults, type RunMeasurements } from './report-model.js';
 
 const DATABASE_LABEL: Record<Database, string> = {
@@ -182,6 +183,7 @@ export function renderMarkdown(run: RunMeasurements, results: BenchResults): str
     'Each of our apps loaded for a few seconds per route with V8\'s sampling profiler on (in the running app, through node:inspector), self time summed by the code it was spent in and divided by the requests served. The profiler slows every route alike; compare routes, not these figures with the rounds above. `npm run bench:profile` runs this part alone; `BENCH_PROFILE_DIR=dir` keeps the profiles for Chrome DevTools.',
     '',
     profileTable(run.profiles),
+    ...storeBatchingSection(run.storeBatching),
     '## Database statements per request',
     '',
     'Counted in the app while nothing else runs (200 sequential requests each): statements TypeORM sent (its logger) and, on PostgreSQL, queries on the `pg` client (every round trip). For the peer, calls to its storage adapter (each one Redis command).',
@@ -269,4 +271,23 @@ export function profileTable(summaries: readonly ProfileSummary[]): string {
     out.push(`The library's costliest functions on \`first\` (self time, µs per request): ${summary.libraryTop.map(({ fn, us_per_req }) => `${fn} ${us_per_req}`).join('; ')}.`, '');
   }
   return out.join('\n');
+}
+
+/** The store alone on PostgreSQL: batched statements against one statement per request. */
+export function storeBatchingSection(result: StoreBatchingResult | null): string[] {
+  if (!result) return [];
+  const row = (label: string, side: StoreBatchingResult['batched']) => `| ${label} | ${side.rps} | ${side.app_cpu_ms} | ${side.postgres_cpu_ms} |`;
+  return [
+    '## Batched statements, the store alone (PostgreSQL)',
+    '',
+    `\`TypeOrmIdempotencyStore\` in the runner's process, no HTTP: ${result.workers} concurrent callers, ${result.operations} fresh keys each claimed and completed, with \`batchStatements\` on and off in alternating rounds (medians of 3 after a warm-up round).`,
+    '',
+    '| store | claim + complete per s | CPU ms/op: this process | postgres |',
+    '| --- | ---: | ---: | ---: |',
+    row('batched (default)', result.batched),
+    row('one statement per request', result.single),
+    '',
+    `Batched: ×${(result.batched.rps / result.single.rps).toFixed(2)} the throughput.`,
+    '',
+  ];
 }

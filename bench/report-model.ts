@@ -6,6 +6,7 @@ import type { QueriesPerRequest, RouteName, Samples, TargetName } from './route-
 import { median, round } from './stats.js';
 import type { WaiterDelayResult } from './waiter-delay.js';
 import type { ProfileSummary } from './profile.js';
+import type { StoreBatchingResult } from './store-batching.js';
 
 export type Database = 'postgres' | 'pglite';
 
@@ -38,6 +39,7 @@ export interface DatabaseResults {
   readonly waiter_delay: WaiterDelayResult | null;
   /** Where the app's CPU per request goes, on this database (and, under postgres, ours on Redis). */
   readonly profiles: readonly ProfileSummary[];
+  readonly store_batching: StoreBatchingResult | null;
   readonly machine: MachineInfo;
 }
 
@@ -48,6 +50,8 @@ export interface RunMeasurements {
   readonly machine: MachineInfo;
   /** Where each of our apps' CPU per request goes (V8 profiles under load). */
   readonly profiles: readonly ProfileSummary[];
+  /** The PostgreSQL store alone, batched statements against one statement per request. */
+  readonly storeBatching: StoreBatchingResult | null;
   readonly samples: Samples;
   readonly queries: Partial<Record<TargetName, QueriesPerRequest>>;
   readonly growth: Partial<Record<Database, GrowthResult>>;
@@ -129,6 +133,7 @@ export function buildResults(run: RunMeasurements): BenchResults {
       purge: purge ? withoutExplain(purge) : null,
       memory: run.memory[database] ?? null,
       waiter_delay: database === 'postgres' ? run.waiterDelay : null,
+      store_batching: database === 'postgres' ? run.storeBatching : null,
       profiles: run.profiles.filter((profile) => profile.target === database || (database === 'postgres' && profile.target === 'redis')),
       machine: run.machine,
     };

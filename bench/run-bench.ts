@@ -15,6 +15,7 @@ import { buildResults, checkTargets, type Database, type RunMeasurements } from 
 import { profileTable, queriesTable, renderMarkdown, routeTable, writeQueriesTable } from './report-markdown.js';
 import { measureWaiterDelay, type WaiterDelayResult } from './waiter-delay.js';
 import { profileTarget, type ProfileSummary } from './profile.js';
+import { measureStoreBatching, type StoreBatchingResult } from './store-batching.js';
 import {
   countQueries,
   runRounds,
@@ -43,6 +44,7 @@ const growth: Partial<Record<Database, GrowthResult>> = {};
 let purge: PurgeResult | null = null;
 let waiterDelay: WaiterDelayResult | null = null;
 const profiles: ProfileSummary[] = [];
+let storeBatching: StoreBatchingResult | null = null;
 
 // Children exit when the runner's IPC channel closes, so Ctrl-C leaves no orphan apps behind.
 process.once('SIGINT', () => process.exit(130));
@@ -94,6 +96,12 @@ try {
   for (const target of targets) await target.app.stop().catch((error: Error) => console.error(error.message));
 }
 
+if (services.postgres) {
+  log('the store alone: batched statements against one statement per request');
+  storeBatching = await measureStoreBatching();
+  const { batched, single } = storeBatching;
+  log(`store alone: batched ${batched.rps} ops/s (CPU ${batched.app_cpu_ms} + pg ${batched.postgres_cpu_ms} ms/op), one statement per request ${single.rps} ops/s (CPU ${single.app_cpu_ms} + pg ${single.postgres_cpu_ms} ms/op)`);
+}
 // Growth runs with the apps stopped: sequential latencies, nothing else competing for the cores.
 if (services.postgres) {
   log(`growth: PostgreSQL ${BENCH_CONFIG.growthSizes.postgres.map((n) => n.toLocaleString('en')).join(' → ')} rows`);
@@ -112,6 +120,7 @@ if (services.postgres) await dropSchema(BENCH_CONFIG.schema);
 const run: RunMeasurements = {
   machine: describeMachine(services),
   profiles,
+  storeBatching,
   samples,
   queries,
   growth,

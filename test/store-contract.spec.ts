@@ -31,6 +31,25 @@ describe.each(eachDatabase)('the store contract, TypeORM store on %s', (_name, d
   for (const check of storeContract(() => store)) it(check.name, () => check.run());
 });
 
+/** PostgreSQL and PGlite batch their statements by default; the other setting must meet the contract too. */
+const postgresDatabases = eachDatabase.filter(([name]) => name === 'pglite' || name === 'postgres');
+describe.each(postgresDatabases)('the store contract, TypeORM store on %s without batched statements', (_name, database) => {
+  let dataSource: DataSource;
+  let store: TypeOrmIdempotencyStore;
+  beforeAll(async () => {
+    dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
+    await dataSource.initialize();
+    await ensureIdempotencyTable(dataSource);
+    store = new TypeOrmIdempotencyStore(dataSource, { batchStatements: false });
+  });
+  afterAll(async () => {
+    await store.close();
+    await dataSource.destroy();
+  });
+
+  for (const check of storeContract(() => store)) it(check.name, () => check.run());
+});
+
 const redisUrl = process.env.REDIS_URL;
 (redisUrl ? describe : describe.skip)('the store contract, Redis store', () => {
   let redis: Redis;

@@ -64,12 +64,13 @@ export class PostgresDialect implements StoreDialect {
    * one round trip, commit and backend wake-up for all of them; on PGlite, whose one session runs
    * one statement at a time, one pass through the protocol and the WebAssembly engine.
    */
-  private readonly claims: StatementBatcher<ClaimRequest, ClaimResult>;
-  private readonly completions: StatementBatcher<Completion, boolean>;
+  private readonly claims: StatementBatcher<ClaimRequest, ClaimResult> | null = null;
+  private readonly completions: StatementBatcher<Completion, boolean> | null = null;
 
-  constructor(dataSource: DataSource, table: string) {
+  constructor(dataSource: DataSource, table: string, batch: boolean) {
     this.statements = new PreparedStatements(dataSource);
     this.sql = buildStatements(table);
+    if (!batch) return;
     this.claims = new StatementBatcher({
       keyOf: ({ id }) => rowKey(id),
       runOne: (request) => this.claimAlone(request),
@@ -83,7 +84,7 @@ export class PostgresDialect implements StoreDialect {
   }
 
   claim(request: ClaimRequest): Promise<ClaimResult> {
-    return this.claims.run(request);
+    return this.claims ? this.claims.run(request) : this.claimAlone(request);
   }
 
   /**
@@ -147,7 +148,7 @@ export class PostgresDialect implements StoreDialect {
 
   complete(lease: Lease, response: StoredResponse, expiresAt: number, changeTag: string | null): Promise<boolean> {
     // A completion that notifies waiters runs alone (its NOTIFY is part of its statement).
-    if (changeTag === null) return this.completions.run({ lease, response, expiresAt });
+    if (changeTag === null && this.completions) return this.completions.run({ lease, response, expiresAt });
     return this.completeOn(undefined, lease, response, expiresAt, changeTag);
   }
 
