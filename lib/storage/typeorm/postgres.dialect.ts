@@ -93,7 +93,7 @@ export class PostgresDialect implements StoreDialect {
    */
   private async claimMany(requests: readonly ClaimRequest[]): Promise<(ClaimResult | undefined)[]> {
     const column = <T>(pick: (request: ClaimRequest) => T) => requests.map(pick);
-    const { rows } = await this.statements.run<BatchClaimRow>('claim_many', this.sql.claimMany, [
+    const { rows } = await this.statements.runPlanned<BatchClaimRow>(this.sql.claimMany, [
       column((request) => request.id.scope),
       column((request) => request.id.endpoint),
       column((request) => request.id.key),
@@ -116,7 +116,7 @@ export class PostgresDialect implements StoreDialect {
   /** Several completions in one statement: each is stored if its own lease is still held. */
   private async completeMany(completions: readonly Completion[]): Promise<boolean[]> {
     const column = <T>(pick: (completion: Completion) => T) => completions.map(pick);
-    const { rows } = await this.statements.run<{ ord: string | number }>('complete_many', this.sql.completeMany, [
+    const { rows } = await this.statements.runPlanned<{ ord: string | number }>(this.sql.completeMany, [
       column(({ lease }) => lease.id.scope),
       column(({ lease }) => lease.id.endpoint),
       column(({ lease }) => lease.id.key),

@@ -68,6 +68,20 @@ export class PreparedStatements {
     }
   }
 
+  /**
+   * Runs `text` as an ordinary statement, planned for its values each time: for statements whose
+   * best plan depends on the table's size and the values (the batched ones join arrays to the
+   * table, and a plan cached while the table was small would scan it whole once it has grown).
+   */
+  async runPlanned<Row>(text: string, values: unknown[]): Promise<StatementResult<Row>> {
+    const runner = this.dataSource.createQueryRunner();
+    try {
+      return await ordinary<Row>(runner, text, values);
+    } finally {
+      await runner.release();
+    }
+  }
+
   private async runNamed<Row>(runner: QueryRunner, name: string, text: string, values: unknown[]) {
     const client = (await runner.connect()) as PgClient;
     this.dataSource.logger.logQuery(text, values, runner);
@@ -151,21 +165,9 @@ function errorCode(error: unknown): string | undefined {
  */
 function sqlLiteral(value: unknown): string {
   if (value === null || value === undefined) return 'NULL';
-  const text = Array.isArray(value) ? arrayLiteral(value) : String(value);
+  const text = String(value);
   if (text.includes('\0')) throw new TypeError('A value for the idempotency store contains a NUL character.');
   return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "''")}'`;
-}
-
-/**
- * An array in PostgreSQL's array input syntax (`{"a","b",NULL}`), which the prepared statement's
- * parameter type (`varchar[]`, `bigint[]`, …) reads as a bind parameter would: every element
- * double-quoted, `"` and `\` escaped with a backslash.
- */
-function arrayLiteral(values: readonly unknown[]): string {
-  const elements = values.map((element) =>
-    element === null || element === undefined ? 'NULL' : `"${String(element).replaceAll('\\', '\\\\').replaceAll('"', '\\"')}"`,
-  );
-  return `{${elements.join(',')}}`;
 }
 
 async function ordinary<Row>(runner: QueryRunner, text: string, values: unknown[]): Promise<StatementResult<Row>> {
