@@ -1,6 +1,7 @@
 import { ApolloDriver, type ApolloDriverConfig } from '@nestjs/apollo';
-import { GraphQLModule } from '@nestjs/graphql';
+import { Args, GraphQLModule, Mutation, Query, Resolver } from '@nestjs/graphql';
 import { randomUUID } from 'node:crypto';
+import { Idempotent } from '../lib/index.js';
 import { PaymentsResolver, PAYMENTS_TYPE_DEFS } from './fixtures/graphql-payments.resolver.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { testDatabases, type HttpPlatform } from './support/databases.js';
@@ -122,5 +123,29 @@ describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)
     await graphql(crashing, { key: crashKey });
     await graphql(crashing, { key: crashKey });
     expect(fixture.calls.count('crashingPay', crashKey)).toBe(2);
+  });
+});
+
+/** The same mutation, in the transactional mode, which SQLite cannot run. */
+@Resolver()
+class TransactionalPaymentsResolver {
+  @Query('ping')
+  ping() {
+    return 'pong';
+  }
+
+  @Mutation('pay')
+  @Idempotent({ transactional: true })
+  pay(@Args('amount') amount: number) {
+    return { id: randomUUID(), amount };
+  }
+}
+
+describe('GraphQL resolvers at startup', () => {
+  it('refuses a transactional @Idempotent() resolver on a store that cannot run it, naming it', async () => {
+    const sqlite = testDatabases.find((database) => database.name === 'sqlite')!;
+    await expect(
+      createReliabilityApp(sqlite, {}, { imports: () => [graphqlModule('express')], providers: [TransactionalPaymentsResolver] }),
+    ).rejects.toThrow(/transactional routes \(TransactionalPaymentsResolver\.pay\) cannot run on this store/);
   });
 });

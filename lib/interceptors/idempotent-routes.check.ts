@@ -21,7 +21,8 @@ import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.
 import { IdempotencyStore } from '../storage/idempotency-store.interface.js';
 
 /**
- * Refuses, at startup, `@Idempotent()` routes whose response the interceptor can never see: a
+ * Refuses, at startup, `@Idempotent()` routes (controllers' handlers and GraphQL resolvers' fields)
+ * whose response the interceptor can never see: a
  * handler that writes the response itself (`@Res()` / `@Next()` without `passthrough`) or streams
  * server-sent events. Left alone, such a route would look protected and run on every retry. Also
  * refuses transactional routes on a store that cannot run them (see `transactionsUnsupported`),
@@ -43,9 +44,12 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
   onModuleInit(): void {
     const problems: string[] = [];
     const transactional: string[] = [];
-    for (const wrapper of this.discovery.getControllers()) {
+    // Controllers (HTTP routes, message handlers) and providers (GraphQL resolvers).
+    const controllers = new Set(this.discovery.getControllers());
+    const classes = [...controllers, ...this.discovery.getProviders().filter((wrapper) => !wrapper.isNotMetatype)];
+    for (const wrapper of classes) {
       const { instance, metatype } = wrapper;
-      if (!instance || !metatype) continue;
+      if (!instance || !metatype || typeof metatype !== 'function') continue;
       const prototype = Object.getPrototypeOf(instance);
       const classOptions: IdempotencyRouteOptions | undefined = Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, metatype);
       for (const method of this.scanner.getAllMethodNames(prototype)) {
@@ -53,7 +57,7 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
         const handlerOptions: IdempotencyRouteOptions | undefined = Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, handler);
         if (!classOptions && !handlerOptions) continue;
         this.routes.push({ name: `${metatype.name}.${method}`, controller: metatype, handler });
-        const reason = unsupportedReason(metatype, method, handler);
+        const reason = controllers.has(wrapper) ? unsupportedReason(metatype, method, handler) : undefined;
         if (reason) problems.push(`${metatype.name}.${method}: ${reason}`);
         // As the interceptor reads them: the method's options override the class's as a whole.
         if (resolveRouteOptions(this.options, handlerOptions ?? classOptions ?? {}).transactional) {
