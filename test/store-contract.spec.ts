@@ -9,46 +9,39 @@ import {
   type IdempotencyStore,
   type Lease,
   type StoredResponse,
+  type TypeOrmIdempotencyStoreOptions,
 } from '../lib/index.js';
 import { ensureIdempotencyTable } from '../lib/storage/typeorm/idempotency-data-source.js';
 import { storeContract } from '../lib/testing/index.js';
 import { eachDatabase } from './support/databases.js';
 
-describe.each(eachDatabase)('the store contract, TypeORM store on %s', (_name, database) => {
-  let dataSource: DataSource;
-  let store: TypeOrmIdempotencyStore;
-  beforeAll(async () => {
-    dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
-    await dataSource.initialize();
-    await ensureIdempotencyTable(dataSource);
-    store = new TypeOrmIdempotencyStore(dataSource);
-  });
-  afterAll(async () => {
-    await store.close();
-    await dataSource.destroy();
-  });
+/** The kit against the TypeORM store on each of `databases`, built with `options`. */
+function typeormContract(title: string, databases: typeof eachDatabase, options: TypeOrmIdempotencyStoreOptions = {}) {
+  describe.each(databases)(title, (_name, database) => {
+    let dataSource: DataSource;
+    let store: TypeOrmIdempotencyStore;
+    beforeAll(async () => {
+      dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
+      await dataSource.initialize();
+      await ensureIdempotencyTable(dataSource);
+      store = new TypeOrmIdempotencyStore(dataSource, options);
+    });
+    afterAll(async () => {
+      await store.close();
+      await dataSource.destroy();
+    });
 
-  for (const check of storeContract(() => store)) it(check.name, () => check.run());
-});
-
-/** PostgreSQL and PGlite batch their statements by default; the other setting must meet the contract too. */
-const postgresDatabases = eachDatabase.filter(([name]) => name === 'pglite' || name === 'postgres');
-describe.each(postgresDatabases)('the store contract, TypeORM store on %s without batched statements', (_name, database) => {
-  let dataSource: DataSource;
-  let store: TypeOrmIdempotencyStore;
-  beforeAll(async () => {
-    dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
-    await dataSource.initialize();
-    await ensureIdempotencyTable(dataSource);
-    store = new TypeOrmIdempotencyStore(dataSource, { batchStatements: false });
+    for (const check of storeContract(() => store)) it(check.name, () => check.run());
   });
-  afterAll(async () => {
-    await store.close();
-    await dataSource.destroy();
-  });
+}
 
-  for (const check of storeContract(() => store)) it(check.name, () => check.run());
-});
+typeormContract('the store contract, TypeORM store on %s', eachDatabase);
+// PostgreSQL and PGlite batch their statements by default; the other setting must meet the contract too.
+typeormContract(
+  'the store contract, TypeORM store on %s without batched statements',
+  eachDatabase.filter(([name]) => name === 'pglite' || name === 'postgres'),
+  { batchStatements: false },
+);
 
 const redisUrl = process.env.REDIS_URL;
 (redisUrl ? describe : describe.skip)('the store contract, Redis store', () => {
