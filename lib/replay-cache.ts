@@ -1,4 +1,4 @@
-import type { RecordId, StoredResponse } from './storage/idempotency-store.interface.js';
+import { recordName, type RecordId, type StoredResponse } from './storage/idempotency-store.interface.js';
 
 /** Options of `replayCache` (see `IdempotencyModuleOptions.replayCache`). */
 export interface ReplayCacheOptions {
@@ -51,7 +51,7 @@ export class ReplayCache {
 
   /** The record of `id` if it is cached and its TTL has not ended at `now`. */
   get(id: RecordId, now: number): CachedRecord | undefined {
-    const name = nameOf(id);
+    const name = recordName(id);
     const entry = this.entries.get(name);
     if (!entry || entry.expiresAt > now) return entry;
     this.entries.delete(name);
@@ -62,7 +62,7 @@ export class ReplayCache {
   set(id: RecordId, record: CachedRecord): void {
     const bytes = sizeOf(record.response);
     if (bytes > this.maxBytes / 16) return;
-    const name = nameOf(id);
+    const name = recordName(id);
     const previous = this.entries.get(name);
     if (previous) {
       this.entries.delete(name);
@@ -76,10 +76,6 @@ export class ReplayCache {
       this.bytes -= entry.bytes;
     }
   }
-}
-
-function nameOf({ scope, endpoint, key }: RecordId): string {
-  return `${scope.length}:${scope}${endpoint.length}:${endpoint}${key}`;
 }
 
 function sizeOf(response: StoredResponse): number {

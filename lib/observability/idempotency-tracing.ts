@@ -39,11 +39,6 @@ export class IdempotencyTracing {
     }
   }
 
-  /** No spans (tests, and stores used without the module). */
-  static disabled(): IdempotencyTracing {
-    return new IdempotencyTracing(null);
-  }
-
   /**
    * Runs `work` in the span `idempotency.<step>` of record `id`; with `active`, the span is the
    * active one inside `work`. A rejection marks the span as an error (with `idempotency.outcome`

@@ -10,6 +10,14 @@ export interface RecordId {
   readonly key: string;
 }
 
+/**
+ * One string per record id, unambiguous (each part but the last is length-prefixed): the key of
+ * in-process maps of records (the replay cache, the batches of a statement).
+ */
+export function recordName({ scope, endpoint, key }: RecordId): string {
+  return `${scope.length}:${scope}${endpoint.length}:${endpoint}${key}`;
+}
+
 /** How a stored body is serialised. */
 export type BodyEncoding = 'json' | 'base64' | 'sealed';
 

@@ -84,10 +84,6 @@ export class PostgresChangeListener {
     return typeof Client === 'function' ? new PostgresChangeListener(dataSource, Client) : null;
   }
 
-  get live(): boolean {
-    return this.listening;
-  }
-
   watch(tag: string): RecordWatch {
     const watch = this.watches.watch(tag);
     if (!this.client && !this.connecting && this.reconnectTimer === undefined) void this.connect();

@@ -1,11 +1,12 @@
 import type { DataSource, EntityManager } from 'typeorm';
-import type {
-  BodyEncoding,
-  ClaimRequest,
-  ClaimResult,
-  Lease,
-  RecordSnapshot,
-  StoredResponse,
+import {
+  recordName,
+  type BodyEncoding,
+  type ClaimRequest,
+  type ClaimResult,
+  type Lease,
+  type RecordSnapshot,
+  type StoredResponse,
 } from '../idempotency-store.interface.js';
 import { CHANGE_CHANNEL } from './postgres-change-listener.js';
 import { PreparedStatements } from './prepared-statements.js';
@@ -72,12 +73,12 @@ export class PostgresDialect implements StoreDialect {
     this.sql = buildStatements(table);
     if (!batch) return;
     this.claims = new StatementBatcher({
-      keyOf: ({ id }) => rowKey(id),
+      keyOf: ({ id }) => recordName(id),
       runOne: (request) => this.claimAlone(request),
       runMany: (requests) => this.claimMany(requests),
     });
     this.completions = new StatementBatcher({
-      keyOf: ({ lease }) => rowKey(lease.id),
+      keyOf: ({ lease }) => recordName(lease.id),
       runOne: ({ lease, response, expiresAt }) => this.completeOn(undefined, lease, response, expiresAt, null),
       runMany: (completions) => this.completeMany(completions),
     });
@@ -205,11 +206,6 @@ export class PostgresDialect implements StoreDialect {
     const { affected } = await this.statements.run('purge', this.sql.purge, [now, limit]);
     return affected;
   }
-}
-
-/** The row an id names, as a batch key. */
-function rowKey({ scope, endpoint, key }: { scope: string; endpoint: string; key: string }): string {
-  return `${scope.length}:${scope}${endpoint.length}:${endpoint}${key}`;
 }
 
 /** $1 scope, $2 endpoint, $3 key, $4 lease token. */
