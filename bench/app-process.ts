@@ -9,7 +9,9 @@ import type { ChildCommand, ChildReply } from './child-process.js';
 
 const database = process.argv[2] as BenchDatabase;
 if (database !== 'postgres' && database !== 'pglite' && database !== 'redis') {
-  throw new TypeError(`usage: app-process.js postgres|pglite|redis; got ${String(process.argv[2])}`);
+  throw new TypeError(
+    `usage: app-process.js postgres|pglite|redis; got ${String(process.argv[2])}`,
+  );
 }
 if (!process.send) throw new Error('app-process.js must be started with an IPC channel (fork)');
 
@@ -72,7 +74,8 @@ async function handle(command: ChildCommand): Promise<unknown> {
 process.on('message', (command: ChildCommand) => {
   handle(command).then(
     (result) => process.send!({ id: command.id, ok: true, result } satisfies ChildReply),
-    (error: Error) => process.send!({ id: command.id, ok: false, error: error.message } satisfies ChildReply),
+    (error: Error) =>
+      process.send!({ id: command.id, ok: false, error: error.message } satisfies ChildReply),
   );
 });
 

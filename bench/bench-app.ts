@@ -34,7 +34,13 @@ interface OrderRequest {
  * than business logic. bench/peer/peer-app.cjs has the same function for the peer library.
  */
 function acceptOrder(body: OrderRequest) {
-  return { id: randomUUID(), amount: body.amount, currency: body.currency, customer: body.customer, status: 'accepted' };
+  return {
+    id: randomUUID(),
+    amount: body.amount,
+    currency: body.currency,
+    customer: body.customer,
+    status: 'accepted',
+  };
 }
 
 /** One handler twice: `plain` is the ceiling, `/orders` is the same work behind `@Idempotent()`. */
@@ -56,14 +62,15 @@ class OrdersController {
 let paymentsTable = 'bench_payments';
 
 /** The realistic handler: one INSERT of a payment row, through `query` (the pool, or a transaction). */
-async function insertPayment(body: OrderRequest, query: (sql: string, values: unknown[]) => Promise<unknown>) {
+async function insertPayment(
+  body: OrderRequest,
+  query: (sql: string, values: unknown[]) => Promise<unknown>,
+) {
   const payment = acceptOrder(body);
-  await query(`INSERT INTO ${paymentsTable} (id, amount, currency, customer) VALUES ($1, $2, $3, $4)`, [
-    payment.id,
-    payment.amount,
-    payment.currency,
-    payment.customer,
-  ]);
+  await query(
+    `INSERT INTO ${paymentsTable} (id, amount, currency, customer) VALUES ($1, $2, $3, $4)`,
+    [payment.id, payment.amount, payment.currency, payment.customer],
+  );
   return payment;
 }
 
@@ -120,13 +127,17 @@ const REDIS_PREFIX = `bench-ours-${process.pid}:`;
 
 /** Each store call is one Redis command (a script): counted as one statement, for the queries table. */
 function countedRedisStore(store: RedisIdempotencyStore, counter: QueryCounter): IdempotencyStore {
-  const counted = <A extends unknown[], R>(name: string, call: (...args: A) => Promise<R>) => (...args: A) => {
-    counter.logQuery(`EVALSHA ${name}`);
-    return call(...args);
-  };
+  const counted =
+    <A extends unknown[], R>(name: string, call: (...args: A) => Promise<R>) =>
+    (...args: A) => {
+      counter.logQuery(`EVALSHA ${name}`);
+      return call(...args);
+    };
   return {
     claim: counted('claim', (request) => store.claim(request)),
-    complete: counted('complete', (lease, response, expiresAt) => store.complete(lease, response, expiresAt)),
+    complete: counted('complete', (lease, response, expiresAt) =>
+      store.complete(lease, response, expiresAt),
+    ),
     release: counted('release', (lease) => store.release(lease)),
     renew: counted('renew', (lease, lockedUntil) => store.renew(lease, lockedUntil)),
     purgeExpired: () => store.purgeExpired(),
@@ -152,21 +163,32 @@ export async function startBenchApp(options: BenchAppOptions): Promise<BenchApp>
   const counter = new QueryCounter();
   // idleTimeoutMillis 0: the pool keeps its connections between rounds. The server is shared with
   // the test suite, which can fill max_connections; a pool that had to reconnect then fails.
-  const redis = options.database === 'redis' ? new Redis(options.redisUrl, { enableOfflineQueue: false }) : null;
+  const redis =
+    options.database === 'redis'
+      ? new Redis(options.redisUrl, { enableOfflineQueue: false })
+      : null;
   const redisStore = redis ? new RedisIdempotencyStore(redis, { prefix: REDIS_PREFIX }) : null;
   const base: DataSourceOptions =
     options.database === 'postgres'
-      ? { type: 'postgres', url: options.databaseUrl, schema: options.schema, extra: { max: POOL_SIZE, idleTimeoutMillis: 0 } }
+      ? {
+          type: 'postgres',
+          url: options.databaseUrl,
+          schema: options.schema,
+          extra: { max: POOL_SIZE, idleTimeoutMillis: 0 },
+        }
       : { type: 'postgres', driver: pgliteDriver() };
   if (options.database === 'postgres') counter.patchPgClient();
   const dataSource = new DataSource({ ...base, entities: [IdempotencyRecord], logger: counter });
   await dataSource.initialize();
   if (options.database === 'postgres') {
     // Open every pooled connection now, while the server has slots, rather than mid-round.
-    await Promise.all(Array.from({ length: POOL_SIZE }, () => dataSource.query('SELECT pg_sleep(0.05)')));
+    await Promise.all(
+      Array.from({ length: POOL_SIZE }, () => dataSource.query('SELECT pg_sleep(0.05)')),
+    );
   }
 
-  paymentsTable = options.database === 'postgres' ? `${options.schema}.bench_payments` : 'bench_payments';
+  paymentsTable =
+    options.database === 'postgres' ? `${options.schema}.bench_payments` : 'bench_payments';
   await dataSource.query(
     `CREATE TABLE IF NOT EXISTS ${paymentsTable} (id uuid PRIMARY KEY, amount int NOT NULL, currency text NOT NULL, customer text NOT NULL)`,
   );
@@ -180,7 +202,10 @@ export async function startBenchApp(options: BenchAppOptions): Promise<BenchApp>
   })
   class BenchModule {}
 
-  const app = await NestFactory.create(BenchModule, { logger: ['error', 'warn'], abortOnError: false });
+  const app = await NestFactory.create(BenchModule, {
+    logger: ['error', 'warn'],
+    abortOnError: false,
+  });
   await app.listen(0, '127.0.0.1');
   const { port } = app.getHttpServer().address() as AddressInfo;
   return {
@@ -189,7 +214,11 @@ export async function startBenchApp(options: BenchAppOptions): Promise<BenchApp>
     counter,
     purgeJob: app.get(IdempotencyPurgeJob),
     pool() {
-      const pool = (dataSource.driver as unknown as { master?: { totalCount: number; idleCount: number; waitingCount: number } }).master;
+      const pool = (
+        dataSource.driver as unknown as {
+          master?: { totalCount: number; idleCount: number; waitingCount: number };
+        }
+      ).master;
       return pool && typeof pool.waitingCount === 'number'
         ? { total: pool.totalCount, idle: pool.idleCount, waiting: pool.waitingCount }
         : null;

@@ -15,7 +15,10 @@ export interface BenchConfig {
   /** `first` requests sent before the app's RSS is read again. */
   readonly memoryRequests: number;
   /** Table sizes for the growth measurement, per database. */
-  readonly growthSizes: { readonly postgres: readonly number[]; readonly pglite: readonly number[] };
+  readonly growthSizes: {
+    readonly postgres: readonly number[];
+    readonly pglite: readonly number[];
+  };
   /** Expired rows the purge deletes while traffic runs. */
   readonly purgeRows: number;
   readonly databaseUrl: string;
@@ -37,7 +40,8 @@ function numberFromEnv(name: string, fallback: number): number {
   const raw = process.env[name];
   if (raw === undefined || raw === '') return fallback;
   const value = Number(raw);
-  if (!Number.isFinite(value) || value <= 0) throw new TypeError(`${name} must be a positive number; got ${raw}`);
+  if (!Number.isFinite(value) || value <= 0)
+    throw new TypeError(`${name} must be a positive number; got ${raw}`);
   return value;
 }
 

@@ -37,13 +37,20 @@ export function startChild(options: StartChildOptions): Promise<ChildApp> {
     cwd: options.cwd,
     env: { ...process.env, ...options.env },
     // BENCH_CPU_PROF_DIR=dir writes a V8 CPU profile of each app (open it in Chrome DevTools).
-    execArgv: ['--expose-gc', ...(process.env.BENCH_CPU_PROF_DIR ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF_DIR}`] : [])],
+    execArgv: [
+      '--expose-gc',
+      ...(process.env.BENCH_CPU_PROF_DIR
+        ? ['--cpu-prof', `--cpu-prof-dir=${process.env.BENCH_CPU_PROF_DIR}`]
+        : []),
+    ],
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
   });
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
       child.kill();
-      reject(new Error(`${options.name} did not start within ${options.readyTimeoutMs ?? 60_000} ms`));
+      reject(
+        new Error(`${options.name} did not start within ${options.readyTimeoutMs ?? 60_000} ms`),
+      );
     }, options.readyTimeoutMs ?? 60_000);
     const onExit = (code: number | null) => {
       clearTimeout(timer);
@@ -62,7 +69,10 @@ export function startChild(options: StartChildOptions): Promise<ChildApp> {
 
 function handleOf(name: string, child: ChildProcess, port: number): ChildApp {
   let nextId = 1;
-  const pending = new Map<number, { resolve: (value: any) => void; reject: (error: Error) => void }>();
+  const pending = new Map<
+    number,
+    { resolve: (value: any) => void; reject: (error: Error) => void }
+  >();
   child.on('message', (reply: ChildReply) => {
     const waiter = reply && typeof reply.id === 'number' ? pending.get(reply.id) : undefined;
     if (!waiter) return;
@@ -71,7 +81,8 @@ function handleOf(name: string, child: ChildProcess, port: number): ChildApp {
     else waiter.reject(new Error(`${name}: ${reply.error}`));
   });
   child.on('exit', (code) => {
-    for (const waiter of pending.values()) waiter.reject(new Error(`${name} exited (code ${code})`));
+    for (const waiter of pending.values())
+      waiter.reject(new Error(`${name} exited (code ${code})`));
     pending.clear();
   });
   return {

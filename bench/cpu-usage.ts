@@ -31,11 +31,15 @@ export function cpuSnapshot(appPid: number): CpuSnapshot {
     const stat = readStat(pid);
     if (!stat) continue;
     const group: Group | undefined =
-      Number(pid) === appPid ? 'app'
-      : Number(pid) === process.pid ? 'runner'
-      : stat.comm === 'postgres' ? 'postgres'
-      : stat.comm === 'redis-server' ? 'redis'
-      : undefined;
+      Number(pid) === appPid
+        ? 'app'
+        : Number(pid) === process.pid
+          ? 'runner'
+          : stat.comm === 'postgres'
+            ? 'postgres'
+            : stat.comm === 'redis-server'
+              ? 'redis'
+              : undefined;
     if (group) snapshot.set(Number(pid), { group, seconds: stat.seconds });
   }
   const machine = machineBusySeconds();
@@ -64,7 +68,9 @@ export async function machineBusyFraction(ms: number): Promise<number | null> {
   await new Promise((resolve) => setTimeout(resolve, ms));
   const after = machineBusySeconds();
   if (before === undefined || after === undefined) return null;
-  const cores = readFileSync('/proc/stat', 'utf8').split('\n').filter((line) => /^cpu\d/.test(line)).length;
+  const cores = readFileSync('/proc/stat', 'utf8')
+    .split('\n')
+    .filter((line) => /^cpu\d/.test(line)).length;
   return (after - before) / (((performance.now() - started) / 1000) * cores);
 }
 
@@ -83,8 +89,10 @@ function readStat(pid: string): { comm: string; seconds: number } | undefined {
 /** CPU milliseconds per request of each process group between two snapshots. */
 export function cpuPerRequest(before: CpuSnapshot, after: CpuSnapshot, requests: number) {
   const used: Record<Group, number> = { app: 0, runner: 0, postgres: 0, redis: 0, machine: 0 };
-  for (const [pid, { group, seconds }] of after) used[group] += seconds - (before.get(pid)?.seconds ?? 0);
-  const per = (seconds: number) => Math.round((seconds * 1000 * 1000) / Math.max(1, requests)) / 1000;
+  for (const [pid, { group, seconds }] of after)
+    used[group] += seconds - (before.get(pid)?.seconds ?? 0);
+  const per = (seconds: number) =>
+    Math.round((seconds * 1000 * 1000) / Math.max(1, requests)) / 1000;
   const visible = used.app + used.runner + used.postgres + used.redis;
   return {
     app_ms: per(used.app),

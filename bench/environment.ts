@@ -19,11 +19,15 @@ export interface Services {
 export async function detectServices(): Promise<Services> {
   const skipped: string[] = [];
   const postgres = await postgresVersion().catch((error: Error) => {
-    skipped.push(`PostgreSQL at ${BENCH_CONFIG.databaseUrl} unreachable (${error.message}): PostgreSQL routes, growth and purge skipped`);
+    skipped.push(
+      `PostgreSQL at ${BENCH_CONFIG.databaseUrl} unreachable (${error.message}): PostgreSQL routes, growth and purge skipped`,
+    );
     return null;
   });
   const redis = await redisVersion().catch((error: Error) => {
-    skipped.push(`Redis at ${BENCH_CONFIG.redisUrl} unreachable (${error.message}): peer_redis skipped`);
+    skipped.push(
+      `Redis at ${BENCH_CONFIG.redisUrl} unreachable (${error.message}): peer_redis skipped`,
+    );
     return null;
   });
   let peer = true;
@@ -31,13 +35,18 @@ export async function detectServices(): Promise<Services> {
     installPeer();
   } catch (error) {
     peer = false;
-    skipped.push(`bench/peer dependencies could not be installed (${(error as Error).message}): peer routes skipped`);
+    skipped.push(
+      `bench/peer dependencies could not be installed (${(error as Error).message}): peer routes skipped`,
+    );
   }
   return { postgres, redis, peer, skipped };
 }
 
 async function postgresVersion(): Promise<string> {
-  const client = new pg.Client({ connectionString: BENCH_CONFIG.databaseUrl, connectionTimeoutMillis: 3000 });
+  const client = new pg.Client({
+    connectionString: BENCH_CONFIG.databaseUrl,
+    connectionTimeoutMillis: 3000,
+  });
   await client.connect();
   try {
     const { rows } = await client.query<{ server_version: string }>('SHOW server_version');
@@ -74,9 +83,14 @@ function redisVersion(): Promise<string> {
  * `install`, so every run compares against the same peer versions.
  */
 function installPeer(): void {
-  if (existsSync(join(PEER_DIR, 'node_modules', '@node-idempotency', 'nestjs', 'package.json'))) return;
-  console.log('Installing bench/peer dependencies (NestJS 10 + @node-idempotency/nestjs), first run only…');
-  execFileSync('npm', ['ci', '--prefix', PEER_DIR, '--no-audit', '--no-fund'], { stdio: 'inherit' });
+  if (existsSync(join(PEER_DIR, 'node_modules', '@node-idempotency', 'nestjs', 'package.json')))
+    return;
+  console.log(
+    'Installing bench/peer dependencies (NestJS 10 + @node-idempotency/nestjs), first run only…',
+  );
+  execFileSync('npm', ['ci', '--prefix', PEER_DIR, '--no-audit', '--no-fund'], {
+    stdio: 'inherit',
+  });
 }
 
 /** The bench's own schema, emptied: never the `public.idempotency_records` the tests use. */
@@ -103,7 +117,8 @@ export async function withClient<T>(work: (client: pg.Client) => Promise<T>): Pr
 
 function packageVersion(dir: string, name: string): string {
   try {
-    return JSON.parse(readFileSync(join(dir, 'node_modules', name, 'package.json'), 'utf8')).version;
+    return JSON.parse(readFileSync(join(dir, 'node_modules', name, 'package.json'), 'utf8'))
+      .version;
   } catch {
     return 'not installed';
   }

@@ -6,12 +6,19 @@ import type { Statement } from './query-counter.js';
  * `before` (e.g. the claim a `complete` needs) in the same transaction. ANALYZE runs the statement,
  * so the plan shows real buffers and the WAL it writes; the rollback leaves the table as it was.
  */
-export async function explainRolledBack(dataSource: DataSource, statement: Statement, before?: Statement): Promise<string> {
+export async function explainRolledBack(
+  dataSource: DataSource,
+  statement: Statement,
+  before?: Statement,
+): Promise<string> {
   const runner = dataSource.createQueryRunner();
   try {
     await runner.startTransaction();
     if (before) await runner.query(before.query, before.parameters);
-    const rows: { 'QUERY PLAN': string }[] = await runner.query(`EXPLAIN (ANALYZE, BUFFERS, WAL) ${statement.query}`, statement.parameters);
+    const rows: { 'QUERY PLAN': string }[] = await runner.query(
+      `EXPLAIN (ANALYZE, BUFFERS, WAL) ${statement.query}`,
+      statement.parameters,
+    );
     return rows.map((row) => row['QUERY PLAN']).join('\n');
   } finally {
     if (runner.isTransactionActive) await runner.rollbackTransaction();
@@ -27,6 +34,12 @@ export function decidingStatement(statements: readonly Statement[], what: string
 }
 
 /** The statement with some parameter values swapped (another key, another token, real bounds). */
-export function withParameters(statement: Statement, swaps: ReadonlyMap<unknown, unknown>): Statement {
-  return { query: statement.query, parameters: statement.parameters.map((value) => (swaps.has(value) ? swaps.get(value) : value)) };
+export function withParameters(
+  statement: Statement,
+  swaps: ReadonlyMap<unknown, unknown>,
+): Statement {
+  return {
+    query: statement.query,
+    parameters: statement.parameters.map((value) => (swaps.has(value) ? swaps.get(value) : value)),
+  };
 }

@@ -32,9 +32,17 @@ export interface GrowthResult {
   readonly lookup_p50_ratio: number;
   readonly claim_p50_ratio: number;
   /** EXPLAIN (ANALYZE, BUFFERS, WAL) of the claim, at the largest size (PostgreSQL only). */
-  readonly explain: { readonly claim_existing: string; readonly claim_new: string; readonly complete: string } | null;
+  readonly explain: {
+    readonly claim_existing: string;
+    readonly claim_new: string;
+    readonly complete: string;
+  } | null;
   /** The store's purge with nothing else running, next to the largest size (PostgreSQL only). */
-  readonly purge_idle: { readonly rows: number; readonly seconds: number; readonly rows_per_s: number } | null;
+  readonly purge_idle: {
+    readonly rows: number;
+    readonly seconds: number;
+    readonly rows_per_s: number;
+  } | null;
 }
 
 /** Expired rows of the idle purge: enough for a steady rate, small enough for the time budget. */
@@ -67,7 +75,10 @@ interface SizedTable {
  * size, timed in alternating blocks. PGlite (one database per process): one table grown in place,
  * timed after each step.
  */
-export async function measureGrowth(database: 'postgres' | 'pglite', sizes: readonly number[]): Promise<GrowthResult> {
+export async function measureGrowth(
+  database: 'postgres' | 'pglite',
+  sizes: readonly number[],
+): Promise<GrowthResult> {
   const opened: SizedTable[] = [];
   try {
     const points: GrowthPoint[] = [];
@@ -97,12 +108,19 @@ export async function measureGrowth(database: 'postgres' | 'pglite', sizes: read
       points,
       lookup_p50_ratio: last.claim_existing.p50_ms / first.claim_existing.p50_ms,
       claim_p50_ratio: last.claim_new.p50_ms / first.claim_new.p50_ms,
-      explain: database === 'postgres' ? await explainStatements(largest.dataSource, largest.store, largest.counter, last.rows) : null,
-      purge_idle: database === 'postgres' ? await purgeIdle(largest.dataSource, largest.store, largest.table) : null,
+      explain:
+        database === 'postgres'
+          ? await explainStatements(largest.dataSource, largest.store, largest.counter, last.rows)
+          : null,
+      purge_idle:
+        database === 'postgres'
+          ? await purgeIdle(largest.dataSource, largest.store, largest.table)
+          : null,
     };
   } finally {
     for (const table of opened) await table.dataSource.destroy();
-    if (database === 'postgres') for (const index of sizes.keys()) await dropSchema(`${GROWTH_SCHEMA}_${index}`);
+    if (database === 'postgres')
+      for (const index of sizes.keys()) await dropSchema(`${GROWTH_SCHEMA}_${index}`);
   }
 }
 
@@ -114,7 +132,14 @@ async function openTable(options: DataSourceOptions): Promise<SizedTable> {
   await new CreateIdempotencyRecords1763900000000().up(runner);
   await runner.release();
   const table = dataSource.getMetadata(IdempotencyRecord).tablePath;
-  return { size: 0, insert_s: 0, dataSource, store: new TypeOrmIdempotencyStore(dataSource), table, counter };
+  return {
+    size: 0,
+    insert_s: 0,
+    dataSource,
+    store: new TypeOrmIdempotencyStore(dataSource),
+    table,
+    counter,
+  };
 }
 
 /** Adds synthetic completed rows `from`..`to` and refreshes the statistics; returns the seconds. */
@@ -126,13 +151,21 @@ async function fill({ dataSource, table }: SizedTable, from: number, to: number)
 }
 
 /** The three statements' latencies per table, timed in `blocks` rounds that visit every table. */
-async function timeAlternating(tables: readonly SizedTable[], blocks: number): Promise<GrowthPoint[]> {
+async function timeAlternating(
+  tables: readonly SizedTable[],
+  blocks: number,
+): Promise<GrowthPoint[]> {
   const operations = tables.map((table) => statementsOf(table));
-  const latencies = tables.map(() => ({ claim_new: [] as number[], claim_existing: [] as number[], select_by_pk: [] as number[] }));
+  const latencies = tables.map(() => ({
+    claim_new: [] as number[],
+    claim_existing: [] as number[],
+    select_by_pk: [] as number[],
+  }));
   for (const ops of operations) for (const name of OPERATIONS) await repeat(ops[name], WARMUP_OPS);
   for (let block = 0; block < blocks; block++) {
     for (const [index, ops] of operations.entries()) {
-      for (const name of OPERATIONS) latencies[index][name].push(...(await repeat(ops[name], OPS / blocks)));
+      for (const name of OPERATIONS)
+        latencies[index][name].push(...(await repeat(ops[name], OPS / blocks)));
     }
   }
   return tables.map((table, index) => ({
@@ -146,7 +179,12 @@ async function timeAlternating(tables: readonly SizedTable[], blocks: number): P
 
 const OPERATIONS = ['claim_new', 'claim_existing', 'select_by_pk'] as const;
 
-function statementsOf({ dataSource, store, table, size }: SizedTable): Record<(typeof OPERATIONS)[number], () => Promise<unknown>> {
+function statementsOf({
+  dataSource,
+  store,
+  table,
+  size,
+}: SizedTable): Record<(typeof OPERATIONS)[number], () => Promise<unknown>> {
   const stamp = Date.now();
   let sequence = 0;
   // Random existing keys: a cycle over a few hot keys would stay in cache and hide growth.
@@ -154,10 +192,16 @@ function statementsOf({ dataSource, store, table, size }: SizedTable): Record<(t
   const selectSql = `SELECT * FROM ${table} WHERE scope = $1 AND endpoint = $2 AND idempotency_key = $3`;
   return {
     claim_new: () =>
-      store.claim(claimOf(`new-${size}-${stamp}-${sequence++}`, randomUUID().replace(/-/g, '').padEnd(64, '0'))),
+      store.claim(
+        claimOf(
+          `new-${size}-${stamp}-${sequence++}`,
+          randomUUID().replace(/-/g, '').padEnd(64, '0'),
+        ),
+      ),
     claim_existing: async () => {
       const result = await store.claim(claimOf(existingKey(), SYNTHETIC_FINGERPRINT));
-      if (result.claimed || result.record.state !== 'completed') throw new Error('growth: a synthetic key did not replay');
+      if (result.claimed || result.record.state !== 'completed')
+        throw new Error('growth: a synthetic key did not replay');
     },
     select_by_pk: () => dataSource.query(selectSql, ['', SYNTHETIC_ENDPOINT, existingKey()]),
   };
@@ -179,7 +223,9 @@ async function repeat(operation: () => Promise<unknown>, times: number): Promise
  * under load in results.md.
  */
 async function purgeIdle(dataSource: DataSource, store: TypeOrmIdempotencyStore, table: string) {
-  await dataSource.query(bulkInsertSql(table, 0, IDLE_PURGE_ROWS, Date.now() - 3_600_000, 'expired-'));
+  await dataSource.query(
+    bulkInsertSql(table, 0, IDLE_PURGE_ROWS, Date.now() - 3_600_000, 'expired-'),
+  );
   await dataSource.query(`ANALYZE ${table}`);
   const now = Date.now();
   const started = performance.now();
@@ -208,22 +254,45 @@ function claimOf(key: string, fingerprint: string) {
  * The plans of the statements the store really sends, captured by the logger (the claim's SQL is
  * private to the library and the complete's is generated), each run in a rolled-back transaction.
  */
-async function explainStatements(dataSource: DataSource, store: TypeOrmIdempotencyStore, counter: QueryCounter, size: number) {
+async function explainStatements(
+  dataSource: DataSource,
+  store: TypeOrmIdempotencyStore,
+  counter: QueryCounter,
+  size: number,
+) {
   const now = Date.now();
-  const existing = await counter.capture(() => store.claim(claimOf(`g-${Math.floor(size / 2)}`, SYNTHETIC_FINGERPRINT)));
+  const existing = await counter.capture(() =>
+    store.claim(claimOf(`g-${Math.floor(size / 2)}`, SYNTHETIC_FINGERPRINT)),
+  );
   // One real claim + complete of a sample key, then the same statements on a key never used.
   const sample = claimOf(`explain-sample-${now}`, SYNTHETIC_FINGERPRINT);
   const fresh = await counter.capture(() => store.claim(sample));
   if (!fresh.result.claimed) throw new Error('growth: the sample claim did not claim');
   const lease = fresh.result.lease;
-  const response = { status: 201, headers: {}, body: '{}', bodyEncoding: 'json', isError: false } as const;
+  const response = {
+    status: 201,
+    headers: {},
+    body: '{}',
+    bodyEncoding: 'json',
+    isError: false,
+  } as const;
   const completed = await counter.capture(() => store.complete(lease, response, now + 86_400_000));
-  const swaps = new Map<unknown, unknown>([[sample.id.key, `explain-${now}`], [sample.token, randomUUID()]]);
+  const swaps = new Map<unknown, unknown>([
+    [sample.id.key, `explain-${now}`],
+    [sample.token, randomUUID()],
+  ]);
   const claimNew = withParameters(decidingStatement(fresh.statements, 'claim'), swaps);
   return {
-    claim_existing: await explainRolledBack(dataSource, decidingStatement(existing.statements, 'claim')),
+    claim_existing: await explainRolledBack(
+      dataSource,
+      decidingStatement(existing.statements, 'claim'),
+    ),
     claim_new: await explainRolledBack(dataSource, claimNew),
     // The complete of a row claimed in the same (rolled-back) transaction.
-    complete: await explainRolledBack(dataSource, withParameters(decidingStatement(completed.statements, 'complete'), swaps), claimNew),
+    complete: await explainRolledBack(
+      dataSource,
+      withParameters(decidingStatement(completed.statements, 'complete'), swaps),
+      claimNew,
+    ),
   };
 }

@@ -48,7 +48,15 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
         connections: options.connections,
         pipelining: 1,
         ...(options.amount ? { amount: options.amount } : { duration: options.durationS ?? 5 }),
-        requests: [{ method: 'POST', path: options.path, headers, body: ORDER_BODY, ...(setupRequest ? { setupRequest } : {}) }],
+        requests: [
+          {
+            method: 'POST',
+            path: options.path,
+            headers,
+            body: ORDER_BODY,
+            ...(setupRequest ? { setupRequest } : {}),
+          },
+        ],
       },
       (error, result) => (error ? reject(error) : resolve(result)),
     );
@@ -66,7 +74,9 @@ export async function runLoad(options: LoadOptions): Promise<LoadResult> {
   };
 }
 
-function keySetter(plan: KeyPlan): ((request: autocannon.Request) => autocannon.Request) | undefined {
+function keySetter(
+  plan: KeyPlan,
+): ((request: autocannon.Request) => autocannon.Request) | undefined {
   switch (plan.kind) {
     case 'none':
       return undefined;
@@ -93,7 +103,10 @@ export async function postOnce(port: number, path: string, key: string | undefin
     body: ORDER_BODY,
   });
   await response.arrayBuffer();
-  return { status: response.status, replayed: response.headers.get('idempotent-replayed') === 'true' };
+  return {
+    status: response.status,
+    replayed: response.headers.get('idempotent-replayed') === 'true',
+  };
 }
 
 /**

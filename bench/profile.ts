@@ -22,7 +22,14 @@ export interface ProfileSummary {
    * Under this load (not one request at a time): statements per request, and rows per statement
    * of the batched ones, on `first` and `replay` — how much concurrent requests share statements.
    */
-  readonly underLoad: Record<'plain' | 'first' | 'replay', { readonly rps: number; readonly statements_per_req: number; readonly rows_per_batch: number | null }>;
+  readonly underLoad: Record<
+    'plain' | 'first' | 'replay',
+    {
+      readonly rps: number;
+      readonly statements_per_req: number;
+      readonly rows_per_batch: number | null;
+    }
+  >;
 }
 
 /** Categories, by the script a function comes from (first match wins). */
@@ -31,13 +38,22 @@ const CATEGORIES: readonly [string, (url: string, fn: string) => boolean][] = [
   ['idle', (_url, fn) => fn === '(idle)'],
   ['nestjs-idempotency', (url) => url.includes('/dist/lib/')],
   ['@nestjs', (url) => url.includes('/node_modules/@nestjs/')],
-  ['express & body parsing', (url) => /\/node_modules\/(express|router|body-parser|raw-body|iconv-lite|qs|finalhandler|send|on-finished|type-is|content-type|mime)/.test(url)],
+  [
+    'express & body parsing',
+    (url) =>
+      /\/node_modules\/(express|router|body-parser|raw-body|iconv-lite|qs|finalhandler|send|on-finished|type-is|content-type|mime)/.test(
+        url,
+      ),
+  ],
   ['typeorm', (url) => url.includes('/node_modules/typeorm/')],
   ['pg driver', (url) => /\/node_modules\/(pg|pg-protocol|pg-pool|pg-types)\//.test(url)],
   ['pglite', (url) => url.includes('pglite')],
   ['ioredis', (url) => /\/node_modules\/(ioredis|redis-parser|@ioredis)\//.test(url)],
   ['rxjs', (url) => url.includes('/node_modules/rxjs/')],
-  ['node: http, net, streams', (url) => /^node:(_http|http|net|stream|internal\/(streams|http|stream_base|net))/.test(url)],
+  [
+    'node: http, net, streams',
+    (url) => /^node:(_http|http|net|stream|internal\/(streams|http|stream_base|net))/.test(url),
+  ],
   ['node: other', (url) => url.startsWith('node:')],
   ['(program, native)', (url) => url === ''],
   ['other', () => true],
@@ -53,7 +69,8 @@ function selfTimes(profile: Profiler.Profile): Map<number, number> {
   const times = new Map<number, number>();
   const samples = profile.samples ?? [];
   const deltas = profile.timeDeltas ?? [];
-  for (let i = 0; i < samples.length; i++) times.set(samples[i], (times.get(samples[i]) ?? 0) + (deltas[i] ?? 0));
+  for (let i = 0; i < samples.length; i++)
+    times.set(samples[i], (times.get(samples[i]) ?? 0) + (deltas[i] ?? 0));
   return times;
 }
 
@@ -66,10 +83,16 @@ function byCategory(profile: Profiler.Profile, requests: number): CategoryTimes 
     const category = categoryOf(node);
     totals[category] = (totals[category] ?? 0) + us;
   }
-  return Object.fromEntries(Object.entries(totals).map(([category, us]) => [category, round(us / 1000 / requests, 4)]));
+  return Object.fromEntries(
+    Object.entries(totals).map(([category, us]) => [category, round(us / 1000 / requests, 4)]),
+  );
 }
 
-function libraryTop(profile: Profiler.Profile, requests: number, count = 12): ProfileSummary['libraryTop'] {
+function libraryTop(
+  profile: Profiler.Profile,
+  requests: number,
+  count = 12,
+): ProfileSummary['libraryTop'] {
   const times = selfTimes(profile);
   const byFunction = new Map<string, number>();
   for (const node of profile.nodes) {
@@ -88,12 +111,22 @@ function libraryTop(profile: Profiler.Profile, requests: number, count = 12): Pr
 async function profiledLoad(target: Target, path: string, keys: KeyPlan, durationS: number) {
   await target.app.command('queries-reset');
   await target.app.command('profile-start');
-  const result = await runLoad({ port: target.app.port, path, keys, connections: BENCH_CONFIG.connections, durationS });
+  const result = await runLoad({
+    port: target.app.port,
+    path,
+    keys,
+    connections: BENCH_CONFIG.connections,
+    durationS,
+  });
   const profile = await target.app.command<Profiler.Profile>('profile-stop');
   const counts = await target.app.command<QueryCounts>('queries-read');
   // BENCH_PROFILE_DIR=dir keeps each profile (open it in Chrome DevTools, Performance tab).
   const dir = process.env.BENCH_PROFILE_DIR;
-  if (dir) writeFileSync(join(dir, `${target.name}-${path.replaceAll('/', '_')}-${keys.kind}.cpuprofile`), JSON.stringify(profile));
+  if (dir)
+    writeFileSync(
+      join(dir, `${target.name}-${path.replaceAll('/', '_')}-${keys.kind}.cpuprofile`),
+      JSON.stringify(profile),
+    );
   const underLoad = {
     rps: round(result.rps, 0),
     statements_per_req: round(counts.typeorm / Math.max(1, result.requests), 2),
@@ -110,8 +143,18 @@ async function profiledLoad(target: Target, path: string, keys: KeyPlan, duratio
  */
 export async function profileTarget(target: Target, durationS = 5): Promise<ProfileSummary> {
   const plain = await profiledLoad(target, ROUTES.plain, { kind: 'none' }, durationS);
-  const first = await profiledLoad(target, ROUTES.idempotent, { kind: 'fresh', prefix: `profile-${Date.now()}` }, durationS);
-  const replay = await profiledLoad(target, ROUTES.idempotent, { kind: 'cycle', keys: target.replayKeys }, durationS);
+  const first = await profiledLoad(
+    target,
+    ROUTES.idempotent,
+    { kind: 'fresh', prefix: `profile-${Date.now()}` },
+    durationS,
+  );
+  const replay = await profiledLoad(
+    target,
+    ROUTES.idempotent,
+    { kind: 'cycle', keys: target.replayKeys },
+    durationS,
+  );
   return {
     target: target.name,
     plain: byCategory(plain.profile, plain.requests),

@@ -65,21 +65,38 @@ const mb = (bytes: number) => round(bytes / 2 ** 20, 1);
 const freshKeys = (tag: string) => ({ kind: 'fresh', prefix: `${tag}-${Date.now()}` }) as const;
 
 /** A `first`-route load on the app, sampling its pool while it runs. */
-async function loadFirst(target: Target, tag: string, extra: { durationS?: number; amount?: number; onStart?: (stop: () => void) => void }) {
+async function loadFirst(
+  target: Target,
+  tag: string,
+  extra: { durationS?: number; amount?: number; onStart?: (stop: () => void) => void },
+) {
   const samples: number[] = [];
   let poolSize = 0;
   const timer = setInterval(() => {
-    target.app.command<{ total: number; waiting: number } | null>('pool').then((pool) => {
-      if (pool) {
-        samples.push(pool.waiting);
-        poolSize = Math.max(poolSize, pool.total);
-      }
-    }, () => undefined);
+    target.app.command<{ total: number; waiting: number } | null>('pool').then(
+      (pool) => {
+        if (pool) {
+          samples.push(pool.waiting);
+          poolSize = Math.max(poolSize, pool.total);
+        }
+      },
+      () => undefined,
+    );
   }, 250);
   try {
-    const result = await runLoad({ port: target.app.port, path: ROUTES.idempotent, keys: freshKeys(tag), connections: BENCH_CONFIG.connections, ...extra });
+    const result = await runLoad({
+      port: target.app.port,
+      path: ROUTES.idempotent,
+      keys: freshKeys(tag),
+      connections: BENCH_CONFIG.connections,
+      ...extra,
+    });
     const pool: PoolWaiting | null = samples.length
-      ? { pool_size: poolSize, mean_waiting: round(samples.reduce((a, b) => a + b, 0) / samples.length, 1), max_waiting: Math.max(...samples) }
+      ? {
+          pool_size: poolSize,
+          mean_waiting: round(samples.reduce((a, b) => a + b, 0) / samples.length, 1),
+          max_waiting: Math.max(...samples),
+        }
       : null;
     return { ...result, pool };
   } finally {
@@ -108,7 +125,9 @@ export async function measureMemoryAndPurge(
 ): Promise<{ memory: MemoryResult; purge: PurgeResult | null }> {
   const before = await target.app.command<MemoryReading>('memory');
   const without = await loadFirst(target, 'nopurge', { durationS: BENCH_CONFIG.durationS * 2 });
-  log(`${target.name}: first without purge ${without.rps.toFixed(0)} req/s, p99 ${without.p99_ms} ms`);
+  log(
+    `${target.name}: first without purge ${without.rps.toFixed(0)} req/s, p99 ${without.p99_ms} ms`,
+  );
   const warm = await target.app.command<MemoryReading>('memory');
   let sent = without.requests;
   let purge: PurgeResult | null = null;
@@ -120,10 +139,14 @@ export async function measureMemoryAndPurge(
   let topUp: LoadResult | null = null;
   const timeLeftMs = options.topUpDeadline - performance.now();
   if (remaining > 0 && timeLeftMs > 5000) {
-    log(`${target.name}: ${remaining.toLocaleString('en')} more first requests for the memory reading${Number.isFinite(timeLeftMs) ? ` (at most ${Math.round(timeLeftMs / 1000)} s)` : ''}`);
+    log(
+      `${target.name}: ${remaining.toLocaleString('en')} more first requests for the memory reading${Number.isFinite(timeLeftMs) ? ` (at most ${Math.round(timeLeftMs / 1000)} s)` : ''}`,
+    );
     // On a slow or busy machine the run's time budget wins: the load stops early and says so.
     // (setTimeout cannot take Infinity: soak mode's unbounded budget sets no timer.)
-    const onStart = Number.isFinite(timeLeftMs) ? (stop: () => void) => void setTimeout(stop, timeLeftMs).unref() : undefined;
+    const onStart = Number.isFinite(timeLeftMs)
+      ? (stop: () => void) => void setTimeout(stop, timeLeftMs).unref()
+      : undefined;
     topUp = await loadFirst(target, 'memory', { amount: remaining, onStart });
     sent += topUp.requests;
   }
@@ -161,7 +184,9 @@ async function purgeUnderLoad(
     await client.query(`ANALYZE ${table}`);
   });
   const insert_s = (performance.now() - insertStarted) / 1000;
-  log(`purge: inserted ${rows.toLocaleString('en')} expired rows in ${insert_s.toFixed(1)} s; purging under first-route load`);
+  log(
+    `purge: inserted ${rows.toLocaleString('en')} expired rows in ${insert_s.toFixed(1)} s; purging under first-route load`,
+  );
   const explain = await explainPurge();
 
   let purge: { deleted: number; ms: number } | undefined;
@@ -177,7 +202,10 @@ async function purgeUnderLoad(
   if (!purge) throw new Error('purge: the purge command did not answer');
   const after = await loadFirst(target, 'afterpurge', { durationS: BENCH_CONFIG.durationS * 2 });
   const left_over = await withClient(async (client) => {
-    const { rows: counted } = await client.query<{ n: string }>(`SELECT count(*) AS n FROM ${table} WHERE expires_at <= $1`, [expiredAt]);
+    const { rows: counted } = await client.query<{ n: string }>(
+      `SELECT count(*) AS n FROM ${table} WHERE expires_at <= $1`,
+      [expiredAt],
+    );
     return Number(counted[0].n);
   });
   const seconds = purge.ms / 1000;
@@ -217,8 +245,14 @@ async function explainPurge(): Promise<string> {
   try {
     const store = new TypeOrmIdempotencyStore(dataSource);
     const { statements } = await counter.capture(() => store.purgeExpired(PROBE_NOW, PROBE_LIMIT));
-    const swaps = new Map<unknown, unknown>([[PROBE_NOW, Date.now()], [PROBE_LIMIT, DEFAULTS.purgeBatchSize]]);
-    return await explainRolledBack(dataSource, withParameters(decidingStatement(statements, 'purge'), swaps));
+    const swaps = new Map<unknown, unknown>([
+      [PROBE_NOW, Date.now()],
+      [PROBE_LIMIT, DEFAULTS.purgeBatchSize],
+    ]);
+    return await explainRolledBack(
+      dataSource,
+      withParameters(decidingStatement(statements, 'purge'), swaps),
+    );
   } finally {
     await dataSource.destroy();
   }

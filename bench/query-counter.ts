@@ -78,11 +78,13 @@ export class QueryCounter implements TypeOrmLogger {
   /** Wraps the pg driver TypeORM loads (the same CommonJS module instance as this require). */
   patchPgClient(): void {
     if (this.wirePatched) return;
-    const pg = createRequire(import.meta.url)('pg') as { Client: { prototype: { query: Function } } };
+    const pg = createRequire(import.meta.url)('pg') as {
+      Client: { prototype: { query: (...args: unknown[]) => unknown } };
+    };
     const original = pg.Client.prototype.query;
-    const counter = this;
+    const countWire = () => this.wire++;
     pg.Client.prototype.query = function (this: unknown, ...args: unknown[]) {
-      counter.wire++;
+      countWire();
       return original.apply(this, args);
     };
     this.wirePatched = true;

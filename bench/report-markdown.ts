@@ -4,7 +4,13 @@ import type { GrowthResult } from './growth.js';
 import type { PurgeResult } from './purge-and-memory.js';
 import type { ProfileSummary } from './profile.js';
 import type { StoreBatchingResult } from './store-batching.js';
-import { checkTargets, type BenchResults, type Database, type DatabaseResults, type RunMeasurements } from './report-model.js';
+import {
+  checkTargets,
+  type BenchResults,
+  type Database,
+  type DatabaseResults,
+  type RunMeasurements,
+} from './report-model.js';
 
 const DATABASE_LABEL: Record<Database, string> = {
   postgres: 'PostgreSQL (server on this machine)',
@@ -39,7 +45,8 @@ export function routeTable(database: Database, results: DatabaseResults): string
   ];
   for (const [name, route] of Object.entries(results.routes)) {
     const cpu = route.cpu_ms_per_req;
-    const bad = route.non2xx + route.errors > 0 ? ` ⚠ ${route.non2xx} non-2xx, ${route.errors} errors` : '';
+    const bad =
+      route.non2xx + route.errors > 0 ? ` ⚠ ${route.non2xx} non-2xx, ${route.errors} errors` : '';
     lines.push(
       `| ${ROUTE_LABEL[name] ?? name}${bad} | ${route.rps} | ${route.p50_ms} | ${route.p99_ms} | ${route.ratio_to_plain ?? '–'} | ${route.rounds_rps.join(' / ')} | ${cpu.app_ms} | ${cpu.postgres_ms} | ${cpu.redis_ms} | ${cpu.runner_ms} | ${cpu.other_ms} |`,
     );
@@ -53,7 +60,10 @@ export function queriesTable(queries: RunMeasurements['queries']): string {
     '| --- | ---: | ---: | ---: | ---: | --- |',
   ];
   for (const [target, q] of Object.entries(queries)) {
-    const statements = (counts: Record<string, number>) => Object.entries(counts).map(([label, n]) => `${label} ×${n}`).join(', ');
+    const statements = (counts: Record<string, number>) =>
+      Object.entries(counts)
+        .map(([label, n]) => `${label} ×${n}`)
+        .join(', ');
     lines.push(
       `| ${target} | ${q.first} | ${q.replay} | ${q.first_wire ?? '–'} | ${q.replay_wire ?? '–'} | ${statements(q.statements.first)}; ${statements(q.statements.replay)} |`,
     );
@@ -69,9 +79,16 @@ export function writeQueriesTable(queries: RunMeasurements['queries']): string {
   ];
   for (const [target, q] of Object.entries(queries)) {
     if (!q.write) continue;
-    const statements = (counts: Record<string, number>) => Object.entries(counts).map(([label, n]) => `${label} ×${n}`).join(', ');
-    lines.push(`| ${target} | @Idempotent() | ${statements(q.write.idempotent.statements)} | ${q.write.idempotent.commits} |`);
-    lines.push(`| ${target} | @Idempotent({ transactional: true }) | ${statements(q.write.transactional.statements)} | ${q.write.transactional.commits} |`);
+    const statements = (counts: Record<string, number>) =>
+      Object.entries(counts)
+        .map(([label, n]) => `${label} ×${n}`)
+        .join(', ');
+    lines.push(
+      `| ${target} | @Idempotent() | ${statements(q.write.idempotent.statements)} | ${q.write.idempotent.commits} |`,
+    );
+    lines.push(
+      `| ${target} | @Idempotent({ transactional: true }) | ${statements(q.write.transactional.statements)} | ${q.write.transactional.commits} |`,
+    );
   }
   return lines.join('\n');
 }
@@ -86,7 +103,10 @@ function growthTable(growth: GrowthResult): string {
       `| ${point.rows.toLocaleString('en')} | ${point.insert_s.toFixed(1)} | ${point.claim_new.p50_ms} / ${point.claim_new.p99_ms} | ${point.claim_existing.p50_ms} / ${point.claim_existing.p99_ms} | ${point.select_by_pk.p50_ms} / ${point.select_by_pk.p99_ms} |`,
     );
   }
-  lines.push('', `Lookup p50 largest/smallest: **${growth.lookup_p50_ratio.toFixed(2)}**; claim-new p50: ${growth.claim_p50_ratio.toFixed(2)}.`);
+  lines.push(
+    '',
+    `Lookup p50 largest/smallest: **${growth.lookup_p50_ratio.toFixed(2)}**; claim-new p50: ${growth.claim_p50_ratio.toFixed(2)}.`,
+  );
   return lines.join('\n');
 }
 
@@ -94,7 +114,8 @@ function purgeSection(purge: PurgeResult, idle: GrowthResult['purge_idle'] | und
   const during = purge.first_during_purge;
   const without = purge.first_without_purge;
   const after = purge.first_after_purge;
-  const pool = (p: typeof during.pool) => (p ? `${p.mean_waiting} (max ${p.max_waiting}) of ${p.pool_size}` : '–');
+  const pool = (p: typeof during.pool) =>
+    p ? `${p.mean_waiting} (max ${p.max_waiting}) of ${p.pool_size}` : '–';
   return [
     `${purge.deleted.toLocaleString('en')} of ${purge.expired_rows.toLocaleString('en')} expired rows deleted by \`IdempotencyPurgeJob.purgeNow()\` (batch ${purge.batch_size}, the default) in ${purge.seconds} s while \`first\` was loaded: **${purge.rows_per_s.toLocaleString('en')} rows/s**; ${purge.left_over} expired rows left. (Bulk insert of the expired rows: ${purge.insert_s} s.)`,
     '',
@@ -127,13 +148,18 @@ function limitsSection(results: BenchResults, cores: number): string[] {
   ];
   for (const database of ['postgres', 'pglite'] as const) {
     const routes = results[database]?.routes ?? {};
-    const names = database === 'postgres' ? ['plain', 'first', 'replay', 'peer_redis', 'peer_redis_replay'] : ['plain', 'first', 'replay'];
+    const names =
+      database === 'postgres'
+        ? ['plain', 'first', 'replay', 'peer_redis', 'peer_redis_replay']
+        : ['plain', 'first', 'replay'];
     for (const name of names) {
       const route = routes[name];
       if (!route) continue;
       const cpu = route.cpu_ms_per_req;
       const total = cpu.app_ms + cpu.postgres_ms + cpu.redis_ms + cpu.runner_ms;
-      lines.push(`| ${database} | ${name} | ${total.toFixed(2)} | ${total > 0 ? Math.round((cores * 1000) / total) : '–'} | ${route.rps} |`);
+      lines.push(
+        `| ${database} | ${name} | ${total.toFixed(2)} | ${total > 0 ? Math.round((cores * 1000) / total) : '–'} | ${route.rps} |`,
+      );
     }
   }
   const explain = results.postgres?.growth?.explain?.claim_existing;
@@ -160,7 +186,7 @@ export function renderMarkdown(run: RunMeasurements, results: BenchResults): str
     '',
     `Load: autocannon, ${BENCH_CONFIG.connections} connections, pipelining 1, ${BENCH_CONFIG.durationS} s per route per round, ${BENCH_CONFIG.rounds} alternating rounds (each round loads every app's routes once, starting from a different app); figures are medians over the rounds. Each app runs in its own process; autocannon runs in the runner process, on the same 2 cores as the apps and the databases. The replay route cycles through ${BENCH_CONFIG.replayKeys} keys completed before the rounds. The whole run took ${(run.elapsedS / 60).toFixed(1)} min${BENCH_CONFIG.soak ? ' (soak mode)' : ''}.`,
     '',
-    'CPU columns: CPU time per request, from /proc: the app process (for PGlite this includes the embedded database), every `postgres` process (other sessions\' backends too), `redis-server`, the runner (autocannon), and `other`: the machine\'s busy time that none of these account for (kernel, and processes of other sandboxes sharing these cores, invisible in /proc). A large `other` means the figures were taken on a busy machine.',
+    "CPU columns: CPU time per request, from /proc: the app process (for PGlite this includes the embedded database), every `postgres` process (other sessions' backends too), `redis-server`, the runner (autocannon), and `other`: the machine's busy time that none of these account for (kernel, and processes of other sandboxes sharing these cores, invisible in /proc). A large `other` means the figures were taken on a busy machine.",
     '',
     `Machine busy before the bench started (2 s sample, all cores): ${run.backgroundBusy === null ? 'unknown' : `${Math.round(run.backgroundBusy * 100)} %`}.`,
     '',
@@ -174,13 +200,15 @@ export function renderMarkdown(run: RunMeasurements, results: BenchResults): str
   out.push(...limitsSection(results, m.cores), '');
   out.push('## Targets (issue 11)', '', '| target | measured | met |', '| --- | --- | --- |');
   for (const check of checkTargets(results)) {
-    out.push(`| ${check.target} | ${check.measured} | ${check.met === null ? '–' : check.met ? 'yes' : '**no**'} |`);
+    out.push(
+      `| ${check.target} | ${check.measured} | ${check.met === null ? '–' : check.met ? 'yes' : '**no**'} |`,
+    );
   }
   out.push(
     '',
-    '## Profile: where the app\'s CPU per request goes',
+    "## Profile: where the app's CPU per request goes",
     '',
-    'Each of our apps loaded for a few seconds per route with V8\'s sampling profiler on (in the running app, through node:inspector), self time summed by the code it was spent in and divided by the requests served. The profiler slows every route alike; compare routes, not these figures with the rounds above. `npm run bench:profile` runs this part alone; `BENCH_PROFILE_DIR=dir` keeps the profiles for Chrome DevTools.',
+    "Each of our apps loaded for a few seconds per route with V8's sampling profiler on (in the running app, through node:inspector), self time summed by the code it was spent in and divided by the requests served. The profiler slows every route alike; compare routes, not these figures with the rounds above. `npm run bench:profile` runs this part alone; `BENCH_PROFILE_DIR=dir` keeps the profiles for Chrome DevTools.",
     '',
     profileTable(run.profiles),
     ...storeBatchingSection(run.storeBatching),
@@ -198,24 +226,66 @@ export function renderMarkdown(run: RunMeasurements, results: BenchResults): str
   for (const database of ['postgres', 'pglite'] as const) {
     const growth = run.growth[database];
     if (!growth) continue;
-    out.push(`## Growth: ${DATABASE_LABEL[database]}`, '', `Sequential, one client, through \`TypeOrmIdempotencyStore\` (1000 operations per cell after 100 of warm-up, random keys), on tables filled with synthetic completed rows by INSERT … SELECT generate_series. ${database === 'postgres' ? 'PostgreSQL: a table per size, each in a schema of its own, all filled first and then timed in 5 alternating blocks of 200 operations, so drift of the machine hits every size alike.' : 'PGlite (one database per process): one table grown in place, timed after each step.'}`, '', growthTable(growth), '');
+    out.push(
+      `## Growth: ${DATABASE_LABEL[database]}`,
+      '',
+      `Sequential, one client, through \`TypeOrmIdempotencyStore\` (1000 operations per cell after 100 of warm-up, random keys), on tables filled with synthetic completed rows by INSERT … SELECT generate_series. ${database === 'postgres' ? 'PostgreSQL: a table per size, each in a schema of its own, all filled first and then timed in 5 alternating blocks of 200 operations, so drift of the machine hits every size alike.' : 'PGlite (one database per process): one table grown in place, timed after each step.'}`,
+      '',
+      growthTable(growth),
+      '',
+    );
     if (growth.explain) {
-      out.push('EXPLAIN (ANALYZE, BUFFERS, WAL) of the claim statement on a completed key (the replay path), at the largest size, rolled back:', '', codeBlock(growth.explain.claim_existing), '', 'The same on a new key (the first-request path):', '', codeBlock(growth.explain.claim_new), '', "The first request's second statement, `complete` (a prepared UPDATE conditional on the lease), on a row claimed in the same transaction:", '', codeBlock(growth.explain.complete), '');
+      out.push(
+        'EXPLAIN (ANALYZE, BUFFERS, WAL) of the claim statement on a completed key (the replay path), at the largest size, rolled back:',
+        '',
+        codeBlock(growth.explain.claim_existing),
+        '',
+        'The same on a new key (the first-request path):',
+        '',
+        codeBlock(growth.explain.claim_new),
+        '',
+        "The first request's second statement, `complete` (a prepared UPDATE conditional on the lease), on a row claimed in the same transaction:",
+        '',
+        codeBlock(growth.explain.complete),
+        '',
+      );
     }
   }
   if (run.purge) {
-    out.push('## Purge (PostgreSQL only)', '', purgeSection(run.purge, run.growth.postgres?.purge_idle), '', 'EXPLAIN (ANALYZE, BUFFERS, WAL) of one purge batch with the expired rows in place, rolled back:', '', codeBlock(run.purge.explain), '');
+    out.push(
+      '## Purge (PostgreSQL only)',
+      '',
+      purgeSection(run.purge, run.growth.postgres?.purge_idle),
+      '',
+      'EXPLAIN (ANALYZE, BUFFERS, WAL) of one purge batch with the expired rows in place, rolled back:',
+      '',
+      codeBlock(run.purge.explain),
+      '',
+    );
   } else {
-    out.push('## Purge', '', 'Not measured (PostgreSQL absent). PGlite: not measured; the purge phase is PostgreSQL only.', '');
+    out.push(
+      '## Purge',
+      '',
+      'Not measured (PostgreSQL absent). PGlite: not measured; the purge phase is PostgreSQL only.',
+      '',
+    );
   }
   if (run.waiterDelay) out.push(...waiterDelaySection(run.waiterDelay), '');
-  out.push('## Memory', '', 'RSS of the app process after a forced GC: before its first request, warm (after the first `first` load: pool connections open, code compiled) and after all the `first` requests of the memory/purge phase (the loads without and during the purge count towards them). Growth after warm is what the steady state added. For PGlite the RSS includes the in-memory database.', '', '| app | `first` requests | RSS before MB | RSS warm MB (after n requests) | RSS after MB | growth after warm MB | heap used before → warm → after MB | forced GC |', '| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |');
+  out.push(
+    '## Memory',
+    '',
+    'RSS of the app process after a forced GC: before its first request, warm (after the first `first` load: pool connections open, code compiled) and after all the `first` requests of the memory/purge phase (the loads without and during the purge count towards them). Growth after warm is what the steady state added. For PGlite the RSS includes the in-memory database.',
+    '',
+    '| app | `first` requests | RSS before MB | RSS warm MB (after n requests) | RSS after MB | growth after warm MB | heap used before → warm → after MB | forced GC |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |',
+  );
   for (const [database, memory] of Object.entries(run.memory)) {
     out.push(
       `| ${database} | ${memory.requests.toLocaleString('en')}${memory.capped ? ` (of ${memory.target_requests.toLocaleString('en')} asked: stopped by the ${BENCH_CONFIG.budgetS} s run budget)` : ''} | ${memory.rss_before_mb} | ${memory.rss_warm_mb} (${memory.requests_warm.toLocaleString('en')}) | ${memory.rss_after_mb} | ${memory.rss_growth_after_warm_mb} | ${memory.heap_before_mb} → ${memory.heap_warm_mb} → ${memory.heap_after_mb} | ${memory.gc_forced ? 'yes' : 'no'} |`,
     );
   }
-  if (run.skipped.length > 0) out.push('', '## Skipped', '', ...run.skipped.map((line) => `- ${line}`));
+  if (run.skipped.length > 0)
+    out.push('', '## Skipped', '', ...run.skipped.map((line) => `- ${line}`));
   return out.join('\n') + '\n';
 }
 
@@ -243,10 +313,22 @@ function waiterDelaySection(result: WaiterDelayResult): string[] {
 export function profileTable(summaries: readonly ProfileSummary[]): string {
   const out: string[] = [];
   for (const summary of summaries) {
-    const categories = [...new Set([...Object.keys(summary.plain), ...Object.keys(summary.first), ...Object.keys(summary.replay)])]
+    const categories = [
+      ...new Set([
+        ...Object.keys(summary.plain),
+        ...Object.keys(summary.first),
+        ...Object.keys(summary.replay),
+      ]),
+    ]
       .filter((category) => category !== 'idle')
-      .sort((a, b) => (summary.first[b] ?? 0) - (summary.plain[b] ?? 0) - ((summary.first[a] ?? 0) - (summary.plain[a] ?? 0)));
-    const total = (times: Record<string, number>) => categories.reduce((sum, category) => sum + (times[category] ?? 0), 0);
+      .sort(
+        (a, b) =>
+          (summary.first[b] ?? 0) -
+          (summary.plain[b] ?? 0) -
+          ((summary.first[a] ?? 0) - (summary.plain[a] ?? 0)),
+      );
+    const total = (times: Record<string, number>) =>
+      categories.reduce((sum, category) => sum + (times[category] ?? 0), 0);
     const ms = (value: number) => value.toFixed(3);
     out.push(
       `#### ${summary.target}: CPU ms per request, by code`,
@@ -258,17 +340,30 @@ export function profileTable(summaries: readonly ProfileSummary[]): string {
       const plain = summary.plain[category] ?? 0;
       const first = summary.first[category] ?? 0;
       const replay = summary.replay[category] ?? 0;
-      out.push(`| ${category} | ${ms(plain)} | ${ms(first)} | ${ms(first - plain)} | ${ms(replay)} | ${ms(replay - plain)} |`);
+      out.push(
+        `| ${category} | ${ms(plain)} | ${ms(first)} | ${ms(first - plain)} | ${ms(replay)} | ${ms(replay - plain)} |`,
+      );
     }
-    const [plain, first, replay] = [total(summary.plain), total(summary.first), total(summary.replay)];
-    out.push(`| **all (idle aside)** | ${ms(plain)} | ${ms(first)} | ${ms(first - plain)} | ${ms(replay)} | ${ms(replay - plain)} |`, '');
+    const [plain, first, replay] = [
+      total(summary.plain),
+      total(summary.first),
+      total(summary.replay),
+    ];
+    out.push(
+      `| **all (idle aside)** | ${ms(plain)} | ${ms(first)} | ${ms(first - plain)} | ${ms(replay)} | ${ms(replay - plain)} |`,
+      '',
+    );
     const load = summary.underLoad;
-    const batch = (rows: number | null) => (rows === null ? 'none batched' : `${rows} rows per batched statement`);
+    const batch = (rows: number | null) =>
+      rows === null ? 'none batched' : `${rows} rows per batched statement`;
     out.push(
       `Under this load: \`plain\` ${load.plain.rps} req/s; \`first\` ${load.first.rps} req/s, ${load.first.statements_per_req} statements per request (${batch(load.first.rows_per_batch)}); \`replay\` ${load.replay.rps} req/s, ${load.replay.statements_per_req} (${batch(load.replay.rows_per_batch)}).`,
       '',
     );
-    out.push(`The library's costliest functions on \`first\` (self time, µs per request): ${summary.libraryTop.map(({ fn, us_per_req }) => `${fn} ${us_per_req}`).join('; ')}.`, '');
+    out.push(
+      `The library's costliest functions on \`first\` (self time, µs per request): ${summary.libraryTop.map(({ fn, us_per_req }) => `${fn} ${us_per_req}`).join('; ')}.`,
+      '',
+    );
   }
   return out.join('\n');
 }
@@ -276,7 +371,8 @@ export function profileTable(summaries: readonly ProfileSummary[]): string {
 /** The store alone on PostgreSQL: batched statements against one statement per request. */
 export function storeBatchingSection(result: StoreBatchingResult | null): string[] {
   if (!result) return [];
-  const row = (label: string, side: StoreBatchingResult['batched']) => `| ${label} | ${side.rps} | ${side.app_cpu_ms} | ${side.postgres_cpu_ms} |`;
+  const row = (label: string, side: StoreBatchingResult['batched']) =>
+    `| ${label} | ${side.rps} | ${side.app_cpu_ms} | ${side.postgres_cpu_ms} |`;
   return [
     '## Batched statements, the store alone (PostgreSQL)',
     '',

@@ -64,7 +64,12 @@ export interface RunMeasurements {
   readonly backgroundBusy: number | null;
 }
 
-function figures(samples: Samples, target: TargetName, route: RouteName, plainRps: number | null): RouteFigures | null {
+function figures(
+  samples: Samples,
+  target: TargetName,
+  route: RouteName,
+  plainRps: number | null,
+): RouteFigures | null {
   const runs = samples.get(`${target}:${route}`);
   if (!runs || runs.length === 0) return null;
   const rps = round(median(runs.map((run) => run.rps)), 0);
@@ -134,7 +139,10 @@ export function buildResults(run: RunMeasurements): BenchResults {
       memory: run.memory[database] ?? null,
       waiter_delay: database === 'postgres' ? run.waiterDelay : null,
       store_batching: database === 'postgres' ? run.storeBatching : null,
-      profiles: run.profiles.filter((profile) => profile.target === database || (database === 'postgres' && profile.target === 'redis')),
+      profiles: run.profiles.filter(
+        (profile) =>
+          profile.target === database || (database === 'postgres' && profile.target === 'redis'),
+      ),
       machine: run.machine,
     };
   }
@@ -158,15 +166,33 @@ export function checkTargets(results: BenchResults): TargetCheck[] {
   const checks: TargetCheck[] = [];
   // A ratio over routes that had failed requests is not a measurement of the happy path: say so.
   const failed = (names: string[]) =>
-    names.some((name) => (pg?.routes[name]?.non2xx ?? 0) + (pg?.routes[name]?.errors ?? 0) + (lite?.routes[name]?.non2xx ?? 0) > 0);
-  const check = (target: string, value: number | null | undefined, met: (value: number) => boolean, routes: string[]) =>
+    names.some(
+      (name) =>
+        (pg?.routes[name]?.non2xx ?? 0) +
+          (pg?.routes[name]?.errors ?? 0) +
+          (lite?.routes[name]?.non2xx ?? 0) >
+        0,
+    );
+  const check = (
+    target: string,
+    value: number | null | undefined,
+    met: (value: number) => boolean,
+    routes: string[],
+  ) =>
     checks.push({
       target,
-      measured: value == null ? 'not measured' : `${value.toFixed(2)}${failed(routes) ? ' (⚠ failed requests in these routes)' : ''}`,
+      measured:
+        value == null
+          ? 'not measured'
+          : `${value.toFixed(2)}${failed(routes) ? ' (⚠ failed requests in these routes)' : ''}`,
       met: value == null ? null : met(value),
     });
-  const atLeast = (label: string, value: number | null | undefined, goal: number, routes: string[]) =>
-    check(`${label} ≥ ${goal}`, value, (measured) => measured >= goal, routes);
+  const atLeast = (
+    label: string,
+    value: number | null | undefined,
+    goal: number,
+    routes: string[],
+  ) => check(`${label} ≥ ${goal}`, value, (measured) => measured >= goal, routes);
   const rps = (name: string) => pg?.routes[name]?.rps;
   const over = (a: number | undefined, b: number | undefined) => (a && b ? a / b : null);
   /** Our overhead against the peer's, each over its own plain app: ≥ 1 means ours costs no more. */
@@ -184,12 +210,32 @@ export function checkTargets(results: BenchResults): TargetCheck[] {
   atLeast('PostgreSQL replay / plain', pg?.routes.replay?.ratio_to_plain, 0.9, ['replay', 'plain']);
   overhead('fresh keys, PostgreSQL vs peer on Redis', 'first', 'plain', 'peer_redis');
   overhead('completed keys, PostgreSQL vs peer on Redis', 'replay', 'plain', 'peer_redis_replay');
-  overhead('fresh keys, our Redis store vs peer on Redis', 'redis_first', 'redis_plain', 'peer_redis');
-  overhead('completed keys, our Redis store vs peer on Redis', 'redis_replay', 'redis_plain', 'peer_redis_replay');
+  overhead(
+    'fresh keys, our Redis store vs peer on Redis',
+    'redis_first',
+    'redis_plain',
+    'peer_redis',
+  );
+  overhead(
+    'completed keys, our Redis store vs peer on Redis',
+    'redis_replay',
+    'redis_plain',
+    'peer_redis_replay',
+  );
   atLeast('PGlite first / plain', lite?.routes.first?.ratio_to_plain, 0.4, ['first', 'plain']);
   atLeast('PGlite replay / plain', lite?.routes.replay?.ratio_to_plain, 0.7, ['replay', 'plain']);
-  atLeast('PostgreSQL realistic handler: idempotent / without', pg?.routes.write_first?.ratio_to_plain, 0.8, ['write_first', 'write']);
-  atLeast('PostgreSQL realistic handler: transactional / without', pg?.routes.write_tx?.ratio_to_plain, 0.85, ['write_tx', 'write']);
+  atLeast(
+    'PostgreSQL realistic handler: idempotent / without',
+    pg?.routes.write_first?.ratio_to_plain,
+    0.8,
+    ['write_first', 'write'],
+  );
+  atLeast(
+    'PostgreSQL realistic handler: transactional / without',
+    pg?.routes.write_tx?.ratio_to_plain,
+    0.85,
+    ['write_tx', 'write'],
+  );
   const p99 = over(pg?.routes.first?.p99_ms, pg?.routes.plain?.p99_ms);
   check('PostgreSQL first p99 / plain p99 ≤ 2', p99, (ratio) => ratio <= 2, ['first', 'plain']);
   const growth = pg?.growth;

@@ -39,13 +39,26 @@ export type Samples = Map<`${TargetName}:${RouteName}`, RouteSample[]>;
 const APP_PROCESS = fileURLToPath(new URL('./app-process.js', import.meta.url));
 
 /** Starts every target the machine can run, one process each, and seeds its replay keys. */
-export async function startTargets(services: Services, log: (line: string) => void): Promise<Target[]> {
+export async function startTargets(
+  services: Services,
+  log: (line: string) => void,
+): Promise<Target[]> {
   const wanted: { name: TargetName; start: () => Promise<ChildApp> }[] = [];
-  const env = { BENCH_DATABASE_URL: BENCH_CONFIG.databaseUrl, BENCH_SCHEMA: BENCH_CONFIG.schema, BENCH_REDIS_URL: BENCH_CONFIG.redisUrl };
+  const env = {
+    BENCH_DATABASE_URL: BENCH_CONFIG.databaseUrl,
+    BENCH_SCHEMA: BENCH_CONFIG.schema,
+    BENCH_REDIS_URL: BENCH_CONFIG.redisUrl,
+  };
   const ours = (database: string) => () =>
     startChild({ name: `app (${database})`, script: APP_PROCESS, args: [database], env });
   const peer = (adapter: string) => () =>
-    startChild({ name: `peer (${adapter})`, script: join(PEER_DIR, 'peer-app.cjs'), args: [adapter], cwd: PEER_DIR, env });
+    startChild({
+      name: `peer (${adapter})`,
+      script: join(PEER_DIR, 'peer-app.cjs'),
+      args: [adapter],
+      cwd: PEER_DIR,
+      env,
+    });
   if (services.postgres) wanted.push({ name: 'postgres', start: ours('postgres') });
   wanted.push({ name: 'pglite', start: ours('pglite') });
   // Ours on Redis: like for like with the peer on Redis.
@@ -54,22 +67,36 @@ export async function startTargets(services: Services, log: (line: string) => vo
   if (services.peer) wanted.push({ name: 'peer_memory', start: peer('memory') });
 
   // In parallel: PGlite's start and its slow seeding overlap with the others'.
-  return Promise.all(wanted.map(async ({ name, start }): Promise<Target> => {
-    const started = performance.now();
-    const app = await start();
-    const up = performance.now();
-    const replayKeys = Array.from({ length: BENCH_CONFIG.replayKeys }, (_, i) => `replay-${name}-${i}`);
-    await seedKeys(app.port, ROUTES.idempotent, replayKeys);
-    // A replay run on keys that do not replay would measure `first`: check before measuring.
-    const probe = await postOnce(app.port, ROUTES.idempotent, replayKeys[0]);
-    if (!probe.replayed) throw new Error(`${name}: a seeded key did not replay (status ${probe.status})`);
-    log(`${name} up in ${((up - started) / 1000).toFixed(1)} s, ${replayKeys.length} keys seeded in ${((performance.now() - up) / 1000).toFixed(1)} s`);
-    // The peer's plain route is the same NestJS 10 app whatever its adapter: loaded once, on Redis
-    // (or in memory when Redis is absent), to save a route per round.
-    const peerPlainElsewhere = name === 'peer_memory' && wanted.some((other) => other.name === 'peer_redis');
-    const ours = name === 'postgres' || name === 'pglite';
-    return { name, app, replayKeys, routes: peerPlainElsewhere ? ['first', 'replay'] : ours ? OUR_ROUTE_NAMES : ROUTE_NAMES };
-  }));
+  return Promise.all(
+    wanted.map(async ({ name, start }): Promise<Target> => {
+      const started = performance.now();
+      const app = await start();
+      const up = performance.now();
+      const replayKeys = Array.from(
+        { length: BENCH_CONFIG.replayKeys },
+        (_, i) => `replay-${name}-${i}`,
+      );
+      await seedKeys(app.port, ROUTES.idempotent, replayKeys);
+      // A replay run on keys that do not replay would measure `first`: check before measuring.
+      const probe = await postOnce(app.port, ROUTES.idempotent, replayKeys[0]);
+      if (!probe.replayed)
+        throw new Error(`${name}: a seeded key did not replay (status ${probe.status})`);
+      log(
+        `${name} up in ${((up - started) / 1000).toFixed(1)} s, ${replayKeys.length} keys seeded in ${((performance.now() - up) / 1000).toFixed(1)} s`,
+      );
+      // The peer's plain route is the same NestJS 10 app whatever its adapter: loaded once, on Redis
+      // (or in memory when Redis is absent), to save a route per round.
+      const peerPlainElsewhere =
+        name === 'peer_memory' && wanted.some((other) => other.name === 'peer_redis');
+      const ours = name === 'postgres' || name === 'pglite';
+      return {
+        name,
+        app,
+        replayKeys,
+        routes: peerPlainElsewhere ? ['first', 'replay'] : ours ? OUR_ROUTE_NAMES : ROUTE_NAMES,
+      };
+    }),
+  );
 }
 
 function keyPlan(target: Target, route: RouteName, tag: string): KeyPlan {
@@ -78,7 +105,12 @@ function keyPlan(target: Target, route: RouteName, tag: string): KeyPlan {
   return { kind: 'fresh', prefix: `${route}-${target.name}-${tag}-${Date.now()}` };
 }
 
-async function loadRoute(target: Target, route: RouteName, durationS: number, tag: string): Promise<RouteSample> {
+async function loadRoute(
+  target: Target,
+  route: RouteName,
+  durationS: number,
+  tag: string,
+): Promise<RouteSample> {
   const before = cpuSnapshot(target.app.pid);
   const result = await runLoad({
     port: target.app.port,
@@ -95,7 +127,10 @@ async function loadRoute(target: Target, route: RouteName, durationS: number, ta
  * target's routes once, starting from a different target each time, so slow drift (a warming page
  * cache, a growing table, the other engineers' test runs) spreads over all targets alike.
  */
-export async function runRounds(targets: readonly Target[], log: (line: string) => void): Promise<Samples> {
+export async function runRounds(
+  targets: readonly Target[],
+  log: (line: string) => void,
+): Promise<Samples> {
   for (const target of targets) {
     for (const route of target.routes) await loadRoute(target, route, 1, 'warmup');
   }
@@ -126,14 +161,20 @@ export interface QueriesPerRequest {
   /** Wire-level round trips (pg driver) per request, PostgreSQL only. */
   readonly first_wire: number | null;
   readonly replay_wire: number | null;
-  readonly statements: { readonly first: Record<string, number>; readonly replay: Record<string, number> };
+  readonly statements: {
+    readonly first: Record<string, number>;
+    readonly replay: Record<string, number>;
+  };
   /**
    * Our apps' realistic handler (one INSERT): statements and commits per request, behind
    * `@Idempotent()` and in the transactional mode (where the completion adds no commit).
    */
   readonly write: {
     readonly idempotent: { readonly statements: Record<string, number>; readonly commits: number };
-    readonly transactional: { readonly statements: Record<string, number>; readonly commits: number };
+    readonly transactional: {
+      readonly statements: Record<string, number>;
+      readonly commits: number;
+    };
   } | null;
 }
 
@@ -155,7 +196,9 @@ export async function countQueries(target: Target, requests = 200): Promise<Quer
   const replay = await measure((i) => target.replayKeys[i % target.replayKeys.length]);
   const per = (count: number) => Math.round((count / requests) * 100) / 100;
   const perStatement = (counts: QueryCounts) =>
-    Object.fromEntries(Object.entries(counts.byStatement).map(([label, count]) => [label, per(count)]));
+    Object.fromEntries(
+      Object.entries(counts.byStatement).map(([label, count]) => [label, per(count)]),
+    );
   const writeOf = async (path: string) => {
     const counts = await measure((i) => `count-${path}-${stamp}-${i}`, path);
     return { statements: perStatement(counts), commits: per(counts.commits) };
@@ -163,7 +206,10 @@ export async function countQueries(target: Target, requests = 200): Promise<Quer
   const ours = target.routes.includes('write_tx');
   return {
     write: ours
-      ? { idempotent: await writeOf(ROUTES.writeIdempotent), transactional: await writeOf(ROUTES.writeTransactional) }
+      ? {
+          idempotent: await writeOf(ROUTES.writeIdempotent),
+          transactional: await writeOf(ROUTES.writeTransactional),
+        }
       : null,
     first: per(first.typeorm),
     replay: per(replay.typeorm),

@@ -15,7 +15,12 @@ export function percentile(sorted: readonly number[], p: number): number {
 export function summarize(latencies: readonly number[]): LatencySummary {
   const sorted = [...latencies].sort((a, b) => a - b);
   const mean = sorted.reduce((sum, value) => sum + value, 0) / Math.max(1, sorted.length);
-  return { ops: sorted.length, p50_ms: round(percentile(sorted, 50), 3), p99_ms: round(percentile(sorted, 99), 3), mean_ms: round(mean, 3) };
+  return {
+    ops: sorted.length,
+    p50_ms: round(percentile(sorted, 50), 3),
+    p99_ms: round(percentile(sorted, 99), 3),
+    mean_ms: round(mean, 3),
+  };
 }
 
 /** The middle value: one disturbed round (another process's burst) does not move it. */

@@ -42,7 +42,10 @@ export async function measureStoreBatching(): Promise<StoreBatchingResult> {
   await ensureIdempotencyTable(dataSource);
   const stores = {
     batched: new TypeOrmIdempotencyStore(dataSource, { waitNotifications: false }),
-    single: new TypeOrmIdempotencyStore(dataSource, { waitNotifications: false, batchStatements: false }),
+    single: new TypeOrmIdempotencyStore(dataSource, {
+      waitNotifications: false,
+      batchStatements: false,
+    }),
   };
   const samples: Record<'batched' | 'single', StoreBatchingFigures[]> = { batched: [], single: [] };
   try {
@@ -60,22 +63,44 @@ export async function measureStoreBatching(): Promise<StoreBatchingResult> {
     app_cpu_ms: round(median(runs.map((run) => run.app_cpu_ms)), 3),
     postgres_cpu_ms: round(median(runs.map((run) => run.postgres_cpu_ms)), 3),
   });
-  return { operations: OPERATIONS, workers: WORKERS, batched: summary(samples.batched), single: summary(samples.single) };
+  return {
+    operations: OPERATIONS,
+    workers: WORKERS,
+    batched: summary(samples.batched),
+    single: summary(samples.single),
+  };
 }
 
 async function load(store: TypeOrmIdempotencyStore, tag: string): Promise<StoreBatchingFigures> {
   let started = 0;
-  const response = { status: 201, headers: { 'content-type': 'application/json' }, body: '{"id":"ord_1","amount":1250}', bodyEncoding: 'json' as const, isError: false };
+  const response = {
+    status: 201,
+    headers: { 'content-type': 'application/json' },
+    body: '{"id":"ord_1","amount":1250}',
+    bodyEncoding: 'json' as const,
+    isError: false,
+  };
   const before = cpuSnapshot(process.pid);
   const t0 = performance.now();
   await Promise.all(
     Array.from({ length: WORKERS }, async () => {
       while (started < OPERATIONS) {
-        const id = { scope: '', endpoint: 'POST /bench-store', key: `${tag}-${Date.now()}-${started++}` };
+        const id = {
+          scope: '',
+          endpoint: 'POST /bench-store',
+          key: `${tag}-${Date.now()}-${started++}`,
+        };
         const now = Date.now();
-        const claim = await store.claim({ id, fingerprint: 'fp', token: randomUUID(), now, lockedUntil: now + 60_000 });
+        const claim = await store.claim({
+          id,
+          fingerprint: 'fp',
+          token: randomUUID(),
+          now,
+          lockedUntil: now + 60_000,
+        });
         if (!claim.claimed) throw new Error('a fresh key was not claimed');
-        if (!(await store.complete(claim.lease, response, now + 86_400_000))) throw new Error('a held lease did not complete');
+        if (!(await store.complete(claim.lease, response, now + 86_400_000)))
+          throw new Error('a held lease did not complete');
       }
     }),
   );

@@ -12,7 +12,13 @@ const HEADERS = JSON.stringify({ 'content-type': 'application/json; charset=utf-
  * Rows with keys `${prefix}${from}` … `${prefix}${to - 1}`, completed, expiring at `expiresAt`
  * (epoch ms: in the future for lookups, in the past for the purge).
  */
-export function bulkInsertSql(table: string, from: number, to: number, expiresAt: number, prefix = 'g-'): string {
+export function bulkInsertSql(
+  table: string,
+  from: number,
+  to: number,
+  expiresAt: number,
+  prefix = 'g-',
+): string {
   const body = `'{"id":"' || md5(g::text)::uuid || '","amount":1250,"currency":"eur","customer":"cus_bench","status":"accepted"}'`;
   return `INSERT INTO ${table} (scope, endpoint, idempotency_key, fingerprint, state, lease_token,
       expires_at, created_at, response_status, response_headers, response_body,

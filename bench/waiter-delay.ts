@@ -85,7 +85,13 @@ export async function measureWaiterDelay(
     // One mode after the other, so they never share the server's attention.
     const notifications = await measureMode(databaseUrl, true, keys, maxRunMs);
     const polling = await measureMode(databaseUrl, false, keys, maxRunMs);
-    return { keys, waitPollIntervalMs: DEFAULT_WAIT_POLL_INTERVAL_MS, maxRunMs, notifications, polling };
+    return {
+      keys,
+      waitPollIntervalMs: DEFAULT_WAIT_POLL_INTERVAL_MS,
+      maxRunMs,
+      notifications,
+      polling,
+    };
   } finally {
     await admin.query(`DROP SCHEMA IF EXISTS ${SCHEMA} CASCADE`);
     await admin.destroy();
@@ -149,7 +155,10 @@ interface BenchContext {
 }
 
 /** An app context (the module, no HTTP) with a pool of its own on the bench schema. */
-async function startContext(databaseUrl: string, waitNotifications: boolean): Promise<BenchContext> {
+async function startContext(
+  databaseUrl: string,
+  waitNotifications: boolean,
+): Promise<BenchContext> {
   const dataSource = new DataSource({
     type: 'postgres',
     url: databaseUrl,
@@ -166,9 +175,12 @@ async function startContext(databaseUrl: string, waitNotifications: boolean): Pr
   })
   class WaiterDelayModule {}
   await ensureTable(dataSource);
-  const app: INestApplicationContext = await NestFactory.createApplicationContext(WaiterDelayModule, {
-    logger: ['error', 'warn'],
-  });
+  const app: INestApplicationContext = await NestFactory.createApplicationContext(
+    WaiterDelayModule,
+    {
+      logger: ['error', 'warn'],
+    },
+  );
   return {
     service: app.get(IdempotencyService),
     store,
@@ -260,6 +272,7 @@ function summarise(delays: number[], reads: number[]): WaiterDelayFigures {
 
 if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
   const url = process.argv[2] ?? process.env.BENCH_DATABASE_URL ?? process.env.DATABASE_URL;
-  if (!url) throw new Error('usage: waiter-delay.js <postgres-url> (or BENCH_DATABASE_URL / DATABASE_URL)');
+  if (!url)
+    throw new Error('usage: waiter-delay.js <postgres-url> (or BENCH_DATABASE_URL / DATABASE_URL)');
   console.log(JSON.stringify(await measureWaiterDelay(url), null, 2));
 }

@@ -56,10 +56,9 @@ const EVENTS: readonly IdempotencyEvent[] = [
   'purged',
 ];
 
-const CHANNELS = Object.fromEntries(EVENTS.map((event) => [event, channel(idempotencyChannelName(event))])) as Record<
-  IdempotencyEvent,
-  Channel
->;
+const CHANNELS = Object.fromEntries(
+  EVENTS.map((event) => [event, channel(idempotencyChannelName(event))]),
+) as Record<IdempotencyEvent, Channel>;
 
 /**
  * Counters since startup, for export to whatever metrics system the app uses: read `snapshot()`
@@ -81,7 +80,8 @@ export class IdempotencyMetrics {
     this.counts[event] += count;
     for (const listener of this.listeners) listener(event, count);
     const published = CHANNELS[event];
-    if (published.hasSubscribers) published.publish({ event, count, id } satisfies IdempotencyEventMessage);
+    if (published.hasSubscribers)
+      published.publish({ event, count, id } satisfies IdempotencyEventMessage);
   }
 
   /** The counters as they stand. */

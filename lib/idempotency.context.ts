@@ -15,7 +15,10 @@ export interface IdempotentOperation extends RecordId {
 const running = new AsyncLocalStorage<IdempotentOperation>();
 
 /** Runs `work` as `operation`: the handler's code (and what it awaits) sees it in the context. */
-export function runAsOperation<T>(operation: IdempotentOperation, work: () => Promise<T>): Promise<T> {
+export function runAsOperation<T>(
+  operation: IdempotentOperation,
+  work: () => Promise<T>,
+): Promise<T> {
   return running.run(operation, work);
 }
 
@@ -27,7 +30,16 @@ export function runAsOperation<T>(operation: IdempotentOperation, work: () => Pr
  */
 export function downstreamKeyOf(operation: IdempotentOperation, name: string): string {
   const hex = createHash('sha256')
-    .update(JSON.stringify(['nestjs-idempotency/downstream/1', operation.scope, operation.endpoint, operation.key, operation.fingerprint, name]))
+    .update(
+      JSON.stringify([
+        'nestjs-idempotency/downstream/1',
+        operation.scope,
+        operation.endpoint,
+        operation.key,
+        operation.fingerprint,
+        name,
+      ]),
+    )
     .digest('hex');
   const variant = ((parseInt(hex[16], 16) & 0x3) | 0x8).toString(16);
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-8${hex.slice(13, 16)}-${variant}${hex.slice(17, 20)}-${hex.slice(20, 32)}`;
@@ -80,7 +92,9 @@ export class IdempotencyContext {
   private require(what: string): IdempotentOperation {
     const operation = running.getStore();
     if (!operation) {
-      throw new Error(`nestjs-idempotency: ${what} exists only while an @Idempotent() handler runs for a key.`);
+      throw new Error(
+        `nestjs-idempotency: ${what} exists only while an @Idempotent() handler runs for a key.`,
+      );
     }
     return operation;
   }

@@ -1,10 +1,20 @@
-import { Inject, Module, type DynamicModule, type OnApplicationShutdown, type Provider } from '@nestjs/common';
+import {
+  Inject,
+  Module,
+  type DynamicModule,
+  type OnApplicationShutdown,
+  type Provider,
+} from '@nestjs/common';
 import {
   ConfigurableIdempotencyModule,
   IDEMPOTENCY_MODULE_OPTIONS,
   OPTIONS_TYPE,
 } from './idempotency.module-definition.js';
-import { RESOLVED_OPTIONS, resolveModuleOptions, type ResolvedModuleOptions } from './idempotency.options.js';
+import {
+  RESOLVED_OPTIONS,
+  resolveModuleOptions,
+  type ResolvedModuleOptions,
+} from './idempotency.options.js';
 import { IdempotencyPurgeJob } from './idempotency-purge.job.js';
 import { IdempotencyService } from './idempotency.service.js';
 import { IdempotencyContext } from './idempotency.context.js';
@@ -83,7 +93,8 @@ const providers: Provider[] = [
  * between instances: under `NODE_ENV=production` it must be chosen explicitly.
  */
 function refuseInMemoryInProduction(options: IdempotencyModuleOptions): void {
-  if (options.dataSource || options.allowInMemoryStore || process.env.NODE_ENV !== 'production') return;
+  if (options.dataSource || options.allowInMemoryStore || process.env.NODE_ENV !== 'production')
+    return;
   throw new Error(
     'nestjs-idempotency: NODE_ENV is production but IdempotencyModule has no `dataSource` or `store`, so keys would live in an in-memory database: ' +
       'a restart would forget them and other instances would not see them, so retries after a deploy or on another instance would run handlers twice. ' +
@@ -98,9 +109,23 @@ function refuseInMemoryInProduction(options: IdempotencyModuleOptions): void {
 @Module({
   imports: [DiscoveryModule],
   providers,
-  exports: [IdempotencyMetrics, IdempotencyContext, IdempotencyService, HttpTransport, GraphQLTransport, RpcTransport, IdempotencyInterceptor, IdempotencyPurgeJob, IdempotencyStore, RESOLVED_OPTIONS],
+  exports: [
+    IdempotencyMetrics,
+    IdempotencyContext,
+    IdempotencyService,
+    HttpTransport,
+    GraphQLTransport,
+    RpcTransport,
+    IdempotencyInterceptor,
+    IdempotencyPurgeJob,
+    IdempotencyStore,
+    RESOLVED_OPTIONS,
+  ],
 })
-export class IdempotencyModule extends ConfigurableIdempotencyModule implements OnApplicationShutdown {
+export class IdempotencyModule
+  extends ConfigurableIdempotencyModule
+  implements OnApplicationShutdown
+{
   constructor(
     @Inject(IDEMPOTENCY_CONNECTION) private readonly connection: IdempotencyConnection | null,
     @Inject(IdempotencyStore) private readonly store: IdempotencyStore,

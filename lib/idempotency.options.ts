@@ -122,7 +122,10 @@ export function resolveRouteOptions(
     );
   }
   const replayStatus = route.replayStatus ?? base.replayStatus;
-  if (replayStatus !== undefined && !(Number.isInteger(replayStatus) && replayStatus >= 200 && replayStatus < 300)) {
+  if (
+    replayStatus !== undefined &&
+    !(Number.isInteger(replayStatus) && replayStatus >= 200 && replayStatus < 300)
+  ) {
     throw new TypeError('nestjs-idempotency: replayStatus must be a 2xx status code');
   }
   return {

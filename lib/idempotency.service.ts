@@ -43,8 +43,7 @@ export interface BeginRequest {
 
 /** How a handler ended: the value it returned, or what it threw. */
 export type Outcome =
-  | { readonly ok: true; readonly value: unknown }
-  | { readonly ok: false; readonly error: unknown };
+  { readonly ok: true; readonly value: unknown } | { readonly ok: false; readonly error: unknown };
 
 /**
  * The transport's part of settling a key: the response to store for an outcome, or `null` when the
@@ -163,7 +162,11 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       for (;;) {
         const decision = await this.decide(request);
         const remainingMs = waitUntil - Date.now();
-        if (decision.action !== 'in-progress' || request.concurrency !== 'wait' || remainingMs <= 0) {
+        if (
+          decision.action !== 'in-progress' ||
+          request.concurrency !== 'wait' ||
+          remainingMs <= 0
+        ) {
           this.metrics.record(OUTCOME_EVENTS[decision.action], 1, request.id);
           return decision;
         }
@@ -208,7 +211,9 @@ export class IdempotencyService implements BeforeApplicationShutdown {
         'run',
         lease.id,
         async (traced) => {
-          const outcome = await settled(runAsOperation({ ...lease.id, fingerprint, entityManager }, run));
+          const outcome = await settled(
+            runAsOperation({ ...lease.id, fingerprint, entityManager }, run),
+          );
           traced.outcome(outcome.ok ? 'returned' : 'threw');
           if (!outcome.ok) throw outcome.error;
           return outcome.value;
@@ -216,7 +221,8 @@ export class IdempotencyService implements BeforeApplicationShutdown {
         true,
       );
     try {
-      if (route.transactional) return await this.executeInTransaction(lease, route, renewal, operation, capture);
+      if (route.transactional)
+        return await this.executeInTransaction(lease, route, renewal, operation, capture);
       const outcome = await settled(operation());
       renewal.stop();
       await this.settle(lease, capture(outcome), route.ttlMs, renewal);
@@ -239,7 +245,8 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     operation: (entityManager: EntityManager) => Promise<unknown>,
     capture: CaptureOutcome,
   ): Promise<unknown> {
-    if (!this.store.transaction) throw new Error('nestjs-idempotency: this store has no transactional mode');
+    if (!this.store.transaction)
+      throw new Error('nestjs-idempotency: this store has no transactional mode');
     /** The handler threw (its writes are rolled back): what it threw. */
     let failed: { readonly ok: false; readonly error: unknown } | undefined;
     try {
@@ -253,7 +260,11 @@ export class IdempotencyService implements BeforeApplicationShutdown {
         const response = capture(outcome);
         if (!response) throw new UnstoredResultError(lease);
         await this.tracing.step('complete', lease.id, async (traced) => {
-          const stored = await transaction.complete(lease, this.sealed(lease, response), Date.now() + route.ttlMs);
+          const stored = await transaction.complete(
+            lease,
+            this.sealed(lease, response),
+            Date.now() + route.ttlMs,
+          );
           traced.outcome(stored ? 'stored' : 'lease-lost');
           if (!stored) throw new LeaseLostError(lease);
         });
@@ -266,7 +277,11 @@ export class IdempotencyService implements BeforeApplicationShutdown {
         throw handlerError.error;
       }
       if (error instanceof LeaseLostError) {
-        this.reportLostLease(lease, renewal, 'its transaction was rolled back and nothing of this attempt was committed');
+        this.reportLostLease(
+          lease,
+          renewal,
+          'its transaction was rolled back and nothing of this attempt was committed',
+        );
         throw error;
       }
       // Not stored, or the transaction itself failed (BEGIN, the completion, COMMIT): whether or not
@@ -282,9 +297,16 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     for (const renewal of this.renewals) renewal.stop();
   }
 
-  private settle(lease: Lease, response: StoredResponse | null, ttlMs: number, renewal: LeaseRenewal) {
+  private settle(
+    lease: Lease,
+    response: StoredResponse | null,
+    ttlMs: number,
+    renewal: LeaseRenewal,
+  ) {
     return this.tracing.step('complete', lease.id, (traced) =>
-      response ? this.complete(lease, response, ttlMs, renewal, traced) : this.release(lease, renewal, traced),
+      response
+        ? this.complete(lease, response, ttlMs, renewal, traced)
+        : this.release(lease, renewal, traced),
     );
   }
 
@@ -321,7 +343,9 @@ export class IdempotencyService implements BeforeApplicationShutdown {
         (error: unknown) => {
           renewing = false;
           if (!renewal.stopped) {
-            this.logger.warn(`Could not renew the claim on key ${describe(lease)}; trying again at the next beat: ${(error as Error).message}`);
+            this.logger.warn(
+              `Could not renew the claim on key ${describe(lease)}; trying again at the next beat: ${(error as Error).message}`,
+            );
           }
         },
       );
@@ -354,7 +378,9 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     const sealed = this.sealed(lease, response);
     traced?.outcome('failed');
     await this.writeWithRetry(lease, 'store the response of', async () => {
-      const stored = await this.withinStoreTimeout(this.store.complete(lease, sealed, Date.now() + ttlMs));
+      const stored = await this.withinStoreTimeout(
+        this.store.complete(lease, sealed, Date.now() + ttlMs),
+      );
       traced?.outcome(stored ? 'stored' : 'lease-lost');
       if (!stored) this.reportLostLease(lease, renewal, 'its response was not stored');
     });
@@ -396,18 +422,24 @@ export class IdempotencyService implements BeforeApplicationShutdown {
   private async decide(request: BeginRequest): Promise<Decision> {
     const now = Date.now();
     const cached = this.options.replayCache?.get(request.id, now);
-    if (cached) return cached.fingerprint === request.fingerprint ? { action: 'replay', response: cached.response } : { action: 'mismatch' };
-    const claim = await this.withinStoreTimeout(this.store.claim({
-      id: request.id,
-      fingerprint: request.fingerprint,
-      token: randomUUID(),
-      now,
-      lockedUntil: now + request.lockTimeoutMs,
-    }));
+    if (cached)
+      return cached.fingerprint === request.fingerprint
+        ? { action: 'replay', response: cached.response }
+        : { action: 'mismatch' };
+    const claim = await this.withinStoreTimeout(
+      this.store.claim({
+        id: request.id,
+        fingerprint: request.fingerprint,
+        token: randomUUID(),
+        now,
+        lockedUntil: now + request.lockTimeoutMs,
+      }),
+    );
     if (claim.claimed) {
       if (claim.takeover) this.metrics.record('expired', 1, request.id);
       // In wait mode duplicates may wait on this key: its completion or release must wake them.
-      const lease = request.concurrency === 'wait' ? { ...claim.lease, watched: true } : claim.lease;
+      const lease =
+        request.concurrency === 'wait' ? { ...claim.lease, watched: true } : claim.lease;
       return { action: 'execute', lease };
     }
     const { record } = claim;
@@ -416,7 +448,11 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     if (record.state === 'completed' && record.response) {
       const response = this.opened(request.id, record.response);
       if (!response) return { action: 'unreadable' };
-      this.options.replayCache?.set(request.id, { fingerprint: record.fingerprint, expiresAt: record.expiresAt, response });
+      this.options.replayCache?.set(request.id, {
+        fingerprint: record.fingerprint,
+        expiresAt: record.expiresAt,
+        response,
+      });
       return { action: 'replay', response };
     }
     return { action: 'in-progress', retryAfterMs: Math.max(record.expiresAt - now, 0) };

@@ -49,7 +49,10 @@ export {
   type RedisSubscriber,
 } from './storage/redis/redis-idempotency.store.js';
 export { pgliteDriver, type PGliteDriverOptions } from './storage/typeorm/pglite-driver.js';
-export { IdempotencyRecord, IDEMPOTENCY_RECORDS_TABLE } from './storage/typeorm/idempotency-record.entity.js';
+export {
+  IdempotencyRecord,
+  IDEMPOTENCY_RECORDS_TABLE,
+} from './storage/typeorm/idempotency-record.entity.js';
 export { CreateIdempotencyRecords1763900000000 } from './storage/typeorm/create-idempotency-records.migration.js';
 export {
   TypeOrmIdempotencyStore,
@@ -78,9 +81,16 @@ export {
   type IdempotencyRejection,
   type RejectionCode,
 } from './errors/idempotency-rejection.js';
-export type { IdempotencyTransport, OperationDescription } from './transports/idempotency-transport.js';
+export type {
+  IdempotencyTransport,
+  OperationDescription,
+} from './transports/idempotency-transport.js';
 export { HttpTransport } from './transports/http.transport.js';
-export { GraphQLTransport, GRAPHQL_KEY_ARGUMENT, IdempotencyGraphQLError } from './transports/graphql.transport.js';
+export {
+  GraphQLTransport,
+  GRAPHQL_KEY_ARGUMENT,
+  IdempotencyGraphQLError,
+} from './transports/graphql.transport.js';
 export {
   RpcTransport,
   rabbitMqAcknowledgement,
@@ -91,5 +101,9 @@ export {
 } from './transports/rpc.transport.js';
 export type { Duration } from './utils/duration.js';
 export type { ReplayCacheOptions } from './replay-cache.js';
-export { SEALED_ENCODING, type EncryptionKey, type IdempotencyEncryptionOptions } from './security/response-sealer.js';
+export {
+  SEALED_ENCODING,
+  type EncryptionKey,
+  type IdempotencyEncryptionOptions,
+} from './security/response-sealer.js';
 export { idempotencyChannelName, type IdempotencyEventMessage } from './idempotency-metrics.js';

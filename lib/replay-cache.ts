@@ -1,4 +1,8 @@
-import { recordName, type RecordId, type StoredResponse } from './storage/idempotency-store.interface.js';
+import {
+  recordName,
+  type RecordId,
+  type StoredResponse,
+} from './storage/idempotency-store.interface.js';
 
 /** Options of `replayCache` (see `IdempotencyModuleOptions.replayCache`). */
 export interface ReplayCacheOptions {
@@ -45,7 +49,9 @@ export class ReplayCache {
     this.maxEntries = options.maxEntries ?? 10_000;
     this.maxBytes = options.maxBytes ?? 16 * 1024 * 1024;
     if (!(Number.isInteger(this.maxEntries) && this.maxEntries > 0) || !(this.maxBytes > 0)) {
-      throw new TypeError('nestjs-idempotency: replayCache.maxEntries and maxBytes must be positive');
+      throw new TypeError(
+        'nestjs-idempotency: replayCache.maxEntries and maxBytes must be positive',
+      );
     }
   }
 

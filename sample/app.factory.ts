@@ -3,10 +3,7 @@ import type { INestApplication, LogLevel } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { AppModule } from './app.module.js';
 import { resolveSampleConfig, type SampleAppOptions } from './config/sample.config.js';
-import {
-  closeSampleDataSource,
-  currentPGliteDataSource,
-} from './database/data-source.factory.js';
+import { closeSampleDataSource, currentPGliteDataSource } from './database/data-source.factory.js';
 
 export interface CreateSampleAppOptions extends SampleAppOptions {
   /** Nest's log levels, or `false` for none; by default Nest's own default. */
@@ -17,7 +14,9 @@ export interface CreateSampleAppOptions extends SampleAppOptions {
  * Builds the sample shop without listening, for `main.ts`, the demo and tests (`app.init()` or
  * `app.listen()` next; `app.close()` also closes the database).
  */
-export async function createSampleApp(options: CreateSampleAppOptions = {}): Promise<INestApplication> {
+export async function createSampleApp(
+  options: CreateSampleAppOptions = {},
+): Promise<INestApplication> {
   const { logger, ...sampleOptions } = options;
   const config = resolveSampleConfig(sampleOptions);
   const pgliteBefore = currentPGliteDataSource();

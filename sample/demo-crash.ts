@@ -99,7 +99,9 @@ export async function runCrashScenario(mode: CrashOutcome['mode']): Promise<Cras
         console.log(`  attempt ${attempt}: ${response.status}${replayed ? ' (replayed)' : ''}`);
         if (response.status !== 409 || attempt > 50) {
           const moved = (before - (await aliceBalance(shop.url))) / AMOUNT;
-          console.log(`  the transfer moved the money ${moved === 1 ? 'once' : `${moved} times`}\n`);
+          console.log(
+            `  the transfer moved the money ${moved === 1 ? 'once' : `${moved} times`}\n`,
+          );
           return { mode, attempts: attempt, finalStatus: response.status, moved };
         }
         // The dead process's claim: taken over once lockTimeout has passed since its last renewal.

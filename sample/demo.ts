@@ -65,7 +65,8 @@ async function main(): Promise<void> {
     await app.close();
   }
   const crashes: CrashOutcome[] = [];
-  for (const mode of ['plain', 'transactional'] as const) crashes.push(await runCrashScenario(mode));
+  for (const mode of ['plain', 'transactional'] as const)
+    crashes.push(await runCrashScenario(mode));
   printTable(outcomes);
   printCrashTable(crashes);
   const keyed = outcomes[0];
@@ -75,7 +76,9 @@ async function main(): Promise<void> {
   }
   const transactional = crashes[1];
   if (transactional.moved !== 1 || transactional.finalStatus !== 201) {
-    console.error(`\nUnexpected: in the transactional mode the money should move once, with a 201.`);
+    console.error(
+      `\nUnexpected: in the transactional mode the money should move once, with a 201.`,
+    );
     process.exitCode = 1;
   }
 }
@@ -108,10 +111,19 @@ async function run(baseUrl: string, scenario: Scenario): Promise<Outcome> {
       const payload = (await response.json()) as { id?: string };
       const replayed = response.headers.get('Idempotent-Replayed') === 'true';
       const finalResponse = `${response.status}${replayed ? ' (replayed)' : ''}`;
-      console.log(`  attempt ${attempt}: ${finalResponse} ${payload.id ?? JSON.stringify(payload)}`);
+      console.log(
+        `  attempt ${attempt}: ${finalResponse} ${payload.id ?? JSON.stringify(payload)}`,
+      );
       const charges = await settledChargeCount(baseUrl, reference);
       console.log(`  charges made for this payment: ${charges}\n`);
-      return { scenario, attempts: attempt, lost, charges, finalResponse, finalStatus: response.status };
+      return {
+        scenario,
+        attempts: attempt,
+        lost,
+        charges,
+        finalResponse,
+        finalStatus: response.status,
+      };
     } catch (error) {
       if (!isTimeout(error)) throw error;
       lost++;
@@ -172,7 +184,12 @@ function printCrashTable(crashes: readonly CrashOutcome[]): void {
   console.log('');
   printRows([
     ['crash after the money moved', 'attempts', 'final response', 'money moved'],
-    ...crashes.map((c) => [`${c.mode} mode`, String(c.attempts), String(c.finalStatus), times(c.moved)]),
+    ...crashes.map((c) => [
+      `${c.mode} mode`,
+      String(c.attempts),
+      String(c.finalStatus),
+      times(c.moved),
+    ]),
   ]);
   const [plain, transactional] = crashes;
   console.log(
@@ -183,7 +200,10 @@ function printCrashTable(crashes: readonly CrashOutcome[]): void {
 function printRows(rows: string[][]): void {
   const widths = rows[0].map((_, column) => Math.max(...rows.map((row) => row[column].length)));
   const line = (row: string[]) =>
-    row.map((cell, i) => cell.padEnd(widths[i])).join(' | ').trimEnd();
+    row
+      .map((cell, i) => cell.padEnd(widths[i]))
+      .join(' | ')
+      .trimEnd();
   console.log(line(rows[0]));
   console.log(widths.map((width) => '-'.repeat(width)).join('-|-'));
   for (const row of rows.slice(1)) console.log(line(row));

@@ -26,7 +26,12 @@ if (config.rabbitmqUrl) {
   // A hybrid app: the same process consumes the queued transfers (manual acks: the module settles).
   app.connectMicroservice({
     transport: Transport.RMQ,
-    options: { urls: [config.rabbitmqUrl], queue: TRANSFER_QUEUE, noAck: false, queueOptions: { durable: true } },
+    options: {
+      urls: [config.rabbitmqUrl],
+      queue: TRANSFER_QUEUE,
+      noAck: false,
+      queueOptions: { durable: true },
+    },
   });
   await app.startAllMicroservices();
 }

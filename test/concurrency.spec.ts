@@ -1,10 +1,17 @@
-import { createFixtureApp, recordsOf, waitUntilPast, type FixtureApp } from './fixtures/fixture-app.js';
+import {
+  createFixtureApp,
+  recordsOf,
+  waitUntilPast,
+  type FixtureApp,
+} from './fixtures/fixture-app.js';
 import { eachTarget } from './support/databases.js';
 import { expectProblem, newKey, post } from './support/http.js';
 
 describe.each(eachTarget)('duplicates in flight on %s', (_name, { database, platform }) => {
   let fixture: FixtureApp;
-  beforeAll(async () => (fixture = await createFixtureApp(database, { waitPollInterval: 10 }, platform)));
+  beforeAll(
+    async () => (fixture = await createFixtureApp(database, { waitPollInterval: 10 }, platform)),
+  );
   afterAll(() => fixture.close());
 
   it('answers 409 with Retry-After while the first request runs, then replays its result', async () => {

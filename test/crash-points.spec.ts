@@ -47,7 +47,11 @@ describeOnPostgres('SIGKILL at each point of a request, transactional and plain'
     [victim, ...survivors] = await Promise.all([
       // Every transactional request hung in its handler holds a pool connection (its transaction):
       // the victim's pool must outnumber them, or its other claims would wait for a connection.
-      startAppProcess('test/fixtures/storm-server.js', { ...env, HANG: '1', POOL_MAX: String(2 * KEYS_PER_CASE * POINTS.length + 10) }),
+      startAppProcess('test/fixtures/storm-server.js', {
+        ...env,
+        HANG: '1',
+        POOL_MAX: String(2 * KEYS_PER_CASE * POINTS.length + 10),
+      }),
       startAppProcess('test/fixtures/storm-server.js', { ...env, HANG: '0' }),
       startAppProcess('test/fixtures/storm-server.js', { ...env, HANG: '0' }),
     ]);
@@ -69,31 +73,45 @@ describeOnPostgres('SIGKILL at each point of a request, transactional and plain'
 
   /** Retries until the key stops answering 409 (its lock ran out and one retry took over, or it replays). */
   async function retryUntilSettled(item: Case, round: number): Promise<Exchange[]> {
-    return waitFor(`${item.mode}/${item.point} to settle`, async () => {
-      const answers = await Promise.all(
-        Array.from({ length: RETRIES_PER_KEY }, (_, i) => send(clients[(i + round) % clients.length], item)),
-      );
-      return answers.some((a) => a.status === 409) ? undefined : answers;
-    }, { timeoutMs: 15_000, intervalMs: 100 });
+    return waitFor(
+      `${item.mode}/${item.point} to settle`,
+      async () => {
+        const answers = await Promise.all(
+          Array.from({ length: RETRIES_PER_KEY }, (_, i) =>
+            send(clients[(i + round) % clients.length], item),
+          ),
+        );
+        return answers.some((a) => a.status === 409) ? undefined : answers;
+      },
+      { timeoutMs: 15_000, intervalMs: 100 },
+    );
   }
 
   it('after retries, each key has the effects its mode promises and a replayable response', async () => {
     const cases: Case[] = MODES.flatMap((mode) =>
-      POINTS.flatMap((point) => Array.from({ length: KEYS_PER_CASE }, () => ({ mode, point, key: randomUUID() }))),
+      POINTS.flatMap((point) =>
+        Array.from({ length: KEYS_PER_CASE }, () => ({ mode, point, key: randomUUID() })),
+      ),
     );
     const victimClient = new HttpClient(victim.baseUrl, cases.length);
     const lost = cases.map((item) => send(victimClient, item, { 'X-Hang-At': item.point }));
     const downstreamOfVictim = new Map<string, string>();
     for (const item of cases) {
-      const [, detail] = await victim.waitForOutput(new RegExp(`reached ${item.point} ${item.key} ?(\\S*)`));
+      const [, detail] = await victim.waitForOutput(
+        new RegExp(`reached ${item.point} ${item.key} ?(\\S*)`),
+      );
       if (detail) downstreamOfVictim.set(item.key, detail);
     }
     await victim.stop('SIGKILL');
-    expect((await Promise.all(lost)).map((exchange) => exchange.status)).toEqual(cases.map(() => 0));
+    expect((await Promise.all(lost)).map((exchange) => exchange.status)).toEqual(
+      cases.map(() => 0),
+    );
     victimClient.close();
 
     const answers = new Map<string, Exchange[]>();
-    await Promise.all(cases.map(async (item, round) => answers.set(item.key, await retryUntilSettled(item, round))));
+    await Promise.all(
+      cases.map(async (item, round) => answers.set(item.key, await retryUntilSettled(item, round))),
+    );
 
     const effects: { idempotency_key: string; pid: number }[] = await db.query(
       `SELECT idempotency_key, pid FROM ${tag} WHERE idempotency_key = ANY($1)`,
@@ -115,10 +133,14 @@ describeOnPostgres('SIGKILL at each point of a request, transactional and plain'
       expect(isReplay(later)).toBe(true);
       expect(jsonOf(later)).toEqual(body);
       // The downstream key of the operation is the one the killed process had derived.
-      if (downstreamOfVictim.has(item.key)) expect(body.downstream).toBe(downstreamOfVictim.get(item.key));
+      if (downstreamOfVictim.has(item.key))
+        expect(body.downstream).toBe(downstreamOfVictim.get(item.key));
       const name = `${item.mode}, killed ${item.point}`;
       figures[name] = [figures[name], String(ofKey.length)].filter(Boolean).join(', ');
     }
-    report(`SIGKILL at each point (${KEYS_PER_CASE} keys each, 3 processes, lockTimeout ${LOCK_TIMEOUT}): effects per key after retries`, figures);
+    report(
+      `SIGKILL at each point (${KEYS_PER_CASE} keys each, 3 processes, lockTimeout ${LOCK_TIMEOUT}): effects per key after retries`,
+      figures,
+    );
   }, 90_000);
 });

@@ -45,11 +45,16 @@ describeOnPostgres('a process killed while its handler runs', (url) => {
    */
   async function claimAndKill(route: string, keys: string[], victim: AppProcess) {
     const victimClient = new HttpClient(victim.baseUrl, keys.length);
-    const inFlight = keys.map((key) => victimClient.post(route, key, { amount: 7 }, { 'X-Tenant': tag }));
-    for (const key of keys) await victim.waitForOutput(new RegExp(`entered ${route.slice(1)} ${key}`));
+    const inFlight = keys.map((key) =>
+      victimClient.post(route, key, { amount: 7 }, { 'X-Tenant': tag }),
+    );
+    for (const key of keys)
+      await victim.waitForOutput(new RegExp(`entered ${route.slice(1)} ${key}`));
     const claimed = await waitFor('the records to be in progress', async () => {
       const rows = await recordsOf(keys);
-      return rows.length === keys.length && rows.every((r) => r.state === 'in_progress') ? rows : undefined;
+      return rows.length === keys.length && rows.every((r) => r.state === 'in_progress')
+        ? rows
+        : undefined;
     });
     await victim.stop('SIGKILL');
     // The victim's clients get no response: the connection dies with the process.
@@ -72,7 +77,14 @@ describeOnPostgres('a process killed while its handler runs', (url) => {
     let round = 0;
     while (Date.now() < firstDeadline - 100) {
       const exchanges = await Promise.all(
-        keys.map((key, i) => clients[(i + round) % clients.length].post(route, key, { amount: 7 }, { 'X-Tenant': tag })),
+        keys.map((key, i) =>
+          clients[(i + round) % clients.length].post(
+            route,
+            key,
+            { amount: 7 },
+            { 'X-Tenant': tag },
+          ),
+        ),
       );
       round++;
       // Only an answer that arrived before the deadline must be a 409; later ones may take over.
@@ -127,7 +139,11 @@ describeOnPostgres('a process killed while its handler runs', (url) => {
 
   it('answers 409 until the lock times out, then exactly one retry takes over and runs the handler once', async () => {
     const keys = Array.from({ length: KEYS }, () => randomUUID());
-    const { firstDeadline, deadline, killedAt, lost } = await claimAndKill('/crash', keys, victims[0]);
+    const { firstDeadline, deadline, killedAt, lost } = await claimAndKill(
+      '/crash',
+      keys,
+      victims[0],
+    );
 
     const early = await retriesBeforeDeadline('/crash', keys, firstDeadline);
     expect(await lost).toEqual(keys.map(() => 0));
@@ -169,14 +185,28 @@ describeOnPostgres('a process killed while its handler runs', (url) => {
       'lock time left when the process was killed': `${firstDeadline - killedAt} ms`,
       'retries before the lock deadline': `${early.length}, all 409`,
       [`concurrent retries after the deadline (${RETRIES_PER_KEY_AFTER_DEADLINE} per key, 2 processes)`]:
-        JSON.stringify(tally(after.map((a) => (a.exchange.status === 201 && !isReplay(a.exchange) ? 'takeover' : isReplay(a.exchange) ? 'replay' : a.exchange.status)))),
+        JSON.stringify(
+          tally(
+            after.map((a) =>
+              a.exchange.status === 201 && !isReplay(a.exchange)
+                ? 'takeover'
+                : isReplay(a.exchange)
+                  ? 'replay'
+                  : a.exchange.status,
+            ),
+          ),
+        ),
       'side effects per key': keys.map((key) => effects(key).length).join(', '),
     });
   }, 60_000);
 
   it('a handler killed after committing its side effect runs again on takeover; an idempotent write keeps one effect', async () => {
     const keys = Array.from({ length: KEYS }, () => randomUUID());
-    const { victimPid, deadline, lost } = await claimAndKill('/crash-after-effect', keys, victims[1]);
+    const { victimPid, deadline, lost } = await claimAndKill(
+      '/crash-after-effect',
+      keys,
+      victims[1],
+    );
     expect(await lost).toEqual(keys.map(() => 0));
     await waitUntilPast(deadline);
     const after = await burst('/crash-after-effect', keys);
@@ -192,12 +222,17 @@ describeOnPostgres('a process killed while its handler runs', (url) => {
       // ...and the handler's own unique constraint kept the effect single: the victim's.
       expect(effects(key)).toHaveLength(1);
       expect(effects(key)[0].pid).toBe(victimPid);
-      expect(jsonOf(takeovers[0])).toMatchObject({ effect: effects(key)[0].id, firstPid: victimPid });
+      expect(jsonOf(takeovers[0])).toMatchObject({
+        effect: effects(key)[0].id,
+        firstPid: victimPid,
+      });
     }
     report('crash after the side effect committed (the documented window)', {
       keys: keys.length,
       'handler runs per key': keys.map((key) => attempts(key).length).join(', '),
-      'effects per key with a unique constraint on the key': keys.map((key) => effects(key).length).join(', '),
+      'effects per key with a unique constraint on the key': keys
+        .map((key) => effects(key).length)
+        .join(', '),
     });
   }, 60_000);
 });

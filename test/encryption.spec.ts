@@ -1,6 +1,11 @@
 import { randomBytes } from 'node:crypto';
 import { DataSource } from 'typeorm';
-import { IdempotencyMetrics, IdempotencyRecord, SEALED_ENCODING, type IdempotencyModuleOptions } from '../lib/index.js';
+import {
+  IdempotencyMetrics,
+  IdempotencyRecord,
+  SEALED_ENCODING,
+  type IdempotencyModuleOptions,
+} from '../lib/index.js';
 import { createFixtureApp, recordsOf, type FixtureApp } from './fixtures/fixture-app.js';
 import { CapturedLog } from './support/captured-log.js';
 import { eachDatabase, type TestDatabase } from './support/databases.js';
@@ -16,7 +21,10 @@ describe.each(eachDatabase)('encrypted responses on %s', (_name, database) => {
 
   /** An app on the shared DataSource, with these options. */
   async function app(options: Partial<IdempotencyModuleOptions>): Promise<FixtureApp> {
-    const fixture = await createFixtureApp(database, options, 'express', { dataSource, logger: log });
+    const fixture = await createFixtureApp(database, options, 'express', {
+      dataSource,
+      logger: log,
+    });
     apps.push(fixture);
     return fixture;
   }
@@ -76,12 +84,23 @@ describe.each(eachDatabase)('encrypted responses on %s', (_name, database) => {
     const onlyNew = await app({ encryption: { keys: [newKeyHex] } });
     expect((await post(onlyNew.http, '/charges', fresh, { amount: 2 })).status).toBe(201);
     const mark = log.lines.length;
-    expectProblem(await post(onlyNew.http, '/charges', key, { amount: 1 }), 500, 'response-unreadable');
+    expectProblem(
+      await post(onlyNew.http, '/charges', key, { amount: 1 }),
+      500,
+      'response-unreadable',
+    );
     // Failed closed: the handler did not run again, the record is still there, and the log line
     // names the key but holds nothing of the body.
-    expect(before.calls.count('charges', key) + rotated.calls.count('charges', key) + onlyNew.calls.count('charges', key)).toBe(1);
+    expect(
+      before.calls.count('charges', key) +
+        rotated.calls.count('charges', key) +
+        onlyNew.calls.count('charges', key),
+    ).toBe(1);
     expect((await recordsOf(dataSource, key))[0].responseBody).toBe(sealedUnderOld);
-    const lines = log.lines.slice(mark).map((line) => line.text).join('\n');
+    const lines = log.lines
+      .slice(mark)
+      .map((line) => line.text)
+      .join('\n');
     expect(lines).toContain('not configured');
     expect(lines).not.toContain(first.body.id);
     expect(onlyNew.app.get(IdempotencyMetrics).snapshot().unreadable).toBe(1);
@@ -95,12 +114,20 @@ describe.each(eachDatabase)('encrypted responses on %s', (_name, database) => {
     const parts = record.responseBody!.split('.');
     parts[3] = flipFirstCharacter(parts[3]);
     await update(dataSource, flipped, { responseBody: parts.join('.') });
-    expectProblem(await post(fixture.http, '/charges', flipped, { amount: 3 }), 500, 'response-unreadable');
+    expectProblem(
+      await post(fixture.http, '/charges', flipped, { amount: 3 }),
+      500,
+      'response-unreadable',
+    );
 
     const restatused = newKey();
     await post(fixture.http, '/charges', restatused, { amount: 4 }).expect(201);
     await update(dataSource, restatused, { responseStatus: 200 });
-    expectProblem(await post(fixture.http, '/charges', restatused, { amount: 4 }), 500, 'response-unreadable');
+    expectProblem(
+      await post(fixture.http, '/charges', restatused, { amount: 4 }),
+      500,
+      'response-unreadable',
+    );
     expect(fixture.calls.count('charges', flipped)).toBe(1);
     expect(fixture.calls.count('charges', restatused)).toBe(1);
   });
@@ -114,7 +141,11 @@ describe.each(eachDatabase)('encrypted responses on %s', (_name, database) => {
     const [copied] = await recordsOf(dataSource, source);
     // Same payload, so the fingerprint matches: only the authenticated identity tells them apart.
     await update(dataSource, victim, { responseBody: copied.responseBody });
-    expectProblem(await post(fixture.http, '/charges', victim, { amount: 5 }), 500, 'response-unreadable');
+    expectProblem(
+      await post(fixture.http, '/charges', victim, { amount: 5 }),
+      500,
+      'response-unreadable',
+    );
     const replay = await post(fixture.http, '/charges', source, { amount: 5 }).expect(201);
     expect(replay.body).toEqual(original.body);
   });
@@ -126,7 +157,11 @@ describe.each(eachDatabase)('encrypted responses on %s', (_name, database) => {
     expect((await recordsOf(dataSource, key))[0].responseBodyEncoding).toBe('json');
 
     const strict = await app({ encryption: { keys: [oldKey] } });
-    expectProblem(await post(strict.http, '/charges', key, { amount: 6 }), 500, 'response-unreadable');
+    expectProblem(
+      await post(strict.http, '/charges', key, { amount: 6 }),
+      500,
+      'response-unreadable',
+    );
 
     const migrating = await app({ encryption: { keys: [oldKey], acceptUnsealed: true } });
     const replay = await post(migrating.http, '/charges', key, { amount: 6 }).expect(201);
@@ -134,7 +169,11 @@ describe.each(eachDatabase)('encrypted responses on %s', (_name, database) => {
     const fresh = newKey();
     await post(migrating.http, '/charges', fresh, { amount: 7 }).expect(201);
     expect((await recordsOf(dataSource, fresh))[0].responseBodyEncoding).toBe(SEALED_ENCODING);
-    expect(clear.calls.count('charges', key) + strict.calls.count('charges', key) + migrating.calls.count('charges', key)).toBe(1);
+    expect(
+      clear.calls.count('charges', key) +
+        strict.calls.count('charges', key) +
+        migrating.calls.count('charges', key),
+    ).toBe(1);
   });
 
   it('a sealed row read with encryption turned off fails closed', async () => {
@@ -142,7 +181,11 @@ describe.each(eachDatabase)('encrypted responses on %s', (_name, database) => {
     const key = newKey();
     await post(sealing.http, '/charges', key, { amount: 8 }).expect(201);
     const clear = await app({});
-    expectProblem(await post(clear.http, '/charges', key, { amount: 8 }), 500, 'response-unreadable');
+    expectProblem(
+      await post(clear.http, '/charges', key, { amount: 8 }),
+      500,
+      'response-unreadable',
+    );
     expect(sealing.calls.count('charges', key) + clear.calls.count('charges', key)).toBe(1);
   });
 });
@@ -154,7 +197,9 @@ describe('encryption options', () => {
     ['a passphrase', { keys: ['correct horse battery staple'] }],
   ])('refuse %s at startup', async (_case, encryption) => {
     const [, database] = eachDatabase[0];
-    await expect(createFixtureApp(database, { encryption } as Partial<IdempotencyModuleOptions>)).rejects.toThrow(/encryption\.keys/);
+    await expect(
+      createFixtureApp(database, { encryption } as Partial<IdempotencyModuleOptions>),
+    ).rejects.toThrow(/encryption\.keys/);
   });
 });
 

@@ -1,6 +1,11 @@
 import { jest } from '@jest/globals';
 import { IdempotencyRecord, IdempotencyStore } from '../lib/index.js';
-import { createFixtureApp, recordsOf, waitUntilPast, type FixtureApp } from './fixtures/fixture-app.js';
+import {
+  createFixtureApp,
+  recordsOf,
+  waitUntilPast,
+  type FixtureApp,
+} from './fixtures/fixture-app.js';
 import { eachDatabase } from './support/databases.js';
 import { newKey, post } from './support/http.js';
 

@@ -12,7 +12,10 @@ function graphqlModule(platform: HttpPlatform) {
   return GraphQLModule.forRoot<ApolloDriverConfig>({
     driver: ApolloDriver,
     typeDefs: PAYMENTS_TYPE_DEFS,
-    context: platform === 'express' ? ({ req }: { req: unknown }) => ({ req }) : (request: unknown) => ({ req: request }),
+    context:
+      platform === 'express'
+        ? ({ req }: { req: unknown }) => ({ req })
+        : (request: unknown) => ({ req: request }),
   });
 }
 
@@ -22,18 +25,23 @@ interface GraphQLAnswer {
 }
 
 const pglite = testDatabases.find((database) => database.name === 'pglite')!;
-const PAY = 'mutation Pay($amount: Int!, $key: String) { pay(amount: $amount, idempotencyKey: $key) { id amount } }';
+const PAY =
+  'mutation Pay($amount: Int!, $key: String) { pay(amount: $amount, idempotencyKey: $key) { id amount } }';
 
 describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)', (platform) => {
   let fixture: ReliabilityApp;
   let client: HttpClient;
 
   beforeAll(async () => {
-    fixture = await createReliabilityApp(pglite, {}, {
-      platform,
-      imports: () => [graphqlModule(platform)],
-      providers: [PaymentsResolver],
-    });
+    fixture = await createReliabilityApp(
+      pglite,
+      {},
+      {
+        platform,
+        imports: () => [graphqlModule(platform)],
+        providers: [PaymentsResolver],
+      },
+    );
     client = new HttpClient(fixture.baseUrl, 8);
   });
   afterAll(async () => {
@@ -41,9 +49,17 @@ describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)
     await fixture.close();
   });
 
-  async function graphql(query: string, variables: Record<string, unknown> = {}, headers: Record<string, string> = {}) {
+  async function graphql(
+    query: string,
+    variables: Record<string, unknown> = {},
+    headers: Record<string, string> = {},
+  ) {
     const exchange = await client.send('/graphql', { body: { query, variables }, headers });
-    return { status: exchange.status, headers: exchange.headers, body: jsonOf(exchange) as GraphQLAnswer };
+    return {
+      status: exchange.status,
+      headers: exchange.headers,
+      body: jsonOf(exchange) as GraphQLAnswer,
+    };
   }
   const codeOf = (answer: GraphQLAnswer) => answer.errors?.[0]?.extensions?.code;
 
@@ -97,7 +113,8 @@ describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)
 
   it('answers IDEMPOTENCY_REQUEST_IN_PROGRESS to a duplicate while the first runs, with retryAfterSeconds', async () => {
     const key = randomUUID();
-    const query = 'mutation Held($key: String) { heldPay(amount: 16, idempotencyKey: $key) { id } }';
+    const query =
+      'mutation Held($key: String) { heldPay(amount: 16, idempotencyKey: $key) { id } }';
     fixture.gate.hold(key);
     const first = graphql(query, { key });
     await fixture.gate.arrived(key);
@@ -111,7 +128,8 @@ describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)
 
   it('replays a stored business error as the same GraphQL error, and releases the key after a crash', async () => {
     const key = randomUUID();
-    const declined = 'mutation D($key: String) { declinedPay(amount: 1, idempotencyKey: $key) { id } }';
+    const declined =
+      'mutation D($key: String) { declinedPay(amount: 1, idempotencyKey: $key) { id } }';
     const first = await graphql(declined, { key });
     const again = await graphql(declined, { key });
     expect(first.body.errors?.[0]?.message).toEqual(expect.any(String));
@@ -119,7 +137,8 @@ describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)
     expect(fixture.calls.count('declinedPay', key)).toBe(1);
 
     const crashKey = randomUUID();
-    const crashing = 'mutation C($key: String) { crashingPay(amount: 1, idempotencyKey: $key) { id } }';
+    const crashing =
+      'mutation C($key: String) { crashingPay(amount: 1, idempotencyKey: $key) { id } }';
     await graphql(crashing, { key: crashKey });
     await graphql(crashing, { key: crashKey });
     expect(fixture.calls.count('crashingPay', crashKey)).toBe(2);
@@ -145,7 +164,13 @@ describe('GraphQL resolvers at startup', () => {
   it('refuses a transactional @Idempotent() resolver on a store that cannot run it, naming it', async () => {
     const sqlite = testDatabases.find((database) => database.name === 'sqlite')!;
     await expect(
-      createReliabilityApp(sqlite, {}, { imports: () => [graphqlModule('express')], providers: [TransactionalPaymentsResolver] }),
-    ).rejects.toThrow(/transactional routes \(TransactionalPaymentsResolver\.pay\) cannot run on this store/);
+      createReliabilityApp(
+        sqlite,
+        {},
+        { imports: () => [graphqlModule('express')], providers: [TransactionalPaymentsResolver] },
+      ),
+    ).rejects.toThrow(
+      /transactional routes \(TransactionalPaymentsResolver\.pay\) cannot run on this store/,
+    );
   });
 });

@@ -35,9 +35,13 @@ describe.each(eachTarget)('caller scopes on %s', (_name, { database, platform })
 
 describe.each(eachTarget)('a module-wide scope resolver on %s', (_name, { database, platform }) => {
   it('scopes every route by it', async () => {
-    const fixture = await createFixtureApp(database, {
-      scope: (request) => String(request.headers['x-tenant'] ?? 'anonymous'),
-    }, platform);
+    const fixture = await createFixtureApp(
+      database,
+      {
+        scope: (request) => String(request.headers['x-tenant'] ?? 'anonymous'),
+      },
+      platform,
+    );
     try {
       const key = newKey();
       await post(fixture.http, '/charges', key).set('X-Tenant', 't1').expect(201);

@@ -4,7 +4,7 @@ import { LeaseController, SHORT_LOCK_MS } from './fixtures/lease.controller.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { CapturedLog } from './support/captured-log.js';
 import { eachDatabase } from './support/databases.js';
-import { expectProblem, newKey, post } from './support/http.js';
+import { newKey, post } from './support/http.js';
 import { report, waitFor } from './support/reliability.js';
 
 /** How long the tests hold a handler: more than three times its lockTimeout. */
@@ -22,7 +22,11 @@ describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
   const lostLeases = () => fixture.app.get(IdempotencyMetrics).snapshot()['lease-lost'];
 
   beforeAll(async () => {
-    fixture = await createReliabilityApp(database, { waitPollInterval: 20 }, { controllers: [LeaseController], logger: log });
+    fixture = await createReliabilityApp(
+      database,
+      { waitPollInterval: 20 },
+      { controllers: [LeaseController], logger: log },
+    );
   });
   afterAll(() => fixture.close());
 
@@ -57,11 +61,14 @@ describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
     expect(replay.headers['idempotent-replayed']).toBe('true');
     expect(replay.body).toEqual(original.body);
     expect(fixture.calls.count('held', key)).toBe(1);
-    report(`lease renewal on ${database.name}: handler held ${HELD_MS} ms, lockTimeout ${SHORT_LOCK_MS} ms`, {
-      'retries while it ran': `${statuses.length}, all 409`,
-      'lock extended by renewal': `${renewedUntil - claimedUntil} ms`,
-      'handler runs': fixture.calls.count('held', key),
-    });
+    report(
+      `lease renewal on ${database.name}: handler held ${HELD_MS} ms, lockTimeout ${SHORT_LOCK_MS} ms`,
+      {
+        'retries while it ran': `${statuses.length}, all 409`,
+        'lock extended by renewal': `${renewedUntil - claimedUntil} ms`,
+        'handler runs': fixture.calls.count('held', key),
+      },
+    );
   });
 
   it('in wait mode a duplicate keeps waiting while the claim is renewed, then replays', async () => {
@@ -104,15 +111,23 @@ describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
     const hung = post(fixture.baseUrl, '/lease/capped', key).then((response) => response);
     await fixture.gate.arrived(key);
     // Renewed for 600 ms; the lock then runs out at most lockTimeout after the last renewal.
-    const lastLock = await waitFor('the renewal to stop', async () => {
-      const until = Number((await recordOf(fixture, key)).expiresAt);
-      return Date.now() > until ? until : undefined;
-    }, { timeoutMs: 5_000 });
+    const lastLock = await waitFor(
+      'the renewal to stop',
+      async () => {
+        const until = Number((await recordOf(fixture, key)).expiresAt);
+        return Date.now() > until ? until : undefined;
+      },
+      { timeoutMs: 5_000 },
+    );
     const takeover = await post(fixture.baseUrl, '/lease/capped', key);
     expect(takeover.status).toBe(201);
     expect(takeover.headers['idempotent-replayed']).toBeUndefined();
     expect(fixture.calls.count('capped', key)).toBe(2);
-    expect(log.lines.some((line) => line.level === 'error' && /lockRenewalLimit \(600 ms\)/.test(line.text))).toBe(true);
+    expect(
+      log.lines.some(
+        (line) => line.level === 'error' && /lockRenewalLimit \(600 ms\)/.test(line.text),
+      ),
+    ).toBe(true);
     fixture.gate.open(key);
     await hung;
     expect(lastLock).toBeGreaterThan(0);
@@ -125,7 +140,9 @@ describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
     const first = post(fixture.baseUrl, '/lease/held', key).then((response) => response);
     await fixture.gate.arrived(key);
     const thief = await stealClaim(fixture.dataSource, key);
-    await waitFor('the renewal to find the lease gone', () => (lostLeases() > lostBefore ? true : undefined));
+    await waitFor('the renewal to find the lease gone', () =>
+      lostLeases() > lostBefore ? true : undefined,
+    );
     fixture.gate.open(key);
     expect((await first).status).toBe(201);
     // Its completion finds the lease gone too: still one lost lease, and the thief's record stays.
@@ -133,7 +150,9 @@ describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
     const record = await recordOf(fixture, key);
     expect(record.state).toBe('in_progress');
     expect(record.leaseToken).toBe(thief);
-    expect(log.lines.some((line) => line.level === 'warn' && /was taken over/.test(line.text))).toBe(true);
+    expect(
+      log.lines.some((line) => line.level === 'warn' && /was taken over/.test(line.text)),
+    ).toBe(true);
   });
 
   it('stops renewing when the app shuts down, so a dying process does not keep its keys', async () => {
@@ -149,10 +168,14 @@ describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
     const closing = own.app.close();
     // No renewal after shutdown began: the lock runs out while the handler is still held (with
     // renewal going on, it would stay ahead of the clock and this wait would time out).
-    const until = await waitFor('the lock to run out', async () => {
-      const expiresAt = Number((await recordsOf(own.dataSource, key))[0].expiresAt);
-      return Date.now() > expiresAt ? expiresAt : undefined;
-    }, { timeoutMs: 3_000 });
+    const until = await waitFor(
+      'the lock to run out',
+      async () => {
+        const expiresAt = Number((await recordsOf(own.dataSource, key))[0].expiresAt);
+        return Date.now() > expiresAt ? expiresAt : undefined;
+      },
+      { timeoutMs: 3_000 },
+    );
     await waitUntilPast(Date.now() + SHORT_LOCK_MS);
     const [record] = await recordsOf(own.dataSource, key);
     expect(record.state).toBe('in_progress');

@@ -35,7 +35,8 @@ async function refuseWrites(dataSource: DataSource, tag: string): Promise<() => 
   await dataSource.query(
     `ALTER TABLE idempotency_records ADD CONSTRAINT ${tag}_refuse CHECK (${check})${type === 'postgres' ? ' NOT VALID' : ''}`,
   );
-  return async () => void (await dataSource.query(`ALTER TABLE idempotency_records DROP CONSTRAINT ${tag}_refuse`));
+  return async () =>
+    void (await dataSource.query(`ALTER TABLE idempotency_records DROP CONSTRAINT ${tag}_refuse`));
 }
 
 describe.each(eachTarget)('log lines on %s', (name, { database, platform }) => {
@@ -89,13 +90,16 @@ describe.each(eachTarget)('log lines on %s', (name, { database, platform }) => {
     post(fixture.baseUrl, path, key, body).set('X-Case', testCase);
   /** Keeps what a response carried (its ids, the echoed marker): never to be logged either. */
   const remember = (response: { body: unknown; text?: string }) => {
-    const id = (response.body as { id?: unknown })?.id ?? /"id":"([^"]+)"/.exec(response.text ?? '')?.[1];
+    const id =
+      (response.body as { id?: unknown })?.id ?? /"id":"([^"]+)"/.exec(response.text ?? '')?.[1];
     if (typeof id === 'string') secrets.add(id);
   };
 
   /** The current test's lines from the module (context Idempotency) that contain `phrase`. */
   const moduleLines = (phrase: string) =>
-    log.lines.slice(mark).filter((line) => line.context === 'Idempotency' && line.text.includes(phrase));
+    log.lines
+      .slice(mark)
+      .filter((line) => line.context === 'Idempotency' && line.text.includes(phrase));
 
   /**
    * No line of the current test (or with `all`, of the whole run), of any level or context, holds
@@ -128,7 +132,9 @@ describe.each(eachTarget)('log lines on %s', (name, { database, platform }) => {
   it('a handler that crashes (500, key released): Nest logs the error, without the key or the body', async () => {
     const key = newKey();
     await send('/r/crash', 'crash', key, newBody()).expect(500);
-    expect(log.lines.some((line) => line.level === 'error' && line.text.includes('handler crashed'))).toBe(true);
+    expect(
+      log.lines.some((line) => line.level === 'error' && line.text.includes('handler crashed')),
+    ).toBe(true);
     expectNothingLeaked();
   });
 
@@ -174,14 +180,19 @@ describe.each(eachTarget)('log lines on %s', (name, { database, platform }) => {
     ['a long key', 44],
     ['an 8-character key', 8],
     ['a 3-character key', 3],
-  ])('a response over maxResponseBytes, with %s: the warning holds neither the key nor the response', async (_what, length) => {
-    const key = newKey(length);
-    const response = await send('/r/big', `big-${length}`, key, newBody()).expect(201);
-    remember(response);
-    const line = moduleLines('over maxResponseBytes').find((l) => l.text.includes(`for key ${truncateKeyForLog(key)} on`));
-    expect(line?.level).toBe('warn');
-    expectNothingLeaked();
-  });
+  ])(
+    'a response over maxResponseBytes, with %s: the warning holds neither the key nor the response',
+    async (_what, length) => {
+      const key = newKey(length);
+      const response = await send('/r/big', `big-${length}`, key, newBody()).expect(201);
+      remember(response);
+      const line = moduleLines('over maxResponseBytes').find((l) =>
+        l.text.includes(`for key ${truncateKeyForLog(key)} on`),
+      );
+      expect(line?.level).toBe('warn');
+      expectNothingLeaked();
+    },
+  );
 
   it('a StreamableFile: the error names the key truncated, not the stream', async () => {
     const key = newKey();
@@ -211,7 +222,9 @@ describe.each(eachTarget)('log lines on %s', (name, { database, platform }) => {
     report(`log lines on ${name}: every log path driven, ${secrets.size} key and body markers`, {
       'lines captured': log.lines.length,
       'by level': JSON.stringify(tally(log.lines.map((line) => line.level))),
-      'module lines (context Idempotency)': log.lines.filter((line) => line.context === 'Idempotency').length,
+      'module lines (context Idempotency)': log.lines.filter(
+        (line) => line.context === 'Idempotency',
+      ).length,
       'lines holding a whole key, more of a key than its first 8 characters, or a body': 0,
     });
   });

@@ -1,6 +1,11 @@
 import { jest } from '@jest/globals';
 import { IdempotencyMetrics, IdempotencyRecord, type IdempotencyEvent } from '../lib/index.js';
-import { createFixtureApp, recordsOf, waitUntilPast, type FixtureApp } from './fixtures/fixture-app.js';
+import {
+  createFixtureApp,
+  recordsOf,
+  waitUntilPast,
+  type FixtureApp,
+} from './fixtures/fixture-app.js';
 import { eachDatabase } from './support/databases.js';
 import { freezeClockAt, setClock } from './support/clock.js';
 import { newKey, post } from './support/http.js';

@@ -119,8 +119,12 @@ describe('routes the interceptor cannot protect', () => {
     const moduleRef = await Test.createTestingModule({ imports: [AppModule] }).compile();
     const app = moduleRef.createNestApplication({ logger: false });
     const init = app.init();
-    await expect(init).rejects.toThrow(/RawResponseController\.write: it writes the response itself/);
-    await expect(init).rejects.toThrow(/RawResponseController\.events: it streams server-sent events/);
+    await expect(init).rejects.toThrow(
+      /RawResponseController\.write: it writes the response itself/,
+    );
+    await expect(init).rejects.toThrow(
+      /RawResponseController\.events: it streams server-sent events/,
+    );
     await app.close().catch(() => undefined);
   });
 });

@@ -5,7 +5,10 @@ import { testDatabases, type TestDatabase } from './support/databases.js';
 import { startAppProcess, type AppProcess } from './support/processes.js';
 
 const shared = testDatabases.filter((database) => database.shared);
-const describeShared = shared.length > 0 ? describe.each(shared.map((d) => [d.name, d] as const)) : describe.skip.each([['no shared database (set DATABASE_URL)', undefined]]);
+const describeShared =
+  shared.length > 0
+    ? describe.each(shared.map((d) => [d.name, d] as const))
+    : describe.skip.each([['no shared database (set DATABASE_URL)', undefined]]);
 
 describeShared('two app processes on one %s', (_name, database) => {
   let processes: AppProcess[] = [];
@@ -33,7 +36,11 @@ describeShared('two app processes on one %s', (_name, database) => {
           method: 'POST',
           headers: { 'Content-Type': 'application/json', 'Idempotency-Key': key },
           body: JSON.stringify({ amount: 10 }),
-        }).then(async (response) => ({ key, status: response.status, body: (await response.json()) as { effect: number } })),
+        }).then(async (response) => ({
+          key,
+          status: response.status,
+          body: (await response.json()) as { effect: number },
+        })),
       ),
     );
     const responses = await Promise.all(sends);

@@ -20,10 +20,14 @@ describe.each(eachDatabase.filter(([, database]) => database.transactions))(
   (name, database) => {
     let server: AppProcess;
     let client: HttpClient;
-    const stateOf = async (key: string) => jsonOf(await client.send(`/cls/state/${key}`, { method: 'GET' })) as State;
+    const stateOf = async (key: string) =>
+      jsonOf(await client.send(`/cls/state/${key}`, { method: 'GET' })) as State;
 
     beforeAll(async () => {
-      server = await startAppProcess('test/fixtures/cls-server.js', serverEnv(name, database.options() as { url?: string }));
+      server = await startAppProcess(
+        'test/fixtures/cls-server.js',
+        serverEnv(name, database.options() as { url?: string }),
+      );
       client = new HttpClient(server.baseUrl, 4);
     }, 30_000);
     afterAll(async () => {

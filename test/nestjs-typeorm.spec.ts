@@ -32,7 +32,11 @@ async function bootWithTypeOrm(options: object, connection?: string, moduleOptio
       TypeOrmModule.forFeature([IdempotencyRecord], connection),
       IdempotencyModule.forRootAsync({
         inject: [getDataSourceToken(connection)],
-        useFactory: (dataSource: DataSource) => ({ dataSource, purgeInterval: false, ...moduleOptions }),
+        useFactory: (dataSource: DataSource) => ({
+          dataSource,
+          purgeInterval: false,
+          ...moduleOptions,
+        }),
       }),
     ],
     controllers: [InvoicesController],
@@ -53,8 +57,12 @@ describe.each(eachDatabase)('with @nestjs/typeorm on %s', (_name, database) => {
     try {
       const key = randomUUID();
       const before = runs;
-      const first = await request(app.getHttpServer()).post('/invoices').set('Idempotency-Key', key);
-      const retry = await request(app.getHttpServer()).post('/invoices').set('Idempotency-Key', key);
+      const first = await request(app.getHttpServer())
+        .post('/invoices')
+        .set('Idempotency-Key', key);
+      const retry = await request(app.getHttpServer())
+        .post('/invoices')
+        .set('Idempotency-Key', key);
       expect(first.status).toBe(201);
       expect(retry.headers['idempotent-replayed']).toBe('true');
       expect(runs - before).toBe(1);
@@ -75,33 +83,50 @@ interface FreshDatabase {
 }
 
 /** A new SQLite file; PostgreSQL in a schema of its own. */
-const freshDatabases = testDatabases.flatMap((database): (readonly [string, () => FreshDatabase])[] => {
-  if (database.name === 'sqlite') {
-    return [[database.name, () => {
-      const options = database.options();
-      return { options, migrationsTable: 'migrations', prepare: async () => undefined, cleanUp: async () => undefined };
-    }]];
-  }
-  if (database.name !== 'postgres') return [];
-  return [[database.name, () => {
-    const schema = `user_migrations_${randomUUID().slice(0, 8)}`;
-    const admin = () => new DataSource(database.options());
-    const run = async (sql: string) => {
-      const connection = await admin().initialize();
-      try {
-        await connection.query(sql);
-      } finally {
-        await connection.destroy();
-      }
-    };
-    return {
-      options: { ...database.options(), schema },
-      migrationsTable: `${schema}.migrations`,
-      prepare: () => run(`CREATE SCHEMA ${schema}`),
-      cleanUp: () => run(`DROP SCHEMA ${schema} CASCADE`),
-    };
-  }]];
-});
+const freshDatabases = testDatabases.flatMap(
+  (database): (readonly [string, () => FreshDatabase])[] => {
+    if (database.name === 'sqlite') {
+      return [
+        [
+          database.name,
+          () => {
+            const options = database.options();
+            return {
+              options,
+              migrationsTable: 'migrations',
+              prepare: async () => undefined,
+              cleanUp: async () => undefined,
+            };
+          },
+        ],
+      ];
+    }
+    if (database.name !== 'postgres') return [];
+    return [
+      [
+        database.name,
+        () => {
+          const schema = `user_migrations_${randomUUID().slice(0, 8)}`;
+          const admin = () => new DataSource(database.options());
+          const run = async (sql: string) => {
+            const connection = await admin().initialize();
+            try {
+              await connection.query(sql);
+            } finally {
+              await connection.destroy();
+            }
+          };
+          return {
+            options: { ...database.options(), schema },
+            migrationsTable: `${schema}.migrations`,
+            prepare: () => run(`CREATE SCHEMA ${schema}`),
+            cleanUp: () => run(`DROP SCHEMA ${schema} CASCADE`),
+          };
+        },
+      ],
+    ];
+  },
+);
 
 /**
  * The app runs the table's migration itself (`migrationsRun`, the class among its `migrations`)
@@ -113,18 +138,29 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
     await database.prepare();
     try {
       const app = await bootWithTypeOrm(
-        { ...database.options, migrations: [CreateIdempotencyRecords1763900000000], migrationsRun: true },
+        {
+          ...database.options,
+          migrations: [CreateIdempotencyRecords1763900000000],
+          migrationsRun: true,
+        },
         undefined,
         { runMigrations: false },
       );
       try {
         const dataSource = app.get<DataSource>(getDataSourceToken());
-        const executed: { name: string }[] = await dataSource.query(`SELECT name FROM ${database.migrationsTable}`);
+        const executed: { name: string }[] = await dataSource.query(
+          `SELECT name FROM ${database.migrationsTable}`,
+        );
         expect(executed.map((row) => row.name)).toEqual(['CreateIdempotencyRecords1763900000000']);
         const key = randomUUID();
         const before = runs;
-        await request(app.getHttpServer()).post('/invoices').set('Idempotency-Key', key).expect(201);
-        const retry = await request(app.getHttpServer()).post('/invoices').set('Idempotency-Key', key);
+        await request(app.getHttpServer())
+          .post('/invoices')
+          .set('Idempotency-Key', key)
+          .expect(201);
+        const retry = await request(app.getHttpServer())
+          .post('/invoices')
+          .set('Idempotency-Key', key);
         expect(retry.headers['idempotent-replayed']).toBe('true');
         expect(runs - before).toBe(1);
         expect(await dataSource.getRepository(IdempotencyRecord).countBy({ key })).toBe(1);

@@ -1,13 +1,29 @@
 import { context, trace } from '@opentelemetry/api';
 import { AsyncLocalStorageContextManager } from '@opentelemetry/context-async-hooks';
-import { BasicTracerProvider, InMemorySpanExporter, SimpleSpanProcessor, type ReadableSpan } from '@opentelemetry/sdk-trace-base';
+import {
+  BasicTracerProvider,
+  InMemorySpanExporter,
+  SimpleSpanProcessor,
+  type ReadableSpan,
+} from '@opentelemetry/sdk-trace-base';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
-import { idempotencyChannelName, type IdempotencyEvent, type IdempotencyEventMessage } from '../lib/index.js';
+import {
+  idempotencyChannelName,
+  type IdempotencyEvent,
+  type IdempotencyEventMessage,
+} from '../lib/index.js';
 import { createFixtureApp, stealClaim, type FixtureApp } from './fixtures/fixture-app.js';
 import { testDatabases } from './support/databases.js';
 import { expectProblem, newKey, post } from './support/http.js';
 
-const EVENTS: IdempotencyEvent[] = ['executed', 'replayed', 'conflict', 'mismatch', 'released', 'lease-lost'];
+const EVENTS: IdempotencyEvent[] = [
+  'executed',
+  'replayed',
+  'conflict',
+  'mismatch',
+  'released',
+  'lease-lost',
+];
 
 describe('OpenTelemetry spans and diagnostics_channel events', () => {
   const exporter = new InMemorySpanExporter();
@@ -53,13 +69,24 @@ describe('OpenTelemetry spans and diagnostics_channel events', () => {
     const key = newKey();
     await post(fixture.http, '/traced', key).expect(201);
     const spans = spansOf(key);
-    expect(spans['idempotency.claim'].map((span) => span.attributes['idempotency.outcome'])).toEqual(['executed']);
-    expect(spans['idempotency.run'].map((span) => span.attributes['idempotency.outcome'])).toEqual(['returned']);
-    expect(spans['idempotency.complete'].map((span) => span.attributes['idempotency.outcome'])).toEqual(['stored']);
+    expect(
+      spans['idempotency.claim'].map((span) => span.attributes['idempotency.outcome']),
+    ).toEqual(['executed']);
+    expect(spans['idempotency.run'].map((span) => span.attributes['idempotency.outcome'])).toEqual([
+      'returned',
+    ]);
+    expect(
+      spans['idempotency.complete'].map((span) => span.attributes['idempotency.outcome']),
+    ).toEqual(['stored']);
     expect(spans['idempotency.claim'][0].attributes['idempotency.endpoint']).toBe('POST /traced');
 
     const [run] = spans['idempotency.run'];
-    const handler = exporter.getFinishedSpans().find((span) => span.name === 'handler.work' && span.spanContext().traceId === run.spanContext().traceId);
+    const handler = exporter
+      .getFinishedSpans()
+      .find(
+        (span) =>
+          span.name === 'handler.work' && span.spanContext().traceId === run.spanContext().traceId,
+      );
     expect(handler?.parentSpanContext?.spanId).toBe(run.spanContext().spanId);
     expect(eventsOf(key)).toEqual(['executed']);
   });
@@ -92,7 +119,11 @@ describe('OpenTelemetry spans and diagnostics_channel events', () => {
 
     expect(eventsOf(key)).toEqual(['executed', 'mismatch']);
     expect(eventsOf(held)).toEqual(['executed', 'conflict']);
-    expect(spansOf(held)['idempotency.claim'].map((span) => span.attributes['idempotency.outcome']).sort()).toEqual(['conflict', 'executed']);
+    const heldClaims = spansOf(held)['idempotency.claim'];
+    expect(heldClaims.map((span) => span.attributes['idempotency.outcome']).sort()).toEqual([
+      'conflict',
+      'executed',
+    ]);
   });
 
   it('a crash: the run span records the error, the completion releases the key', async () => {
@@ -115,7 +146,9 @@ describe('OpenTelemetry spans and diagnostics_channel events', () => {
     await stealClaim(fixture.dataSource, key);
     fixture.gate.open(key);
     expect((await first).status).toBe(201);
-    expect(spansOf(key)['idempotency.complete'][0].attributes['idempotency.outcome']).toBe('lease-lost');
+    expect(spansOf(key)['idempotency.complete'][0].attributes['idempotency.outcome']).toBe(
+      'lease-lost',
+    );
     expect(eventsOf(key)).toEqual(['executed', 'lease-lost']);
     expect(published.find((message) => message.event === 'lease-lost')).toMatchObject({
       count: 1,

@@ -10,11 +10,7 @@ import {
   type OpenAPIObject,
 } from '@nestjs/swagger';
 import request from 'supertest';
-import {
-  Idempotent,
-  IdempotencyModule,
-  type IdempotencyModuleOptions,
-} from '../lib/index.js';
+import { Idempotent, IdempotencyModule, type IdempotencyModuleOptions } from '../lib/index.js';
 import { startAppProcess, type AppProcess } from './support/processes.js';
 import { newKey } from './support/http.js';
 
@@ -174,7 +170,11 @@ describe('OpenAPI document (@nestjs/swagger)', () => {
     }
     const typesOf = (status: string) =>
       responses[status].content[PROBLEM].schema.properties.type.enum;
-    expect(typesOf('400')).toEqual([`${TAG}key-missing`, `${TAG}key-invalid`, `${TAG}body-unreadable`]);
+    expect(typesOf('400')).toEqual([
+      `${TAG}key-missing`,
+      `${TAG}key-invalid`,
+      `${TAG}body-unreadable`,
+    ]);
     expect(typesOf('409')).toEqual([`${TAG}request-in-progress`]);
     expect(typesOf('422')).toEqual([`${TAG}key-reused`]);
     expect(typesOf('503')).toEqual([`${TAG}store-unavailable`]);
@@ -226,7 +226,7 @@ describe('OpenAPI document (@nestjs/swagger)', () => {
     ]);
   });
 
-  it("leaves a status the developer documented as theirs (a stored 409 replays too)", () => {
+  it('leaves a status the developer documented as theirs (a stored 409 replays too)', () => {
     const conflict = post(document, '/payments/refunds').responses['409'];
     expect(conflict.description).toBe('Already refunded');
     expect(conflict.content).toBeUndefined();

@@ -4,7 +4,10 @@ import { newKey, post } from './support/http.js';
 
 describe.each(eachTarget)('which outcomes are stored, on %s', (_name, { database, platform }) => {
   let fixture: FixtureApp;
-  beforeAll(async () => (fixture = await createFixtureApp(database, { maxResponseBytes: 10_000 }, platform)));
+  beforeAll(
+    async () =>
+      (fixture = await createFixtureApp(database, { maxResponseBytes: 10_000 }, platform)),
+  );
   afterAll(() => fixture.close());
 
   it('releases the key after a thrown error (500), so a retry runs the handler again', async () => {

@@ -109,7 +109,9 @@ async function install(fixture: PackageFixture, tarball: string): Promise<void> 
 /** Packs once, then installs every fixture at the same time (mostly waiting on npm's cache and disk). */
 beforeAll(async () => {
   workDir = await mkdtemp(join(tmpdir(), 'nestjs-idempotency-package-'));
-  const [packed] = JSON.parse(await npm(['pack', '--json', '--pack-destination', workDir], ROOT)) as {
+  const [packed] = JSON.parse(
+    await npm(['pack', '--json', '--pack-destination', workDir], ROOT),
+  ) as {
     filename: string;
     files: { path: string }[];
   }[];
@@ -178,11 +180,16 @@ describe.each(fixtures)('the packed tarball installed in $dir (NestJS $nestMajor
 
   it(`shares the app's own NestJS ${fixture.nestMajor} and TypeORM: npm installed no copy of its own for the library`, async () => {
     const versionOf = async (name: string) =>
-      JSON.parse(await readFile(join(appDir, 'node_modules', name, 'package.json'), 'utf8')).version as string;
+      JSON.parse(await readFile(join(appDir, 'node_modules', name, 'package.json'), 'utf8'))
+        .version as string;
     expect(await versionOf('@nestjs/common')).toMatch(new RegExp(`^${fixture.nestMajor}\\.`));
     expect(await versionOf('typeorm')).toMatch(fixture.typeormVersion);
-    expect(existsSync(join(appDir, 'node_modules/nestjs-idempotency/node_modules/@nestjs'))).toBe(false);
-    expect(existsSync(join(appDir, 'node_modules/nestjs-idempotency/node_modules/typeorm'))).toBe(false);
+    expect(existsSync(join(appDir, 'node_modules/nestjs-idempotency/node_modules/@nestjs'))).toBe(
+      false,
+    );
+    expect(existsSync(join(appDir, 'node_modules/nestjs-idempotency/node_modules/typeorm'))).toBe(
+      false,
+    );
     expect(existsSync(join(appDir, 'node_modules/@nestjs/swagger'))).toBe(fixture.swagger);
   });
 
@@ -190,7 +197,10 @@ describe.each(fixtures)('the packed tarball installed in $dir (NestJS $nestMajor
     it('exports the store kit as nestjs-idempotency/testing; run with no test runner, the shipped store passes it', async () => {
       const script = join(appDir, 'store-kit.mjs');
       await cp(join(ROOT, 'test/fixtures/store-kit.mjs'), script);
-      const { stdout } = await execFileAsync('node', [script], { cwd: appDir, env: { ...process.env, NODE_OPTIONS: '' } });
+      const { stdout } = await execFileAsync('node', [script], {
+        cwd: appDir,
+        env: { ...process.env, NODE_OPTIONS: '' },
+      });
       const result = JSON.parse(stdout.trim().split('\n').at(-1)!);
       expect(result.failed).toEqual([]);
       expect(result.passed).toBeGreaterThanOrEqual(15);
@@ -215,7 +225,8 @@ describe.each(fixtures)('the packed tarball installed in $dir (NestJS $nestMajor
         body: JSON.stringify(body),
       });
     const handlerRuns = async () =>
-      ((await (await fetch(`${app.baseUrl}/orders/runs`)).json()) as { handlerRuns: number }).handlerRuns;
+      ((await (await fetch(`${app.baseUrl}/orders/runs`)).json()) as { handlerRuns: number })
+        .handlerRuns;
 
     it('replays a POST sent twice with one Idempotency-Key, and runs the handler once', async () => {
       const key = randomUUID();
@@ -241,18 +252,28 @@ describe.each(fixtures)('the packed tarball installed in $dir (NestJS $nestMajor
       const reused = await postOrder(key, { amount: 2 });
 
       expect(reused.status).toBe(422);
-      expect(reused.headers.get('content-type')).toMatch(new RegExp(`^${fixture.problemContentType.replace('+', '\\+')}`));
-      expect(await reused.json()).toMatchObject({ type: 'tag:nestjs-idempotency,2026:key-reused', status: 422 });
-    });
-
-    (fixture.swagger ? it : it.skip)('documents the Idempotency-Key header in the app\'s @nestjs/swagger document', async () => {
-      const response = await fetch(`${app.baseUrl}/docs-json`);
-      const document = (await response.json()) as { paths: Record<string, Record<string, { parameters: object[] }>> };
-
-      expect(response.status).toBe(200);
-      expect(document.paths['/orders'].post.parameters).toContainEqual(
-        expect.objectContaining({ name: 'Idempotency-Key', in: 'header', required: true }),
+      expect(reused.headers.get('content-type')).toMatch(
+        new RegExp(`^${fixture.problemContentType.replace('+', '\\+')}`),
       );
+      expect(await reused.json()).toMatchObject({
+        type: 'tag:nestjs-idempotency,2026:key-reused',
+        status: 422,
+      });
     });
+
+    (fixture.swagger ? it : it.skip)(
+      "documents the Idempotency-Key header in the app's @nestjs/swagger document",
+      async () => {
+        const response = await fetch(`${app.baseUrl}/docs-json`);
+        const document = (await response.json()) as {
+          paths: Record<string, Record<string, { parameters: object[] }>>;
+        };
+
+        expect(response.status).toBe(200);
+        expect(document.paths['/orders'].post.parameters).toContainEqual(
+          expect.objectContaining({ name: 'Idempotency-Key', in: 'header', required: true }),
+        );
+      },
+    );
   });
 });

@@ -22,7 +22,13 @@ async function expectRunOnceThenReplayed(fixture: FixtureApp, key: string, body:
 describeOnPostgres('prepared statements', (url) => {
   let fixture: FixtureApp;
   beforeAll(async () => {
-    const oneConnection = { name: 'postgres', shared: true, ownTablePerConnection: false, transactions: true, options: () => ({ type: 'postgres' as const, url, extra: { max: 1 } }) };
+    const oneConnection = {
+      name: 'postgres',
+      shared: true,
+      ownTablePerConnection: false,
+      transactions: true,
+      options: () => ({ type: 'postgres' as const, url, extra: { max: 1 } }),
+    };
     fixture = await createFixtureApp(oneConnection);
   });
   afterAll(() => fixture.close());
@@ -35,7 +41,10 @@ describeOnPostgres('prepared statements', (url) => {
   it('prepares the claim and the completion once per connection, and replays through them', async () => {
     const key = newKey();
     await expectRunOnceThenReplayed(fixture, key, { amount: 5 });
-    expect(await preparedOnTheConnection()).toEqual(['nestjs_idempotency_claim', 'nestjs_idempotency_complete']);
+    expect(await preparedOnTheConnection()).toEqual([
+      'nestjs_idempotency_claim',
+      'nestjs_idempotency_complete',
+    ]);
   });
 
   it('falls back to unprepared statements when the server no longer knows them, without failing a request', async () => {
@@ -67,26 +76,35 @@ describe('prepared statements on PGlite', () => {
   it('prepares the claim and the completion once, and replays through them', async () => {
     const key = newKey();
     await expectRunOnceThenReplayed(fixture, key, { amount: 5 });
-    expect(await preparedInTheSession()).toEqual(['nestjs_idempotency_claim', 'nestjs_idempotency_complete']);
+    expect(await preparedInTheSession()).toEqual([
+      'nestjs_idempotency_claim',
+      'nestjs_idempotency_complete',
+    ]);
   });
 
-  it.each(['on', 'off'])('stores and replays quotes, backslashes and non-ASCII text exactly, in the key and the body (standard_conforming_strings %s)', async (setting) => {
-    await fixture.dataSource.query(`SET standard_conforming_strings = ${setting}`);
-    const key = `it's\\a key '' \\' ${newKey()}`;
-    const amount = `'); DROP TABLE idempotency_records; -- \\' \\\\ E'\\x41' ü 💳 $1 "quoted"`;
-    const first = await expectRunOnceThenReplayed(fixture, key, { amount });
-    expect(first.amount).toBe(amount);
-    const [record] = await recordsOf(fixture.dataSource, key);
-    expect(record.key).toBe(key);
-    expect(JSON.parse(record.responseBody!)).toEqual(first);
-    await fixture.dataSource.query('RESET standard_conforming_strings');
-  });
+  it.each(['on', 'off'])(
+    'stores and replays quotes, backslashes and non-ASCII text exactly, in the key and the body (standard_conforming_strings %s)',
+    async (setting) => {
+      await fixture.dataSource.query(`SET standard_conforming_strings = ${setting}`);
+      const key = `it's\\a key '' \\' ${newKey()}`;
+      const amount = `'); DROP TABLE idempotency_records; -- \\' \\\\ E'\\x41' ü 💳 $1 "quoted"`;
+      const first = await expectRunOnceThenReplayed(fixture, key, { amount });
+      expect(first.amount).toBe(amount);
+      const [record] = await recordsOf(fixture.dataSource, key);
+      expect(record.key).toBe(key);
+      expect(JSON.parse(record.responseBody!)).toEqual(first);
+      await fixture.dataSource.query('RESET standard_conforming_strings');
+    },
+  );
 
   it('prepares again when the session lost its statements, without failing a request', async () => {
     await fixture.dataSource.query('DEALLOCATE ALL');
     expect(await preparedInTheSession()).toEqual([]);
     const key = newKey();
     await expectRunOnceThenReplayed(fixture, key, { amount: 6 });
-    expect(await preparedInTheSession()).toEqual(['nestjs_idempotency_claim', 'nestjs_idempotency_complete']);
+    expect(await preparedInTheSession()).toEqual([
+      'nestjs_idempotency_claim',
+      'nestjs_idempotency_complete',
+    ]);
   });
 });

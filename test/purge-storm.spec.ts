@@ -34,7 +34,12 @@ interface StormRig {
   close(): Promise<void>;
 }
 
-async function startRig(url: string, tag: string, env: Record<string, string>, inFlight: number): Promise<StormRig> {
+async function startRig(
+  url: string,
+  tag: string,
+  env: Record<string, string>,
+  inFlight: number,
+): Promise<StormRig> {
   const admin = new DataSource({ type: 'postgres', url });
   await admin.initialize();
   const schema = await createIsolatedSchema(admin, url, tag);
@@ -54,7 +59,9 @@ async function startRig(url: string, tag: string, env: Record<string, string>, i
       }),
     ),
   );
-  const processes = started.flatMap((result) => (result.status === 'fulfilled' ? [result.value] : []));
+  const processes = started.flatMap((result) =>
+    result.status === 'fulfilled' ? [result.value] : [],
+  );
   const failed = started.find((result) => result.status === 'rejected');
   if (failed) {
     // Leave nothing behind: stop the ones that did start.
@@ -101,7 +108,12 @@ describeOnPostgres('the purge during storms', (url) => {
     try {
       const { db, clients, processes } = rig;
       const routeOf = (i: number): StormRoute => (i % 4 === 3 ? 'effects-wait' : 'effects');
-      const { plan, keys } = planStorm({ requests: REQUESTS, processes: PROCESSES, copies: [2, 4, 4, 8], routeOf });
+      const { plan, keys } = planStorm({
+        requests: REQUESTS,
+        processes: PROCESSES,
+        copies: [2, 4, 4, 8],
+        routeOf,
+      });
 
       const startedAt = Date.now();
       await db.query(
@@ -126,7 +138,9 @@ describeOnPostgres('the purge during storms', (url) => {
         [tag, staleKeys, staleIndexes.map(routeOf), Date.now()],
       );
       const oldRowsAt = (label: string) =>
-        count(db, 'SELECT count(*) FROM idempotency_records WHERE scope = $1', [`${tag}_old`]).then((n) => ({ label, n }));
+        count(db, 'SELECT count(*) FROM idempotency_records WHERE scope = $1', [`${tag}_old`]).then(
+          (n) => ({ label, n }),
+        );
       const before = await metricsOf(clients);
       const oldBefore = await oldRowsAt('storm start');
 
@@ -137,12 +151,28 @@ describeOnPostgres('the purge during storms', (url) => {
       const oldAfterStorm = await oldRowsAt('storm end');
 
       // Every key again, after the storm: each replays its original.
-      const after = await inParallel(IN_FLIGHT, keys.map((key, index) => async () =>
-        clients[index % PROCESSES].post(`/${routeOf(index)}`, key, stormBody(index), { 'X-Tenant': tag }, 120_000),
-      ));
+      const after = await inParallel(
+        IN_FLIGHT,
+        keys.map(
+          (key, index) => async () =>
+            clients[index % PROCESSES].post(
+              `/${routeOf(index)}`,
+              key,
+              stormBody(index),
+              { 'X-Tenant': tag },
+              120_000,
+            ),
+        ),
+      );
       // The rest of the old rows expire by SPREAD_MS after the start; the purge then removes them.
-      await waitFor('the purge to delete every expired row', async () =>
-        (await count(db, 'SELECT count(*) FROM idempotency_records WHERE scope = $1', [`${tag}_old`])) === 0 ? true : undefined,
+      await waitFor(
+        'the purge to delete every expired row',
+        async () =>
+          (await count(db, 'SELECT count(*) FROM idempotency_records WHERE scope = $1', [
+            `${tag}_old`,
+          ])) === 0
+            ? true
+            : undefined,
         { timeoutMs: SPREAD_MS + 30_000, intervalMs: PURGE_INTERVAL_MS },
       );
       const final = await metricsOf(clients);
@@ -150,27 +180,37 @@ describeOnPostgres('the purge during storms', (url) => {
       const executions: { idempotency_key: string; n: string }[] = await db.query(
         `SELECT idempotency_key, count(*) AS n FROM ${EFFECTS} GROUP BY idempotency_key`,
       );
-      const records: { idempotency_key: string; state: string; response_body: string }[] = await db.query(
-        'SELECT idempotency_key, state, response_body FROM idempotency_records WHERE scope = $1',
-        [tag],
-      );
+      const records: { idempotency_key: string; state: string; response_body: string }[] =
+        await db.query(
+          'SELECT idempotency_key, state, response_body FROM idempotency_records WHERE scope = $1',
+          [tag],
+        );
       const originals = sent.filter((s) => s.exchange.status === 201 && !isReplay(s.exchange));
       const originalOf = new Map(originals.map((s) => [s.key, jsonOf(s.exchange)]));
-      report(`purge during a storm: ${PROCESSES} processes × ${IN_FLIGHT} in flight on PostgreSQL, purge every ${PURGE_INTERVAL_MS} ms in batches of ${PURGE_BATCH_SIZE}`, {
-        requests: sent.length,
-        keys: keys.length,
-        'storm keys with an expired earlier row': staleKeys.length,
-        'expired rows seeded besides (expiring over the storm)': OLD_ROWS,
-        statuses: JSON.stringify(tally(sent.map((s) => (s.exchange.error ? `no response (${s.exchange.error})` : s.exchange.status)))),
-        'handler executions': executions.reduce((sum, row) => sum + Number(row.n), 0),
-        'rows purged while the storm ran': (during.purged ?? 0) - (before.purged ?? 0),
-        'old rows left at storm start / end': `${oldBefore.n} / ${oldAfterStorm.n}`,
-        'expired rows taken over by a claim (not purged first)': final.expired ?? 0,
-        'rows purged in all': final.purged ?? 0,
-        'storm duration': `${stormSeconds.toFixed(1)} s`,
-        latency: latencySummary(sent.map((s) => s.exchange.elapsedMs)),
-        'retry per key after the storm': `${after.length}, ${after.filter((e) => e.status === 201 && isReplay(e)).length} replayed the original`,
-      });
+      report(
+        `purge during a storm: ${PROCESSES} processes × ${IN_FLIGHT} in flight on PostgreSQL, purge every ${PURGE_INTERVAL_MS} ms in batches of ${PURGE_BATCH_SIZE}`,
+        {
+          requests: sent.length,
+          keys: keys.length,
+          'storm keys with an expired earlier row': staleKeys.length,
+          'expired rows seeded besides (expiring over the storm)': OLD_ROWS,
+          statuses: JSON.stringify(
+            tally(
+              sent.map((s) =>
+                s.exchange.error ? `no response (${s.exchange.error})` : s.exchange.status,
+              ),
+            ),
+          ),
+          'handler executions': executions.reduce((sum, row) => sum + Number(row.n), 0),
+          'rows purged while the storm ran': (during.purged ?? 0) - (before.purged ?? 0),
+          'old rows left at storm start / end': `${oldBefore.n} / ${oldAfterStorm.n}`,
+          'expired rows taken over by a claim (not purged first)': final.expired ?? 0,
+          'rows purged in all': final.purged ?? 0,
+          'storm duration': `${stormSeconds.toFixed(1)} s`,
+          latency: latencySummary(sent.map((s) => s.exchange.elapsedMs)),
+          'retry per key after the storm': `${after.length}, ${after.filter((e) => e.status === 201 && isReplay(e)).length} replayed the original`,
+        },
+      );
 
       // No request failed.
       expect(sent.filter((s) => s.exchange.error || s.exchange.status >= 500)).toEqual([]);
@@ -182,10 +222,15 @@ describeOnPostgres('the purge during storms', (url) => {
       expect(executions).toHaveLength(keys.length);
       expect(executions.filter((row) => Number(row.n) !== 1)).toEqual([]);
       expect(originalOf.size).toBe(keys.length);
-      for (const s of sent) if (s.exchange.status === 201) expect(jsonOf(s.exchange)).toEqual(originalOf.get(s.key));
+      for (const s of sent)
+        if (s.exchange.status === 201) expect(jsonOf(s.exchange)).toEqual(originalOf.get(s.key));
       // No live row was deleted: every key replays its original, from a completed row.
       after.forEach((exchange, index) => {
-        expect([keys[index], exchange.status, isReplay(exchange)]).toEqual([keys[index], 201, true]);
+        expect([keys[index], exchange.status, isReplay(exchange)]).toEqual([
+          keys[index],
+          201,
+          true,
+        ]);
         expect(jsonOf(exchange)).toEqual(originalOf.get(keys[index]));
       });
       expect(records).toHaveLength(keys.length);
@@ -195,7 +240,9 @@ describeOnPostgres('the purge during storms', (url) => {
       }
       // The purge ran while requests were in flight, and the expired rows are gone.
       expect((during.purged ?? 0) - (before.purged ?? 0)).toBeGreaterThan(0);
-      expect((final.purged ?? 0) + (final.expired ?? 0)).toBeGreaterThanOrEqual(OLD_ROWS + staleKeys.length);
+      expect((final.purged ?? 0) + (final.expired ?? 0)).toBeGreaterThanOrEqual(
+        OLD_ROWS + staleKeys.length,
+      );
       // No lost lease (a purged in-progress row would show as one), no failed write.
       for (const p of processes) expect(p.output()).not.toMatch(/ERROR|WARN/);
     } finally {
@@ -222,13 +269,23 @@ describeOnPostgres('the purge during storms', (url) => {
     const rig = await startRig(
       url,
       tag,
-      { TTL: `${TTL_MS}ms`, PURGE_INTERVAL: `${PURGE_INTERVAL_MS}ms`, PURGE_BATCH_SIZE: String(PURGE_BATCH_SIZE) },
+      {
+        TTL: `${TTL_MS}ms`,
+        PURGE_INTERVAL: `${PURGE_INTERVAL_MS}ms`,
+        PURGE_BATCH_SIZE: String(PURGE_BATCH_SIZE),
+      },
       IN_FLIGHT,
     );
     try {
       const { db, clients, processes } = rig;
       const samples: { at: number; rows: number }[] = [];
-      const exchanges: { status: number; error?: string; elapsedMs: number; sentAt: number; answeredAt: number }[] = [];
+      const exchanges: {
+        status: number;
+        error?: string;
+        elapsedMs: number;
+        sentAt: number;
+        answeredAt: number;
+      }[] = [];
       const deadline = Date.now() + DURATION_MS;
       let sampling = true;
       const sampler = (async () => {
@@ -243,18 +300,28 @@ describeOnPostgres('the purge during storms', (url) => {
         while (Date.now() < deadline) {
           const n = sequence++;
           const sentAt = Date.now();
-          const exchange = await clients[process].post('/effects', randomUUID(), stormBody(n), { 'X-Tenant': tag }, 120_000);
+          const exchange = await clients[process].post(
+            '/effects',
+            randomUUID(),
+            stormBody(n),
+            { 'X-Tenant': tag },
+            120_000,
+          );
           exchanges.push({ ...exchange, sentAt, answeredAt: Date.now() });
         }
       };
       const started = Date.now();
-      await Promise.all(clients.flatMap((_, process) => Array.from({ length: IN_FLIGHT }, () => worker(process))));
+      await Promise.all(
+        clients.flatMap((_, process) => Array.from({ length: IN_FLIGHT }, () => worker(process))),
+      );
       const seconds = (Date.now() - started) / 1000;
       sampling = false;
       await sampler;
       // After the last TTL and purge interval, the table empties.
-      await waitFor('the table to empty after the storm', async () =>
-        (await count(db, 'SELECT count(*) FROM idempotency_records')) === 0 ? true : undefined,
+      await waitFor(
+        'the table to empty after the storm',
+        async () =>
+          (await count(db, 'SELECT count(*) FROM idempotency_records')) === 0 ? true : undefined,
         { timeoutMs: TTL_MS + PURGE_INTERVAL_MS + 20_000, intervalMs: 100 },
       );
       const metrics = await metricsOf(clients);
@@ -262,26 +329,35 @@ describeOnPostgres('the purge during storms', (url) => {
       const executions = await count(db, `SELECT count(*) FROM ${EFFECTS}`);
       const windowMs = TTL_MS + PURGE_INTERVAL_MS + SLACK_MS;
       // Per sample: the requests whose row may still exist then (see SLACK_MS).
-      const mayLive = (t: number) => exchanges.filter((e) => e.sentAt <= t && e.answeredAt > t - windowMs).length;
+      const mayLive = (t: number) =>
+        exchanges.filter((e) => e.sentAt <= t && e.answeredAt > t - windowMs).length;
       const checked = samples.map((s) => ({ ...s, bound: mayLive(s.at) }));
       const keyRate = exchanges.length / seconds;
       const steady = checked.filter((s) => s.at - started > windowMs);
       const maxRows = Math.max(...checked.map((s) => s.rows));
-      report(`table size in a storm with a short TTL: ${PROCESSES} processes × ${IN_FLIGHT} in flight, ttl ${TTL_MS} ms, purge every ${PURGE_INTERVAL_MS} ms`, {
-        requests: exchanges.length,
-        'new keys (one row each)': exchanges.length,
-        duration: `${seconds.toFixed(1)} s`,
-        'request rate': `${Math.round(exchanges.length / seconds)}/s`,
-        statuses: JSON.stringify(tally(exchanges.map((e) => (e.error ? `no response (${e.error})` : e.status)))),
-        'row count samples': samples.length,
-        'rows, max': maxRows,
-        'rows, mean after the first row lifetime': Math.round(steady.reduce((sum, s) => sum + s.rows, 0) / Math.max(1, steady.length)),
-        'rule of thumb: key rate × (ttl + purge interval) + requests in flight': Math.round((keyRate * (TTL_MS + PURGE_INTERVAL_MS)) / 1000) + PROCESSES * IN_FLIGHT,
-        'bound per sample: requests sent by then, answered within the last ttl + interval + 1 s': `${Math.min(...checked.map((s) => s.bound))}–${Math.max(...checked.map((s) => s.bound))}`,
-        'rows without a purge would reach': exchanges.length,
-        'rows purged': metrics.purged ?? 0,
-        latency: latencySummary(exchanges.map((e) => e.elapsedMs)),
-      });
+      report(
+        `table size in a storm with a short TTL: ${PROCESSES} processes × ${IN_FLIGHT} in flight, ttl ${TTL_MS} ms, purge every ${PURGE_INTERVAL_MS} ms`,
+        {
+          requests: exchanges.length,
+          'new keys (one row each)': exchanges.length,
+          duration: `${seconds.toFixed(1)} s`,
+          'request rate': `${Math.round(exchanges.length / seconds)}/s`,
+          statuses: JSON.stringify(
+            tally(exchanges.map((e) => (e.error ? `no response (${e.error})` : e.status))),
+          ),
+          'row count samples': samples.length,
+          'rows, max': maxRows,
+          'rows, mean after the first row lifetime': Math.round(
+            steady.reduce((sum, s) => sum + s.rows, 0) / Math.max(1, steady.length),
+          ),
+          'rule of thumb: key rate × (ttl + purge interval) + requests in flight':
+            Math.round((keyRate * (TTL_MS + PURGE_INTERVAL_MS)) / 1000) + PROCESSES * IN_FLIGHT,
+          'bound per sample: requests sent by then, answered within the last ttl + interval + 1 s': `${Math.min(...checked.map((s) => s.bound))}–${Math.max(...checked.map((s) => s.bound))}`,
+          'rows without a purge would reach': exchanges.length,
+          'rows purged': metrics.purged ?? 0,
+          latency: latencySummary(exchanges.map((e) => e.elapsedMs)),
+        },
+      );
 
       expect(exchanges.filter((e) => e.error || e.status !== 201)).toEqual([]);
       expect(executions).toBe(exchanges.length); // one execution per key

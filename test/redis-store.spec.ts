@@ -2,7 +2,11 @@ import { Module, type INestApplication } from '@nestjs/common';
 import { Test } from '@nestjs/testing';
 import { Redis, type RedisOptions } from 'ioredis';
 import { randomUUID } from 'node:crypto';
-import { IdempotencyModule, RedisIdempotencyStore, type IdempotencyModuleOptions } from '../lib/index.js';
+import {
+  IdempotencyModule,
+  RedisIdempotencyStore,
+  type IdempotencyModuleOptions,
+} from '../lib/index.js';
 import { FixtureController } from './fixtures/fixture.controller.js';
 import { CallLog, HandlerGate } from './fixtures/handler-probes.js';
 import { expectProblem, newKey, post } from './support/http.js';
@@ -22,7 +26,11 @@ interface RedisApp {
 /** What the README recommends for the store's client: fail at once while Redis is away. */
 const storeClientOptions: RedisOptions = { enableOfflineQueue: false, maxRetriesPerRequest: 0 };
 
-async function bootRedisApp(url: string, prefix: string, options: Partial<IdempotencyModuleOptions> = {}): Promise<RedisApp> {
+async function bootRedisApp(
+  url: string,
+  prefix: string,
+  options: Partial<IdempotencyModuleOptions> = {},
+): Promise<RedisApp> {
   const redis = new Redis(url, storeClientOptions);
   await new Promise<void>((resolve, reject) => {
     redis.once('ready', resolve);
@@ -80,7 +88,8 @@ async function waitForSubscriber(channel: string): Promise<void> {
     await second?.close();
   });
 
-  const runs = (route: string, key: string) => first.calls.count(route, key) + second.calls.count(route, key);
+  const runs = (route: string, key: string) =>
+    first.calls.count(route, key) + second.calls.count(route, key);
 
   it('runs once and replays across instances; another payload is 422; a stored error replays', async () => {
     const key = newKey();
@@ -135,12 +144,19 @@ async function waitForSubscriber(channel: string): Promise<void> {
     const keys = Array.from({ length: 20 }, () => newKey());
     const requests = Array.from({ length: 200 }, (_, i) => {
       const key = keys[i % keys.length];
-      return post((i % 2 ? first : second).http, '/slow-wait', key).then((response) => ({ key, response }));
+      return post((i % 2 ? first : second).http, '/slow-wait', key).then((response) => ({
+        key,
+        response,
+      }));
     });
     const answers = await Promise.all(requests);
     for (const key of keys) {
       expect(runs('slow-wait', key)).toBe(1);
-      const bodies = new Set(answers.filter((answer) => answer.key === key).map((answer) => JSON.stringify([answer.response.status, answer.response.body])));
+      const bodies = new Set(
+        answers
+          .filter((answer) => answer.key === key)
+          .map((answer) => JSON.stringify([answer.response.status, answer.response.body])),
+      );
       expect(bodies.size).toBe(1);
     }
   }, 60_000);
@@ -152,7 +168,9 @@ async function waitForSubscriber(channel: string): Promise<void> {
   beforeAll(async () => {
     const target = new URL(redisUrl!);
     proxy = await TcpProxy.start({ host: target.hostname, port: Number(target.port || 6379) });
-    fixture = await bootRedisApp(proxy.proxiedUrl(redisUrl!), `outage-${randomUUID()}:`, { storeTimeout: 500 });
+    fixture = await bootRedisApp(proxy.proxiedUrl(redisUrl!), `outage-${randomUUID()}:`, {
+      storeTimeout: 500,
+    });
   });
   afterAll(async () => {
     await fixture?.close();
@@ -162,7 +180,11 @@ async function waitForSubscriber(channel: string): Promise<void> {
   it('answers 503 without running the handler, then runs the same key once when it is back', async () => {
     const key = newKey();
     await proxy.cut();
-    expectProblem(await post(fixture.http, '/charges', key, { amount: 1 }), 503, 'store-unavailable');
+    expectProblem(
+      await post(fixture.http, '/charges', key, { amount: 1 }),
+      503,
+      'store-unavailable',
+    );
     expect(fixture.calls.count('charges', key)).toBe(0);
     await proxy.restore();
     let answer = await post(fixture.http, '/charges', key, { amount: 1 });
@@ -172,7 +194,9 @@ async function waitForSubscriber(channel: string): Promise<void> {
       answer = await post(fixture.http, '/charges', key, { amount: 1 });
     }
     expect(answer.status).toBe(201);
-    expect((await post(fixture.http, '/charges', key, { amount: 1 })).headers['idempotent-replayed']).toBe('true');
+    expect(
+      (await post(fixture.http, '/charges', key, { amount: 1 })).headers['idempotent-replayed'],
+    ).toBe('true');
     expect(fixture.calls.count('charges', key)).toBe(1);
   }, 30_000);
 });

@@ -1,6 +1,11 @@
 import { DataSource } from 'typeorm';
 import { IdempotencyRecord, type IdempotencyModuleOptions } from '../lib/index.js';
-import { createFixtureApp, recordsOf, waitUntilPast, type FixtureApp } from './fixtures/fixture-app.js';
+import {
+  createFixtureApp,
+  recordsOf,
+  waitUntilPast,
+  type FixtureApp,
+} from './fixtures/fixture-app.js';
 import { eachDatabase } from './support/databases.js';
 import { expectProblem, newKey, post } from './support/http.js';
 
@@ -27,7 +32,10 @@ describe.each(eachDatabase)('the replay cache on %s', (_name, database) => {
   it('answers a retry of a completed key it has read without the store; turned off, the store decides', async () => {
     const cached = await app();
     const uncached = await app({ replayCache: false });
-    for (const [fixture, runs] of [[cached, 1], [uncached, 2]] as const) {
+    for (const [fixture, runs] of [
+      [cached, 1],
+      [uncached, 2],
+    ] as const) {
       const key = newKey();
       const first = await post(fixture.http, '/charges', key, { amount: 1 }).expect(201);
       await post(fixture.http, '/charges', key, { amount: 1 }).expect(201); // read from the store
@@ -79,7 +87,10 @@ describe.each(eachDatabase)('the replay cache on %s', (_name, database) => {
     }
     for (const key of keys) await forget(key);
     const answers = [];
-    for (const key of keys) answers.push((await post(fixture.http, '/charges', key, { amount: 1 })).headers['idempotent-replayed']);
+    for (const key of keys)
+      answers.push(
+        (await post(fixture.http, '/charges', key, { amount: 1 })).headers['idempotent-replayed'],
+      );
     expect(answers).toEqual([undefined, 'true', 'true']);
     expect(keys.map((key) => fixture.calls.count('charges', key))).toEqual([2, 1, 1]);
   });

@@ -12,7 +12,12 @@ import { Test } from '@nestjs/testing';
 import { Exclude } from 'class-transformer';
 import { randomUUID } from 'node:crypto';
 import { DataSource } from 'typeorm';
-import { Idempotent, IdempotencyModule, IdempotencyRecord, type IdempotencyModuleOptions } from '../lib/index.js';
+import {
+  Idempotent,
+  IdempotencyModule,
+  IdempotencyRecord,
+  type IdempotencyModuleOptions,
+} from '../lib/index.js';
 import { FixtureController } from './fixtures/fixture.controller.js';
 import { CallLog, HandlerGate } from './fixtures/handler-probes.js';
 import { CapturedLog } from './support/captured-log.js';
@@ -69,7 +74,10 @@ async function boot(
 }
 
 function warnings(log: CapturedLog, from = 0): string[] {
-  return log.lines.slice(from).filter((line) => line.level === 'warn').map((line) => line.text);
+  return log.lines
+    .slice(from)
+    .filter((line) => line.level === 'warn')
+    .map((line) => line.text);
 }
 
 describe('the in-memory default under NODE_ENV=production', () => {
@@ -78,7 +86,9 @@ describe('the in-memory default under NODE_ENV=production', () => {
   afterEach(() => (process.env.NODE_ENV = previous));
 
   it('is refused at startup, with a message that says what to configure', async () => {
-    await expect(boot({}, new CapturedLog())).rejects.toThrow(/NODE_ENV is production.*`dataSource`.*`store`.*allowInMemoryStore: true/s);
+    await expect(boot({}, new CapturedLog())).rejects.toThrow(
+      /NODE_ENV is production.*`dataSource`.*`store`.*allowInMemoryStore: true/s,
+    );
   });
 
   it('starts when explicitly allowed, or with a DataSource', async () => {
@@ -86,7 +96,10 @@ describe('the in-memory default under NODE_ENV=production', () => {
     await post(allowed.app.getHttpServer(), '/charges', newKey(), { amount: 1 }).expect(201);
     await allowed.close();
 
-    const dataSource = new DataSource({ ...testDatabases[0].options(), entities: [IdempotencyRecord] });
+    const dataSource = new DataSource({
+      ...testDatabases[0].options(),
+      entities: [IdempotencyRecord],
+    });
     const configured = await boot({ dataSource }, new CapturedLog());
     await post(configured.app.getHttpServer(), '/charges', newKey(), { amount: 1 }).expect(201);
     await configured.close();
@@ -139,9 +152,13 @@ describe('an authenticated caller on a route without a scope', () => {
 describe('a ClassSerializerInterceptor outside @Idempotent()', () => {
   it('global: warned at startup, and it is why — a replay sends the fields the serializer removed', async () => {
     const log = new CapturedLog();
-    const { app, close } = await boot({}, log, (nest) => nest.useGlobalInterceptors(new ClassSerializerInterceptor(nest.get(Reflector))));
+    const { app, close } = await boot({}, log, (nest) =>
+      nest.useGlobalInterceptors(new ClassSerializerInterceptor(nest.get(Reflector))),
+    );
     try {
-      const [warning, ...others] = warnings(log).filter((line) => line.includes('ClassSerializerInterceptor'));
+      const [warning, ...others] = warnings(log).filter((line) =>
+        line.includes('ClassSerializerInterceptor'),
+      );
       expect(others).toEqual([]);
       expect(warning).toContain('AccountsController.create');
       expect(warning).not.toContain('AccountsController.createInside');

@@ -30,14 +30,23 @@ describe.each(eachDatabase)('the sample shop on %s', (name) => {
     expect(responses.map((r) => r.status)).toEqual([201, 201, 201]);
     expect(new Set(responses.map((r) => r.body.id)).size).toBe(1);
     const all = await request(http()).get('/payments').expect(200);
-    expect(all.body.filter((p: { reference?: string }) => p.reference === reference)).toHaveLength(1);
+    expect(all.body.filter((p: { reference?: string }) => p.reference === reference)).toHaveLength(
+      1,
+    );
   });
 
   it('replays a declined card (402) and moves money once for a retried transfer', async () => {
     const declinedKey = randomUUID();
     const declined = { amount: 5, currency: 'eur', source: 'card_declined' };
-    await request(http()).post('/payments').set('Idempotency-Key', declinedKey).send(declined).expect(402);
-    const replay = await request(http()).post('/payments').set('Idempotency-Key', declinedKey).send(declined);
+    await request(http())
+      .post('/payments')
+      .set('Idempotency-Key', declinedKey)
+      .send(declined)
+      .expect(402);
+    const replay = await request(http())
+      .post('/payments')
+      .set('Idempotency-Key', declinedKey)
+      .send(declined);
     expect(replay.status).toBe(402);
     expect(replay.headers['idempotent-replayed']).toBe('true');
 
@@ -56,11 +65,14 @@ describe.each(eachDatabase)('the sample shop on %s', (name) => {
     const query = `mutation Pay($key: String, $reference: String) {
       createPayment(amount: 700, currency: "eur", source: "tok_visa", reference: $reference, idempotencyKey: $key) { id amount }
     }`;
-    const send = () => request(http()).post('/graphql').send({ query, variables: { key, reference } });
+    const send = () =>
+      request(http()).post('/graphql').send({ query, variables: { key, reference } });
     const [first, second] = [await send(), await send()];
     expect(first.body.errors).toBeUndefined();
     expect(second.body.data).toEqual(first.body.data);
     const all = await request(http()).get('/payments').expect(200);
-    expect(all.body.filter((p: { reference?: string }) => p.reference === reference)).toHaveLength(1);
+    expect(all.body.filter((p: { reference?: string }) => p.reference === reference)).toHaveLength(
+      1,
+    );
   });
 });

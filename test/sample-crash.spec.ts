@@ -15,10 +15,19 @@ describe('the sample shop killed mid-operation (PGlite folder, real processes)',
   const shops: AppProcess[] = [];
   const clients: HttpClient[] = [];
 
-  async function startShop(env: Record<string, string> = {}): Promise<{ shop: AppProcess; client: HttpClient }> {
+  async function startShop(
+    env: Record<string, string> = {},
+  ): Promise<{ shop: AppProcess; client: HttpClient }> {
     const shop = await startAppProcess(
       'sample/main.js',
-      { DATABASE_URL: '', SAMPLE_DATA_DIR: dataDir, PORT: '0', IDEMPOTENCY_LOCK_TIMEOUT: '1s', GATEWAY_LATENCY_MS: '10', ...env },
+      {
+        DATABASE_URL: '',
+        SAMPLE_DATA_DIR: dataDir,
+        PORT: '0',
+        IDEMPOTENCY_LOCK_TIMEOUT: '1s',
+        GATEWAY_LATENCY_MS: '10',
+        ...env,
+      },
       /Listening on http:\/\/localhost:(\d+)/,
     );
     const client = new HttpClient(shop.baseUrl, 4);
@@ -27,14 +36,19 @@ describe('the sample shop killed mid-operation (PGlite folder, real processes)',
     return { shop, client };
   }
 
-  const get = async (client: HttpClient, path: string) => jsonOf(await client.send(path, { method: 'GET' }));
+  const get = async (client: HttpClient, path: string) =>
+    jsonOf(await client.send(path, { method: 'GET' }));
 
   /** Retries until the dead process's claim has been taken over (no more 409). */
   const retry = (client: HttpClient, path: string, key: string, body: object) =>
-    waitFor('the retry to be answered', async () => {
-      const answer: Exchange = await client.post(path, key, body);
-      return answer.status === 409 ? undefined : answer;
-    }, { timeoutMs: 15_000, intervalMs: 200 });
+    waitFor(
+      'the retry to be answered',
+      async () => {
+        const answer: Exchange = await client.post(path, key, body);
+        return answer.status === 409 ? undefined : answer;
+      },
+      { timeoutMs: 15_000, intervalMs: 200 },
+    );
 
   beforeEach(() => {
     dataDir = mkdtempSync(join(tmpdir(), 'nestjs-idempotency-sample-'));
@@ -49,7 +63,12 @@ describe('the sample shop killed mid-operation (PGlite folder, real processes)',
   it('killed during the gateway call, after the card was charged: the retry charges nobody twice', async () => {
     const { shop, client } = await startShop({ GATEWAY_LATENCY_MS: '60000' });
     const key = randomUUID();
-    const payment = { amount: 1000, currency: 'eur', source: 'tok_visa', reference: `crash-${key}` };
+    const payment = {
+      amount: 1000,
+      currency: 'eur',
+      source: 'tok_visa',
+      reference: `crash-${key}`,
+    };
     const lost = client.post('/payments', key, payment);
     await shop.waitForOutput(/Charged 1000 eur: (ch_\S+)/);
     await shop.stop('SIGKILL');
@@ -59,7 +78,10 @@ describe('the sample shop killed mid-operation (PGlite folder, real processes)',
     const answer = await retry(restarted.client, '/payments', key, payment);
     expect(answer.status).toBe(201);
     expect(isReplay(answer)).toBe(false);
-    const charges: { id: string; idempotency_key: string }[] = await get(restarted.client, '/gateway/charges');
+    const charges: { id: string; idempotency_key: string }[] = await get(
+      restarted.client,
+      '/gateway/charges',
+    );
     expect(charges).toHaveLength(1);
     expect(charges[0].idempotency_key).toMatch(/^[0-9a-f-]{36}$/);
     const payments: { reference: string }[] = await get(restarted.client, '/payments');
@@ -72,18 +94,22 @@ describe('the sample shop killed mid-operation (PGlite folder, real processes)',
   it.each([
     ['/transfers/plain-mode', 'the plain mode moves the money again', 2],
     ['/transfers', 'the transactional mode moves it once', 1],
-  ])('killed right after a transfer moved the money (%s): %s', async (path, _what, moved) => {
-    const doomed = await startShop({ SAMPLE_CRASH_AFTER_TRANSFER: '1' });
-    const before = Number((await get(doomed.client, '/accounts/acc_alice')).balance);
-    const key = randomUUID();
-    const transfer = { from_account: 'acc_alice', to_account: 'acc_bob', amount: 100 };
-    expect((await doomed.client.post(path, key, transfer)).status).toBe(0);
-    await doomed.shop.stop();
+  ])(
+    'killed right after a transfer moved the money (%s): %s',
+    async (path, _what, moved) => {
+      const doomed = await startShop({ SAMPLE_CRASH_AFTER_TRANSFER: '1' });
+      const before = Number((await get(doomed.client, '/accounts/acc_alice')).balance);
+      const key = randomUUID();
+      const transfer = { from_account: 'acc_alice', to_account: 'acc_bob', amount: 100 };
+      expect((await doomed.client.post(path, key, transfer)).status).toBe(0);
+      await doomed.shop.stop();
 
-    const restarted = await startShop();
-    expect((await retry(restarted.client, path, key, transfer)).status).toBe(201);
-    const after = Number((await get(restarted.client, '/accounts/acc_alice')).balance);
-    expect((before - after) / 100).toBe(moved);
-    expect(isReplay(await restarted.client.post(path, key, transfer))).toBe(true);
-  }, 60_000);
+      const restarted = await startShop();
+      expect((await retry(restarted.client, path, key, transfer)).status).toBe(201);
+      const after = Number((await get(restarted.client, '/accounts/acc_alice')).balance);
+      expect((before - after) / 100).toBe(moved);
+      expect(isReplay(await restarted.client.post(path, key, transfer))).toBe(true);
+    },
+    60_000,
+  );
 });

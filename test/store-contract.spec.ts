@@ -16,7 +16,11 @@ import { storeContract } from '../lib/testing/index.js';
 import { eachDatabase } from './support/databases.js';
 
 /** The kit against the TypeORM store on each of `databases`, built with `options`. */
-function typeormContract(title: string, databases: typeof eachDatabase, options: TypeOrmIdempotencyStoreOptions = {}) {
+function typeormContract(
+  title: string,
+  databases: typeof eachDatabase,
+  options: TypeOrmIdempotencyStoreOptions = {},
+) {
   describe.each(databases)(title, (_name, database) => {
     let dataSource: DataSource;
     let store: TypeOrmIdempotencyStore;
@@ -56,7 +60,8 @@ const redisUrl = process.env.REDIS_URL;
     await redis.quit();
   });
 
-  for (const check of storeContract(() => store, { expiresByItself: true })) it(check.name, () => check.run());
+  for (const check of storeContract(() => store, { expiresByItself: true }))
+    it(check.name, () => check.run());
 });
 
 /**
@@ -65,17 +70,39 @@ const redisUrl = process.env.REDIS_URL;
  */
 describe('the store contract against a broken store', () => {
   class CarelessStore implements IdempotencyStore {
-    private readonly records = new Map<string, { fingerprint: string; state: 'in_progress' | 'completed'; expiresAt: number; response: StoredResponse | null }>();
+    private readonly records = new Map<
+      string,
+      {
+        fingerprint: string;
+        state: 'in_progress' | 'completed';
+        expiresAt: number;
+        response: StoredResponse | null;
+      }
+    >();
     async claim(request: ClaimRequest): Promise<ClaimResult> {
       const name = JSON.stringify(request.id);
       const existing = this.records.get(name);
       await new Promise((resolve) => setImmediate(resolve));
       if (existing && existing.expiresAt > request.now) return { claimed: false, record: existing };
-      this.records.set(name, { fingerprint: request.fingerprint, state: 'in_progress', expiresAt: request.lockedUntil, response: null });
-      return { claimed: true, lease: { id: request.id, token: request.token }, takeover: !!existing };
+      this.records.set(name, {
+        fingerprint: request.fingerprint,
+        state: 'in_progress',
+        expiresAt: request.lockedUntil,
+        response: null,
+      });
+      return {
+        claimed: true,
+        lease: { id: request.id, token: request.token },
+        takeover: !!existing,
+      };
     }
     async complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
-      this.records.set(JSON.stringify(lease.id), { ...this.records.get(JSON.stringify(lease.id))!, state: 'completed', response, expiresAt });
+      this.records.set(JSON.stringify(lease.id), {
+        ...this.records.get(JSON.stringify(lease.id))!,
+        state: 'completed',
+        response,
+        expiresAt,
+      });
       return true;
     }
     async release(lease: Lease): Promise<boolean> {
@@ -89,7 +116,11 @@ describe('the store contract against a broken store', () => {
     }
   }
   const checks = storeContract(() => new CarelessStore());
-  const failing = ['concurrent claims of a key win', 'fences the lease', 'keeps a completed record final'];
+  const failing = [
+    'concurrent claims of a key win',
+    'fences the lease',
+    'keeps a completed record final',
+  ];
 
   it.each(failing)('fails "%s"', async (part) => {
     const check = checks.find((candidate) => candidate.name.includes(part));

@@ -85,20 +85,39 @@ describeOnPostgres('duplicate storms across app processes', (url) => {
     const stormSeconds = (performance.now() - started) / 1000;
 
     // One more request per key after the storm, to a random process: everyone gets the result.
-    const after = await inParallel(IN_FLIGHT_PER_PROCESS, keys.map((key, index) => async () => {
-      const process = randomInt(PROCESSES);
-      return clients[process].post(`/${routeOf(index)}`, key, stormBody(index), { 'X-Tenant': tag }, 120_000);
-    }));
-
-    const effects: { idempotency_key: string; executions: string; id: string; pid: number }[] = await db.query(
-      `SELECT idempotency_key, count(*) AS executions, min(id) AS id, min(pid) AS pid FROM ${tag} GROUP BY idempotency_key`,
+    const after = await inParallel(
+      IN_FLIGHT_PER_PROCESS,
+      keys.map((key, index) => async () => {
+        const process = randomInt(PROCESSES);
+        return clients[process].post(
+          `/${routeOf(index)}`,
+          key,
+          stormBody(index),
+          { 'X-Tenant': tag },
+          120_000,
+        );
+      }),
     );
+
+    const effects: { idempotency_key: string; executions: string; id: string; pid: number }[] =
+      await db.query(
+        `SELECT idempotency_key, count(*) AS executions, min(id) AS id, min(pid) AS pid FROM ${tag} GROUP BY idempotency_key`,
+      );
     const effectOf = new Map(effects.map((row) => [row.idempotency_key, row]));
-    const records: { idempotency_key: string; state: string; response_status: number; response_body: string }[] =
-      await db.query('SELECT idempotency_key, state, response_status, response_body FROM idempotency_records WHERE scope = $1', [tag]);
+    const records: {
+      idempotency_key: string;
+      state: string;
+      response_status: number;
+      response_body: string;
+    }[] = await db.query(
+      'SELECT idempotency_key, state, response_status, response_body FROM idempotency_records WHERE scope = $1',
+      [tag],
+    );
     const recordOf = new Map(records.map((row) => [row.idempotency_key, row]));
 
-    const statuses = tally(sent.map((s) => (s.exchange.error ? `no response (${s.exchange.error})` : s.exchange.status)));
+    const statuses = tally(
+      sent.map((s) => (s.exchange.error ? `no response (${s.exchange.error})` : s.exchange.status)),
+    );
     const originals = sent.filter((s) => s.exchange.status === 201 && !isReplay(s.exchange));
     const replays = sent.filter((s) => s.exchange.status === 201 && isReplay(s.exchange));
     const conflicts = sent.filter((s) => s.exchange.status === 409);
@@ -115,9 +134,9 @@ describeOnPostgres('duplicate storms across app processes', (url) => {
       '409 in progress': conflicts.length,
       '5xx': serverErrors.length,
       'no response': sent.filter((s) => s.exchange.error).length,
-      'statuses': JSON.stringify(statuses),
+      statuses: JSON.stringify(statuses),
       'storm duration': `${stormSeconds.toFixed(1)} s (${Math.round(sent.length / stormSeconds)} requests/s on this machine)`,
-      'latency': latencySummary(sent.map((s) => s.exchange.elapsedMs)),
+      latency: latencySummary(sent.map((s) => s.exchange.elapsedMs)),
       'retry per key after the storm': `${after.length}, ${after.filter((e) => e.status === 201 && isReplay(e)).length} replayed the original`,
     });
 

@@ -16,30 +16,43 @@ import { expectProblem, newKey, post } from './support/http.js';
 import { waitFor } from './support/reliability.js';
 
 const transactionalDatabases = eachDatabase.filter(([, database]) => database.transactions);
-const serverDatabases = transactionalDatabases.filter(([, database]) => !database.ownTablePerConnection);
-const settings = { controllers: [TransactionalLeaseController], providers: [LedgerService], entities: [LedgerEntry] };
+const serverDatabases = transactionalDatabases.filter(
+  ([, database]) => !database.ownTablePerConnection,
+);
+const settings = {
+  controllers: [TransactionalLeaseController],
+  providers: [LedgerService],
+  entities: [LedgerEntry],
+};
 
-describe.each(transactionalDatabases)('transactional mode with encryption on %s', (_name, database) => {
-  let fixture: ReliabilityApp;
-  beforeAll(async () => {
-    fixture = await createReliabilityApp(database, { encryption: { keys: [randomBytes(32)] } }, settings);
-    await createLedgerTable(fixture.dataSource);
-  });
-  afterAll(() => fixture.close());
+describe.each(transactionalDatabases)(
+  'transactional mode with encryption on %s',
+  (_name, database) => {
+    let fixture: ReliabilityApp;
+    beforeAll(async () => {
+      fixture = await createReliabilityApp(
+        database,
+        { encryption: { keys: [randomBytes(32)] } },
+        settings,
+      );
+      await createLedgerTable(fixture.dataSource);
+    });
+    afterAll(() => fixture.close());
 
-  it('commits the sealed response with the handler’s write, and replays it', async () => {
-    const key = newKey();
-    const first = await post(fixture.baseUrl, '/lease/tx', key, { amount: 31 });
-    expect(first.status).toBe(201);
-    const [record] = await recordsOf(fixture.dataSource, key);
-    expect(record.responseBodyEncoding).toBe(SEALED_ENCODING);
-    expect(record.responseBody).not.toContain(String(first.body.entry));
-    const retry = await post(fixture.baseUrl, '/lease/tx', key, { amount: 31 });
-    expect(retry.headers['idempotent-replayed']).toBe('true');
-    expect(retry.body).toEqual(first.body);
-    expect(await ledgerOf(fixture.dataSource, key)).toHaveLength(1);
-  });
-});
+    it('commits the sealed response with the handler’s write, and replays it', async () => {
+      const key = newKey();
+      const first = await post(fixture.baseUrl, '/lease/tx', key, { amount: 31 });
+      expect(first.status).toBe(201);
+      const [record] = await recordsOf(fixture.dataSource, key);
+      expect(record.responseBodyEncoding).toBe(SEALED_ENCODING);
+      expect(record.responseBody).not.toContain(String(first.body.entry));
+      const retry = await post(fixture.baseUrl, '/lease/tx', key, { amount: 31 });
+      expect(retry.headers['idempotent-replayed']).toBe('true');
+      expect(retry.body).toEqual(first.body);
+      expect(await ledgerOf(fixture.dataSource, key)).toHaveLength(1);
+    });
+  },
+);
 
 describe.each(transactionalDatabases)('transactional mode on %s', (_name, database) => {
   let fixture: ReliabilityApp;
@@ -98,12 +111,21 @@ describe.each(transactionalDatabases)('transactional mode on %s', (_name, databa
   it('hands the handler its operation and stable downstream keys', async () => {
     const key = newKey();
     const first = await post(fixture.baseUrl, '/lease/tx', key, { amount: 3 });
-    const fingerprint = fingerprintRequest({ method: 'POST', url: '/lease/tx', body: { amount: 3 } });
+    const fingerprint = fingerprintRequest({
+      method: 'POST',
+      url: '/lease/tx',
+      body: { amount: 3 },
+    });
     // Derived from the operation alone: any process computes the same key for it.
     expect(first.body.downstream).toBe(
-      downstreamKeyOf({ scope: '', endpoint: 'POST /lease/tx', key, fingerprint, entityManager: undefined }, 'gateway'),
+      downstreamKeyOf(
+        { scope: '', endpoint: 'POST /lease/tx', key, fingerprint, entityManager: undefined },
+        'gateway',
+      ),
     );
-    expect(first.body.downstream).toMatch(/^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    expect(first.body.downstream).toMatch(
+      /^[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/,
+    );
   });
 });
 
@@ -122,7 +144,8 @@ describe.each(serverDatabases)('transactional mode with a lost lease on %s', (_n
     await fixture.gate.arrived(key);
     const until = Date.now() + 4 * SHORT_LOCK_MS;
     const statuses: number[] = [];
-    while (Date.now() < until) statuses.push((await post(fixture.baseUrl, '/lease/tx', key)).status);
+    while (Date.now() < until)
+      statuses.push((await post(fixture.baseUrl, '/lease/tx', key)).status);
     fixture.gate.open(key);
     expect((await first).status).toBe(201);
     expect(new Set(statuses)).toEqual(new Set([409]));
@@ -139,7 +162,9 @@ describe.each(serverDatabases)('transactional mode with a lost lease on %s', (_n
     await fixture.gate.arrived(key);
     // Another process took the key over (a new lease token), as after a stall longer than lockTimeout.
     const thief = await stealClaim(fixture.dataSource, key);
-    await waitFor('the renewal to find the lease gone', () => (lost() > lostBefore ? true : undefined));
+    await waitFor('the renewal to find the lease gone', () =>
+      lost() > lostBefore ? true : undefined,
+    );
     fixture.gate.open(key);
     const response = await first;
     expectProblem(response, 409, 'lease-lost');
@@ -172,7 +197,13 @@ describe('transactional mode on SQLite', () => {
 });
 
 describe('downstream keys', () => {
-  const operation = { scope: 'tenant-a', endpoint: 'POST /payments', key: 'k-1', fingerprint: 'f'.repeat(64), entityManager: undefined };
+  const operation = {
+    scope: 'tenant-a',
+    endpoint: 'POST /payments',
+    key: 'k-1',
+    fingerprint: 'f'.repeat(64),
+    entityManager: undefined,
+  };
 
   it('are the same for the same operation and call name, different for any other', () => {
     const charge = downstreamKeyOf(operation, 'charge');

@@ -164,7 +164,10 @@ describeOnPostgres('wait mode woken by LISTEN/NOTIFY', (url) => {
     const laterOriginal = await startHeldFirst(later);
     const laterWaiter = await startWaiters(later);
     await open(later);
-    const [laterDone, [laterReplay]] = await Promise.all([laterOriginal.response, laterWaiter.responses]);
+    const [laterDone, [laterReplay]] = await Promise.all([
+      laterOriginal.response,
+      laterWaiter.responses,
+    ]);
     expect(isReplay(laterReplay)).toBe(true);
     expect(jsonOf(laterReplay)).toEqual(jsonOf(laterDone));
     expect(await executions(later)).toHaveLength(1);
@@ -194,7 +197,9 @@ describeOnPostgres('the LISTEN connection of an app', () => {
       const original = post(fixture.http, '/slow-wait', key).then((response) => response);
       await fixture.gate.arrived(key);
       const waiter = post(fixture.http, '/slow-wait', key).then((response) => response);
-      await waitFor('the LISTEN connection', async () => ((await listening()).length === 1 ? true : undefined));
+      await waitFor('the LISTEN connection', async () =>
+        (await listening()).length === 1 ? true : undefined,
+      );
       fixture.gate.open(key);
       const [done, replay] = await Promise.all([original, waiter]);
       expect(replay.headers['idempotent-replayed']).toBe('true');
@@ -233,7 +238,11 @@ describeOnPostgres('the LISTEN connection of an app', () => {
     const fixture = await createFixtureApp(
       {
         ...sharedDatabase!,
-        options: () => ({ type: 'postgres', url: url.toString(), extra: { max: 2, idleTimeoutMillis: 0 } }),
+        options: () => ({
+          type: 'postgres',
+          url: url.toString(),
+          extra: { max: 2, idleTimeoutMillis: 0 },
+        }),
       },
       { waitPollInterval: '20ms', runMigrations: false },
     );
@@ -249,7 +258,9 @@ describeOnPostgres('the LISTEN connection of an app', () => {
       const waiter = post(fixture.http, '/slow-wait', key).then((response) => response);
       // The waiter opens the LISTEN connection, which is refused: from now on it polls.
       await waitFor('the refused LISTEN connection', () =>
-        logged.some((line) => line.startsWith('Could not open the LISTEN connection')) ? true : undefined,
+        logged.some((line) => line.startsWith('Could not open the LISTEN connection'))
+          ? true
+          : undefined,
       );
       fixture.gate.open(key);
       const [done, replay] = await Promise.all([original, waiter]);
@@ -258,8 +269,9 @@ describeOnPostgres('the LISTEN connection of an app', () => {
       expect(await listeningAs()).toHaveLength(0);
 
       await admin.query(`ALTER ROLE ${role} CONNECTION LIMIT 3`);
-      await waitFor('the LISTEN connection', async () =>
-        (await listeningAs()).length === 1 ? true : undefined,
+      await waitFor(
+        'the LISTEN connection',
+        async () => ((await listeningAs()).length === 1 ? true : undefined),
         { timeoutMs: 20_000, intervalMs: 100 },
       );
     } finally {
@@ -276,6 +288,12 @@ describeOnPostgres('the LISTEN connection of an app', () => {
 function collectLogs(): string[] {
   const logged: string[] = [];
   const collect = (message: unknown) => void logged.push(String(message));
-  Logger.overrideLogger({ log: collect, warn: collect, error: collect, debug: collect, verbose: collect });
+  Logger.overrideLogger({
+    log: collect,
+    warn: collect,
+    error: collect,
+    debug: collect,
+    verbose: collect,
+  });
   return logged;
 }

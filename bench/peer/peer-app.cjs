@@ -24,7 +24,13 @@ const KEY_PREFIX = 'nestjs-idempotency-bench';
 
 /** Same as acceptOrder in bench/bench-app.ts. */
 function acceptOrder(body) {
-  return { id: randomUUID(), amount: body.amount, currency: body.currency, customer: body.customer, status: 'accepted' };
+  return {
+    id: randomUUID(),
+    amount: body.amount,
+    currency: body.currency,
+    customer: body.customer,
+    status: 'accepted',
+  };
 }
 
 class OrdersController {
@@ -41,7 +47,12 @@ Reflect.decorate([Controller('orders')], OrdersController);
 
 function decorateMethod(target, name, decorators) {
   const proto = target.prototype;
-  const descriptor = Reflect.decorate(decorators, proto, name, Object.getOwnPropertyDescriptor(proto, name));
+  const descriptor = Reflect.decorate(
+    decorators,
+    proto,
+    name,
+    Object.getOwnPropertyDescriptor(proto, name),
+  );
   Object.defineProperty(proto, name, descriptor);
   Body()(proto, name, 0);
 }
@@ -62,7 +73,9 @@ function counted(adapter) {
 
 async function openAdapter() {
   if (adapterName === 'memory') return counted(new MemoryStorageAdapter());
-  const adapter = new RedisStorageAdapter({ url: process.env.BENCH_REDIS_URL || 'redis://127.0.0.1:6379' });
+  const adapter = new RedisStorageAdapter({
+    url: process.env.BENCH_REDIS_URL || 'redis://127.0.0.1:6379',
+  });
   await adapter.connect();
   return counted(adapter);
 }
@@ -101,7 +114,10 @@ async function main() {
     ],
     PeerModule,
   );
-  const app = await NestFactory.create(PeerModule, { logger: ['error', 'warn'], abortOnError: false });
+  const app = await NestFactory.create(PeerModule, {
+    logger: ['error', 'warn'],
+    abortOnError: false,
+  });
   await app.listen(0, '127.0.0.1');
   const port = app.getHttpServer().address().port;
 
@@ -110,7 +126,11 @@ async function main() {
       calls.total = 0;
       calls.byStatement = {};
     },
-    'queries-read': () => ({ typeorm: calls.total, wire: calls.total, byStatement: { ...calls.byStatement } }),
+    'queries-read': () => ({
+      typeorm: calls.total,
+      wire: calls.total,
+      byStatement: { ...calls.byStatement },
+    }),
     memory: () => {
       if (global.gc) global.gc();
       const { rss, heapUsed, external } = process.memoryUsage();

@@ -31,9 +31,14 @@ const REJECTIONS: Record<RejectionCode, Omit<IdempotencyRejection, 'code'>> = {
   'key-missing': {
     status: 400,
     title: 'Idempotency-Key is missing',
-    detail: 'This operation requires an Idempotency-Key, e.g. a UUID v4 that you send again on every retry of the same operation.',
+    detail:
+      'This operation requires an Idempotency-Key, e.g. a UUID v4 that you send again on every retry of the same operation.',
   },
-  'key-invalid': { status: 400, title: 'Idempotency-Key is invalid', detail: 'The Idempotency-Key is invalid.' },
+  'key-invalid': {
+    status: 400,
+    title: 'Idempotency-Key is invalid',
+    detail: 'The Idempotency-Key is invalid.',
+  },
   'body-unreadable': {
     status: 400,
     title: 'Request body cannot be fingerprinted',
@@ -42,17 +47,20 @@ const REJECTIONS: Record<RejectionCode, Omit<IdempotencyRejection, 'code'>> = {
   'key-reused': {
     status: 422,
     title: 'Idempotency-Key reused with a different request',
-    detail: 'This Idempotency-Key was already used with a different request payload. Use a new key for a new operation.',
+    detail:
+      'This Idempotency-Key was already used with a different request payload. Use a new key for a new operation.',
   },
   'request-in-progress': {
     status: 409,
     title: 'A request with this Idempotency-Key is in progress',
-    detail: 'The first request with this Idempotency-Key has not finished yet. Retry later with the same key to receive its result.',
+    detail:
+      'The first request with this Idempotency-Key has not finished yet. Retry later with the same key to receive its result.',
   },
   'store-unavailable': {
     status: 503,
     title: 'Idempotency store unavailable',
-    detail: 'The request was not processed because its Idempotency-Key could not be checked. Retry later with the same key.',
+    detail:
+      'The request was not processed because its Idempotency-Key could not be checked. Retry later with the same key.',
     retryAfterSeconds: 1,
   },
   'lease-lost': {

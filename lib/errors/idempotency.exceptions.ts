@@ -32,7 +32,9 @@ export abstract class IdempotencyException extends HttpException {
     };
     super(problem, rejection.status);
     this.headers =
-      rejection.retryAfterSeconds === undefined ? {} : { 'Retry-After': String(rejection.retryAfterSeconds) };
+      rejection.retryAfterSeconds === undefined
+        ? {}
+        : { 'Retry-After': String(rejection.retryAfterSeconds) };
   }
 }
 

@@ -16,17 +16,33 @@ import {
   type ResolvedModuleOptions,
   type ResolvedRouteOptions,
 } from '../idempotency.options.js';
-import { IdempotencyService, LeaseLostError, UnstoredResultError, type Decision } from '../idempotency.service.js';
+import {
+  IdempotencyService,
+  LeaseLostError,
+  UnstoredResultError,
+  type Decision,
+} from '../idempotency.service.js';
 import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
-import { IdempotencyRejectionError, rejection, type IdempotencyRejection } from '../errors/idempotency-rejection.js';
+import {
+  IdempotencyRejectionError,
+  rejection,
+  type IdempotencyRejection,
+} from '../errors/idempotency-rejection.js';
 import type { RecordId } from '../storage/idempotency-store.interface.js';
 import { fingerprintRequest } from '../utils/fingerprint.js';
 import { truncateKeyForLog } from '../utils/idempotency-key.js';
 import { GraphQLTransport } from '../transports/graphql.transport.js';
 import { boundedColumnValue } from '../transports/http-exchange.js';
 import { HttpTransport } from '../transports/http.transport.js';
-import type { IdempotencyTransport, OperationDescription } from '../transports/idempotency-transport.js';
-import { loadMicroservices, RpcTransport, type SettledMessage } from '../transports/rpc.transport.js';
+import type {
+  IdempotencyTransport,
+  OperationDescription,
+} from '../transports/idempotency-transport.js';
+import {
+  loadMicroservices,
+  RpcTransport,
+  type SettledMessage,
+} from '../transports/rpc.transport.js';
 
 /** A handler's resolved options, and whether the interceptor is listed on it more than once. */
 interface Route {
@@ -71,7 +87,8 @@ export class IdempotencyInterceptor implements NestInterceptor {
     if (transport.type === 'rpc') await loadMicroservices();
     try {
       const reading = transport.readKey(context);
-      if (reading.kind === 'invalid') throw new IdempotencyRejectionError(rejection('key-invalid', { detail: reading.reason }));
+      if (reading.kind === 'invalid')
+        throw new IdempotencyRejectionError(rejection('key-invalid', { detail: reading.reason }));
       if (reading.kind === 'absent') {
         if (options.required) throw new IdempotencyRejectionError(rejection('key-missing'));
         return next.handle();
@@ -128,10 +145,25 @@ export class IdempotencyInterceptor implements NestInterceptor {
             })
             .catch((error: unknown) => {
               const code =
-                error instanceof LeaseLostError ? 'lease-lost' : error instanceof UnstoredResultError ? 'result-not-stored' : undefined;
+                error instanceof LeaseLostError
+                  ? 'lease-lost'
+                  : error instanceof UnstoredResultError
+                    ? 'result-not-stored'
+                    : undefined;
               const refusal = code ? rejection(code) : undefined;
               if (transport.settled) {
-                transport.settled(context, this.settledAfterFailure(transport, context, error, refusal, options, decision.lease.id), options);
+                transport.settled(
+                  context,
+                  this.settledAfterFailure(
+                    transport,
+                    context,
+                    error,
+                    refusal,
+                    options,
+                    decision.lease.id,
+                  ),
+                  options,
+                );
               }
               throw refusal ? transport.reject(context, refusal) : error;
             })
@@ -150,7 +182,9 @@ export class IdempotencyInterceptor implements NestInterceptor {
         throw new IdempotencyRejectionError(rejection('key-reused'));
       case 'in-progress':
         throw new IdempotencyRejectionError(
-          rejection('request-in-progress', { retryAfterSeconds: Math.max(1, Math.ceil(decision.retryAfterMs / 1000)) }),
+          rejection('request-in-progress', {
+            retryAfterSeconds: Math.max(1, Math.ceil(decision.retryAfterMs / 1000)),
+          }),
         );
       case 'unreadable':
         throw new IdempotencyRejectionError(rejection('response-unreadable'));
@@ -172,7 +206,9 @@ export class IdempotencyInterceptor implements NestInterceptor {
   ): SettledMessage {
     if (refusal) return settledBy(refusal);
     const stored = transport.capture(context, { ok: false, error }, options, id) !== null;
-    return stored ? { kind: 'done', replayed: false } : { kind: 'retry', reason: 'the handler failed' };
+    return stored
+      ? { kind: 'done', replayed: false }
+      : { kind: 'retry', reason: 'the handler failed' };
   }
 
   /** Decides, turning a store failure into a 503: the handler never runs without a claim. */
@@ -180,7 +216,9 @@ export class IdempotencyInterceptor implements NestInterceptor {
     try {
       return await begin();
     } catch (error) {
-      this.logger.error(`Idempotency store unavailable for key ${truncateKeyForLog(key)}: ${(error as Error).message}`);
+      this.logger.error(
+        `Idempotency store unavailable for key ${truncateKeyForLog(key)}: ${(error as Error).message}`,
+      );
       throw new IdempotencyRejectionError(rejection('store-unavailable'));
     }
   }
@@ -196,7 +234,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
     warnedUnscoped.add(handler);
     this.logger.warn(
       `${context.getClass().name}.${handler.name} is called by an authenticated user (request.user), but its keys have no scope: every caller shares one key space, ` +
-        'so a user who sends another user\'s key receives that user\'s stored response. Set `scope`, e.g. IdempotencyModule.forRoot({ scope: (request) => request.user.id }).',
+        "so a user who sends another user's key receives that user's stored response. Set `scope`, e.g. IdempotencyModule.forRoot({ scope: (request) => request.user.id }).",
     );
   }
 
@@ -206,15 +244,21 @@ export class IdempotencyInterceptor implements NestInterceptor {
     let route = this.routes.get(handler);
     if (!route) {
       const controller = context.getClass();
-      const options = this.reflector.getAllAndOverride<IdempotencyRouteOptions | undefined>(IDEMPOTENT_ROUTE_OPTIONS, [
-        handler,
-        controller,
-      ]);
+      const options = this.reflector.getAllAndOverride<IdempotencyRouteOptions | undefined>(
+        IDEMPOTENT_ROUTE_OPTIONS,
+        [handler, controller],
+      );
       const listed = (target: object) =>
-        ((Reflect.getMetadata(INTERCEPTORS_METADATA, target) as unknown[] | undefined) ?? []).filter(
-          (interceptor) => interceptor === IdempotencyInterceptor || interceptor instanceof IdempotencyInterceptor,
+        (
+          (Reflect.getMetadata(INTERCEPTORS_METADATA, target) as unknown[] | undefined) ?? []
+        ).filter(
+          (interceptor) =>
+            interceptor === IdempotencyInterceptor || interceptor instanceof IdempotencyInterceptor,
         ).length;
-      route = { options: resolveRouteOptions(this.moduleOptions, options ?? {}), twice: listed(controller) + listed(handler) > 1 };
+      route = {
+        options: resolveRouteOptions(this.moduleOptions, options ?? {}),
+        twice: listed(controller) + listed(handler) > 1,
+      };
       this.routes.set(handler, route);
     }
     return route;
@@ -241,7 +285,9 @@ function fingerprintOf(operation: OperationDescription): string {
  * through. On HTTP the request object, elsewhere the call's argument list (one per call).
  */
 function alreadyHandled(context: ExecutionContext): boolean {
-  const marker = (context.getType() === 'http' ? context.switchToHttp().getRequest() : context.getArgs()) as Record<symbol, boolean>;
+  const marker = (
+    context.getType() === 'http' ? context.switchToHttp().getRequest() : context.getArgs()
+  ) as Record<symbol, boolean>;
   if (marker[HANDLED]) return true;
   Object.defineProperty(marker, HANDLED, { value: true });
   return false;

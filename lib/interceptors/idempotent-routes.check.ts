@@ -16,7 +16,11 @@ import { RouteParamtypes } from '@nestjs/common/enums/route-paramtypes.enum.js';
 import { ApplicationConfig, DiscoveryService, MetadataScanner } from '@nestjs/core';
 import { IdempotencyInterceptor } from './idempotency.interceptor.js';
 import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
-import { RESOLVED_OPTIONS, resolveRouteOptions, type ResolvedModuleOptions } from '../idempotency.options.js';
+import {
+  RESOLVED_OPTIONS,
+  resolveRouteOptions,
+  type ResolvedModuleOptions,
+} from '../idempotency.options.js';
 import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
 import { IdempotencyStore } from '../storage/idempotency-store.interface.js';
 
@@ -31,7 +35,11 @@ import { IdempotencyStore } from '../storage/idempotency-store.interface.js';
 @Injectable()
 export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstrap {
   /** The `@Idempotent()` routes: name, controller and method. */
-  private readonly routes: { readonly name: string; readonly controller: Function; readonly handler: Function }[] = [];
+  private readonly routes: {
+    readonly name: string;
+    readonly controller: Function;
+    readonly handler: Function;
+  }[] = [];
 
   constructor(
     private readonly config: ApplicationConfig,
@@ -46,18 +54,29 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
     const transactional: string[] = [];
     // Controllers (HTTP routes, message handlers) and providers (GraphQL resolvers).
     const controllers = new Set(this.discovery.getControllers());
-    const classes = [...controllers, ...this.discovery.getProviders().filter((wrapper) => !wrapper.isNotMetatype)];
+    const classes = [
+      ...controllers,
+      ...this.discovery.getProviders().filter((wrapper) => !wrapper.isNotMetatype),
+    ];
     for (const wrapper of classes) {
       const { instance, metatype } = wrapper;
       if (!instance || !metatype || typeof metatype !== 'function') continue;
       const prototype = Object.getPrototypeOf(instance);
-      const classOptions: IdempotencyRouteOptions | undefined = Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, metatype);
+      const classOptions: IdempotencyRouteOptions | undefined = Reflect.getMetadata(
+        IDEMPOTENT_ROUTE_OPTIONS,
+        metatype,
+      );
       for (const method of this.scanner.getAllMethodNames(prototype)) {
         const handler = prototype[method];
-        const handlerOptions: IdempotencyRouteOptions | undefined = Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, handler);
+        const handlerOptions: IdempotencyRouteOptions | undefined = Reflect.getMetadata(
+          IDEMPOTENT_ROUTE_OPTIONS,
+          handler,
+        );
         if (!classOptions && !handlerOptions) continue;
         this.routes.push({ name: `${metatype.name}.${method}`, controller: metatype, handler });
-        const reason = controllers.has(wrapper) ? unsupportedReason(metatype, method, handler) : undefined;
+        const reason = controllers.has(wrapper)
+          ? unsupportedReason(metatype, method, handler)
+          : undefined;
         if (reason) problems.push(`${metatype.name}.${method}: ${reason}`);
         // As the interceptor reads them: the method's options override the class's as a whole.
         if (resolveRouteOptions(this.options, handlerOptions ?? classOptions ?? {}).transactional) {
@@ -116,12 +135,19 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
 }
 
 function isSerializer(interceptor: unknown): boolean {
-  return interceptor === ClassSerializerInterceptor || interceptor instanceof ClassSerializerInterceptor;
+  return (
+    interceptor === ClassSerializerInterceptor || interceptor instanceof ClassSerializerInterceptor
+  );
 }
 
-function unsupportedReason(controller: Function, method: string, handler: Function): string | undefined {
+function unsupportedReason(
+  controller: Function,
+  method: string,
+  handler: Function,
+): string | undefined {
   if (Reflect.getMetadata(SSE_METADATA, handler)) return 'it streams server-sent events (@Sse())';
-  const args: Record<string, unknown> = Reflect.getMetadata(ROUTE_ARGS_METADATA, controller, method) ?? {};
+  const args: Record<string, unknown> =
+    Reflect.getMetadata(ROUTE_ARGS_METADATA, controller, method) ?? {};
   const passthrough = Reflect.getMetadata(RESPONSE_PASSTHROUGH_METADATA, controller, method);
   for (const key of Object.keys(args)) {
     const type = Number(key.split(':')[0]);

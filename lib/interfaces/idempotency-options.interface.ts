@@ -15,6 +15,8 @@ export type ConcurrencyMode = 'reject' | 'wait';
  * (the GraphQL context's request), and `{ data, context }` (`MessageScopeSource`: the payload and
  * the transport's context) for a message handler.
  */
+// `any`, so a resolver typed for the app's own request (`(req: Request) => …`) is assignable.
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
 export type ScopeResolver = (request: any) => string | Promise<string>;
 
 /** Which response statuses are stored and replayed: a list, or a predicate. */

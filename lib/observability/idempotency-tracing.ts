@@ -44,7 +44,12 @@ export class IdempotencyTracing {
    * active one inside `work`. A rejection marks the span as an error (with `idempotency.outcome`
    * as `work` set it, or `error`).
    */
-  async step<T>(step: TracedStepName, id: RecordId, work: (traced: TracedStep) => Promise<T>, active = false): Promise<T> {
+  async step<T>(
+    step: TracedStepName,
+    id: RecordId,
+    work: (traced: TracedStep) => Promise<T>,
+    active = false,
+  ): Promise<T> {
     const { api, tracer } = this;
     if (!api || !tracer) return work(UNTRACED);
     const span: Span = tracer.startSpan(`idempotency.${step}`, {
@@ -69,7 +74,10 @@ export class IdempotencyTracing {
     } catch (error) {
       if (!outcomeSet) traced.outcome('error');
       span.recordException(error instanceof Error ? error : String(error));
-      span.setStatus({ code: api.SpanStatusCode.ERROR, message: error instanceof Error ? error.message : undefined });
+      span.setStatus({
+        code: api.SpanStatusCode.ERROR,
+        message: error instanceof Error ? error.message : undefined,
+      });
       throw error;
     } finally {
       span.end();

@@ -64,33 +64,66 @@ export class ResponseSealer {
     const iv = randomBytes(IV_BYTES);
     const cipher = createCipheriv('aes-256-gcm', key.secret, iv);
     cipher.setAAD(associatedData(id, response));
-    const plaintext = JSON.stringify({ h: response.headers, b: response.body, e: response.bodyEncoding });
+    const plaintext = JSON.stringify({
+      h: response.headers,
+      b: response.body,
+      e: response.bodyEncoding,
+    });
     const ciphertext = Buffer.concat([cipher.update(plaintext, 'utf8'), cipher.final()]);
-    const envelope = [ENVELOPE_VERSION, key.id, iv.toString('base64url'), ciphertext.toString('base64url'), cipher.getAuthTag().toString('base64url')].join('.');
-    return { status: response.status, headers: {}, body: envelope, bodyEncoding: SEALED_ENCODING, isError: response.isError };
+    const envelope = [
+      ENVELOPE_VERSION,
+      key.id,
+      iv.toString('base64url'),
+      ciphertext.toString('base64url'),
+      cipher.getAuthTag().toString('base64url'),
+    ].join('.');
+    return {
+      status: response.status,
+      headers: {},
+      body: envelope,
+      bodyEncoding: SEALED_ENCODING,
+      isError: response.isError,
+    };
   }
 
   /** The response as it was before sealing; throws `UnreadableResponseError` when it cannot be. */
   open(id: RecordId, stored: StoredResponse): StoredResponse {
     if (stored.bodyEncoding !== SEALED_ENCODING) {
       if (this.acceptUnsealed) return stored;
-      throw new UnreadableResponseError('it was stored without encryption (set encryption.acceptUnsealed to replay such responses)');
+      throw new UnreadableResponseError(
+        'it was stored without encryption (set encryption.acceptUnsealed to replay such responses)',
+      );
     }
     const parts = (stored.body ?? '').split('.');
-    if (parts.length !== 5 || parts[0] !== ENVELOPE_VERSION) throw new UnreadableResponseError('its envelope is malformed');
+    if (parts.length !== 5 || parts[0] !== ENVELOPE_VERSION)
+      throw new UnreadableResponseError('its envelope is malformed');
     const [, keyId, iv, ciphertext, tag] = parts;
     const key = this.keys.find((candidate) => candidate.id === keyId);
-    if (!key) throw new UnreadableResponseError(`it was sealed under a key that is not configured (key id ${keyId})`);
+    if (!key)
+      throw new UnreadableResponseError(
+        `it was sealed under a key that is not configured (key id ${keyId})`,
+      );
     let plaintext: string;
     try {
-      const decipher = createDecipheriv('aes-256-gcm', key.secret, Buffer.from(iv, 'base64url'), { authTagLength: TAG_BYTES });
+      const decipher = createDecipheriv('aes-256-gcm', key.secret, Buffer.from(iv, 'base64url'), {
+        authTagLength: TAG_BYTES,
+      });
       decipher.setAAD(associatedData(id, stored));
       decipher.setAuthTag(Buffer.from(tag, 'base64url'));
-      plaintext = Buffer.concat([decipher.update(Buffer.from(ciphertext, 'base64url')), decipher.final()]).toString('utf8');
+      plaintext = Buffer.concat([
+        decipher.update(Buffer.from(ciphertext, 'base64url')),
+        decipher.final(),
+      ]).toString('utf8');
     } catch {
-      throw new UnreadableResponseError('it does not authenticate (tampered with, or copied from another record)');
+      throw new UnreadableResponseError(
+        'it does not authenticate (tampered with, or copied from another record)',
+      );
     }
-    const { h, b, e } = JSON.parse(plaintext) as { h: StoredResponse['headers']; b: string | null; e: StoredResponse['bodyEncoding'] };
+    const { h, b, e } = JSON.parse(plaintext) as {
+      h: StoredResponse['headers'];
+      b: string | null;
+      e: StoredResponse['bodyEncoding'];
+    };
     return { status: stored.status, headers: h, body: b, bodyEncoding: e, isError: stored.isError };
   }
 }
@@ -106,8 +139,20 @@ export function openUnencrypted(stored: StoredResponse): StoredResponse {
   return stored;
 }
 
-function associatedData(id: RecordId, response: Pick<StoredResponse, 'status' | 'isError'>): Buffer {
-  return Buffer.from(JSON.stringify(['nestjs-idempotency/v1', id.scope, id.endpoint, id.key, response.status, response.isError]));
+function associatedData(
+  id: RecordId,
+  response: Pick<StoredResponse, 'status' | 'isError'>,
+): Buffer {
+  return Buffer.from(
+    JSON.stringify([
+      'nestjs-idempotency/v1',
+      id.scope,
+      id.endpoint,
+      id.key,
+      response.status,
+      response.isError,
+    ]),
+  );
 }
 
 function toSecret(key: EncryptionKey, index: number): Buffer {

@@ -54,14 +54,13 @@ class Watch implements RecordWatch {
       return Promise.resolve();
     }
     return new Promise<void>((resolve) => {
-      const timer = setTimeout(done, timeoutMs);
-      const self = this;
-      function done() {
+      const done = () => {
         clearTimeout(timer);
-        self.pending = false;
-        self.resolveWait = undefined;
+        this.pending = false;
+        this.resolveWait = undefined;
         resolve();
-      }
+      };
+      const timer = setTimeout(done, timeoutMs);
       this.resolveWait = done;
     });
   }

@@ -75,7 +75,9 @@ export function storeContract(
 
     check(`lets exactly one of ${racers} concurrent claims of a key win`, async (s) => {
       const id = s.id();
-      const results = await Promise.all(Array.from({ length: racers }, () => s.claim(id, 'fp-race')));
+      const results = await Promise.all(
+        Array.from({ length: racers }, () => s.claim(id, 'fp-race')),
+      );
       assert.equal(results.filter((result) => result.claimed).length, 1);
       for (const result of results) {
         if (!result.claimed) assert.equal(result.record.fingerprint, 'fp-race');
@@ -84,7 +86,9 @@ export function storeContract(
 
     check('lets exactly one of concurrent claims with different payloads win', async (s) => {
       const id = s.id();
-      const results = await Promise.all(Array.from({ length: racers }, (_, i) => s.claim(id, `fp-${i}`)));
+      const results = await Promise.all(
+        Array.from({ length: racers }, (_, i) => s.claim(id, `fp-${i}`)),
+      );
       const winners = results.filter((result) => result.claimed);
       assert.equal(winners.length, 1);
     }),
@@ -118,16 +122,27 @@ export function storeContract(
         Promise.all(held.map((id) => s.claim(id, 'fp-b', later))),
         Promise.all(abandoned.map((id) => s.claim(id, 'fp-a', later))),
       ]);
-      for (const claim of freshClaims) assert.equal(claim.claimed && !claim.takeover, true, 'a new key was not claimed as new');
-      freshClaims.forEach((claim, i) => assert.deepEqual(claim.claimed && claim.lease.id, fresh[i]));
+      for (const claim of freshClaims)
+        assert.equal(claim.claimed && !claim.takeover, true, 'a new key was not claimed as new');
+      freshClaims.forEach((claim, i) =>
+        assert.deepEqual(claim.claimed && claim.lease.id, fresh[i]),
+      );
       completedClaims.forEach((claim, i) => {
         assert.equal(claim.claimed, false);
         if (!claim.claimed) assert.deepEqual(claim.record.response, responses.get(completed[i]));
       });
-      for (const claim of heldClaims) assert.equal(!claim.claimed && claim.record.fingerprint, 'fp-a');
-      for (const claim of abandonedClaims) assert.equal(claim.claimed && claim.takeover, true, 'an abandoned claim was not taken over');
+      for (const claim of heldClaims)
+        assert.equal(!claim.claimed && claim.record.fingerprint, 'fp-a');
+      for (const claim of abandonedClaims)
+        assert.equal(
+          claim.claimed && claim.takeover,
+          true,
+          'an abandoned claim was not taken over',
+        );
       // All at once: the new leases complete, the stale ones of the taken-over records do not.
-      const leases = [...freshClaims, ...abandonedClaims].map((claim) => (claim.claimed ? claim.lease : undefined)!);
+      const leases = [...freshClaims, ...abandonedClaims].map(
+        (claim) => (claim.claimed ? claim.lease : undefined)!,
+      );
       const outcomes = await Promise.all([
         ...leases.map((lease) => s.store.complete(lease, sampleResponse(), s.now + 10 * MINUTE)),
         ...stale.map((lease) => s.store.complete(lease, sampleResponse(), s.now + 10 * MINUTE)),
@@ -151,33 +166,42 @@ export function storeContract(
       assert.deepEqual(read.record.response, response);
     }),
 
-    check('fences the lease: complete, renew and release with another token do nothing', async (s) => {
-      const id = s.id();
-      const lease = await s.leaseOf(id, 'fp-a');
-      const forged: Lease = { id, token: randomUUID() };
-      assert.equal(await s.store.complete(forged, sampleResponse(), s.now + MINUTE), false);
-      assert.equal(await s.store.renew(forged, s.now + 5 * MINUTE), false);
-      assert.equal(await s.store.release(forged), false);
-      const read = await s.claim(id, 'fp-a');
-      assert.equal(!read.claimed && read.record.state, 'in_progress');
-      assert.equal(!read.claimed && read.record.expiresAt, s.now + MINUTE);
-      assert.equal(await s.store.complete(lease, sampleResponse(), s.now + MINUTE), true);
-    }),
+    check(
+      'fences the lease: complete, renew and release with another token do nothing',
+      async (s) => {
+        const id = s.id();
+        const lease = await s.leaseOf(id, 'fp-a');
+        const forged: Lease = { id, token: randomUUID() };
+        assert.equal(await s.store.complete(forged, sampleResponse(), s.now + MINUTE), false);
+        assert.equal(await s.store.renew(forged, s.now + 5 * MINUTE), false);
+        assert.equal(await s.store.release(forged), false);
+        const read = await s.claim(id, 'fp-a');
+        assert.equal(!read.claimed && read.record.state, 'in_progress');
+        assert.equal(!read.claimed && read.record.expiresAt, s.now + MINUTE);
+        assert.equal(await s.store.complete(lease, sampleResponse(), s.now + MINUTE), true);
+      },
+    ),
 
-    check('keeps a completed record final: no second completion, release or renewal, whatever the payload', async (s) => {
-      const id = s.id();
-      const lease = await s.leaseOf(id, 'fp-a');
-      const response = sampleResponse();
-      assert.equal(await s.store.complete(lease, response, s.now + 10 * MINUTE), true);
-      assert.equal(await s.store.complete(lease, { ...response, status: 500 }, s.now + 20 * MINUTE), false);
-      assert.equal(await s.store.renew(lease, s.now + 20 * MINUTE), false);
-      assert.equal(await s.store.release(lease), false);
-      const other = await s.claim(id, 'fp-b', s.now + 9 * MINUTE);
-      assert.equal(other.claimed, false);
-      if (other.claimed) return;
-      assert.equal(other.record.fingerprint, 'fp-a');
-      assert.deepEqual(other.record.response, response);
-    }),
+    check(
+      'keeps a completed record final: no second completion, release or renewal, whatever the payload',
+      async (s) => {
+        const id = s.id();
+        const lease = await s.leaseOf(id, 'fp-a');
+        const response = sampleResponse();
+        assert.equal(await s.store.complete(lease, response, s.now + 10 * MINUTE), true);
+        assert.equal(
+          await s.store.complete(lease, { ...response, status: 500 }, s.now + 20 * MINUTE),
+          false,
+        );
+        assert.equal(await s.store.renew(lease, s.now + 20 * MINUTE), false);
+        assert.equal(await s.store.release(lease), false);
+        const other = await s.claim(id, 'fp-b', s.now + 9 * MINUTE);
+        assert.equal(other.claimed, false);
+        if (other.claimed) return;
+        assert.equal(other.record.fingerprint, 'fp-a');
+        assert.deepEqual(other.record.response, response);
+      },
+    ),
 
     check('renews a held lock, so a claim after the old lock finds it in progress', async (s) => {
       const id = s.id();
@@ -189,26 +213,38 @@ export function storeContract(
       assert.equal(await s.store.complete(lease, sampleResponse(), s.now + 10 * MINUTE), true);
     }),
 
-    check('takes an abandoned claim over for the same payload once its lock ended, and fences the old lease off', async (s) => {
-      const id = s.id();
-      const abandoned = await s.leaseOf(id, 'fp-a');
-      const takeover = await s.claim(id, 'fp-a', s.now + MINUTE + 1);
-      assert.equal(takeover.claimed, true);
-      if (!takeover.claimed) return;
-      assert.equal(takeover.takeover, true);
-      assert.equal(await s.store.complete(abandoned, sampleResponse(), s.now + 10 * MINUTE), false);
-      assert.equal(await s.store.renew(abandoned, s.now + 10 * MINUTE), false);
-      assert.equal(await s.store.release(abandoned), false);
-      assert.equal(await s.store.complete(takeover.lease, sampleResponse(), s.now + 10 * MINUTE), true);
-    }),
+    check(
+      'takes an abandoned claim over for the same payload once its lock ended, and fences the old lease off',
+      async (s) => {
+        const id = s.id();
+        const abandoned = await s.leaseOf(id, 'fp-a');
+        const takeover = await s.claim(id, 'fp-a', s.now + MINUTE + 1);
+        assert.equal(takeover.claimed, true);
+        if (!takeover.claimed) return;
+        assert.equal(takeover.takeover, true);
+        assert.equal(
+          await s.store.complete(abandoned, sampleResponse(), s.now + 10 * MINUTE),
+          false,
+        );
+        assert.equal(await s.store.renew(abandoned, s.now + 10 * MINUTE), false);
+        assert.equal(await s.store.release(abandoned), false);
+        assert.equal(
+          await s.store.complete(takeover.lease, sampleResponse(), s.now + 10 * MINUTE),
+          true,
+        );
+      },
+    ),
 
-    check('keeps an abandoned claim bound to its payload: another payload is refused, not taken over', async (s) => {
-      const id = s.id();
-      await s.leaseOf(id, 'fp-a');
-      const other = await s.claim(id, 'fp-b', s.now + MINUTE + 1);
-      assert.equal(other.claimed, false);
-      assert.equal(!other.claimed && other.record.fingerprint, 'fp-a');
-    }),
+    check(
+      'keeps an abandoned claim bound to its payload: another payload is refused, not taken over',
+      async (s) => {
+        const id = s.id();
+        await s.leaseOf(id, 'fp-a');
+        const other = await s.claim(id, 'fp-b', s.now + MINUTE + 1);
+        assert.equal(other.claimed, false);
+        assert.equal(!other.claimed && other.record.fingerprint, 'fp-a');
+      },
+    ),
 
     check('takes a completed record over, for any payload, once its TTL ended', async (s) => {
       const id = s.id();
@@ -222,59 +258,85 @@ export function storeContract(
       assert.equal(!read.claimed && read.record.response, null);
     }),
 
-    check('releases a held key, so the next claim is a new one; a second release does nothing', async (s) => {
-      const id = s.id();
-      const lease = await s.leaseOf(id, 'fp-a');
-      assert.equal(await s.store.release(lease), true);
-      assert.equal(await s.store.release(lease), false);
-      const again = await s.claim(id, 'fp-b');
-      assert.equal(again.claimed, true);
-      assert.equal(again.claimed && again.takeover, false);
-    }),
+    check(
+      'releases a held key, so the next claim is a new one; a second release does nothing',
+      async (s) => {
+        const id = s.id();
+        const lease = await s.leaseOf(id, 'fp-a');
+        assert.equal(await s.store.release(lease), true);
+        assert.equal(await s.store.release(lease), false);
+        const again = await s.claim(id, 'fp-b');
+        assert.equal(again.claimed, true);
+        assert.equal(again.claimed && again.takeover, false);
+      },
+    ),
 
-    check('purges expired records in batches of at most `limit`, and never a live one', async (s) => {
-      const realNow = Date.now();
-      // A store that expires records by itself may already have dropped these: only the live one
-      // is checked there.
-      const expired = options.expiresByItself ? [] : [s.id(), s.id(), s.id()];
-      for (const id of expired) {
-        const lease = await s.leaseOf(id, 'fp-a', realNow - 10 * MINUTE, realNow - 5 * MINUTE);
-        assert.equal(await s.store.complete(lease, sampleResponse(), realNow - MINUTE), true);
-      }
-      const abandoned = s.id();
-      if (!options.expiresByItself) await s.leaseOf(abandoned, 'fp-a', realNow - 10 * MINUTE, realNow - 5 * MINUTE);
-      const live = s.id();
-      const liveLease = await s.leaseOf(live, 'fp-a', realNow, realNow + 10 * MINUTE);
-      for (let batches = 0; ; batches++) {
-        assert.ok(batches < 10_000, 'the purge never finished');
-        const deleted = await s.store.purgeExpired(Date.now(), 2);
-        assert.ok(deleted >= 0 && deleted <= 2, `a purge with limit 2 deleted ${deleted}`);
-        if (deleted === 0) break;
-      }
-      if (!options.expiresByItself) {
-        for (const id of [...expired, abandoned]) {
-          // Gone: a claim with another payload is a new claim (an abandoned record would refuse it).
-          const claim = await s.claim(id, 'fp-b', Date.now());
-          assert.equal(claim.claimed && claim.takeover, false, 'an expired record survived the purge');
+    check(
+      'purges expired records in batches of at most `limit`, and never a live one',
+      async (s) => {
+        const realNow = Date.now();
+        // A store that expires records by itself may already have dropped these: only the live one
+        // is checked there.
+        const expired = options.expiresByItself ? [] : [s.id(), s.id(), s.id()];
+        for (const id of expired) {
+          const lease = await s.leaseOf(id, 'fp-a', realNow - 10 * MINUTE, realNow - 5 * MINUTE);
+          assert.equal(await s.store.complete(lease, sampleResponse(), realNow - MINUTE), true);
         }
-      }
-      const read = await s.claim(live, 'fp-a', Date.now());
-      assert.equal(!read.claimed && read.record.state, 'in_progress', 'the purge deleted a live record');
-      assert.equal(await s.store.complete(liveLease, sampleResponse(), Date.now() + MINUTE), true);
-    }),
+        const abandoned = s.id();
+        if (!options.expiresByItself)
+          await s.leaseOf(abandoned, 'fp-a', realNow - 10 * MINUTE, realNow - 5 * MINUTE);
+        const live = s.id();
+        const liveLease = await s.leaseOf(live, 'fp-a', realNow, realNow + 10 * MINUTE);
+        for (let batches = 0; ; batches++) {
+          assert.ok(batches < 10_000, 'the purge never finished');
+          const deleted = await s.store.purgeExpired(Date.now(), 2);
+          assert.ok(deleted >= 0 && deleted <= 2, `a purge with limit 2 deleted ${deleted}`);
+          if (deleted === 0) break;
+        }
+        if (!options.expiresByItself) {
+          for (const id of [...expired, abandoned]) {
+            // Gone: a claim with another payload is a new claim (an abandoned record would refuse it).
+            const claim = await s.claim(id, 'fp-b', Date.now());
+            assert.equal(
+              claim.claimed && claim.takeover,
+              false,
+              'an expired record survived the purge',
+            );
+          }
+        }
+        const read = await s.claim(live, 'fp-a', Date.now());
+        assert.equal(
+          !read.claimed && read.record.state,
+          'in_progress',
+          'the purge deleted a live record',
+        );
+        assert.equal(
+          await s.store.complete(liveLease, sampleResponse(), Date.now() + MINUTE),
+          true,
+        );
+      },
+    ),
 
-    check('keeps ids apart that differ only in scope, endpoint, case or Unicode normalisation', async (s) => {
-      const base = s.id();
-      const ids: RecordId[] = [
-        base,
-        { ...base, scope: 'tenant-b' },
-        { ...base, endpoint: `${base.endpoint}/x` },
-        { ...base, key: base.key.toUpperCase() },
-        { ...base, key: `${base.key}-\u00e9` },
-        { ...base, key: `${base.key}-e\u0301` },
-      ];
-      for (const id of ids) assert.equal((await s.claim(id, 'fp-a')).claimed, true, `${JSON.stringify(id)} was not new`);
-    }),
+    check(
+      'keeps ids apart that differ only in scope, endpoint, case or Unicode normalisation',
+      async (s) => {
+        const base = s.id();
+        const ids: RecordId[] = [
+          base,
+          { ...base, scope: 'tenant-b' },
+          { ...base, endpoint: `${base.endpoint}/x` },
+          { ...base, key: base.key.toUpperCase() },
+          { ...base, key: `${base.key}-\u00e9` },
+          { ...base, key: `${base.key}-e\u0301` },
+        ];
+        for (const id of ids)
+          assert.equal(
+            (await s.claim(id, 'fp-a')).claimed,
+            true,
+            `${JSON.stringify(id)} was not new`,
+          );
+      },
+    ),
 
     check('handles keys, scopes and endpoints of 255 characters, in any script', async (s) => {
       const unicode = 'ключ-鍵-مفتاح-🔑-';
@@ -296,7 +358,11 @@ export function storeContract(
     check('stores bodies of 1 MiB, binary ones and none at all', async (s) => {
       const bodies: StoredResponse[] = [
         { ...sampleResponse(), body: JSON.stringify({ blob: 'x'.repeat(1024 * 1024 - 20) }) },
-        { ...sampleResponse(), body: Buffer.from(Array.from({ length: 4096 }, (_, i) => i % 256)).toString('base64'), bodyEncoding: 'base64' },
+        {
+          ...sampleResponse(),
+          body: Buffer.from(Array.from({ length: 4096 }, (_, i) => i % 256)).toString('base64'),
+          bodyEncoding: 'base64',
+        },
         { ...sampleResponse(), status: 204, body: null },
       ];
       for (const response of bodies) {
@@ -323,12 +389,22 @@ class Subject {
     return { scope: '', endpoint: this.endpoint, key: `key-${++this.ids}-${randomUUID()}` };
   }
 
-  claim(id: RecordId, fingerprint: string, now = this.now, lockedUntil = now + MINUTE): Promise<ClaimResult> {
+  claim(
+    id: RecordId,
+    fingerprint: string,
+    now = this.now,
+    lockedUntil = now + MINUTE,
+  ): Promise<ClaimResult> {
     return this.store.claim({ id, fingerprint, token: randomUUID(), now, lockedUntil });
   }
 
   /** Claims a new id and returns the lease; the claim locks it until `lockedUntil`. */
-  async leaseOf(id: RecordId, fingerprint: string, now = this.now, lockedUntil = this.now + MINUTE): Promise<Lease> {
+  async leaseOf(
+    id: RecordId,
+    fingerprint: string,
+    now = this.now,
+    lockedUntil = this.now + MINUTE,
+  ): Promise<Lease> {
     const result = await this.claim(id, fingerprint, now, lockedUntil);
     assert.equal(result.claimed, true, `${JSON.stringify(id)} could not be claimed`);
     if (!result.claimed) throw new Error('unreachable');
@@ -339,7 +415,11 @@ class Subject {
 function sampleResponse(): StoredResponse {
   return {
     status: 201,
-    headers: { 'content-type': 'application/json; charset=utf-8', 'set-cookie': ['a=1', 'b=2'], location: '/payments/1' },
+    headers: {
+      'content-type': 'application/json; charset=utf-8',
+      'set-cookie': ['a=1', 'b=2'],
+      location: '/payments/1',
+    },
     body: JSON.stringify({ id: randomUUID(), amount: 4200, note: null }),
     bodyEncoding: 'json',
     isError: false,

@@ -1,7 +1,11 @@
 import { HttpException, Inject, Injectable, type ExecutionContext } from '@nestjs/common';
 import { of, type Observable } from 'rxjs';
 import { graphqlCodeOf, type IdempotencyRejection } from '../errors/idempotency-rejection.js';
-import { RESOLVED_OPTIONS, type ResolvedModuleOptions, type ResolvedRouteOptions } from '../idempotency.options.js';
+import {
+  RESOLVED_OPTIONS,
+  type ResolvedModuleOptions,
+  type ResolvedRouteOptions,
+} from '../idempotency.options.js';
 import type { Outcome } from '../idempotency.service.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js';
@@ -22,7 +26,12 @@ interface ResolveInfo {
   readonly schema: { getMutationType(): { readonly name: string } | null | undefined };
 }
 
-type ResolverArgs = [root: unknown, args: Record<string, unknown> | undefined, context: GraphQLContext | undefined, info: ResolveInfo | undefined];
+type ResolverArgs = [
+  root: unknown,
+  args: Record<string, unknown> | undefined,
+  context: GraphQLContext | undefined,
+  info: ResolveInfo | undefined,
+];
 /** Nest's GraphQL context: Express and Apollo give `req`, Fastify `request` (and `req` in some setups). */
 interface GraphQLContext {
   readonly req?: unknown;
@@ -69,14 +78,21 @@ export class GraphQLTransport implements IdempotencyTransport {
 
   applies(context: ExecutionContext): boolean {
     const info = argsOf(context)[3];
-    return info?.operation?.operation === 'mutation' && info.parentType?.name === info.schema?.getMutationType()?.name;
+    return (
+      info?.operation?.operation === 'mutation' &&
+      info.parentType?.name === info.schema?.getMutationType()?.name
+    );
   }
 
   readKey(context: ExecutionContext): KeyReading {
     const [, args, graphqlContext] = argsOf(context);
     const argument = args?.[GRAPHQL_KEY_ARGUMENT];
     if (argument !== undefined && argument !== null) {
-      if (typeof argument !== 'string') return { kind: 'invalid', reason: `The ${GRAPHQL_KEY_ARGUMENT} argument must be a string.` };
+      if (typeof argument !== 'string')
+        return {
+          kind: 'invalid',
+          reason: `The ${GRAPHQL_KEY_ARGUMENT} argument must be a string.`,
+        };
       return readIdempotencyKey([argument]);
     }
     const request = httpRequestOf(graphqlContext);
@@ -93,8 +109,17 @@ export class GraphQLTransport implements IdempotencyTransport {
     };
   }
 
-  capture(_context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, id: RecordId): StoredResponse | null {
-    const store = resultStorer({ key: id.key, endpoint: id.endpoint, headers: {} }, options.shouldStore, this.moduleOptions.maxResponseBytes);
+  capture(
+    _context: ExecutionContext,
+    outcome: Outcome,
+    options: ResolvedRouteOptions,
+    id: RecordId,
+  ): StoredResponse | null {
+    const store = resultStorer(
+      { key: id.key, endpoint: id.endpoint, headers: {} },
+      options.shouldStore,
+      this.moduleOptions.maxResponseBytes,
+    );
     if (outcome.ok) return store(200, outcome.value, false);
     const { error } = outcome;
     if (error instanceof HttpException) return store(error.getStatus(), error.getResponse(), true);
@@ -104,7 +129,9 @@ export class GraphQLTransport implements IdempotencyTransport {
     // resolver chose; without one it is a crash, like any other error, and the key is released.
     if (error instanceof Error && typeof code === 'string' && code !== 'INTERNAL_SERVER_ERROR') {
       const status = Number((extensions as { http?: { status?: unknown } }).http?.status ?? 400);
-      const stored: StoredGraphQLError = { graphqlError: { message: error.message, extensions: extensions as Record<string, unknown> } };
+      const stored: StoredGraphQLError = {
+        graphqlError: { message: error.message, extensions: extensions as Record<string, unknown> },
+      };
       return store(status, stored, true);
     }
     return null;
@@ -114,7 +141,8 @@ export class GraphQLTransport implements IdempotencyTransport {
     const body = decodeBody(stored);
     if (!stored.isError) return of(body);
     const graphqlError = (body as Partial<StoredGraphQLError> | null)?.graphqlError;
-    if (graphqlError) throw new IdempotencyGraphQLError(graphqlError.message, graphqlError.extensions);
+    if (graphqlError)
+      throw new IdempotencyGraphQLError(graphqlError.message, graphqlError.extensions);
     throw new HttpException(body as string | object, stored.status);
   }
 
@@ -123,7 +151,9 @@ export class GraphQLTransport implements IdempotencyTransport {
       code: graphqlCodeOf(rejection.code),
       // Not `http`: Apollo would apply it to the whole response, though only this field failed.
       status: rejection.status,
-      ...(rejection.retryAfterSeconds === undefined ? {} : { retryAfterSeconds: rejection.retryAfterSeconds }),
+      ...(rejection.retryAfterSeconds === undefined
+        ? {}
+        : { retryAfterSeconds: rejection.retryAfterSeconds }),
     });
   }
 }

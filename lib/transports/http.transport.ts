@@ -4,12 +4,23 @@ import { of, type Observable } from 'rxjs';
 import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import { httpExceptionFor, PROBLEM_CONTENT_TYPE } from '../errors/idempotency.exceptions.js';
 import { IDEMPOTENT_REPLAYED_HEADER } from '../idempotency.constants.js';
-import { RESOLVED_OPTIONS, type ResolvedModuleOptions, type ResolvedRouteOptions } from '../idempotency.options.js';
+import {
+  RESOLVED_OPTIONS,
+  type ResolvedModuleOptions,
+  type ResolvedRouteOptions,
+} from '../idempotency.options.js';
 import type { Outcome } from '../idempotency.service.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import { readIdempotencyKey } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';
-import { endpointOf, keyFieldLines, pinStatus, statusOf, storableHeaders, urlOf } from './http-exchange.js';
+import {
+  endpointOf,
+  keyFieldLines,
+  pinStatus,
+  statusOf,
+  storableHeaders,
+  urlOf,
+} from './http-exchange.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
 import { resultStorer } from './stored-result.js';
 
@@ -46,7 +57,12 @@ export class HttpTransport implements IdempotencyTransport {
   }
 
   /** Only an HttpException is an answer the handler chose; anything else is a crash (500). */
-  capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, id: RecordId): StoredResponse | null {
+  capture(
+    context: ExecutionContext,
+    outcome: Outcome,
+    options: ResolvedRouteOptions,
+    id: RecordId,
+  ): StoredResponse | null {
     const response = context.switchToHttp().getResponse();
     const store = resultStorer(
       { key: id.key, endpoint: id.endpoint, headers: storableHeaders(response) },
@@ -59,7 +75,11 @@ export class HttpTransport implements IdempotencyTransport {
   }
 
   /** Sends a stored response again: same headers and body, the original (or configured) status. */
-  replay(context: ExecutionContext, stored: StoredResponse, options: ResolvedRouteOptions): Observable<unknown> {
+  replay(
+    context: ExecutionContext,
+    stored: StoredResponse,
+    options: ResolvedRouteOptions,
+  ): Observable<unknown> {
     const response = context.switchToHttp().getResponse();
     const adapter = this.adapterHost.httpAdapter;
     for (const [name, value] of Object.entries(stored.headers)) {
@@ -80,7 +100,8 @@ export class HttpTransport implements IdempotencyTransport {
     const response = context.switchToHttp().getResponse();
     const adapter = this.adapterHost.httpAdapter;
     adapter.setHeader(response, 'Content-Type', PROBLEM_CONTENT_TYPE);
-    for (const [name, value] of Object.entries(problem.headers)) adapter.setHeader(response, name, value);
+    for (const [name, value] of Object.entries(problem.headers))
+      adapter.setHeader(response, name, value);
     return problem;
   }
 }

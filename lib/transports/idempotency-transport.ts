@@ -43,9 +43,18 @@ export interface IdempotencyTransport {
    * The response to store for the handler's outcome, or `null` when it is not stored (the key is
    * then released): a crash, a status the policy does not keep, too large, a stream. Never throws.
    */
-  capture(context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, id: RecordId): StoredResponse | null;
+  capture(
+    context: ExecutionContext,
+    outcome: Outcome,
+    options: ResolvedRouteOptions,
+    id: RecordId,
+  ): StoredResponse | null;
   /** Answers with a stored response, as the first call was answered. */
-  replay(context: ExecutionContext, stored: StoredResponse, options: ResolvedRouteOptions): Observable<unknown>;
+  replay(
+    context: ExecutionContext,
+    stored: StoredResponse,
+    options: ResolvedRouteOptions,
+  ): Observable<unknown>;
   /** The transport's native error for a rejection (thrown by the interceptor). */
   reject(context: ExecutionContext, rejection: IdempotencyRejection): Error;
   /** How the call ended, once it is settled (RPC: acknowledge the message, see `acknowledge`). */

@@ -1,7 +1,11 @@
 import { HttpException, Inject, Injectable, type ExecutionContext } from '@nestjs/common';
 import { of, type Observable } from 'rxjs';
 import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
-import { RESOLVED_OPTIONS, type ResolvedModuleOptions, type ResolvedRouteOptions } from '../idempotency.options.js';
+import {
+  RESOLVED_OPTIONS,
+  type ResolvedModuleOptions,
+  type ResolvedRouteOptions,
+} from '../idempotency.options.js';
 import type { Outcome } from '../idempotency.service.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js';
@@ -91,9 +95,15 @@ export class RpcTransport implements IdempotencyTransport {
 
   readKey(context: ExecutionContext): KeyReading {
     const rpc = context.switchToRpc();
-    const field = (rpc.getData() as Record<string, unknown> | null | undefined)?.[this.moduleOptions.messageKeyField];
+    const field = (rpc.getData() as Record<string, unknown> | null | undefined)?.[
+      this.moduleOptions.messageKeyField
+    ];
     if (field !== undefined && field !== null) {
-      if (typeof field !== 'string') return { kind: 'invalid', reason: `The payload's ${this.moduleOptions.messageKeyField} must be a string.` };
+      if (typeof field !== 'string')
+        return {
+          kind: 'invalid',
+          reason: `The payload's ${this.moduleOptions.messageKeyField} must be a string.`,
+        };
       return readIdempotencyKey([field]);
     }
     const fromTransport = transportKey(rpc.getContext());
@@ -102,7 +112,9 @@ export class RpcTransport implements IdempotencyTransport {
 
   describe(context: ExecutionContext): OperationDescription {
     const rpc = context.switchToRpc();
-    const endpoint = boundedColumnValue(`RPC ${context.getClass().name}.${context.getHandler().name}`);
+    const endpoint = boundedColumnValue(
+      `RPC ${context.getClass().name}.${context.getHandler().name}`,
+    );
     return {
       endpoint,
       scopeSource: { data: rpc.getData(), context: rpc.getContext() } satisfies MessageScopeSource,
@@ -110,8 +122,17 @@ export class RpcTransport implements IdempotencyTransport {
     };
   }
 
-  capture(_context: ExecutionContext, outcome: Outcome, options: ResolvedRouteOptions, id: RecordId): StoredResponse | null {
-    const store = resultStorer({ key: id.key, endpoint: id.endpoint, headers: {} }, options.shouldStore, this.moduleOptions.maxResponseBytes);
+  capture(
+    _context: ExecutionContext,
+    outcome: Outcome,
+    options: ResolvedRouteOptions,
+    id: RecordId,
+  ): StoredResponse | null {
+    const store = resultStorer(
+      { key: id.key, endpoint: id.endpoint, headers: {} },
+      options.shouldStore,
+      this.moduleOptions.maxResponseBytes,
+    );
     if (outcome.ok) return store(200, outcome.value, false);
     const { error } = outcome;
     // An RpcException is the handler's deliberate answer (stored as a 400 unless it carries a
@@ -119,7 +140,8 @@ export class RpcTransport implements IdempotencyTransport {
     if (microservices && error instanceof microservices.RpcException) {
       const body = error.getError();
       const statusCode = (body as { statusCode?: unknown } | null)?.statusCode;
-      const status = typeof statusCode === 'number' && statusCode >= 400 && statusCode < 600 ? statusCode : 400;
+      const status =
+        typeof statusCode === 'number' && statusCode >= 400 && statusCode < 600 ? statusCode : 400;
       return store(status, { rpcError: body } satisfies StoredRpcError, true);
     }
     if (error instanceof HttpException) return store(error.getStatus(), error.getResponse(), true);
@@ -141,7 +163,9 @@ export class RpcTransport implements IdempotencyTransport {
       code: rejection.code,
       statusCode: rejection.status,
       message: rejection.detail,
-      ...(rejection.retryAfterSeconds === undefined ? {} : { retryAfterSeconds: rejection.retryAfterSeconds }),
+      ...(rejection.retryAfterSeconds === undefined
+        ? {}
+        : { retryAfterSeconds: rejection.retryAfterSeconds }),
     });
   }
 
@@ -152,16 +176,24 @@ export class RpcTransport implements IdempotencyTransport {
 
 /** The message's own identity, where its transport has one (see RpcTransport). */
 export function transportKey(context: unknown): string | undefined {
-  const rpc = context as Record<string, ((...args: unknown[]) => any) | undefined> | null | undefined;
+  // Each broker's context and message have their own shape, read member by member below.
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  type Member = ((...args: unknown[]) => any) | undefined;
+  const rpc = context as Record<string, Member> | null | undefined;
   if (!rpc) return undefined;
   const message = rpc.getMessage?.();
   if (typeof rpc.getPartition === 'function') {
     // Kafka: a header, else the message's place in the log (stable across redeliveries).
-    return text(message?.headers?.['idempotency-key']) ?? `${rpc.getTopic?.()}/${rpc.getPartition()}/${message?.offset}`;
+    return (
+      text(message?.headers?.['idempotency-key']) ??
+      `${rpc.getTopic?.()}/${rpc.getPartition()}/${message?.offset}`
+    );
   }
   if (message?.properties) {
     // RabbitMQ: the message_id property, or a header.
-    return text(message.properties.messageId) ?? text(message.properties.headers?.['idempotency-key']);
+    return (
+      text(message.properties.messageId) ?? text(message.properties.headers?.['idempotency-key'])
+    );
   }
   if (typeof rpc.getHeaders === 'function') {
     // NATS: JetStream's de-duplication id, or a header of that name.

@@ -53,5 +53,6 @@ export function resultStorer(
   shouldStore: (status: number) => boolean,
   maxResponseBytes: number,
 ): (status: number, value: unknown, isError: boolean) => StoredResponse | null {
-  return (status, value, isError) => storedResult({ ...call, status, value, isError }, shouldStore, maxResponseBytes);
+  return (status, value, isError) =>
+    storedResult({ ...call, status, value, isError }, shouldStore, maxResponseBytes);
 }

@@ -5,14 +5,32 @@ import { canonicalJson, fingerprintRequest } from './fingerprint.js';
 function canonicalJsonOfVersion01(value: unknown): string | undefined {
   return JSON.stringify(value, (_key, nested: unknown) =>
     nested !== null && typeof nested === 'object' && !Array.isArray(nested)
-      ? Object.fromEntries(Object.entries(nested as Record<string, unknown>).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)))
+      ? Object.fromEntries(
+          Object.entries(nested as Record<string, unknown>).sort(([a], [b]) =>
+            a < b ? -1 : a > b ? 1 : 0,
+          ),
+        )
       : nested,
   );
 }
 
 describe('canonicalJson', () => {
   it('is byte for byte the form fingerprints were stored with, for any JSON body', () => {
-    const key = fc.oneof(fc.string(), fc.constantFrom('__proto__', '0', '1', '10', '9', '01', '-1', '4294967295', '4294967294', 'constructor'));
+    const key = fc.oneof(
+      fc.string(),
+      fc.constantFrom(
+        '__proto__',
+        '0',
+        '1',
+        '10',
+        '9',
+        '01',
+        '-1',
+        '4294967295',
+        '4294967294',
+        'constructor',
+      ),
+    );
     const body = fc.letrec((tie) => ({
       value: fc.oneof(
         { depthSize: 'small' },
@@ -21,13 +39,21 @@ describe('canonicalJson', () => {
         fc.dictionary(key, tie('value'), { maxKeys: 6 }),
       ),
     })).value;
-    fc.assert(fc.property(body, (value) => expect(canonicalJson(value)).toBe(canonicalJsonOfVersion01(value))), { numRuns: 2000 });
+    fc.assert(
+      fc.property(body, (value) =>
+        expect(canonicalJson(value)).toBe(canonicalJsonOfVersion01(value)),
+      ),
+      { numRuns: 2000 },
+    );
   });
 
   it.each([
     ['integer-like keys', { b: 1, 10: 2, 9: 3, a: 4 }],
     ['an own __proto__ key', JSON.parse('{"z":1,"__proto__":{"x":1},"a":2}')],
-    ['values JSON drops or nulls', { a: undefined, b: () => 1, c: [undefined, NaN, Infinity, -0], d: null }],
+    [
+      'values JSON drops or nulls',
+      { a: undefined, b: () => 1, c: [undefined, NaN, Infinity, -0], d: null },
+    ],
     ['a Date', { at: new Date(0) }],
   ])('matches for %s', (_case, value) => {
     expect(canonicalJson(value)).toBe(canonicalJsonOfVersion01(value));
@@ -43,9 +69,9 @@ describe('fingerprintRequest', () => {
       body: { currency: 'eur', amount: 10 },
     };
     expect(fingerprintRequest(reordered)).toBe(fingerprintRequest(base));
-    expect(
-      fingerprintRequest({ ...base, body: { a: { x: 1, y: [{ p: 1, q: 2 }] } } }),
-    ).toBe(fingerprintRequest({ ...base, body: { a: { y: [{ q: 2, p: 1 }], x: 1 } } }));
+    expect(fingerprintRequest({ ...base, body: { a: { x: 1, y: [{ p: 1, q: 2 }] } } })).toBe(
+      fingerprintRequest({ ...base, body: { a: { y: [{ q: 2, p: 1 }], x: 1 } } }),
+    );
   });
 
   it.each([

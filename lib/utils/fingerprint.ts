@@ -48,14 +48,16 @@ export function canonicalJson(value: unknown): string | undefined {
   if (typeof toJSON === 'function') return canonicalJson(toJSON.call(value, ''));
   if (Array.isArray(value)) {
     let out = '[';
-    for (let i = 0; i < value.length; i++) out += (i > 0 ? ',' : '') + (canonicalJson(value[i]) ?? 'null');
+    for (let i = 0; i < value.length; i++)
+      out += (i > 0 ? ',' : '') + (canonicalJson(value[i]) ?? 'null');
     return `${out}]`;
   }
   const keys = Object.keys(value);
   // Object.keys lists array indices first, ascending; the other keys are sorted by code unit.
   let indices = 0;
   while (indices < keys.length && isArrayIndex(keys[indices])) indices++;
-  const names = indices === 0 ? keys.sort() : [...keys.slice(0, indices), ...keys.slice(indices).sort()];
+  const names =
+    indices === 0 ? keys.sort() : [...keys.slice(0, indices), ...keys.slice(indices).sort()];
   let out = '{';
   for (const name of names) {
     const nested = canonicalJson((value as Record<string, unknown>)[name]);

@@ -75,7 +75,9 @@ function resolveLatency(value: number | string | undefined): number {
   const latency = Number(value);
   // Fail at startup: a typo silently meaning "no latency" would make the demo meaningless.
   if (!Number.isFinite(latency) || latency < 0) {
-    throw new TypeError(`Gateway latency must be a non-negative number of ms; got ${JSON.stringify(value)}`);
+    throw new TypeError(
+      `Gateway latency must be a non-negative number of ms; got ${JSON.stringify(value)}`,
+    );
   }
   return latency;
 }

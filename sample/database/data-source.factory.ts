@@ -10,7 +10,14 @@ import { Transfer } from '../transfers/transfer.entity.js';
 import { lockDataDir } from './data-dir.lock.js';
 
 /** The sample's tables and the library's, in one DataSource: one connection pool, one database. */
-export const SAMPLE_ENTITIES = [Payment, Order, Account, Transfer, GatewayCharge, IdempotencyRecord];
+export const SAMPLE_ENTITIES = [
+  Payment,
+  Order,
+  Account,
+  Transfer,
+  GatewayCharge,
+  IdempotencyRecord,
+];
 
 /** Any constant shared by every sample process: they take turns creating the schema. */
 const SCHEMA_LOCK_ID = 727_274_001;
@@ -29,7 +36,9 @@ export function currentPGliteDataSource(): DataSource | undefined {
 /** Opens the database and brings the schema up to date. */
 export async function openSampleDataSource(database: DatabaseConfig): Promise<DataSource> {
   const dataSource =
-    database.kind === 'pglite' ? claimPGlite(database.dataDir) : new DataSource(optionsFor(database));
+    database.kind === 'pglite'
+      ? claimPGlite(database.dataDir)
+      : new DataSource(optionsFor(database));
   try {
     await dataSource.initialize();
     await synchronizeSchema(dataSource, database);

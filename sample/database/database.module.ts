@@ -1,4 +1,11 @@
-import { Global, Inject, Injectable, Logger, Module, type OnApplicationShutdown } from '@nestjs/common';
+import {
+  Global,
+  Inject,
+  Injectable,
+  Logger,
+  Module,
+  type OnApplicationShutdown,
+} from '@nestjs/common';
 import { DataSource } from 'typeorm';
 import { SAMPLE_CONFIG, type SampleConfig } from '../config/sample.config.js';
 import { closeSampleDataSource, openSampleDataSource } from './data-source.factory.js';

@@ -50,21 +50,28 @@ export class PaymentGatewayService {
         HttpStatus.PAYMENT_REQUIRED,
       );
     }
-    const charge = (idempotencyKey && (await this.chargeOf(idempotencyKey))) || (await this.newCharge(request, idempotencyKey));
+    const charge =
+      (idempotencyKey && (await this.chargeOf(idempotencyKey))) ||
+      (await this.newCharge(request, idempotencyKey));
     await sleep(this.config.gatewayLatencyMs);
     return { id: charge.id, status: 'succeeded' };
   }
 
   /** Every charge the gateway made, oldest first: its dashboard. */
   charges(): Promise<GatewayCharge[]> {
-    return this.dataSource.getRepository(GatewayCharge).find({ order: { createdAt: 'ASC', id: 'ASC' } });
+    return this.dataSource
+      .getRepository(GatewayCharge)
+      .find({ order: { createdAt: 'ASC', id: 'ASC' } });
   }
 
   private chargeOf(idempotencyKey: string): Promise<GatewayCharge | null> {
     return this.dataSource.getRepository(GatewayCharge).findOneBy({ idempotencyKey });
   }
 
-  private async newCharge(request: ChargeRequest, idempotencyKey: string | undefined): Promise<GatewayCharge> {
+  private async newCharge(
+    request: ChargeRequest,
+    idempotencyKey: string | undefined,
+  ): Promise<GatewayCharge> {
     const charge: GatewayCharge = {
       id: `ch_${randomUUID()}`,
       idempotencyKey: idempotencyKey ?? null,
@@ -81,7 +88,9 @@ export class PaymentGatewayService {
       if (!first) throw error;
       return first;
     }
-    this.logger.log(`Charged ${request.amount} ${request.currency}: ${charge.id}${idempotencyKey ? ` (key ${idempotencyKey.slice(0, 8)}…)` : ''}`);
+    this.logger.log(
+      `Charged ${request.amount} ${request.currency}: ${charge.id}${idempotencyKey ? ` (key ${idempotencyKey.slice(0, 8)}…)` : ''}`,
+    );
     return charge;
   }
 }

@@ -19,7 +19,13 @@ export const PAYMENTS_GRAPHQL_SCHEMA = /* GraphQL */ `
   }
   type Mutation {
     "Charges once per idempotencyKey (or Idempotency-Key header); a retry gets the first payment."
-    createPayment(amount: Int!, currency: String!, source: String!, reference: String, idempotencyKey: String): Payment!
+    createPayment(
+      amount: Int!
+      currency: String!
+      source: String!
+      reference: String
+      idempotencyKey: String
+    ): Payment!
   }
 `;
 

@@ -31,7 +31,9 @@ export class PaymentsService {
    * without an idempotency key — the demo's unprotected route — it sends none.)
    */
   async create(request: CreatePayment): Promise<PaymentView> {
-    const chargeKey = this.idempotency.operation ? this.idempotency.downstreamKey('charge') : undefined;
+    const chargeKey = this.idempotency.operation
+      ? this.idempotency.downstreamKey('charge')
+      : undefined;
     const charge = await this.gateway.charge(request, chargeKey);
     const payment = this.dataSource.getRepository(Payment).create({
       id: `pay_${randomUUID()}`,

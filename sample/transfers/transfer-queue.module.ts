@@ -1,5 +1,11 @@
 import { Body, Controller, HttpCode, Inject, Module, Post } from '@nestjs/common';
-import { ClientProxy, ClientsModule, EventPattern, Payload, Transport } from '@nestjs/microservices';
+import {
+  ClientProxy,
+  ClientsModule,
+  EventPattern,
+  Payload,
+  Transport,
+} from '@nestjs/microservices';
 import { firstValueFrom } from 'rxjs';
 import { Idempotent, IdempotencyContext, rabbitMqAcknowledgement } from '../../lib/index.js';
 import { TransfersModule } from './transfers.module.js';
@@ -32,7 +38,10 @@ class TransferQueueController {
   @HttpCode(202)
   @Idempotent()
   async enqueue(@Body() body: unknown) {
-    const command: TransferCommand = { ...parseMakeTransfer(body), idempotencyKey: this.idempotency.downstreamKey('execute') };
+    const command: TransferCommand = {
+      ...parseMakeTransfer(body),
+      idempotencyKey: this.idempotency.downstreamKey('execute'),
+    };
     await firstValueFrom(this.queue.emit(EXECUTE_TRANSFER, command));
     return { status: 'queued', command_key: command.idempotencyKey };
   }
@@ -51,7 +60,11 @@ class TransferQueueConsumer {
   @EventPattern(EXECUTE_TRANSFER)
   @Idempotent({ transactional: true, acknowledge: rabbitMqAcknowledgement })
   async execute(@Payload() command: TransferCommand) {
-    await this.transfers.transfer({ fromAccount: command.fromAccount, toAccount: command.toAccount, amount: command.amount });
+    await this.transfers.transfer({
+      fromAccount: command.fromAccount,
+      toAccount: command.toAccount,
+      amount: command.amount,
+    });
   }
 }
 
@@ -64,7 +77,15 @@ export class TransferQueueModule {
       imports: [
         TransfersModule,
         ClientsModule.register([
-          { name: TRANSFER_QUEUE_CLIENT, transport: Transport.RMQ, options: { urls: [rabbitmqUrl], queue: TRANSFER_QUEUE, queueOptions: { durable: true } } },
+          {
+            name: TRANSFER_QUEUE_CLIENT,
+            transport: Transport.RMQ,
+            options: {
+              urls: [rabbitmqUrl],
+              queue: TRANSFER_QUEUE,
+              queueOptions: { durable: true },
+            },
+          },
         ]),
       ],
       controllers: [TransferQueueController, TransferQueueConsumer],

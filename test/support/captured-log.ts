@@ -14,10 +14,17 @@ export class CapturedLog implements LoggerService {
 
   private add(level: Level, args: unknown[]) {
     const text = args
-      .map((arg) => (typeof arg === 'string' ? arg : arg instanceof Error ? `${arg.message}\n${arg.stack}` : JSON.stringify(arg)))
+      .map((arg) =>
+        typeof arg === 'string'
+          ? arg
+          : arg instanceof Error
+            ? `${arg.message}\n${arg.stack}`
+            : JSON.stringify(arg),
+      )
       .join(' | ');
     // Nest passes the context (the Logger's name) last.
-    const context = args.length > 1 && typeof args.at(-1) === 'string' ? (args.at(-1) as string) : undefined;
+    const context =
+      args.length > 1 && typeof args.at(-1) === 'string' ? (args.at(-1) as string) : undefined;
     this.lines.push({ level, context, text });
   }
 }

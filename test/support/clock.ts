@@ -7,10 +7,22 @@ import { jest } from '@jest/globals';
  * the database drivers run as usual. `jest.useRealTimers()` thaws it.
  */
 const REAL_TIMERS = [
-  'hrtime', 'nextTick', 'performance', 'queueMicrotask', 'requestAnimationFrame', 'cancelAnimationFrame',
-  'requestIdleCallback', 'cancelIdleCallback', 'setImmediate', 'clearImmediate', 'setInterval',
-  'clearInterval', 'setTimeout', 'clearTimeout',
+  'hrtime',
+  'nextTick',
+  'performance',
+  'queueMicrotask',
+  'requestAnimationFrame',
+  'cancelAnimationFrame',
+  'requestIdleCallback',
+  'cancelIdleCallback',
+  'setImmediate',
+  'clearImmediate',
+  'setInterval',
+  'clearInterval',
+  'setTimeout',
+  'clearTimeout',
 ] as const;
 
-export const freezeClockAt = (epochMs: number) => jest.useFakeTimers({ doNotFake: [...REAL_TIMERS], now: epochMs });
+export const freezeClockAt = (epochMs: number) =>
+  jest.useFakeTimers({ doNotFake: [...REAL_TIMERS], now: epochMs });
 export const setClock = (epochMs: number) => jest.setSystemTime(epochMs);

@@ -36,7 +36,15 @@ const pglite: TestDatabase = {
 function postgresFromEnv(): TestDatabase[] {
   const url = process.env.DATABASE_URL;
   if (!url) return [];
-  return [{ name: 'postgres', shared: true, ownTablePerConnection: false, transactions: true, options: () => ({ type: 'postgres', url }) }];
+  return [
+    {
+      name: 'postgres',
+      shared: true,
+      ownTablePerConnection: false,
+      transactions: true,
+      options: () => ({ type: 'postgres', url }),
+    },
+  ];
 }
 
 /** SQLite through better-sqlite3: a new file per connection, so no server is needed. */
@@ -55,7 +63,15 @@ const sqlite: TestDatabase = {
 function mariadbFromEnv(): TestDatabase[] {
   const url = process.env.MARIADB_URL;
   if (!url) return [];
-  return [{ name: 'mariadb', shared: false, ownTablePerConnection: false, transactions: true, options: () => ({ type: 'mariadb', url }) }];
+  return [
+    {
+      name: 'mariadb',
+      shared: false,
+      ownTablePerConnection: false,
+      transactions: true,
+      options: () => ({ type: 'mariadb', url }),
+    },
+  ];
 }
 
 /**

@@ -72,7 +72,9 @@ export class HttpClient {
               text: Buffer.concat(chunks).toString('utf8'),
             }),
           );
-          response.on('error', (error) => finish({ status: 0, headers: {}, text: '', error: error.message }));
+          response.on('error', (error) =>
+            finish({ status: 0, headers: {}, text: '', error: error.message }),
+          );
         },
       );
       const timer = setTimeout(() => {
@@ -87,7 +89,13 @@ export class HttpClient {
   }
 
   /** POST a JSON body with an Idempotency-Key. */
-  post(path: string, key: string, body: object, headers: Record<string, string> = {}, deadlineMs?: number) {
+  post(
+    path: string,
+    key: string,
+    body: object,
+    headers: Record<string, string> = {},
+    deadlineMs?: number,
+  ) {
     return this.send(path, { body, headers: { 'Idempotency-Key': key, ...headers }, deadlineMs });
   }
 

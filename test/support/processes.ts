@@ -28,7 +28,8 @@ export async function startAppProcess(
   listening = /listening (\d+)/,
 ): Promise<AppProcess> {
   const path = isAbsolute(script) ? script : `${ROOT}dist/${script}`;
-  if (!existsSync(path)) throw new Error(`${path} is missing: run \`npm test\` (it compiles first)`);
+  if (!existsSync(path))
+    throw new Error(`${path} is missing: run \`npm test\` (it compiles first)`);
   const child = spawn(process.execPath, [path], {
     env: { ...process.env, ...env, NODE_OPTIONS: '' },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -42,8 +43,12 @@ export async function startAppProcess(
     };
     child.stdout!.on('data', onData);
     child.stderr!.on('data', (chunk: Buffer) => (output += chunk.toString()));
-    child.once('exit', (code) => reject(new Error(`${script} exited (${code}) before listening:\n${output}`)));
-    child.once('error', (error) => reject(new Error(`${script} could not be started: ${error.message}`)));
+    child.once('exit', (code) =>
+      reject(new Error(`${script} exited (${code}) before listening:\n${output}`)),
+    );
+    child.once('error', (error) =>
+      reject(new Error(`${script} could not be started: ${error.message}`)),
+    );
   });
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   return {
@@ -65,7 +70,9 @@ export async function startAppProcess(
         };
         const timer = setTimeout(() => {
           done();
-          reject(new Error(`${script} did not print ${pattern} within ${timeoutMs} ms:\n${output}`));
+          reject(
+            new Error(`${script} did not print ${pattern} within ${timeoutMs} ms:\n${output}`),
+          );
         }, timeoutMs);
         const done = () => {
           clearTimeout(timer);

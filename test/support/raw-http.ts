@@ -92,7 +92,8 @@ function parseResponse(raw: Buffer): RawResponse {
   }
   let body = raw.subarray(end + 4);
   if (/chunked/i.test(headers['transfer-encoding'] ?? '')) body = dechunk(body);
-  else if (headers['content-length'] !== undefined) body = body.subarray(0, Number(headers['content-length']));
+  else if (headers['content-length'] !== undefined)
+    body = body.subarray(0, Number(headers['content-length']));
   return { status, headers, body, text: body.toString('utf8') };
 }
 

@@ -17,7 +17,10 @@ export const sharedDatabase: TestDatabase | undefined = testDatabases.find((d) =
  * `describe` on PostgreSQL only; without DATABASE_URL a clearly named skipped suite, as
  * multi-process.spec.ts does.
  */
-export const describeOnPostgres: (name: string, body: (url: string) => void) => void = (name, body) => {
+export const describeOnPostgres: (name: string, body: (url: string) => void) => void = (
+  name,
+  body,
+) => {
   if (sharedDatabase) {
     const { url } = sharedDatabase.options() as { url: string };
     describe(`${name} on postgres`, () => body(url));
@@ -63,13 +66,17 @@ export async function waitFor<T>(
   for (;;) {
     const value = await probe();
     if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}`);
+    if (Date.now() > deadline)
+      throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, intervalMs));
   }
 }
 
 /** Runs `tasks` with at most `limit` in flight; results in task order. */
-export async function inParallel<T>(limit: number, tasks: readonly (() => Promise<T>)[]): Promise<T[]> {
+export async function inParallel<T>(
+  limit: number,
+  tasks: readonly (() => Promise<T>)[],
+): Promise<T[]> {
   const results = new Array<T>(tasks.length);
   let next = 0;
   const worker = async () => {

@@ -60,7 +60,11 @@ export const stormBody = (amount: number) => ({ amount, note: 'storm' });
 export async function fireStorm(
   clients: readonly HttpClient[],
   plan: readonly StormRequest[],
-  { inFlight, tenant, deadlineMs = 120_000 }: { inFlight: number; tenant: string; deadlineMs?: number },
+  {
+    inFlight,
+    tenant,
+    deadlineMs = 120_000,
+  }: { inFlight: number; tenant: string; deadlineMs?: number },
 ): Promise<SentRequest[]> {
   const perProcess = await Promise.all(
     clients.map((client, index) =>
@@ -108,8 +112,11 @@ export async function metricsOf(clients: readonly HttpClient[]): Promise<Record<
   const total: Record<string, number> = {};
   for (const client of clients) {
     const exchange = await client.send('/metrics', { method: 'GET' });
-    if (exchange.status !== 200) throw new Error(`GET /metrics: ${exchange.status} ${exchange.text}`);
-    for (const [event, count] of Object.entries(JSON.parse(exchange.text) as Record<string, number>)) {
+    if (exchange.status !== 200)
+      throw new Error(`GET /metrics: ${exchange.status} ${exchange.text}`);
+    for (const [event, count] of Object.entries(
+      JSON.parse(exchange.text) as Record<string, number>,
+    )) {
       total[event] = (total[event] ?? 0) + count;
     }
   }

@@ -144,9 +144,27 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   }
 
   async claim({ id, fingerprint, token, now, lockedUntil }: ClaimRequest): Promise<ClaimResult> {
-    const reply = await this.redis.idempotencyClaim(this.keyOf(id), fingerprint, token, now, lockedUntil, this.graceMs);
+    const reply = await this.redis.idempotencyClaim(
+      this.keyOf(id),
+      fingerprint,
+      token,
+      now,
+      lockedUntil,
+      this.graceMs,
+    );
     if (reply[0] === 1) return { claimed: true, lease: { id, token }, takeover: reply[1] === 1 };
-    const [, state, recordFingerprint, expiresAt, status, headers, body, encoding, isError, hasBody] = reply as string[];
+    const [
+      ,
+      state,
+      recordFingerprint,
+      expiresAt,
+      status,
+      headers,
+      body,
+      encoding,
+      isError,
+      hasBody,
+    ] = reply as string[];
     return {
       claimed: false,
       record: {
@@ -184,11 +202,23 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   }
 
   async release(lease: Lease): Promise<boolean> {
-    return (await this.redis.idempotencyRelease(this.keyOf(lease.id), ...this.leaseArguments(lease))) === 1;
+    return (
+      (await this.redis.idempotencyRelease(this.keyOf(lease.id), ...this.leaseArguments(lease))) ===
+      1
+    );
   }
 
   async renew(lease: Lease, lockedUntil: number): Promise<boolean> {
-    return (await this.redis.idempotencyRenew(this.keyOf(lease.id), lease.token, '', '', lockedUntil, this.graceMs)) === 1;
+    return (
+      (await this.redis.idempotencyRenew(
+        this.keyOf(lease.id),
+        lease.token,
+        '',
+        '',
+        lockedUntil,
+        this.graceMs,
+      )) === 1
+    );
   }
 
   /** Redis expires records by itself (`expiryGraceMs` after their end): nothing to purge. */
@@ -234,15 +264,22 @@ export class RedisIdempotencyStore implements IdempotencyStore {
     });
     subscriber.on('ready', () => {
       // After a reconnect ioredis subscribes again right after `ready`: the reply is the sign.
-      subscriber.subscribe(this.channel).then(() => setLive(this.subscriber === subscriber), () => undefined);
+      subscriber.subscribe(this.channel).then(
+        () => setLive(this.subscriber === subscriber),
+        () => undefined,
+      );
     });
     subscriber.on('close', () => setLive(false));
-    subscriber.on('error', (error: Error) => this.logger.debug(`Redis subscriber: ${error.message}`));
+    subscriber.on('error', (error: Error) =>
+      this.logger.debug(`Redis subscriber: ${error.message}`),
+    );
   }
 
   /** Token, and the channel and tag to notify: only for a watched lease. */
   private leaseArguments(lease: Lease): [string, string, string] {
-    return lease.watched && this.notifications ? [lease.token, this.channel, this.tagOf(lease.id)] : [lease.token, '', ''];
+    return lease.watched && this.notifications
+      ? [lease.token, this.channel, this.tagOf(lease.id)]
+      : [lease.token, '', ''];
   }
 
   private keyOf({ scope, endpoint, key }: RecordId): string {

@@ -30,7 +30,9 @@ export interface PGliteDriverOptions {
  * `manager`, not the DataSource — a second runner would wait for the first forever.
  */
 export function pgliteDriver(options: PGliteDriverOptions = {}): { Pool: PGlitePoolClass } {
-  const { Pool } = new PGliteDriver(options.dataDir === undefined ? {} : { dataDir: options.dataDir }).driver;
+  const { Pool } = new PGliteDriver(
+    options.dataDir === undefined ? {} : { dataDir: options.dataDir },
+  ).driver;
 
   class OneRunnerAtATimePool extends Pool {
     static readonly [ONE_RUNNER_AT_A_TIME] = true;

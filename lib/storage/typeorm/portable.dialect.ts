@@ -42,7 +42,12 @@ export class PortableDialect implements StoreDialect {
     return completeUnderLease(this.dataSource, lease, response, expiresAt);
   }
 
-  completeWithin(manager: EntityManager, lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
+  completeWithin(
+    manager: EntityManager,
+    lease: Lease,
+    response: StoredResponse,
+    expiresAt: number,
+  ): Promise<boolean> {
     return completeUnderLease(manager, lease, response, expiresAt);
   }
 

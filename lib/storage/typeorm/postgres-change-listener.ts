@@ -35,7 +35,10 @@ interface ListeningClient {
   connect(): Promise<unknown>;
   query(sql: string): Promise<unknown>;
   end(): Promise<unknown>;
-  on(event: 'notification', listener: (message: { channel: string; payload?: string }) => void): unknown;
+  on(
+    event: 'notification',
+    listener: (message: { channel: string; payload?: string }) => void,
+  ): unknown;
   on(event: 'error' | 'end', listener: (error?: Error) => void): unknown;
 }
 type ClientConstructor = new (options: object) => ListeningClient;

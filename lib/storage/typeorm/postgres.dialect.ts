@@ -79,7 +79,8 @@ export class PostgresDialect implements StoreDialect {
     });
     this.completions = new StatementBatcher({
       keyOf: ({ lease }) => recordName(lease.id),
-      runOne: ({ lease, response, expiresAt }) => this.completeOn(undefined, lease, response, expiresAt, null),
+      runOne: ({ lease, response, expiresAt }) =>
+        this.completeOn(undefined, lease, response, expiresAt, null),
       runMany: (completions) => this.completeMany(completions),
     });
   }
@@ -117,18 +118,21 @@ export class PostgresDialect implements StoreDialect {
   /** Several completions in one statement: each is stored if its own lease is still held. */
   private async completeMany(completions: readonly Completion[]): Promise<boolean[]> {
     const column = <T>(pick: (completion: Completion) => T) => completions.map(pick);
-    const { rows } = await this.statements.runPlanned<{ ord: string | number }>(this.sql.completeMany, [
-      column(({ lease }) => lease.id.scope),
-      column(({ lease }) => lease.id.endpoint),
-      column(({ lease }) => lease.id.key),
-      column(({ lease }) => lease.token),
-      column(({ expiresAt }) => expiresAt),
-      column(({ response }) => response.status),
-      column(({ response }) => JSON.stringify(response.headers)),
-      column(({ response }) => response.body),
-      column(({ response }) => response.bodyEncoding),
-      column(({ response }) => response.isError),
-    ]);
+    const { rows } = await this.statements.runPlanned<{ ord: string | number }>(
+      this.sql.completeMany,
+      [
+        column(({ lease }) => lease.id.scope),
+        column(({ lease }) => lease.id.endpoint),
+        column(({ lease }) => lease.id.key),
+        column(({ lease }) => lease.token),
+        column(({ expiresAt }) => expiresAt),
+        column(({ response }) => response.status),
+        column(({ response }) => JSON.stringify(response.headers)),
+        column(({ response }) => response.body),
+        column(({ response }) => response.bodyEncoding),
+        column(({ response }) => response.isError),
+      ],
+    );
     const stored = new Set(rows.map((row) => Number(row.ord)));
     return completions.map((_, i) => stored.has(i + 1));
   }
@@ -147,9 +151,15 @@ export class PostgresDialect implements StoreDialect {
     throw new Error('nestjs-idempotency: the claim kept racing with concurrent writers');
   }
 
-  complete(lease: Lease, response: StoredResponse, expiresAt: number, changeTag: string | null): Promise<boolean> {
+  complete(
+    lease: Lease,
+    response: StoredResponse,
+    expiresAt: number,
+    changeTag: string | null,
+  ): Promise<boolean> {
     // A completion that notifies waiters runs alone (its NOTIFY is part of its statement).
-    if (changeTag === null && this.completions) return this.completions.run({ lease, response, expiresAt });
+    if (changeTag === null && this.completions)
+      return this.completions.run({ lease, response, expiresAt });
     return this.completeOn(undefined, lease, response, expiresAt, changeTag);
   }
 
@@ -164,7 +174,10 @@ export class PostgresDialect implements StoreDialect {
   }
 
   async renew(lease: Lease, lockedUntil: number): Promise<boolean> {
-    const { affected } = await this.statements.run('renew', this.sql.renew, [...leaseParameters(lease), lockedUntil]);
+    const { affected } = await this.statements.run('renew', this.sql.renew, [
+      ...leaseParameters(lease),
+      lockedUntil,
+    ]);
     return affected === 1;
   }
 
@@ -189,7 +202,12 @@ export class PostgresDialect implements StoreDialect {
     const { affected } =
       changeTag === null
         ? await this.statements.run('complete', this.sql.complete, values, within)
-        : await this.statements.run('complete_notify', this.sql.completeAndNotify, [...values, changeTag], within);
+        : await this.statements.run(
+            'complete_notify',
+            this.sql.completeAndNotify,
+            [...values, changeTag],
+            within,
+          );
     return affected === 1;
   }
 
@@ -198,7 +216,10 @@ export class PostgresDialect implements StoreDialect {
     const { affected } =
       changeTag === null
         ? await this.statements.run('release', this.sql.release, values)
-        : await this.statements.run('release_notify', this.sql.releaseAndNotify, [...values, changeTag]);
+        : await this.statements.run('release_notify', this.sql.releaseAndNotify, [
+            ...values,
+            changeTag,
+          ]);
     return affected === 1;
   }
 

@@ -50,14 +50,20 @@ export class PreparedStatements {
 
   constructor(private readonly dataSource: DataSource) {
     const options = dataSource.options as { type: string; driver?: unknown };
-    this.mode = options.type !== 'postgres' ? 'plain' : options.driver === undefined ? 'protocol' : 'sql';
+    this.mode =
+      options.type !== 'postgres' ? 'plain' : options.driver === undefined ? 'protocol' : 'sql';
   }
 
   /**
    * Runs `text` with `values`; `name` identifies the statement, one name per distinct text. On a
    * runner of the pool, or on `within` (a transaction's runner, left open) when given.
    */
-  async run<Row>(name: string, text: string, values: unknown[], within?: QueryRunner): Promise<StatementResult<Row>> {
+  async run<Row>(
+    name: string,
+    text: string,
+    values: unknown[],
+    within?: QueryRunner,
+  ): Promise<StatementResult<Row>> {
     const runner = within ?? this.dataSource.createQueryRunner();
     try {
       if (this.mode === 'protocol') return await this.runNamed<Row>(runner, name, text, values);
@@ -86,7 +92,9 @@ export class PreparedStatements {
     const client = (await runner.connect()) as PgClient;
     this.dataSource.logger.logQuery(text, values, runner);
     try {
-      return asResult<Row>(await client.query({ name: `nestjs_idempotency_${name}`, text, values }));
+      return asResult<Row>(
+        await client.query({ name: `nestjs_idempotency_${name}`, text, values }),
+      );
     } catch (error) {
       if (!this.refused(error)) throw error;
       return asResult<Row>(await client.query(text, values));
@@ -99,7 +107,12 @@ export class PreparedStatements {
    * the text, so two stores sharing one session (another table name) never run each other's
    * statement, and a 42P05 from `PREPARE` means the very same statement is already there.
    */
-  private async runExecute<Row>(runner: QueryRunner, name: string, text: string, values: unknown[]) {
+  private async runExecute<Row>(
+    runner: QueryRunner,
+    name: string,
+    text: string,
+    values: unknown[],
+  ) {
     const statement = this.sqlNameOf(name, text);
     if (!this.sqlPrepared.has(statement) && !(await this.prepare(runner, statement, text))) {
       return ordinary<Row>(runner, text, values);
@@ -152,7 +165,9 @@ export class PreparedStatements {
 }
 
 function errorCode(error: unknown): string | undefined {
-  const code = (error as { code?: unknown } | null)?.code ?? (error as { driverError?: { code?: unknown } } | null)?.driverError?.code;
+  const code =
+    (error as { code?: unknown } | null)?.code ??
+    (error as { driverError?: { code?: unknown } } | null)?.driverError?.code;
   return typeof code === 'string' ? code : undefined;
 }
 
@@ -166,13 +181,21 @@ function errorCode(error: unknown): string | undefined {
 function sqlLiteral(value: unknown): string {
   if (value === null || value === undefined) return 'NULL';
   const text = String(value);
-  if (text.includes('\0')) throw new TypeError('A value for the idempotency store contains a NUL character.');
+  if (text.includes('\0'))
+    throw new TypeError('A value for the idempotency store contains a NUL character.');
   return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "''")}'`;
 }
 
-async function ordinary<Row>(runner: QueryRunner, text: string, values: unknown[]): Promise<StatementResult<Row>> {
+async function ordinary<Row>(
+  runner: QueryRunner,
+  text: string,
+  values: unknown[],
+): Promise<StatementResult<Row>> {
   const result = await runner.query(text, values, true);
-  return { rows: Array.isArray(result.records) ? (result.records as Row[]) : [], affected: result.affected ?? 0 };
+  return {
+    rows: Array.isArray(result.records) ? (result.records as Row[]) : [],
+    affected: result.affected ?? 0,
+  };
 }
 
 function asResult<Row>(result: PgResult): StatementResult<Row> {

@@ -71,7 +71,9 @@ export class StatementBatcher<Item, Result> {
     batch.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
     this.runner.runMany(batch.map((entry) => entry.item)).then(
       (results) =>
-        batch.forEach((entry, i) => (results[i] === undefined ? this.alone(entry) : entry.resolve(results[i] as Result))),
+        batch.forEach((entry, i) =>
+          results[i] === undefined ? this.alone(entry) : entry.resolve(results[i] as Result),
+        ),
       () => batch.forEach((entry) => this.alone(entry)),
     );
   }

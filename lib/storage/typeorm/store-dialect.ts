@@ -14,7 +14,12 @@ export interface StoreDialect {
    * Stores the response if the lease is still held. With a `changeTag` (PostgreSQL, a watched
    * lease), the same statement also notifies the record's waiters under that tag.
    */
-  complete(lease: Lease, response: StoredResponse, expiresAt: number, changeTag: string | null): Promise<boolean>;
+  complete(
+    lease: Lease,
+    response: StoredResponse,
+    expiresAt: number,
+    changeTag: string | null,
+  ): Promise<boolean>;
   /** As `complete`, as a statement of the transaction that `manager` holds. */
   completeWithin(
     manager: EntityManager,
@@ -58,7 +63,11 @@ export async function completeUnderLease(
 }
 
 /** Extends the lock of a lease that is still held. */
-export async function renewUnderLease(dataSource: DataSource, lease: Lease, lockedUntil: number): Promise<boolean> {
+export async function renewUnderLease(
+  dataSource: DataSource,
+  lease: Lease,
+  lockedUntil: number,
+): Promise<boolean> {
   const result = await dataSource
     .createQueryBuilder()
     .update(IdempotencyRecord)

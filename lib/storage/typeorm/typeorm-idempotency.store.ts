@@ -132,7 +132,11 @@ export class TypeOrmIdempotencyStore implements IdempotencyStore {
     if (options.type === 'better-sqlite3') {
       return "TypeORM's better-sqlite3 driver shares one connection among all requests, so one request's transaction would take in the statements of every other request. Use PostgreSQL, PGlite or MySQL/MariaDB for transactional routes.";
     }
-    if (options.type === 'postgres' && options.driver !== undefined && !isOneRunnerAtATime(options.driver)) {
+    if (
+      options.type === 'postgres' &&
+      options.driver !== undefined &&
+      !isOneRunnerAtATime(options.driver)
+    ) {
       return "this PGlite DataSource shares its one session among all requests, so one request's transaction would take in the statements of every other request. Build it with the library's driver: `{ type: 'postgres', driver: pgliteDriver({ dataDir }) }`.";
     }
     return undefined;
