@@ -2,6 +2,7 @@ import 'reflect-metadata';
 import type { INestApplication, LogLevel } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { AppModule } from './app.module.js';
+import { serveApiDocs } from './docs/api-docs.js';
 import { resolveSampleConfig, type SampleAppOptions } from './config/sample.config.js';
 import { closeSampleDataSource, currentPGliteDataSource } from './database/data-source.factory.js';
 
@@ -21,11 +22,13 @@ export async function createSampleApp(
   const config = resolveSampleConfig(sampleOptions);
   const pgliteBefore = currentPGliteDataSource();
   try {
-    return await NestFactory.create(AppModule.register(config), {
+    const app = await NestFactory.create(AppModule.register(config), {
       // Throw instead of exiting the process, so a caller (a test) sees the error.
       abortOnError: false,
       ...(logger === undefined ? {} : { logger }),
     });
+    serveApiDocs(app);
+    return app;
   } catch (error) {
     // A failed start leaves no lifecycle to close what it opened; release the PGlite database here
     // so the process (a test runner, say) can open another.

@@ -1,9 +1,11 @@
 import { type DynamicModule, Module } from '@nestjs/common';
+import { APP_PIPE } from '@nestjs/core';
 import { ApolloDriver, type ApolloDriverConfig } from '@nestjs/apollo';
 import { GraphQLModule } from '@nestjs/graphql';
 import { DataSource } from 'typeorm';
 import { IdempotencyModule } from '../lib/index.js';
 import { apiKeyScope } from './common/api-key.scope.js';
+import { sampleValidationPipe } from './common/validation.js';
 import type { SampleConfig } from './config/sample.config.js';
 import { SampleConfigModule } from './config/sample-config.module.js';
 import { DatabaseModule } from './database/database.module.js';
@@ -47,6 +49,8 @@ export class AppModule {
         MetricsModule,
         ...(config.rabbitmqUrl ? [TransferQueueModule.register(config.rabbitmqUrl)] : []),
       ],
+      // Every DTO is checked before its handler runs (see common/validation.ts).
+      providers: [{ provide: APP_PIPE, useFactory: sampleValidationPipe }],
     };
   }
 }

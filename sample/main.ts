@@ -55,6 +55,9 @@ GraphQL at http://${base}/graphql, the same payments (idempotencyKey argument, o
   curl -s ${base}/graphql -H 'Content-Type: application/json' -H "Idempotency-Key: $KEY-gql" \\
     -d '{"query":"mutation { createPayment(amount: 500, currency: \\"eur\\", source: \\"tok_visa\\") { id amount } }"}'
 
+Swagger UI at http://${base}/docs: every route, the Idempotency-Key header and its 400/409/422
+answers; "Try it out" on POST /payments twice with the same key shows the replay.
+
 More: POST /orders, POST /transfers, GET /accounts/acc_alice, GET /gateway/charges; npm run demo for a flaky client and a crash.
 ${config.rabbitmqUrl ? 'RabbitMQ consumer on: POST /transfers/async queues a transfer, executed once however often it is delivered.' : 'Set RABBITMQ_URL for POST /transfers/async and its RabbitMQ consumer.'}
 `);

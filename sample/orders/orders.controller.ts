@@ -1,14 +1,10 @@
 import { Body, Controller, Get, Post } from '@nestjs/common';
+import { ApiCreatedResponse, ApiTags } from '@nestjs/swagger';
 import { Idempotent } from '../../lib/index.js';
-import {
-  requireArray,
-  requireObject,
-  requirePositiveInteger,
-  requireText,
-} from '../common/request.validation.js';
-import type { OrderItem } from './order.entity.js';
-import { OrdersService, type OrderView, type PlaceOrder } from './orders.service.js';
+import { OrdersService, type OrderView } from './orders.service.js';
+import { PlaceOrderDto } from './place-order.dto.js';
 
+@ApiTags('orders')
 @Controller('orders')
 export class OrdersController {
   constructor(private readonly orders: OrdersService) {}
@@ -16,24 +12,13 @@ export class OrdersController {
   /** Module defaults: a duplicate sent while the first still runs gets 409 with Retry-After. */
   @Post()
   @Idempotent()
-  place(@Body() body: unknown): Promise<OrderView> {
-    return this.orders.place(parsePlaceOrder(body));
+  @ApiCreatedResponse({ description: 'The order, placed once.' })
+  place(@Body() order: PlaceOrderDto): Promise<OrderView> {
+    return this.orders.place(order.toCommand());
   }
 
   @Get()
   list(): Promise<OrderView[]> {
     return this.orders.list();
   }
-}
-
-function parsePlaceOrder(body: unknown): PlaceOrder {
-  const input = requireObject(body);
-  const items = requireArray(input.items, 'items', 50).map((raw, index): OrderItem => {
-    const item = requireObject(raw, `items[${index}]`);
-    return {
-      sku: requireText(item.sku, `items[${index}].sku`, 64),
-      quantity: requirePositiveInteger(item.quantity, `items[${index}].quantity`, 1000),
-    };
-  });
-  return { customer: requireText(input.customer, 'customer', 100), items };
 }

@@ -1,14 +1,10 @@
 import { Body, Controller, Get, Post } from '@nestjs/common';
+import { ApiCreatedResponse, ApiOkResponse, ApiTags } from '@nestjs/swagger';
 import { Idempotent } from '../../lib/index.js';
-import {
-  optionalText,
-  requireCurrency,
-  requireObject,
-  requirePositiveInteger,
-  requireText,
-} from '../common/request.validation.js';
-import { PaymentsService, type CreatePayment, type PaymentView } from './payments.service.js';
+import { CreatePaymentDto } from './create-payment.dto.js';
+import { PaymentsService, type PaymentView } from './payments.service.js';
 
+@ApiTags('payments')
 @Controller('payments')
 export class PaymentsController {
   constructor(private readonly payments: PaymentsService) {}
@@ -20,8 +16,11 @@ export class PaymentsController {
    */
   @Post()
   @Idempotent({ concurrency: 'wait' })
-  create(@Body() body: unknown): Promise<PaymentView> {
-    return this.payments.create(parseCreatePayment(body));
+  @ApiCreatedResponse({
+    description: 'The payment, charged once (a declined card is a stored 402).',
+  })
+  create(@Body() payment: CreatePaymentDto): Promise<PaymentView> {
+    return this.payments.create(payment.toCommand());
   }
 
   /**
@@ -29,23 +28,15 @@ export class PaymentsController {
    * `@Idempotent()`, so every retry is a new charge. A real API would not have this route.
    */
   @Post('unprotected')
-  createUnprotected(@Body() body: unknown): Promise<PaymentView> {
-    return this.payments.create(parseCreatePayment(body));
+  @ApiCreatedResponse({ description: 'A new payment on every call: the demo of what goes wrong.' })
+  createUnprotected(@Body() payment: CreatePaymentDto): Promise<PaymentView> {
+    return this.payments.create(payment.toCommand());
   }
 
   /** Every payment, oldest first: count them to see whether a retry charged twice. */
   @Get()
+  @ApiOkResponse({ description: 'Every payment, oldest first.' })
   list(): Promise<PaymentView[]> {
     return this.payments.list();
   }
-}
-
-export function parseCreatePayment(body: unknown): CreatePayment {
-  const input = requireObject(body);
-  return {
-    amount: requirePositiveInteger(input.amount, 'amount'),
-    currency: requireCurrency(input.currency),
-    source: requireText(input.source, 'source', 64),
-    reference: optionalText(input.reference, 'reference', 100),
-  };
 }

@@ -1,6 +1,6 @@
 import { Args, Mutation, Query, Resolver } from '@nestjs/graphql';
 import { Idempotent } from '../../lib/index.js';
-import { parseCreatePayment } from './payments.controller.js';
+import { CreatePaymentArgs } from './create-payment.dto.js';
 import { PaymentsService, type PaymentView } from './payments.service.js';
 
 /** The payments API over GraphQL (schema first): the same service, the same idempotency. */
@@ -41,12 +41,7 @@ export class PaymentsResolver {
   /** As `POST /payments`: a duplicate in flight waits for the first and gets its payment. */
   @Mutation('createPayment')
   @Idempotent({ concurrency: 'wait' })
-  create(
-    @Args('amount') amount: number,
-    @Args('currency') currency: string,
-    @Args('source') source: string,
-    @Args('reference') reference?: string,
-  ): Promise<PaymentView> {
-    return this.payments.create(parseCreatePayment({ amount, currency, source, reference }));
+  create(@Args() payment: CreatePaymentArgs): Promise<PaymentView> {
+    return this.payments.create(payment.toCommand());
   }
 }

@@ -9,7 +9,7 @@ import {
 import { firstValueFrom } from 'rxjs';
 import { Idempotent, IdempotencyContext, rabbitMqAcknowledgement } from '../../lib/index.js';
 import { TransfersModule } from './transfers.module.js';
-import { parseMakeTransfer } from './transfers.controller.js';
+import { MakeTransferDto } from './make-transfer.dto.js';
 import { TransfersService, type MakeTransfer } from './transfers.service.js';
 
 const TRANSFER_QUEUE_CLIENT = Symbol('TransferQueueClient');
@@ -37,9 +37,9 @@ class TransferQueueController {
   @Post('async')
   @HttpCode(202)
   @Idempotent()
-  async enqueue(@Body() body: unknown) {
+  async enqueue(@Body() transfer: MakeTransferDto) {
     const command: TransferCommand = {
-      ...parseMakeTransfer(body),
+      ...transfer.toCommand(),
       idempotencyKey: this.idempotency.downstreamKey('execute'),
     };
     await firstValueFrom(this.queue.emit(EXECUTE_TRANSFER, command));

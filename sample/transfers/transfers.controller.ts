@@ -1,18 +1,10 @@
 import { Body, Controller, Get, Param, Post } from '@nestjs/common';
+import { ApiTags } from '@nestjs/swagger';
 import { Idempotent } from '../../lib/index.js';
-import {
-  requireDifferent,
-  requireObject,
-  requirePositiveInteger,
-  requireText,
-} from '../common/request.validation.js';
-import {
-  TransfersService,
-  type AccountView,
-  type MakeTransfer,
-  type TransferView,
-} from './transfers.service.js';
+import { MakeTransferDto } from './make-transfer.dto.js';
+import { TransfersService, type AccountView, type TransferView } from './transfers.service.js';
 
+@ApiTags('transfers')
 @Controller()
 export class TransfersController {
   constructor(private readonly transfers: TransfersService) {}
@@ -24,8 +16,8 @@ export class TransfersController {
    */
   @Post('transfers')
   @Idempotent({ transactional: true })
-  transfer(@Body() body: unknown): Promise<TransferView> {
-    return this.transfers.transfer(parseMakeTransfer(body));
+  transfer(@Body() transfer: MakeTransferDto): Promise<TransferView> {
+    return this.transfers.transfer(transfer.toCommand());
   }
 
   /**
@@ -34,20 +26,12 @@ export class TransfersController {
    */
   @Post('transfers/plain-mode')
   @Idempotent()
-  transferPlainMode(@Body() body: unknown): Promise<TransferView> {
-    return this.transfers.transfer(parseMakeTransfer(body));
+  transferPlainMode(@Body() transfer: MakeTransferDto): Promise<TransferView> {
+    return this.transfers.transfer(transfer.toCommand());
   }
 
   @Get('accounts/:id')
   account(@Param('id') id: string): Promise<AccountView> {
     return this.transfers.account(id);
   }
-}
-
-export function parseMakeTransfer(body: unknown): MakeTransfer {
-  const input = requireObject(body);
-  const fromAccount = requireText(input.from_account, 'from_account', 64);
-  const toAccount = requireText(input.to_account, 'to_account', 64);
-  requireDifferent(fromAccount, toAccount, 'to_account');
-  return { fromAccount, toAccount, amount: requirePositiveInteger(input.amount, 'amount') };
 }
