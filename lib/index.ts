@@ -107,3 +107,17 @@ export {
   type IdempotencyEncryptionOptions,
 } from './security/response-sealer.js';
 export { idempotencyChannelName, type IdempotencyEventMessage } from './idempotency-metrics.js';
+export {
+  idempotentAxios,
+  idempotentFetch,
+  isRetryableStatus,
+  parseRetryAfter,
+  retryDelay,
+  type AxiosLike,
+  type AxiosRequestLike,
+  type AxiosResponseLike,
+  type IdempotentFetchOptions,
+  type IdempotentRetryOptions,
+  type RetryEvent,
+  type RetryReason,
+} from './client/index.js';

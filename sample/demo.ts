@@ -1,15 +1,18 @@
 import type { INestApplication } from '@nestjs/common';
 import { randomUUID } from 'node:crypto';
+import { idempotentFetch } from '../lib/index.js';
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createSampleApp } from './app.factory.js';
 import { runCrashScenario, type CrashOutcome } from './demo-crash.js';
 
 /**
- * A client on a flaky network pays once, twice over: with an Idempotency-Key, and without one.
- * Each time, the first responses are "lost" — the client gives up before the gateway answers, while
- * the server carries on and charges — and the client retries until it gets an answer. Then the
- * demo counts the charges each scenario really made.
+ * A client on a flaky network pays once, twice over, with the library's retrying client
+ * (`idempotentFetch`: one Idempotency-Key for the payment, the same on every attempt): against the
+ * route with `@Idempotent()`, and against the same handler without it. Each time, the first
+ * responses are "lost" — the client gives up before the gateway answers, while the server carries
+ * on and charges — and the client retries until it gets an answer. Then the demo counts the
+ * charges each scenario really made.
  *
  * Then the shop itself crashes right after a transfer's money moved (see demo-crash.ts): in the
  * plain mode the retry moves the money again, in the transactional mode once.
@@ -29,9 +32,8 @@ const QUIET_PERIOD_MS = GATEWAY_LATENCY_MS * 2;
 
 interface Scenario {
   readonly name: string;
-  /** `POST /payments` needs a key; `/payments/unprotected` is the same handler without the library. */
+  /** `POST /payments` is `@Idempotent()`; `/payments/unprotected` is the same handler without it. */
   readonly path: string;
-  readonly sendKey: boolean;
 }
 
 interface Outcome {
@@ -44,8 +46,8 @@ interface Outcome {
 }
 
 const SCENARIOS: readonly Scenario[] = [
-  { name: 'with Idempotency-Key', path: '/payments', sendKey: true },
-  { name: 'without Idempotency-Key', path: '/payments/unprotected', sendKey: false },
+  { name: 'with @Idempotent()', path: '/payments' },
+  { name: 'without @Idempotent()', path: '/payments/unprotected' },
 ];
 
 async function main(): Promise<void> {
@@ -69,9 +71,9 @@ async function main(): Promise<void> {
     crashes.push(await runCrashScenario(mode));
   printTable(outcomes);
   printCrashTable(crashes);
-  const keyed = outcomes[0];
-  if (keyed.charges !== 1 || keyed.finalStatus !== 201) {
-    console.error(`\nUnexpected: with a key there should be exactly one charge and a 201.`);
+  const protectedRoute = outcomes[0];
+  if (protectedRoute.charges !== 1 || protectedRoute.finalStatus !== 201) {
+    console.error(`\nUnexpected: with @Idempotent() there should be exactly one charge and a 201.`);
     process.exitCode = 1;
   }
   const transactional = crashes[1];
@@ -89,47 +91,45 @@ async function listenOnFreePort(app: INestApplication): Promise<string> {
   return `http://127.0.0.1:${port}`;
 }
 
-/** One logical payment: the same body (and key, if any) on every attempt, until one is answered. */
+/**
+ * One logical payment: `idempotentFetch` sends the same body and key on every attempt; the first
+ * attempts time out (their responses are "lost"), the next one waits long enough.
+ */
 async function run(baseUrl: string, scenario: Scenario): Promise<Outcome> {
   console.log(`${scenario.name} — POST ${scenario.path}`);
   // Tags this scenario's payments, so they can be told apart in GET /payments.
   const reference = `demo-${randomUUID()}`;
-  const headers: Record<string, string> = { 'Content-Type': 'application/json' };
-  if (scenario.sendKey) headers['Idempotency-Key'] = randomUUID();
-  const body = JSON.stringify({ amount: 1999, currency: 'eur', source: 'tok_visa', reference });
-
   let lost = 0;
-  for (let attempt = 1; ; attempt++) {
-    const timeoutMs = attempt <= LOST_ATTEMPTS ? FLAKY_TIMEOUT_MS : PATIENT_TIMEOUT_MS;
-    try {
-      const response = await fetch(baseUrl + scenario.path, {
-        method: 'POST',
-        headers,
-        body,
-        signal: AbortSignal.timeout(timeoutMs),
-      });
-      const payload = (await response.json()) as { id?: string };
-      const replayed = response.headers.get('Idempotent-Replayed') === 'true';
-      const finalResponse = `${response.status}${replayed ? ' (replayed)' : ''}`;
-      console.log(
-        `  attempt ${attempt}: ${finalResponse} ${payload.id ?? JSON.stringify(payload)}`,
-      );
-      const charges = await settledChargeCount(baseUrl, reference);
-      console.log(`  charges made for this payment: ${charges}\n`);
-      return {
-        scenario,
-        attempts: attempt,
-        lost,
-        charges,
-        finalResponse,
-        finalStatus: response.status,
-      };
-    } catch (error) {
-      if (!isTimeout(error)) throw error;
-      lost++;
-      console.log(`  attempt ${attempt}: no response within ${timeoutMs} ms (lost) — retrying`);
-    }
-  }
+  const response = await idempotentFetch(
+    baseUrl + scenario.path,
+    {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ amount: 1999, currency: 'eur', source: 'tok_visa', reference }),
+    },
+    {
+      maxAttempts: LOST_ATTEMPTS + 1,
+      baseDelayMs: 50,
+      attemptTimeoutMs: (attempt) =>
+        attempt <= LOST_ATTEMPTS ? FLAKY_TIMEOUT_MS : PATIENT_TIMEOUT_MS,
+      onRetry: ({ attempt, reason, delayMs }) => {
+        if (reason === 'timeout') lost++;
+        const what =
+          reason === 'timeout'
+            ? `no response within ${FLAKY_TIMEOUT_MS} ms (lost)`
+            : String(reason);
+        console.log(`  attempt ${attempt}: ${what} — retrying in ${delayMs} ms`);
+      },
+    },
+  );
+  const attempts = lost + 1;
+  const payload = (await response.json()) as { id?: string };
+  const replayed = response.headers.get('Idempotent-Replayed') === 'true';
+  const finalResponse = `${response.status}${replayed ? ' (replayed)' : ''}`;
+  console.log(`  attempt ${attempts}: ${finalResponse} ${payload.id ?? JSON.stringify(payload)}`);
+  const charges = await settledChargeCount(baseUrl, reference);
+  console.log(`  charges made for this payment: ${charges}\n`);
+  return { scenario, attempts, lost, charges, finalResponse, finalStatus: response.status };
 }
 
 /**
@@ -158,11 +158,6 @@ async function countPayments(baseUrl: string, reference: string): Promise<number
   return payments.filter((payment) => payment.reference === reference).length;
 }
 
-function isTimeout(error: unknown): boolean {
-  const name = (error as { name?: string } | null)?.name;
-  return name === 'TimeoutError' || name === 'AbortError';
-}
-
 function printTable(outcomes: readonly Outcome[]): void {
   printRows([
     ['scenario', 'attempts', 'responses lost', 'charges created', 'final response'],
@@ -174,9 +169,9 @@ function printTable(outcomes: readonly Outcome[]): void {
       o.finalResponse,
     ]),
   ]);
-  const [keyed, unkeyed] = outcomes;
+  const [protectedRoute, unprotectedRoute] = outcomes;
   console.log(
-    `\nOne payment, the same flaky network: with a key the customer is charged ${times(keyed.charges)}, without one ${times(unkeyed.charges)}.`,
+    `\nOne payment, the same flaky network and the same retrying client: with @Idempotent() the customer is charged ${times(protectedRoute.charges)}, without it ${times(unprotectedRoute.charges)}.`,
   );
 }
 

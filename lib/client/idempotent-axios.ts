@@ -1,0 +1,112 @@
+import { IDEMPOTENCY_KEY_HEADER } from '../idempotency.constants.js';
+import { callIdempotently } from './idempotent-call.js';
+import type { IdempotentRetryOptions } from './retry-policy.js';
+
+/**
+ * What is used of an axios instance (`axios`, `axios.create()`, or Nest's
+ * `HttpService.axiosRef`), typed structurally so this package does not depend on axios: the
+ * config and response types are the instance's own (`AxiosRequestConfig`, `AxiosResponse`).
+ */
+export interface AxiosLike {
+  request(config: never): Promise<AxiosResponseLike>;
+}
+
+/** The parts of a request config this client reads and sets; the rest goes to axios as given. */
+export interface AxiosRequestLike {
+  headers?: object;
+  signal?: unknown;
+}
+
+export interface AxiosResponseLike<T = unknown> {
+  data: T;
+  status: number;
+  headers: unknown;
+}
+
+/**
+ * axios (and Nest's `HttpModule`) for one logical operation that must happen once: the same
+ * `Idempotency-Key` on every attempt, retried like `idempotentFetch` (network errors, an attempt's
+ * timeout, 409 and 429 after `Retry-After`, 5xx; backoff with jitter; `maxAttempts` in all).
+ *
+ * Settles as axios does: the response, or the last attempt's error (an `AxiosError` whose
+ * `response` holds a status that `validateStatus` refused, or a network error).
+ *
+ * ```ts
+ * // in a Nest provider, with HttpModule imported:
+ * constructor(private readonly http: HttpService) {}
+ * charge(payment: Payment) {
+ *   return idempotentAxios(this.http.axiosRef, { method: 'post', url: '/charges', data: payment });
+ * }
+ * ```
+ */
+export async function idempotentAxios<Axios extends AxiosLike>(
+  axios: Axios,
+  config: Parameters<Axios['request']>[0],
+  options: IdempotentRetryOptions = {},
+): Promise<AxiosResponseLike> {
+  const send = axios.request.bind(axios) as (config: object) => Promise<AxiosResponseLike>;
+  const header = options.header ?? IDEMPOTENCY_KEY_HEADER;
+  const { headers, signal: configSignal } = config as AxiosRequestLike;
+  const presetKey = Object.entries(headers ?? {}).find(
+    ([name]) => name.toLowerCase() === header.toLowerCase(),
+  )?.[1];
+  const callerSignal = configSignal instanceof AbortSignal ? configSignal : undefined;
+  const signal =
+    callerSignal && options.signal
+      ? AbortSignal.any([callerSignal, options.signal])
+      : (options.signal ?? callerSignal);
+  return callIdempotently<AxiosResponseLike>(
+    { ...options, signal },
+    typeof presetKey === 'string' ? presetKey : undefined,
+    async ({ key, signal: attemptSignal }) => {
+      try {
+        const response = await send({
+          ...(config as object),
+          headers: { ...headers, [header]: key },
+          signal: attemptSignal,
+        });
+        return {
+          kind: 'answer',
+          status: response.status,
+          retryAfter: headerValue(response.headers, 'retry-after'),
+          settle: () => response,
+        };
+      } catch (error) {
+        // axios rejects a status its validateStatus refuses: that is an answer, not a failure.
+        const response = (error as { response?: AxiosResponseLike } | null)?.response;
+        if (response && typeof response.status === 'number') {
+          return {
+            kind: 'answer',
+            status: response.status,
+            retryAfter: headerValue(response.headers, 'retry-after'),
+            settle: () => {
+              throw error;
+            },
+          };
+        }
+        if (!isTransportError(error)) throw error;
+        return { kind: 'failed', error };
+      }
+    },
+  );
+}
+
+/** axios's headers: an `AxiosHeaders` (with `get`) or a plain object of lower-case names. */
+function headerValue(headers: unknown, name: string): string | undefined {
+  if (!headers || typeof headers !== 'object') return undefined;
+  const getter = (headers as { get?: (name: string) => unknown }).get;
+  const value =
+    typeof getter === 'function'
+      ? getter.call(headers, name)
+      : (headers as Record<string, unknown>)[name];
+  return typeof value === 'string' || typeof value === 'number' ? String(value) : undefined;
+}
+
+/**
+ * An error from the request itself (axios sets `request` once it sent one, and a `code` such as
+ * ECONNRESET, ECONNREFUSED, ETIMEDOUT or ERR_CANCELED), as opposed to a bug in a config function.
+ */
+function isTransportError(error: unknown): boolean {
+  const candidate = error as { isAxiosError?: unknown; code?: unknown } | null;
+  return candidate?.isAxiosError === true || typeof candidate?.code === 'string';
+}

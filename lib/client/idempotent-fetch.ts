@@ -1,0 +1,66 @@
+import { IDEMPOTENCY_KEY_HEADER } from '../idempotency.constants.js';
+import { callIdempotently } from './idempotent-call.js';
+import type { IdempotentRetryOptions } from './retry-policy.js';
+
+export interface IdempotentFetchOptions extends IdempotentRetryOptions {
+  /** The fetch to call. Default the global `fetch`. */
+  readonly fetch?: typeof fetch;
+}
+
+/**
+ * `fetch` for one logical operation that must happen once: the same `Idempotency-Key` on every
+ * attempt, retried on network errors, on an attempt's timeout, on 409 and 429 (after their
+ * `Retry-After`) and on 5xx, with exponential backoff and full jitter, `maxAttempts` in all.
+ *
+ * Resolves to the last `Response`, whatever its status, as `fetch` does (check `response.ok`);
+ * rejects with the last network error when no attempt got an answer, or with the abort reason
+ * when `signal` is aborted. A body must be replayable (a string, bytes, `URLSearchParams`,
+ * `FormData`, `Blob`), not a stream: each attempt sends it again.
+ *
+ * ```ts
+ * const response = await idempotentFetch('https://shop.example/payments', {
+ *   method: 'POST',
+ *   headers: { 'Content-Type': 'application/json' },
+ *   body: JSON.stringify({ amount: 1000, currency: 'eur' }),
+ * }, { attemptTimeoutMs: 5000 });
+ * ```
+ */
+export async function idempotentFetch(
+  input: string | URL | Request,
+  init: RequestInit = {},
+  options: IdempotentFetchOptions = {},
+): Promise<Response> {
+  if (init.body instanceof ReadableStream) {
+    throw new TypeError('idempotentFetch: a stream body cannot be sent again; pass bytes or text');
+  }
+  const send = options.fetch ?? fetch;
+  const header = options.header ?? IDEMPOTENCY_KEY_HEADER;
+  const headers = new Headers(init.headers ?? (input instanceof Request ? input.headers : {}));
+  const callerSignal = init.signal ?? undefined;
+  const signal =
+    callerSignal && options.signal
+      ? AbortSignal.any([callerSignal, options.signal])
+      : (options.signal ?? callerSignal);
+  return callIdempotently<Response>(
+    { ...options, signal },
+    headers.get(header) ?? undefined,
+    async ({ key, signal: attemptSignal }) => {
+      headers.set(header, key);
+      try {
+        const request = input instanceof Request ? input.clone() : input;
+        const response = await send(request, { ...init, headers, signal: attemptSignal });
+        return {
+          kind: 'answer',
+          status: response.status,
+          retryAfter: response.headers.get('retry-after'),
+          settle: () => response,
+          discard: async () => {
+            await response.body?.cancel();
+          },
+        };
+      } catch (error) {
+        return { kind: 'failed', error };
+      }
+    },
+  );
+}
