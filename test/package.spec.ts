@@ -164,6 +164,11 @@ describe('npm pack', () => {
       manifest.exports['.'].default,
       manifest.exports['./testing'].types,
       manifest.exports['./testing'].default,
+      manifest.exports['./client'].types,
+      manifest.exports['./client'].default,
+      manifest.exports['./conformance'].types,
+      manifest.exports['./conformance'].default,
+      manifest.bin['nestjs-idempotency-check'],
     ].map((path: string) => path.replace(/^\.\//, ''));
     expect(entryPoints.filter((path) => !packedFiles.includes(path))).toEqual([]);
     expect(manifest.type).toBe('module');
@@ -227,6 +232,23 @@ describe.each(fixtures)('the packed tarball installed in $dir (NestJS $nestMajor
     const handlerRuns = async () =>
       ((await (await fetch(`${app.baseUrl}/orders/runs`)).json()) as { handlerRuns: number })
         .handlerRuns;
+
+    if (fixture.nestMajor === 12) {
+      it('ships nestjs-idempotency-check: run with npx from the app, every check passes on its /orders', async () => {
+        const { stdout } = await execFileAsync(
+          'npx',
+          [
+            '--no-install',
+            'nestjs-idempotency-check',
+            `${app.baseUrl}/orders`,
+            '-d',
+            '{"item":"tea"}',
+          ],
+          { cwd: appDir, env: { ...process.env, NODE_OPTIONS: '' } },
+        );
+        expect(stdout).toContain('7 checks: 7 passed, 0 failed, 0 skipped');
+      }, 60_000);
+    }
 
     it('replays a POST sent twice with one Idempotency-Key, and runs the handler once', async () => {
       const key = randomUUID();

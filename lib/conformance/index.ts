@@ -1,0 +1,8 @@
+export {
+  checkConformance,
+  DRAFT,
+  type CheckResult,
+  type CheckStatus,
+  type ConformanceOptions,
+  type ConformanceReport,
+} from './conformance-checks.js';

@@ -1,0 +1,149 @@
+import type { INestApplication } from '@nestjs/common';
+import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import type { ConformanceReport } from '../lib/conformance/index.js';
+import { createSampleApp } from '../sample/app.factory.js';
+import { startNaiveServer } from './fixtures/naive-idempotency-server.js';
+
+/**
+ * `nestjs-idempotency-check`, the command the package ships, run as a process (the compiled
+ * dist/lib/conformance/cli.js that `npm test` builds) against the sample shop, where every check
+ * passes, and against endpoints that break the draft, where each broken rule is reported.
+ */
+const CLI = fileURLToPath(new URL('../dist/lib/conformance/cli.js', import.meta.url));
+const PAYMENT = JSON.stringify({ amount: 1000, currency: 'eur', source: 'tok_visa' });
+const ORDER = JSON.stringify({ customer: 'alice', items: [{ sku: 'tea', quantity: 1 }] });
+
+interface Run {
+  readonly code: number;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+async function check(...args: string[]): Promise<Run> {
+  if (!existsSync(CLI)) throw new Error(`${CLI} is missing: run \`npm test\` (it compiles first)`);
+  try {
+    const { stdout, stderr } = await promisify(execFile)(process.execPath, [CLI, ...args], {
+      env: { ...process.env, NODE_OPTIONS: '' },
+    });
+    return { code: 0, stdout, stderr };
+  } catch (error) {
+    const failed = error as { code: number; stdout: string; stderr: string };
+    return { code: failed.code, stdout: failed.stdout, stderr: failed.stderr };
+  }
+}
+
+async function checkJson(...args: string[]): Promise<{ code: number; report: ConformanceReport }> {
+  const run = await check(...args, '--json');
+  return { code: run.code, report: JSON.parse(run.stdout) as ConformanceReport };
+}
+
+const statuses = (report: ConformanceReport) =>
+  Object.fromEntries(report.checks.map((c) => [c.id, c.status]));
+
+describe('nestjs-idempotency-check against the sample shop', () => {
+  let app: INestApplication;
+  let baseUrl: string;
+  beforeAll(async () => {
+    app = await createSampleApp({ dataDir: 'memory://', gatewayLatencyMs: 100, logger: false });
+    await app.listen(0, '127.0.0.1');
+    baseUrl = `http://127.0.0.1:${(app.getHttpServer().address() as AddressInfo).port}`;
+  });
+  afterAll(() => app.close());
+
+  it('passes every check on POST /payments (waits for a duplicate in flight) and prints each section', async () => {
+    const run = await check(`${baseUrl}/payments`, '--body', PAYMENT);
+    expect(run.stderr).toBe('');
+    expect(run.code).toBe(0);
+    expect(run.stdout).toContain('draft-ietf-httpapi-idempotency-key-header-06');
+    const lines = run.stdout.split('\n').filter((line) => /^(PASS|FAIL|SKIP)/.test(line));
+    expect(lines.map((line) => line.slice(0, 10).trim())).toEqual([
+      'PASS  §2.6',
+      'PASS  §2.6',
+      'PASS  §2.7',
+      'PASS  §2.7',
+      'PASS  §2.1',
+      'PASS  §2.7',
+      'PASS  §2.7',
+    ]);
+    expect(run.stdout).toContain('7 checks: 7 passed, 0 failed, 0 skipped');
+  });
+
+  it("passes every check on POST /orders (the module's defaults: 409 for a duplicate in flight)", async () => {
+    const { code, report } = await checkJson(`${baseUrl}/orders`, '-d', ORDER);
+    expect(statuses(report)).toEqual({
+      'first-request': 'pass',
+      replay: 'pass',
+      'key-reuse': 'pass',
+      'missing-key': 'pass',
+      'key-syntax': 'pass',
+      concurrent: 'pass',
+      'problem-details': 'pass',
+    });
+    expect(code).toBe(0);
+  });
+
+  it('reports each failure on the same handler without @Idempotent()', async () => {
+    const { code, report } = await checkJson(`${baseUrl}/payments/unprotected`, '-d', PAYMENT);
+    expect(code).toBe(1);
+    expect(statuses(report)).toEqual({
+      'first-request': 'pass',
+      replay: 'fail',
+      'key-reuse': 'fail',
+      'missing-key': 'fail',
+      'key-syntax': 'fail',
+      concurrent: 'fail',
+      'problem-details': 'skip',
+    });
+    const concurrent = report.checks.find((c) => c.id === 'concurrent')!;
+    expect(concurrent.detail).toContain('it ran more than once');
+  });
+
+  it('says what to fix when the body is not one the endpoint accepts', async () => {
+    const run = await check(`${baseUrl}/payments`);
+    expect(run.code).toBe(1);
+    expect(run.stdout).toMatch(/FAIL {2}§2\.6 +A request with a new key is processed/);
+    expect(run.stdout).toContain('pass a body the endpoint accepts (--body)');
+  });
+});
+
+describe('nestjs-idempotency-check against a hand-written, non-conforming endpoint', () => {
+  it('reports the replay status, the ignored payload, the race, the key syntax and the plain-JSON errors', async () => {
+    const naive = await startNaiveServer(5);
+    try {
+      const { code, report } = await checkJson(naive.url, '--concurrency', '5');
+      expect(code).toBe(1);
+      expect(statuses(report)).toEqual({
+        'first-request': 'pass',
+        replay: 'fail',
+        'key-reuse': 'fail',
+        'missing-key': 'pass',
+        'key-syntax': 'fail',
+        concurrent: 'fail',
+        'problem-details': 'fail',
+      });
+      const detail = (id: string) => report.checks.find((c) => c.id === id)!.detail;
+      expect(detail('replay')).toMatch(/^first 201 .*, retry 200 /);
+      expect(detail('key-reuse')).toMatch(/^got 200 .*expected 422$/);
+      expect(detail('concurrent')).toContain('5 × 201 with different bodies');
+      expect(detail('problem-details')).toBe('missing key: 400 application/json');
+    } finally {
+      await naive.close();
+    }
+  });
+
+  it('refuses bad usage with exit code 2 and the usage text', async () => {
+    const noUrl = await check();
+    expect(noUrl.code).toBe(2);
+    expect(noUrl.stderr).toContain('expected exactly one <url>');
+    const badBody = await check('http://127.0.0.1:1/x', '--body', '{oops');
+    expect(badBody.code).toBe(2);
+    expect(badBody.stderr).toContain('--body is not JSON');
+    const unreachable = await check('http://127.0.0.1:1/x');
+    expect(unreachable.code).toBe(1);
+    expect(unreachable.stderr).toContain('could not be reached');
+  });
+});
