@@ -1,5 +1,5 @@
 import fc from 'fast-check';
-import { canonicalJson, fingerprintRequest } from './fingerprint.js';
+import { canonicalJson, fingerprintRequest, MAX_JSON_DEPTH } from './fingerprint.js';
 
 /** The canonical form as version 0.1 computed it: stored fingerprints were made with this. */
 function canonicalJsonOfVersion01(value: unknown): string | undefined {
@@ -94,5 +94,21 @@ describe('fingerprintRequest', () => {
     expect(fingerprintRequest({ ...base, body: undefined })).toBe(
       fingerprintRequest({ ...base, body: undefined }),
     );
+  });
+});
+
+describe('nesting depth', () => {
+  const nested = (depth: number): unknown => {
+    let value: unknown = 0;
+    for (let i = 0; i < depth; i++) value = i % 2 ? [value] : { a: value };
+    return value;
+  };
+
+  it(`fingerprints JSON nested ${MAX_JSON_DEPTH} levels deep and refuses one level more`, () => {
+    expect(canonicalJson(nested(MAX_JSON_DEPTH))).toBe(JSON.stringify(nested(MAX_JSON_DEPTH)));
+    expect(() => canonicalJson(nested(MAX_JSON_DEPTH + 1))).toThrow(RangeError);
+    expect(() =>
+      fingerprintRequest({ method: 'POST', url: '/', body: nested(MAX_JSON_DEPTH + 1) }),
+    ).toThrow(`JSON nested deeper than ${MAX_JSON_DEPTH} levels`);
   });
 });

@@ -23,12 +23,20 @@ export function fingerprintRequest({ method, url, body }: FingerprintInput): str
 }
 
 /**
+ * The deepest nesting of arrays and objects a JSON body may have. A deeper one is refused (the
+ * request gets 400 `body-unreadable`) rather than fingerprinted: JSON.stringify (Express's
+ * `res.json`, the stored response) overflows the stack a few thousand levels down, and no real
+ * payload comes near a thousand.
+ */
+export const MAX_JSON_DEPTH = 1000;
+
+/**
  * JSON.stringify with object keys sorted; `undefined` for a value JSON cannot represent. Written
  * out rather than as a replacer that rebuilds every object, and byte for byte the output of
  * `JSON.stringify(value, sortKeys)` (stored fingerprints must stay valid): an object's
  * array-index keys come first in numeric order, as a rebuilt object would enumerate them.
  */
-export function canonicalJson(value: unknown): string | undefined {
+export function canonicalJson(value: unknown, depth = 0): string | undefined {
   switch (typeof value) {
     case 'string':
       return JSON.stringify(value);
@@ -44,12 +52,15 @@ export function canonicalJson(value: unknown): string | undefined {
       return undefined;
   }
   if (value === null) return 'null';
+  if (depth >= MAX_JSON_DEPTH) {
+    throw new RangeError(`JSON nested deeper than ${MAX_JSON_DEPTH} levels`);
+  }
   const toJSON = (value as { toJSON?: unknown }).toJSON;
-  if (typeof toJSON === 'function') return canonicalJson(toJSON.call(value, ''));
+  if (typeof toJSON === 'function') return canonicalJson(toJSON.call(value, ''), depth);
   if (Array.isArray(value)) {
     let out = '[';
     for (let i = 0; i < value.length; i++)
-      out += (i > 0 ? ',' : '') + (canonicalJson(value[i]) ?? 'null');
+      out += (i > 0 ? ',' : '') + (canonicalJson(value[i], depth + 1) ?? 'null');
     return `${out}]`;
   }
   const keys = Object.keys(value);
@@ -60,7 +71,7 @@ export function canonicalJson(value: unknown): string | undefined {
     indices === 0 ? keys.sort() : [...keys.slice(0, indices), ...keys.slice(indices).sort()];
   let out = '{';
   for (const name of names) {
-    const nested = canonicalJson((value as Record<string, unknown>)[name]);
+    const nested = canonicalJson((value as Record<string, unknown>)[name], depth + 1);
     if (nested === undefined) continue;
     out += `${out.length > 1 ? ',' : ''}${JSON.stringify(name)}:${nested}`;
   }
