@@ -71,6 +71,7 @@ const providers: Provider[] = [
       options.store ??
       new TypeOrmIdempotencyStore(connection!.dataSource, {
         waitNotifications: resolved.waitNotifications,
+        listenerUrl: options.listenerUrl,
         transactionRunner: options.transactionRunner,
       }),
     inject: [IDEMPOTENCY_MODULE_OPTIONS, RESOLVED_OPTIONS, IDEMPOTENCY_CONNECTION],

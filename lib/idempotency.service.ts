@@ -16,6 +16,7 @@ import { runAsOperation } from './idempotency.context.js';
 import { IdempotencyTracing, type TracedStep } from './observability/idempotency-tracing.js';
 import { openUnencrypted, UnreadableResponseError } from './security/response-sealer.js';
 import type { EntityManager } from 'typeorm';
+import { isConnectionFailure } from './storage/connection-failure.js';
 
 /** What to do with a request, decided by its key's record. */
 export type Decision =
@@ -79,6 +80,21 @@ export class LeaseLostError extends Error {
 export class UnstoredResultError extends Error {
   constructor(readonly lease: Lease) {
     super('the result of a transactional route could not be stored; its writes were rolled back');
+  }
+}
+
+/**
+ * The database connection of a transactional route failed while it ran (the handler's statements,
+ * the completion or the COMMIT): nothing of the attempt committed — or, if only the COMMIT's answer
+ * was lost, the retry finds the stored response. Each transport renders it as the store being
+ * unavailable (HTTP: 503 problem `store-unavailable`, with Retry-After).
+ */
+export class TransactionUnavailableError extends Error {
+  constructor(
+    readonly lease: Lease,
+    override readonly cause: unknown,
+  ) {
+    super('the database connection of this transactional route failed; nothing was committed');
   }
 }
 
@@ -272,6 +288,14 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       });
     } catch (error) {
       const handlerError = failed;
+      const cause = handlerError ? handlerError.error : error;
+      if (isConnectionFailure(cause)) {
+        this.logger.warn(
+          `The database connection of transactional key ${describe(lease)} failed while it ran (${(cause as Error).message}); nothing was committed, answered as the store being unavailable.`,
+        );
+        await this.release(lease, renewal);
+        throw new TransactionUnavailableError(lease, cause);
+      }
       if (handlerError) {
         await this.settle(lease, capture(handlerError), route.ttlMs, renewal);
         throw handlerError.error;

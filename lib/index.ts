@@ -5,6 +5,7 @@ export { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.j
 export {
   IdempotencyService,
   LeaseLostError,
+  TransactionUnavailableError,
   UnstoredResultError,
   type CaptureOutcome,
   type Decision,

@@ -5,8 +5,10 @@ import { startAppProcess, type AppProcess } from './support/processes.js';
 import { waitFor } from './support/reliability.js';
 
 /** The app's database, as the cls-server process takes it (see test/fixtures/cls-server.ts). */
-function serverEnv(name: string, options: { url?: string }): Record<string, string> {
-  return name === 'pglite' ? { DB_TYPE: 'pglite' } : { DB_TYPE: name, DB_URL: options.url! };
+function serverEnv(name: string, options: { type?: string; url?: string }): Record<string, string> {
+  return name === 'pglite'
+    ? { DB_TYPE: 'pglite' }
+    : { DB_TYPE: options.type!, DB_URL: options.url! };
 }
 
 interface State {
@@ -26,7 +28,7 @@ describe.each(eachDatabase.filter(([, database]) => database.transactions))(
     beforeAll(async () => {
       server = await startAppProcess(
         'test/fixtures/cls-server.js',
-        serverEnv(name, database.options() as { url?: string }),
+        serverEnv(name, database.options() as { type?: string; url?: string }),
       );
       client = new HttpClient(server.baseUrl, 4);
     }, 30_000);

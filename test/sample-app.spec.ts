@@ -4,13 +4,19 @@ import request from 'supertest';
 import { createSampleApp } from '../sample/app.factory.js';
 import { eachDatabase } from './support/databases.js';
 
-describe.each(eachDatabase)('the sample shop on %s', (name) => {
+/** The sample runs on PGlite or PostgreSQL (directly, or through PgBouncer). */
+const sampleDatabases = eachDatabase.filter(
+  ([name, database]) => name === 'pglite' || database.options().type === 'postgres',
+);
+
+describe.each(sampleDatabases)('the sample shop on %s', (name, database) => {
   let app: INestApplication;
   beforeAll(async () => {
+    const { url } = database.options() as { url?: string };
     app = await createSampleApp(
       name === 'pglite'
         ? { dataDir: 'memory://', gatewayLatencyMs: 20, logger: false }
-        : { databaseUrl: process.env.DATABASE_URL, gatewayLatencyMs: 20, logger: false },
+        : { databaseUrl: url, gatewayLatencyMs: 20, logger: false },
     );
     await app.init();
   });

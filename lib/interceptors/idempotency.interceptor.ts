@@ -20,6 +20,7 @@ import {
   IdempotencyService,
   LeaseLostError,
   UnstoredResultError,
+  TransactionUnavailableError,
   type Decision,
 } from '../idempotency.service.js';
 import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
@@ -149,7 +150,9 @@ export class IdempotencyInterceptor implements NestInterceptor {
                   ? 'lease-lost'
                   : error instanceof UnstoredResultError
                     ? 'result-not-stored'
-                    : undefined;
+                    : error instanceof TransactionUnavailableError
+                      ? 'store-unavailable'
+                      : undefined;
               const refusal = code ? rejection(code) : undefined;
               if (transport.settled) {
                 transport.settled(

@@ -180,12 +180,21 @@ export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
   /**
    * On PostgreSQL (`pg` driver), wake waiting duplicates through LISTEN/NOTIFY instead of polling:
    * the completion or release of a key in a `'wait'` route sends a NOTIFY, and each process holds
-   * one extra connection, opened on its first wait, that LISTENs. `false` (e.g. behind PgBouncer in
-   * transaction mode, where LISTEN does not work): waiters poll every `waitPollInterval`. Ignored
-   * with a custom `store` and on other databases.
+   * one extra connection, opened on its first wait, that LISTENs. Behind a pooler in transaction
+   * mode (PgBouncer), where a LISTEN does not hold, the listener finds out (its probe NOTIFY never
+   * comes back) and waiters poll, unless `listenerUrl` gives it a direct connection. `false`:
+   * waiters always poll every `waitPollInterval`. Ignored with a custom `store` and on other
+   * databases.
    * @default true
    */
   waitNotifications?: boolean;
+  /**
+   * The LISTEN connection's own connection string, straight to PostgreSQL (or through a pooler in
+   * session mode), when the DataSource goes through a pooler in transaction mode. Only that one
+   * connection per process uses it; every statement still goes through the DataSource.
+   * @default the DataSource pool's own connection options
+   */
+  listenerUrl?: string;
   /**
    * How long one store operation (claim, complete, release) may take. A claim that takes longer
    * answers 503 and the handler does not run: a database that hangs costs clients a bounded wait,

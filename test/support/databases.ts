@@ -21,6 +21,8 @@ export interface TestDatabase {
   readonly ownTablePerConnection: boolean;
   /** Transactional routes run on it (all but SQLite, whose TypeORM driver shares one connection). */
   readonly transactions: boolean;
+  /** PostgreSQL through PgBouncer, in this pooling mode. */
+  readonly pooler?: 'transaction' | 'session';
 }
 
 const pglite: TestDatabase = {
@@ -45,6 +47,32 @@ function postgresFromEnv(): TestDatabase[] {
       options: () => ({ type: 'postgres', url }),
     },
   ];
+}
+
+/**
+ * PostgreSQL through PgBouncer when `.ci/start-pgbouncer`'s URLs are set: in transaction pooling
+ * (each transaction may get another server connection: no session state, prepared statements or
+ * LISTEN carry over) and in session pooling. The whole e2e suite runs through each.
+ */
+function pgbouncerFromEnv(): TestDatabase[] {
+  const pools = [
+    ['pgbouncer-transaction', 'transaction', process.env.PGBOUNCER_TRANSACTION_URL],
+    ['pgbouncer-session', 'session', process.env.PGBOUNCER_SESSION_URL],
+  ] as const;
+  return pools.flatMap(([name, pooler, url]) =>
+    url
+      ? [
+          {
+            name,
+            pooler,
+            shared: true,
+            ownTablePerConnection: false,
+            transactions: true,
+            options: () => ({ type: 'postgres' as const, url }),
+          },
+        ]
+      : [],
+  );
 }
 
 /** SQLite through better-sqlite3: a new file per connection, so no server is needed. */
@@ -83,6 +111,7 @@ export const testDatabases: readonly TestDatabase[] = [
   sqlite,
   ...postgresFromEnv(),
   ...mariadbFromEnv(),
+  ...pgbouncerFromEnv(),
 ];
 
 /** The same, as `describe.each` rows. */

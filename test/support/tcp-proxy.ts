@@ -24,9 +24,14 @@ export class TcpProxy {
   readonly counts = { accepted: 0, destroyedByCut: 0, heldByBlackhole: 0 };
 
   private constructor(
-    private readonly target: { host: string; port: number },
+    private target: { host: string; port: number },
     public port: number,
   ) {}
+
+  /** New connections go to `target` from now on (a failover); existing ones are left as they are. */
+  retarget(target: { host: string; port: number }): void {
+    this.target = target;
+  }
 
   static async start(target: { host: string; port: number }): Promise<TcpProxy> {
     const proxy = new TcpProxy(target, 0);

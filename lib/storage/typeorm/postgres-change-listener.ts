@@ -1,5 +1,5 @@
 import { Logger } from '@nestjs/common';
-import { createHash } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import type { DataSource } from 'typeorm';
 import type { RecordId, RecordWatch } from '../idempotency-store.interface.js';
 import { RecordWatches } from '../record-watches.js';
@@ -29,6 +29,22 @@ const RECONNECT_MAX_DELAY_MS = 5_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 /** TCP keep-alive on the idle listening socket, so a silently dropped connection is noticed. */
 const KEEP_ALIVE_DELAY_MS = 10_000;
+/** How long the probe NOTIFY may take to come back on a new LISTEN connection. */
+const PROBE_TIMEOUT_MS = 5_000;
+/** After a probe that never came back, the next attempt (a transaction pooler stays one). */
+const PROBE_RETRY_MS = 60_000;
+/** Probe payloads start with this; a record's payload is 32 hex characters, so never does. */
+const PROBE_PREFIX = 'probe:';
+
+/** Options of the LISTEN connection. */
+export interface ChangeListenerOptions {
+  /**
+   * A connection string for the LISTEN connection alone, straight to PostgreSQL (or through a
+   * pooler in session mode), for a DataSource that goes through a pooler in transaction mode,
+   * where a LISTEN does not hold. Default: the DataSource pool's own options.
+   */
+  readonly url?: string;
+}
 
 /** What this class needs of a `pg` Client (pg and pg-native both have it). */
 interface ListeningClient {
@@ -72,9 +88,15 @@ export class PostgresChangeListener {
   /** Set after a loss, so its recovery is logged once. */
   private lostSince: number | undefined;
 
+  /** The probe NOTIFY a new connection waits for, with what to call when it arrives. */
+  private probe: { readonly payload: string; readonly arrived: () => void } | undefined;
+  /** Set once a probe never came back, so that is logged once. */
+  private probeFailedSince: number | undefined;
+
   private constructor(
     private readonly dataSource: DataSource,
     private readonly Client: ClientConstructor,
+    private readonly options: ChangeListenerOptions,
   ) {}
 
   /**
@@ -82,9 +104,14 @@ export class PostgresChangeListener {
    * driver cannot open a connection of its own — PGlite through typeorm-pglite is one shared
    * session with no notification events, so waiters there poll.
    */
-  static forDataSource(dataSource: DataSource): PostgresChangeListener | null {
+  static forDataSource(
+    dataSource: DataSource,
+    options: ChangeListenerOptions = {},
+  ): PostgresChangeListener | null {
     const Client = (dataSource.driver as unknown as PgDriverInternals).postgres?.Client;
-    return typeof Client === 'function' ? new PostgresChangeListener(dataSource, Client) : null;
+    return typeof Client === 'function'
+      ? new PostgresChangeListener(dataSource, Client, options)
+      : null;
   }
 
   watch(tag: string): RecordWatch {
@@ -133,11 +160,48 @@ export class PostgresChangeListener {
     } finally {
       clearTimeout(timer);
     }
+    if (this.closed) {
+      this.connecting = false;
+      await client.end().catch(() => undefined);
+      return;
+    }
+    // Behind a pooler in transaction mode the LISTEN ran on a server connection that went back to
+    // the pool: notifications go to whichever client holds it next, never to this one. A NOTIFY
+    // sent through the DataSource's own pool tells: it comes back here only if this session is
+    // really listening.
+    let arrives: boolean;
+    try {
+      arrives = await this.probeArrives();
+    } catch (error) {
+      this.connecting = false;
+      client.end().catch(() => undefined);
+      this.lostSince ??= Date.now();
+      this.logger.warn(
+        `Could not check the LISTEN connection for waiting duplicates (${(error as Error).message}); they poll every waitPollInterval. Retrying.`,
+      );
+      this.scheduleReconnect();
+      return;
+    }
     this.connecting = false;
+    if (!arrives) {
+      client.end().catch(() => undefined);
+      if (this.probeFailedSince === undefined) {
+        this.probeFailedSince = Date.now();
+        this.logger.warn(
+          'Notifications sent through the DataSource never reached its LISTEN connection: the DataSource ' +
+            'probably goes through a pooler in transaction mode (PgBouncer). Waiting duplicates poll every ' +
+            'waitPollInterval instead. To have them woken at once, give the listener a direct connection: ' +
+            'the `listenerUrl` option.',
+        );
+      }
+      this.scheduleReconnect(PROBE_RETRY_MS);
+      return;
+    }
     if (this.closed) {
       await client.end().catch(() => undefined);
       return;
     }
+    this.probeFailedSince = undefined;
     this.client = client;
     this.listening = true;
     this.reconnectDelayMs = RECONNECT_FIRST_DELAY_MS;
@@ -158,13 +222,19 @@ export class PostgresChangeListener {
     const options = (this.dataSource.driver as unknown as PgDriverInternals).master?.options;
     if (!options) throw new Error('the PostgreSQL driver has no connection pool');
     const client = new this.Client({
-      ...options,
-      password: options.password,
+      ...(this.options.url === undefined
+        ? { ...options, password: options.password }
+        : { connectionString: this.options.url, application_name: options.application_name }),
       keepAlive: true,
       keepAliveInitialDelayMillis: KEEP_ALIVE_DELAY_MS,
     });
     client.on('notification', ({ channel, payload }) => {
-      if (channel === CHANGE_CHANNEL && payload) this.watches.wake(payload);
+      if (channel !== CHANGE_CHANNEL || !payload) return;
+      if (payload.startsWith(PROBE_PREFIX)) {
+        if (payload === this.probe?.payload) this.probe.arrived();
+        return;
+      }
+      this.watches.wake(payload);
     });
     client.on('error', (error) => this.lost(client, error));
     client.on('end', () => this.lost(client));
@@ -191,10 +261,29 @@ export class PostgresChangeListener {
     if (wasListening) this.wakeAll();
   }
 
-  private scheduleReconnect() {
+  /** Sends a probe NOTIFY through the DataSource's pool; whether it reached this connection. */
+  private async probeArrives(): Promise<boolean> {
+    const payload = `${PROBE_PREFIX}${randomUUID()}`;
+    let timer: NodeJS.Timeout | undefined;
+    const arrived = new Promise<boolean>((resolve) => {
+      this.probe = { payload, arrived: () => resolve(true) };
+      timer = setTimeout(() => resolve(false), PROBE_TIMEOUT_MS);
+    });
+    try {
+      await this.dataSource.query('SELECT pg_notify($1, $2)', [CHANGE_CHANNEL, payload]);
+      return await arrived;
+    } finally {
+      clearTimeout(timer);
+      this.probe = undefined;
+    }
+  }
+
+  private scheduleReconnect(afterMs?: number) {
     if (this.closed || this.reconnectTimer !== undefined) return;
-    const delayMs = this.reconnectDelayMs;
-    this.reconnectDelayMs = Math.min(delayMs * 2, RECONNECT_MAX_DELAY_MS);
+    const delayMs = afterMs ?? this.reconnectDelayMs;
+    if (afterMs === undefined) {
+      this.reconnectDelayMs = Math.min(delayMs * 2, RECONNECT_MAX_DELAY_MS);
+    }
     this.reconnectTimer = setTimeout(() => {
       this.reconnectTimer = undefined;
       void this.connect();

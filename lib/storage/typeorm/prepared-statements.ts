@@ -66,6 +66,11 @@ export class PreparedStatements {
   ): Promise<StatementResult<Row>> {
     const runner = within ?? this.dataSource.createQueryRunner();
     try {
+      // Inside a transaction, a refused named statement would abort the whole transaction (the
+      // handler's writes with it) before the fallback could run: there it runs unnamed. Behind a
+      // pooler in transaction mode (PgBouncer before 1.21), any Bind may land on a server
+      // connection that never saw the Parse.
+      if (this.mode === 'protocol' && within) return await ordinary<Row>(runner, text, values);
       if (this.mode === 'protocol') return await this.runNamed<Row>(runner, name, text, values);
       if (this.mode === 'sql') return await this.runExecute<Row>(runner, name, text, values);
       return await ordinary<Row>(runner, text, values);
@@ -88,13 +93,17 @@ export class PreparedStatements {
     }
   }
 
+  /**
+   * A protocol-level named statement. Its name carries a hash of the text: behind a pooler in
+   * transaction mode a server connection may hold a statement of that name prepared by another
+   * client (another app, another table), and a Bind by name would run it; with the hash, a
+   * statement found under the name is this very one.
+   */
   private async runNamed<Row>(runner: QueryRunner, name: string, text: string, values: unknown[]) {
     const client = (await runner.connect()) as PgClient;
     this.dataSource.logger.logQuery(text, values, runner);
     try {
-      return asResult<Row>(
-        await client.query({ name: `nestjs_idempotency_${name}`, text, values }),
-      );
+      return asResult<Row>(await client.query({ name: this.sqlNameOf(name, text), text, values }));
     } catch (error) {
       if (!this.refused(error)) throw error;
       return asResult<Row>(await client.query(text, values));

@@ -38,11 +38,18 @@ export interface TypeOrmIdempotencyStoreOptions {
   readonly transactionRunner?: TransactionRunner;
   /**
    * On PostgreSQL (with the `pg` driver), wake waiting duplicates through LISTEN/NOTIFY: one
-   * listening connection per store, opened on the first wait. `false`: they poll. Elsewhere
-   * (PGlite, MySQL/MariaDB, SQLite) they always poll.
+   * listening connection per store, opened on the first wait (and checked with a probe NOTIFY:
+   * behind a pooler in transaction mode, they poll). `false`: they poll. Elsewhere (PGlite,
+   * MySQL/MariaDB, SQLite) they always poll.
    * @default true
    */
   readonly waitNotifications?: boolean;
+  /**
+   * The LISTEN connection's own connection string, for a DataSource behind a pooler in
+   * transaction mode (see the module option of that name).
+   * @default the DataSource pool's own connection options
+   */
+  readonly listenerUrl?: string;
   /**
    * On PostgreSQL and PGlite, the claims (and the completions) of concurrent requests share one
    * statement per turn of the event loop, each row decided as if alone. `false`: one statement per
@@ -92,7 +99,7 @@ export class TypeOrmIdempotencyStore implements IdempotencyStore {
         : new PortableDialect(dataSource, this.table);
     this.listener =
       type === 'postgres' && options.waitNotifications !== false
-        ? PostgresChangeListener.forDataSource(dataSource)
+        ? PostgresChangeListener.forDataSource(dataSource, { url: options.listenerUrl })
         : null;
   }
 

@@ -1,0 +1,28 @@
+/**
+ * Whether an error says the database connection failed or the server cannot take the statement
+ * now — as opposed to the statement itself being wrong. What a transactional route answers with
+ * 503 (retry): its transaction did not commit, or if its COMMIT was lost in transit, the retry
+ * finds the stored response. Looks through TypeORM's `driverError` and `cause`.
+ */
+export function isConnectionFailure(error: unknown): boolean {
+  for (let candidate = error, depth = 0; candidate && depth < 4; depth++) {
+    const { code, message } = candidate as { code?: unknown; message?: unknown };
+    if (typeof code === 'string' && FAILURE_CODES.test(code)) return true;
+    if (typeof message === 'string' && FAILURE_MESSAGES.test(message)) return true;
+    const next = candidate as { driverError?: unknown; cause?: unknown };
+    candidate = next.driverError ?? next.cause;
+  }
+  return false;
+}
+
+/**
+ * Node's socket errors; PostgreSQL's class 08 (connection exception), 57P01–57P03 (shut down,
+ * crashed, not accepting connections yet) and 25006 (a read-only transaction: connected to a
+ * standby, as right after a failover); MySQL/MariaDB's lost connection and shutdown.
+ */
+const FAILURE_CODES =
+  /^(?:ECONNRESET|ECONNREFUSED|EPIPE|ETIMEDOUT|EHOSTUNREACH|ENETUNREACH|EAI_AGAIN|08[0-9A-Z]{3}|57P0[123]|25006|PROTOCOL_CONNECTION_LOST|ER_SERVER_SHUTDOWN|ER_CONNECTION_KILLED)$/;
+
+/** pg reports a dropped connection without a code. */
+const FAILURE_MESSAGES =
+  /^(?:Connection terminated|Connection terminated unexpectedly|Client has encountered a connection error and is not queryable|Client was closed and is not queryable)$/;
