@@ -50,14 +50,12 @@ export async function idempotentAxios<Axios extends AxiosLike>(
   const presetKey = Object.entries(headers ?? {}).find(
     ([name]) => name.toLowerCase() === header.toLowerCase(),
   )?.[1];
-  const callerSignal = configSignal instanceof AbortSignal ? configSignal : undefined;
-  const signal =
-    callerSignal && options.signal
-      ? AbortSignal.any([callerSignal, options.signal])
-      : (options.signal ?? callerSignal);
   return callIdempotently<AxiosResponseLike>(
-    { ...options, signal },
-    typeof presetKey === 'string' ? presetKey : undefined,
+    options,
+    {
+      key: typeof presetKey === 'string' ? presetKey : undefined,
+      signal: configSignal instanceof AbortSignal ? configSignal : undefined,
+    },
     async ({ key, signal: attemptSignal }) => {
       try {
         const response = await send({

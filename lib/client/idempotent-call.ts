@@ -40,11 +40,17 @@ export type AttemptResult<R> =
  * retried after `retryDelay`; a failure caused by the caller's `signal` ends the operation at once.
  */
 export async function callIdempotently<R>(
-  options: IdempotentRetryOptions,
-  presetKey: string | undefined,
+  retryOptions: IdempotentRetryOptions,
+  request: { readonly key?: string; readonly signal?: AbortSignal },
   send: (attempt: Attempt) => Promise<AttemptResult<R>>,
 ): Promise<R> {
-  const key = options.key ?? presetKey ?? randomUUID();
+  // The request's own signal (fetch's `init.signal`, axios's `config.signal`) ends it too.
+  const signal =
+    request.signal && retryOptions.signal
+      ? AbortSignal.any([request.signal, retryOptions.signal])
+      : (retryOptions.signal ?? request.signal);
+  const options = { ...retryOptions, signal };
+  const key = options.key ?? request.key ?? randomUUID();
   const maxAttempts = Math.max(1, options.maxAttempts ?? DEFAULT_MAX_ATTEMPTS);
   const sleep = options.sleep ?? ((ms, signal) => delay(ms, undefined, { signal }));
   for (let attempt = 1; ; attempt++) {

@@ -36,14 +36,9 @@ export async function idempotentFetch(
   const send = options.fetch ?? fetch;
   const header = options.header ?? IDEMPOTENCY_KEY_HEADER;
   const headers = new Headers(init.headers ?? (input instanceof Request ? input.headers : {}));
-  const callerSignal = init.signal ?? undefined;
-  const signal =
-    callerSignal && options.signal
-      ? AbortSignal.any([callerSignal, options.signal])
-      : (options.signal ?? callerSignal);
   return callIdempotently<Response>(
-    { ...options, signal },
-    headers.get(header) ?? undefined,
+    options,
+    { key: headers.get(header) ?? undefined, signal: init.signal ?? undefined },
     async ({ key, signal: attemptSignal }) => {
       headers.set(header, key);
       try {
