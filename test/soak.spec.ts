@@ -125,6 +125,7 @@ describeOnPostgres(`an ${PROCESSES}-process soak`, (url) => {
         'requests per second': (statuses.length / seconds).toFixed(0),
         latency: latencySummary(latencies),
         statuses: JSON.stringify(tally(statuses)),
+        'keys whose duplicate got 409 or the replay': duplicatesReplayedOr409,
         'handler executions': executions,
         'keys executed more than once': twice,
         'records table (rows of this run), sampled': sizes
