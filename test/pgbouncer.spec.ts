@@ -1,4 +1,12 @@
 import { createFixtureApp, type FixtureApp } from './fixtures/fixture-app.js';
+import {
+  createLedgerTable,
+  LedgerEntry,
+  LedgerService,
+  ledgerOf,
+  TransactionalLeaseController,
+} from './fixtures/lease.controller.js';
+import { createReliabilityApp } from './fixtures/reliability-app.js';
 import { CapturedLog } from './support/captured-log.js';
 import { testDatabases, type TestDatabase } from './support/databases.js';
 import { newKey, post } from './support/http.js';
@@ -102,6 +110,54 @@ describeWithPgBouncer('behind PgBouncer', () => {
     expect(app.calls.count('slow-wait', key)).toBe(1);
     expect(log.lines.filter((line) => /never reached its LISTEN/.test(line.text))).toEqual([]);
   });
+
+  it.each([
+    ['transaction', true],
+    ['session', false],
+  ] as const)(
+    'runs transactional routes in %s pooling with no failed request; statements go unprepared there: %s',
+    async (pooling, unprepared) => {
+      const log = new CapturedLog();
+      const app = await createReliabilityApp(
+        pooling === 'transaction' ? transaction! : session!,
+        {},
+        {
+          controllers: [TransactionalLeaseController],
+          providers: [LedgerService],
+          entities: [LedgerEntry],
+          logger: log,
+        },
+      );
+      try {
+        await createLedgerTable(app.dataSource);
+        const keys = Array.from({ length: 30 }, () => newKey());
+        // Three waves of ten at once: transactions on many server connections.
+        for (let wave = 0; wave < 3; wave++) {
+          const batch = keys.slice(wave * 10, wave * 10 + 10);
+          const answers = await Promise.all(
+            batch.map((key, i) => post(app.baseUrl, '/lease/tx', key, { amount: i + 1 })),
+          );
+          expect(answers.map((answer) => answer.status)).toEqual(batch.map(() => 201));
+        }
+        for (const [i, key] of keys.entries()) {
+          const replay = await post(app.baseUrl, '/lease/tx', key, { amount: (i % 10) + 1 });
+          expect(replay.headers['idempotent-replayed']).toBe('true');
+          expect(await ledgerOf(app.dataSource, key)).toHaveLength(1);
+        }
+        // Either a refused prepared statement outside a transaction said it first, or the
+        // session check on the first transaction did (its probe waits 5 s for a NOTIFY).
+        const said = () =>
+          log.lines.some((line) =>
+            /sessions do not last|refused a prepared statement/.test(line.text),
+          );
+        if (unprepared) await waitFor('the finding', () => (said() ? true : undefined));
+        else expect(said()).toBe(false);
+        expect(log.lines.filter((line) => line.level === 'error')).toEqual([]);
+      } finally {
+        await app.close();
+      }
+    },
+  );
 
   it('in transaction pooling, answers every request while prepared statements fall back: no 5xx, each key once', async () => {
     const { app } = await appOn(transaction!, { waitPollInterval: '50ms' });

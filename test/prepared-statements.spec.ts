@@ -1,7 +1,14 @@
 import { createFixtureApp, recordsOf, type FixtureApp } from './fixtures/fixture-app.js';
+import {
+  createLedgerTable,
+  LedgerEntry,
+  LedgerService,
+  TransactionalLeaseController,
+} from './fixtures/lease.controller.js';
+import { createReliabilityApp } from './fixtures/reliability-app.js';
 import { testDatabases } from './support/databases.js';
 import { newKey, post } from './support/http.js';
-import { describeOnPostgres } from './support/reliability.js';
+import { describeOnPostgres, waitFor } from './support/reliability.js';
 
 /** POSTs `body` twice under `key`: the handler runs once, the second answer replays the first. */
 async function expectRunOnceThenReplayed(fixture: FixtureApp, key: string, body: object) {
@@ -55,6 +62,54 @@ describeOnPostgres('prepared statements', (url) => {
     expect((await recordsOf(fixture.dataSource, key)).map((r) => r.state)).toEqual(['completed']);
     // Nothing was prepared again: the store runs its statements unprepared from then on.
     expect(await preparedOnTheConnection()).toEqual([]);
+  });
+});
+
+/**
+ * Inside a transaction (a transactional route's completion) a refused named statement would abort
+ * the handler's transaction, so there the store runs unnamed until a check (a LISTEN and a NOTIFY
+ * through the pool) has shown that sessions last between transactions; on PostgreSQL itself they
+ * do, and the completion becomes a prepared statement of the session.
+ */
+describeOnPostgres('prepared statements inside transactions', (url) => {
+  it('runs the completion unnamed at first, then prepared once sessions are known to last', async () => {
+    const oneConnection = {
+      name: 'postgres',
+      shared: true,
+      ownTablePerConnection: false,
+      transactions: true,
+      options: () => ({ type: 'postgres' as const, url, extra: { max: 1 } }),
+    };
+    const app = await createReliabilityApp(
+      oneConnection,
+      {},
+      {
+        controllers: [TransactionalLeaseController],
+        providers: [LedgerService],
+        entities: [LedgerEntry],
+      },
+    );
+    try {
+      await createLedgerTable(app.dataSource);
+      const prepared = async (): Promise<string[]> =>
+        (await app.dataSource.query(`SELECT name FROM pg_prepared_statements`)).map(
+          (row: { name: string }) => row.name.replace(/_[0-9a-f]{12}$/, ''),
+        );
+      const first = await post(app.baseUrl, '/lease/tx', newKey(), { amount: 1 });
+      expect(first.status).toBe(201);
+      expect(await prepared()).not.toContain('nestjs_idempotency_complete');
+      await waitFor(
+        'the completion to run prepared',
+        async () => {
+          const next = await post(app.baseUrl, '/lease/tx', newKey(), { amount: 2 });
+          expect(next.status).toBe(201);
+          return (await prepared()).includes('nestjs_idempotency_complete') ? true : undefined;
+        },
+        { timeoutMs: 15_000, intervalMs: 100 },
+      );
+    } finally {
+      await app.close();
+    }
   });
 });
 

@@ -296,3 +296,36 @@ export class PostgresChangeListener {
     this.watches.wakeAll();
   }
 }
+
+/**
+ * Whether a session opened with this DataSource's connection settings persists between
+ * statements: false behind a pooler in transaction mode (PgBouncer), where each transaction may
+ * get another server connection. Told by a LISTEN on a connection of its own and a NOTIFY sent
+ * through the pool: the notification reaches the listening session only if it still exists.
+ * Rejects when the database cannot be reached (nothing is known then).
+ */
+export async function sessionsPersist(dataSource: DataSource): Promise<boolean> {
+  const Client = (dataSource.driver as unknown as PgDriverInternals).postgres?.Client;
+  const options = (dataSource.driver as unknown as PgDriverInternals).master?.options;
+  if (typeof Client !== 'function' || !options) return true;
+  const channel = `nestjs_idempotency_probe_${randomUUID().replaceAll('-', '')}`;
+  const payload = randomUUID();
+  const client = new Client({ ...options, password: options.password });
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    const arrived = new Promise<boolean>((resolve) => {
+      client.on('notification', (message) => {
+        if (message.channel === channel && message.payload === payload) resolve(true);
+      });
+      timer = setTimeout(() => resolve(false), PROBE_TIMEOUT_MS);
+    });
+    client.on('error', () => undefined);
+    await client.connect();
+    await client.query(`LISTEN ${channel}`);
+    await dataSource.query('SELECT pg_notify($1, $2)', [channel, payload]);
+    return await arrived;
+  } finally {
+    clearTimeout(timer);
+    await client.end().catch(() => undefined);
+  }
+}

@@ -1,6 +1,7 @@
 import { Logger } from '@nestjs/common';
 import { createHash } from 'node:crypto';
 import type { DataSource, QueryRunner } from 'typeorm';
+import { sessionsPersist } from './postgres-change-listener.js';
 
 /** What a statement returned: its rows, and how many rows it changed. */
 export interface StatementResult<Row> {
@@ -47,6 +48,14 @@ export class PreparedStatements {
   private readonly sqlNames = new Map<string, string>();
   /** SQL-level statements this store has prepared (or found prepared) in the session. */
   private readonly sqlPrepared = new Set<string>();
+  /**
+   * Whether named statements may run inside a transaction: only once sessions are known to
+   * persist (no pooler in transaction mode), since a refused one there would abort the
+   * transaction with the handler's writes. Found out on the first transaction (`sessionsPersist`).
+   */
+  private sessions: 'unknown' | 'checking' | 'persistent' = 'unknown';
+  /** After a check that could not reach the database, when to try again. */
+  private nextCheckAt = 0;
 
   constructor(private readonly dataSource: DataSource) {
     const options = dataSource.options as { type: string; driver?: unknown };
@@ -67,16 +76,43 @@ export class PreparedStatements {
     const runner = within ?? this.dataSource.createQueryRunner();
     try {
       // Inside a transaction, a refused named statement would abort the whole transaction (the
-      // handler's writes with it) before the fallback could run: there it runs unnamed. Behind a
-      // pooler in transaction mode (PgBouncer before 1.21), any Bind may land on a server
-      // connection that never saw the Parse.
-      if (this.mode === 'protocol' && within) return await ordinary<Row>(runner, text, values);
+      // handler's writes with it) before the fallback could run: there it runs unnamed until the
+      // sessions are known to persist. Behind a pooler in transaction mode (PgBouncer before
+      // 1.21), any Bind may land on a server connection that never saw the Parse.
+      if (this.mode === 'protocol' && within && !this.namedInTransactions()) {
+        return await ordinary<Row>(runner, text, values);
+      }
       if (this.mode === 'protocol') return await this.runNamed<Row>(runner, name, text, values);
       if (this.mode === 'sql') return await this.runExecute<Row>(runner, name, text, values);
       return await ordinary<Row>(runner, text, values);
     } finally {
       if (!within) await runner.release();
     }
+  }
+
+  /** True once sessions are known to persist; starts finding out on the first call. */
+  private namedInTransactions(): boolean {
+    if (this.sessions === 'persistent') return true;
+    if (this.sessions === 'unknown' && Date.now() >= this.nextCheckAt) {
+      this.sessions = 'checking';
+      sessionsPersist(this.dataSource).then(
+        (persist) => {
+          if (persist) {
+            this.sessions = 'persistent';
+            return;
+          }
+          this.mode = 'plain';
+          this.logger.log(
+            "This DataSource's sessions do not last between transactions (a pooler in transaction mode, such as PgBouncer): the store runs its statements unprepared.",
+          );
+        },
+        () => {
+          this.sessions = 'unknown';
+          this.nextCheckAt = Date.now() + 30_000;
+        },
+      );
+    }
+    return false;
   }
 
   /**
