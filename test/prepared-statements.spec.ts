@@ -6,7 +6,7 @@ import {
   TransactionalLeaseController,
 } from './fixtures/lease.controller.js';
 import { createReliabilityApp } from './fixtures/reliability-app.js';
-import { testDatabases } from './support/databases.js';
+import { testDatabases, type TestDatabase } from './support/databases.js';
 import { newKey, post } from './support/http.js';
 import { describeOnPostgres, waitFor } from './support/reliability.js';
 
@@ -20,6 +20,15 @@ async function expectRunOnceThenReplayed(fixture: FixtureApp, key: string, body:
   return first.body;
 }
 
+/** PostgreSQL through a pool of one connection, whose session the test can look into. */
+const oneConnection = (url: string): TestDatabase => ({
+  name: 'postgres',
+  shared: true,
+  ownTablePerConnection: false,
+  transactions: true,
+  options: () => ({ type: 'postgres', url, extra: { max: 1 } }),
+});
+
 /**
  * On PostgreSQL the store's statements are named prepared statements of the `pg` driver. A pool of
  * one connection lets the test look at that connection's session (pg_prepared_statements) and
@@ -29,14 +38,7 @@ async function expectRunOnceThenReplayed(fixture: FixtureApp, key: string, body:
 describeOnPostgres('prepared statements', (url) => {
   let fixture: FixtureApp;
   beforeAll(async () => {
-    const oneConnection = {
-      name: 'postgres',
-      shared: true,
-      ownTablePerConnection: false,
-      transactions: true,
-      options: () => ({ type: 'postgres' as const, url, extra: { max: 1 } }),
-    };
-    fixture = await createFixtureApp(oneConnection);
+    fixture = await createFixtureApp(oneConnection(url));
   });
   afterAll(() => fixture.close());
 
@@ -73,15 +75,8 @@ describeOnPostgres('prepared statements', (url) => {
  */
 describeOnPostgres('prepared statements inside transactions', (url) => {
   it('runs the completion unnamed at first, then prepared once sessions are known to last', async () => {
-    const oneConnection = {
-      name: 'postgres',
-      shared: true,
-      ownTablePerConnection: false,
-      transactions: true,
-      options: () => ({ type: 'postgres' as const, url, extra: { max: 1 } }),
-    };
     const app = await createReliabilityApp(
-      oneConnection,
+      oneConnection(url),
       {},
       {
         controllers: [TransactionalLeaseController],

@@ -102,14 +102,18 @@ async function synchronizeSchema(dataSource: DataSource, database: DatabaseConfi
   // One process owns a PGlite folder, and its single session cannot be held while synchronising.
   if (database.kind === 'pglite') return dataSource.synchronize();
   // Several processes may start against one PostgreSQL at once; two concurrent CREATE TABLEs of the
-  // same table make one of them fail, so they take turns under a session advisory lock.
+  // same table make one of them fail, so they take turns under an advisory lock. A transaction's
+  // lock, held by a transaction left open on a connection of its own while the synchronisation
+  // runs on others: behind a pooler in transaction mode (PgBouncer) a session lock and its unlock
+  // may land on different server connections, and the lock would never be released.
   const runner = dataSource.createQueryRunner();
   try {
-    await runner.query('SELECT pg_advisory_lock($1)', [SCHEMA_LOCK_ID]);
+    await runner.startTransaction();
     try {
+      await runner.query('SELECT pg_advisory_xact_lock($1)', [SCHEMA_LOCK_ID]);
       await synchronizeWithOneRetry(dataSource);
     } finally {
-      await runner.query('SELECT pg_advisory_unlock($1)', [SCHEMA_LOCK_ID]);
+      await runner.commitTransaction();
     }
   } finally {
     await runner.release();
