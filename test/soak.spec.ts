@@ -1,6 +1,6 @@
 import { randomInt, randomUUID } from 'node:crypto';
 import { DataSource } from 'typeorm';
-import { createEffectsTables, dropEffectsTables } from './support/effects.js';
+import { createEffectsTables } from './support/effects.js';
 import { HttpClient, isReplay, type Exchange } from './support/http-client.js';
 import { startAppProcess, type AppProcess } from './support/processes.js';
 import {
@@ -11,6 +11,7 @@ import {
   SOAK,
   tally,
 } from './support/reliability.js';
+import { tearDownRun } from './support/storm.js';
 
 /**
  * Eight app processes on one PostgreSQL, a steady stream of new keys (each sent twice, to two
@@ -52,15 +53,7 @@ describeOnPostgres(`an ${PROCESSES}-process soak`, (url) => {
     clients = processes.map((p) => new HttpClient(p.baseUrl, IN_FLIGHT));
   }, 120_000);
 
-  afterAll(async () => {
-    clients.forEach((client) => client.close());
-    await Promise.all(processes.map((p) => p.stop()));
-    if (db?.isInitialized) {
-      await dropEffectsTables(db, tag);
-      await db.query('DELETE FROM idempotency_records WHERE scope = $1', [tag]);
-      await db.destroy();
-    }
-  });
+  afterAll(() => tearDownRun({ clients, processes, db, tag }));
 
   it(
     `keeps every key once and the table steady for ${DURATION_MS / 1000} s of new keys under the purge`,

@@ -1,6 +1,6 @@
 import { randomInt, randomUUID } from 'node:crypto';
 import { DataSource } from 'typeorm';
-import { createEffectsTables, dropEffectsTables } from './support/effects.js';
+import { createEffectsTables } from './support/effects.js';
 import { HttpClient, isReplay, jsonOf } from './support/http-client.js';
 import { startAppProcess, type AppProcess } from './support/processes.js';
 import {
@@ -12,7 +12,7 @@ import {
   soakFactor,
   tally,
 } from './support/reliability.js';
-import { fireStorm, planStorm, stormBody, type StormRoute } from './support/storm.js';
+import { fireStorm, planStorm, stormBody, tearDownRun, type StormRoute } from './support/storm.js';
 
 const PROCESSES = 4;
 const IN_FLIGHT_PER_PROCESS = 250;
@@ -62,15 +62,7 @@ describeOnPostgres('duplicate storms across app processes', (url) => {
     await db.query('DELETE FROM idempotency_records WHERE scope = $1', [warmup]);
   }, 60_000);
 
-  afterAll(async () => {
-    clients.forEach((client) => client.close());
-    await Promise.all(processes.map((p) => p.stop()));
-    if (db?.isInitialized) {
-      await dropEffectsTables(db, tag);
-      await db.query('DELETE FROM idempotency_records WHERE scope = $1', [tag]);
-      await db.destroy();
-    }
-  });
+  afterAll(() => tearDownRun({ clients, processes, db, tag }));
 
   it(`executes every key once in a storm of ${STORM_REQUESTS} requests over ${PROCESSES} processes`, async () => {
     const { plan, keys } = planStorm({

@@ -1,5 +1,8 @@
 import { randomInt, randomUUID } from 'node:crypto';
+import type { DataSource } from 'typeorm';
+import { dropEffectsTables } from './effects.js';
 import { HttpClient, type Exchange } from './http-client.js';
+import type { AppProcess } from './processes.js';
 import { inParallel } from './reliability.js';
 
 /** The storm server's idempotent routes: 'effects' answers duplicates 409, 'effects-wait' waits. */
@@ -121,4 +124,23 @@ export async function metricsOf(clients: readonly HttpClient[]): Promise<Record<
     }
   }
   return total;
+}
+
+/**
+ * The end of a multi-process run against one tenant (`tag`): closes the clients, stops the
+ * processes, drops the effects tables and deletes the tenant's records.
+ */
+export async function tearDownRun(run: {
+  clients: readonly HttpClient[];
+  processes: readonly AppProcess[];
+  db: DataSource | undefined;
+  tag: string;
+}): Promise<void> {
+  run.clients.forEach((client) => client.close());
+  await Promise.all(run.processes.map((p) => p.stop()));
+  if (run.db?.isInitialized) {
+    await dropEffectsTables(run.db, run.tag);
+    await run.db.query('DELETE FROM idempotency_records WHERE scope = $1', [run.tag]);
+    await run.db.destroy();
+  }
 }

@@ -219,11 +219,11 @@ export class PostgresChangeListener {
    * non-enumerable property, which a spread would drop), and TCP keep-alive on.
    */
   private openClient(): ListeningClient {
-    const options = (this.dataSource.driver as unknown as PgDriverInternals).master?.options;
+    const options = pgPoolOptions(this.dataSource);
     if (!options) throw new Error('the PostgreSQL driver has no connection pool');
     const client = new this.Client({
       ...(this.options.url === undefined
-        ? { ...options, password: options.password }
+        ? options
         : { connectionString: this.options.url, application_name: options.application_name }),
       keepAlive: true,
       keepAliveInitialDelayMillis: KEEP_ALIVE_DELAY_MS,
@@ -262,20 +262,16 @@ export class PostgresChangeListener {
   }
 
   /** Sends a probe NOTIFY through the DataSource's pool; whether it reached this connection. */
-  private async probeArrives(): Promise<boolean> {
-    const payload = `${PROBE_PREFIX}${randomUUID()}`;
-    let timer: NodeJS.Timeout | undefined;
-    const arrived = new Promise<boolean>((resolve) => {
-      this.probe = { payload, arrived: () => resolve(true) };
-      timer = setTimeout(() => resolve(false), PROBE_TIMEOUT_MS);
-    });
-    try {
-      await this.dataSource.query('SELECT pg_notify($1, $2)', [CHANGE_CHANNEL, payload]);
-      return await arrived;
-    } finally {
-      clearTimeout(timer);
-      this.probe = undefined;
-    }
+  private probeArrives(): Promise<boolean> {
+    return notificationArrives(
+      this.dataSource,
+      CHANGE_CHANNEL,
+      `${PROBE_PREFIX}${randomUUID()}`,
+      (payload, arrived) => {
+        this.probe = { payload, arrived };
+        return () => (this.probe = undefined);
+      },
+    );
   }
 
   private scheduleReconnect(afterMs?: number) {
@@ -298,6 +294,42 @@ export class PostgresChangeListener {
 }
 
 /**
+ * The options the DataSource's pool gives its own connections, for a `pg` Client of ours: pg-pool
+ * keeps the password as a non-enumerable property, which a spread would drop. `undefined` when the
+ * driver has no pool of `pg` connections (PGlite).
+ */
+function pgPoolOptions(dataSource: DataSource): Record<string, unknown> | undefined {
+  const options = (dataSource.driver as unknown as PgDriverInternals).master?.options;
+  return options && { ...options, password: options.password };
+}
+
+/**
+ * Sends `payload` on `channel` with a NOTIFY through the DataSource's pool, and resolves whether it
+ * came back to a listening session within PROBE_TIMEOUT_MS. `expect` arranges for `arrived` to be
+ * called when that session receives `payload`, and returns how to stop expecting it.
+ */
+async function notificationArrives(
+  dataSource: DataSource,
+  channel: string,
+  payload: string,
+  expect: (payload: string, arrived: () => void) => () => void,
+): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  let stop: (() => void) | undefined;
+  const arrived = new Promise<boolean>((resolve) => {
+    stop = expect(payload, () => resolve(true));
+    timer = setTimeout(() => resolve(false), PROBE_TIMEOUT_MS);
+  });
+  try {
+    await dataSource.query('SELECT pg_notify($1, $2)', [channel, payload]);
+    return await arrived;
+  } finally {
+    clearTimeout(timer);
+    stop?.();
+  }
+}
+
+/**
  * Whether a session opened with this DataSource's connection settings persists between
  * statements: false behind a pooler in transaction mode (PgBouncer), where each transaction may
  * get another server connection. Told by a LISTEN on a connection of its own and a NOTIFY sent
@@ -306,26 +338,21 @@ export class PostgresChangeListener {
  */
 export async function sessionsPersist(dataSource: DataSource): Promise<boolean> {
   const Client = (dataSource.driver as unknown as PgDriverInternals).postgres?.Client;
-  const options = (dataSource.driver as unknown as PgDriverInternals).master?.options;
+  const options = pgPoolOptions(dataSource);
   if (typeof Client !== 'function' || !options) return true;
   const channel = `nestjs_idempotency_probe_${randomUUID().replaceAll('-', '')}`;
-  const payload = randomUUID();
-  const client = new Client({ ...options, password: options.password });
-  let timer: NodeJS.Timeout | undefined;
+  const client = new Client(options);
+  client.on('error', () => undefined);
   try {
-    const arrived = new Promise<boolean>((resolve) => {
-      client.on('notification', (message) => {
-        if (message.channel === channel && message.payload === payload) resolve(true);
-      });
-      timer = setTimeout(() => resolve(false), PROBE_TIMEOUT_MS);
-    });
-    client.on('error', () => undefined);
     await client.connect();
     await client.query(`LISTEN ${channel}`);
-    await dataSource.query('SELECT pg_notify($1, $2)', [channel, payload]);
-    return await arrived;
+    return await notificationArrives(dataSource, channel, randomUUID(), (payload, arrived) => {
+      client.on('notification', (message) => {
+        if (message.channel === channel && message.payload === payload) arrived();
+      });
+      return () => undefined;
+    });
   } finally {
-    clearTimeout(timer);
     await client.end().catch(() => undefined);
   }
 }
