@@ -127,7 +127,6 @@ async function measureKey(first: BenchContext, waiter: BenchContext, maxRunMs: n
     id,
     fingerprint: 'f'.repeat(64),
     lockTimeoutMs: 60_000,
-    asynchronousClaim: false,
     concurrency: 'wait' as const,
     waitTimeoutMs: 30_000,
   };

@@ -21,8 +21,6 @@ export interface ResolvedRouteOptions {
   /** 0: the claim is not renewed. */
   readonly lockRenewalLimitMs: number;
   readonly transactional: boolean;
-  /** Unset: as `transactional`. */
-  readonly asynchronousClaim: boolean | undefined;
   readonly required: boolean;
   /** Unset: the transport's default (HTTP and GraphQL reject, messages wait). */
   readonly concurrency: ConcurrencyMode | undefined;
@@ -63,7 +61,6 @@ const UNSET_ROUTE_OPTIONS: ResolvedRouteOptions = {
   lockTimeoutMs: 0,
   lockRenewalLimitMs: 0,
   transactional: DEFAULTS.transactional,
-  asynchronousClaim: undefined,
   required: DEFAULTS.required,
   concurrency: undefined,
   waitTimeoutMs: 0,
@@ -142,7 +139,6 @@ export function resolveRouteOptions(
         ? base.lockRenewalLimitMs
         : toMilliseconds(route.lockRenewalLimit, 'lockRenewalLimit'),
     transactional: route.transactional ?? base.transactional,
-    asynchronousClaim: route.asynchronousClaim ?? base.asynchronousClaim,
     required: route.required ?? base.required,
     concurrency,
     waitTimeoutMs:

@@ -38,8 +38,6 @@ export interface BeginRequest {
   readonly id: RecordId;
   readonly fingerprint: string;
   readonly lockTimeoutMs: number;
-  /** The claim may commit without waiting for its flush (see `asynchronousClaim`). */
-  readonly asynchronousClaim: boolean;
   readonly concurrency: ConcurrencyMode;
   readonly waitTimeoutMs: number;
 }
@@ -459,7 +457,6 @@ export class IdempotencyService implements BeforeApplicationShutdown {
         token: randomUUID(),
         now,
         lockedUntil: now + request.lockTimeoutMs,
-        asynchronousCommit: request.asynchronousClaim,
       }),
     );
     if (claim.claimed) {

@@ -20,10 +20,8 @@ import { TcpProxy } from './support/tcp-proxy.js';
  * - Synchronous replication: a response a client got is never lost, the retry replays it.
  *   Asynchronous: the commits the standby had not received when the primary died are gone; such a
  *   key runs again on the new primary (once), so a client that had its first response sees another.
- * - Restart: the primary comes back from its own WAL; nothing a client got is lost. The route's
- *   claims commit without waiting for their flush (the transactional default): an immediate stop
- *   loses the claims still in WAL buffers, but never one whose handler's transaction committed,
- *   which PostgreSQL wrote after it; this case shows it with the crash mid-storm.
+ * - Restart: the primary crashes and comes back from its own WAL (crash recovery, no standby):
+ *   nothing a client got is lost, and the keys in flight at the crash run once after it.
  */
 const PROCESSES = 3;
 const KEYS = 240;

@@ -20,7 +20,6 @@ function typeormContract(
   title: string,
   databases: typeof eachDatabase,
   options: TypeOrmIdempotencyStoreOptions = {},
-  claims: { asynchronousCommit?: boolean } = {},
 ) {
   describe.each(databases)(title, (_name, database) => {
     let dataSource: DataSource;
@@ -36,12 +35,7 @@ function typeormContract(
       await dataSource.destroy();
     });
 
-    // Every claim the kit makes, with `claims` added.
-    const withClaims = (): IdempotencyStore =>
-      Object.assign(Object.create(store) as TypeOrmIdempotencyStore, {
-        claim: (request: ClaimRequest) => store.claim({ ...request, ...claims }),
-      });
-    for (const check of storeContract(withClaims)) it(check.name, () => check.run());
+    for (const check of storeContract(() => store)) it(check.name, () => check.run());
   });
 }
 
@@ -51,21 +45,6 @@ typeormContract(
   'the store contract, TypeORM store on %s without batched statements',
   eachDatabase.filter(([name]) => name === 'pglite' || name === 'postgres'),
   { batchStatements: false },
-);
-// Claims committed without waiting for their flush (transactional routes, `asynchronousClaim`): one
-// simple query with the values as literals on PostgreSQL; ignored on PGlite.
-const postgresFamily = eachDatabase.filter(([name]) => name !== 'sqlite' && name !== 'mariadb');
-typeormContract(
-  'the store contract, TypeORM store on %s, claims committed asynchronously',
-  postgresFamily,
-  {},
-  { asynchronousCommit: true },
-);
-typeormContract(
-  'the store contract, TypeORM store on %s, claims committed asynchronously, unbatched',
-  postgresFamily.filter(([name]) => name === 'postgres'),
-  { batchStatements: false },
-  { asynchronousCommit: true },
 );
 
 const redisUrl = process.env.REDIS_URL;

@@ -107,7 +107,6 @@ export class IdempotencyInterceptor implements NestInterceptor {
           id,
           fingerprint,
           lockTimeoutMs: options.lockTimeoutMs,
-          asynchronousClaim: options.asynchronousClaim ?? options.transactional,
           concurrency: options.concurrency ?? transport.defaultConcurrency,
           waitTimeoutMs: options.waitTimeoutMs,
         }),

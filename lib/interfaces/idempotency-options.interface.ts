@@ -56,21 +56,6 @@ export interface IdempotencyRouteOptions {
    */
   transactional?: boolean;
   /**
-   * PostgreSQL: the claim commits without waiting for its write-ahead log to reach the disk
-   * (`synchronous_commit = off` for the claim's own transaction), which saves a first request one
-   * disk flush (one of two; one of three with a handler that writes).
-   *
-   * In transactional mode it is the default and risks nothing: the handler's transaction, which
-   * holds the stored response, commits durably after the claim, and PostgreSQL flushes its log in
-   * order, so any response a client received has a durable claim behind it. On other routes it is
-   * a trade you opt into: if the database server itself crashes (not the app) within about 0.6 s
-   * of a claim (three times `wal_writer_delay`) before anything later flushed the log, that claim
-   * can be lost while its handler runs, and a retry after the server's restart runs the handler
-   * again. Ignored by PGlite, MySQL/MariaDB, SQLite and Redis.
-   * @default the route's `transactional`
-   */
-  asynchronousClaim?: boolean;
-  /**
    * `true`: a request without `Idempotency-Key` is refused with 400.
    * `false`: it runs without idempotency.
    * @default true

@@ -65,12 +65,6 @@ export interface ClaimRequest {
   readonly now: number;
   /** Until when the claim locks the key, epoch ms. */
   readonly lockedUntil: number;
-  /**
-   * The claim may commit without waiting for the database to make it durable (PostgreSQL's
-   * `synchronous_commit = off`): set for transactional routes, whose later durable commit makes the
-   * claim durable with it, and where `asynchronousClaim` asks for it. A store may ignore it.
-   */
-  readonly asynchronousCommit?: boolean;
 }
 
 export type ClaimResult =

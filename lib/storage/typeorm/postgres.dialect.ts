@@ -66,8 +66,6 @@ export class PostgresDialect implements StoreDialect {
    * one statement at a time, one pass through the protocol and the WebAssembly engine.
    */
   private readonly claims: StatementBatcher<ClaimRequest, ClaimResult> | null = null;
-  /** Claims that commit without waiting for their flush (`asynchronousCommit`), batched apart. */
-  private readonly unflushedClaims: StatementBatcher<ClaimRequest, ClaimResult> | null = null;
   private readonly completions: StatementBatcher<Completion, boolean> | null = null;
 
   constructor(dataSource: DataSource, table: string, batch: boolean) {
@@ -79,13 +77,6 @@ export class PostgresDialect implements StoreDialect {
       runOne: (request) => this.claimAlone(request),
       runMany: (requests) => this.claimMany(requests),
     });
-    if (this.statements.defersFlush) {
-      this.unflushedClaims = new StatementBatcher({
-        keyOf: ({ id }) => recordName(id),
-        runOne: (request) => this.claimUnflushedAlone(request),
-        runMany: (requests) => this.claimMany(requests, true),
-      });
-    }
     this.completions = new StatementBatcher({
       keyOf: ({ lease }) => recordName(lease.id),
       runOne: ({ lease, response, expiresAt }) =>
@@ -95,25 +86,16 @@ export class PostgresDialect implements StoreDialect {
   }
 
   claim(request: ClaimRequest): Promise<ClaimResult> {
-    if (request.asynchronousCommit && this.statements.defersFlush) {
-      return this.unflushedClaims
-        ? this.unflushedClaims.run(request)
-        : this.claimUnflushedAlone(request);
-    }
     return this.claims ? this.claims.run(request) : this.claimAlone(request);
   }
 
   /**
-   * Several claims in one statement (`unflushed`: committed without waiting for the flush). A
-   * request the statement could not decide (its row turned live after the statement's snapshot)
-   * is left `undefined`, and claimed again alone.
+   * Several claims in one statement. A request the statement could not decide (its row turned live
+   * after the statement's snapshot) is left `undefined`, and claimed again alone.
    */
-  private async claimMany(
-    requests: readonly ClaimRequest[],
-    unflushed = false,
-  ): Promise<(ClaimResult | undefined)[]> {
+  private async claimMany(requests: readonly ClaimRequest[]): Promise<(ClaimResult | undefined)[]> {
     const column = <T>(pick: (request: ClaimRequest) => T) => requests.map(pick);
-    const values = [
+    const { rows } = await this.statements.runPlanned<BatchClaimRow>(this.sql.claimMany, [
       column((request) => request.id.scope),
       column((request) => request.id.endpoint),
       column((request) => request.id.key),
@@ -121,10 +103,7 @@ export class PostgresDialect implements StoreDialect {
       column((request) => request.token),
       column((request) => request.lockedUntil),
       column((request) => request.now),
-    ];
-    const { rows } = unflushed
-      ? await this.statements.runUnflushed<BatchClaimRow>(this.sql.claimMany, values)
-      : await this.statements.runPlanned<BatchClaimRow>(this.sql.claimMany, values);
+    ]);
     const results: (ClaimResult | undefined)[] = new Array(requests.length).fill(undefined);
     for (const row of rows) {
       const index = Number(row.ord) - 1;
@@ -168,15 +147,6 @@ export class PostgresDialect implements StoreDialect {
       return row.claimed
         ? { claimed: true, lease: { id, token }, takeover: !row.inserted }
         : { claimed: false, record: toSnapshot(row) };
-    }
-    throw new Error('nestjs-idempotency: the claim kept racing with concurrent writers');
-  }
-
-  /** One claim that commits without waiting for its flush: the batched statement, for one. */
-  private async claimUnflushedAlone(request: ClaimRequest): Promise<ClaimResult> {
-    for (let attempt = 1; attempt <= CLAIM_ATTEMPTS; attempt++) {
-      const [result] = await this.claimMany([request], true);
-      if (result) return result;
     }
     throw new Error('nestjs-idempotency: the claim kept racing with concurrent writers');
   }

@@ -57,17 +57,10 @@ export class PreparedStatements {
   /** After a check that could not reach the database, when to try again. */
   private nextCheckAt = 0;
 
-  /**
-   * Whether `runUnflushed` can defer a commit's flush: on a PostgreSQL server through `pg`. Not on
-   * PGlite, whose one session every query runner shares.
-   */
-  readonly defersFlush: boolean;
-
   constructor(private readonly dataSource: DataSource) {
     const options = dataSource.options as { type: string; driver?: unknown };
     this.mode =
       options.type !== 'postgres' ? 'plain' : options.driver === undefined ? 'protocol' : 'sql';
-    this.defersFlush = this.mode === 'protocol';
   }
 
   /**
@@ -131,27 +124,6 @@ export class PreparedStatements {
     const runner = this.dataSource.createQueryRunner();
     try {
       return await ordinary<Row>(runner, text, values);
-    } finally {
-      await runner.release();
-    }
-  }
-
-  /**
-   * Runs `text` in a transaction of its own that commits with `synchronous_commit = off`: the
-   * commit returns once its log record is written, before it is flushed to disk (the WAL writer
-   * flushes it within three `wal_writer_delay`s, and so does any later durable commit). One round
-   * trip: `SET LOCAL` and the statement as one simple query, which PostgreSQL runs as one implicit
-   * transaction, so it also holds behind a pooler in transaction mode. A simple query takes no bind
-   * parameters: the values are written into the text as literals. Only where `defersFlush`.
-   */
-  async runUnflushed<Row>(text: string, values: unknown[]): Promise<StatementResult<Row>> {
-    const runner = this.dataSource.createQueryRunner();
-    try {
-      const client = (await runner.connect()) as PgClient;
-      const sql = `SET LOCAL synchronous_commit = off; ${withLiterals(text, values)}`;
-      this.dataSource.logger.logQuery(sql, [], runner);
-      const results = (await client.query(sql, [])) as PgResult | PgResult[];
-      return asResult<Row>(Array.isArray(results) ? results[results.length - 1] : results);
     } finally {
       await runner.release();
     }
@@ -257,27 +229,6 @@ function sqlLiteral(value: unknown): string {
   if (text.includes('\0'))
     throw new TypeError('A value for the idempotency store contains a NUL character.');
   return `E'${text.replaceAll('\\', '\\\\').replaceAll("'", "''")}'`;
-}
-
-/**
- * `text` with each `$n` replaced by the literal of `values[n - 1]` (an array as an array literal,
- * which the statement casts). For the store's own statements, whose text has no other `$`.
- */
-function withLiterals(text: string, values: unknown[]): string {
-  return text.replace(/\$(\d+)/g, (_, n: string) => {
-    const value = values[Number(n) - 1];
-    return sqlLiteral(Array.isArray(value) ? arrayLiteral(value) : value);
-  });
-}
-
-/** PostgreSQL's text form of a one-dimensional array: each element quoted, `\` and `"` escaped. */
-function arrayLiteral(values: readonly unknown[]): string {
-  const elements = values.map((value) =>
-    value === null || value === undefined
-      ? 'NULL'
-      : `"${String(value).replaceAll('\\', '\\\\').replaceAll('"', '\\"')}"`,
-  );
-  return `{${elements.join(',')}}`;
 }
 
 async function ordinary<Row>(
