@@ -9,6 +9,7 @@ import {
   type BenchResults,
   type Database,
   type DatabaseResults,
+  type RouteFigures,
   type RunMeasurements,
 } from './report-model.js';
 
@@ -137,7 +138,7 @@ function purgeSection(purge: PurgeResult, idle: GrowthResult['purge_idle'] | und
  * ran: the routes are CPU-bound (app, database and load generator share the cores), so this is
  * what the ratios to `plain` can at most be, whatever the latency.
  */
-function limitsSection(results: BenchResults, cores: number): string[] {
+export function limitsSection(results: BenchResults, cores: number): string[] {
   const lines = [
     '## What limits the routes',
     '',
@@ -162,6 +163,7 @@ function limitsSection(results: BenchResults, cores: number): string[] {
       );
     }
   }
+  lines.push(...freeLibraryBounds(results));
   const explain = results.postgres?.growth?.explain?.claim_existing;
   const wal = explain ? /WAL: records=(\d+)/.exec(explain) : null;
   if (wal) {
@@ -385,5 +387,45 @@ export function storeBatchingSection(result: StoreBatchingResult | null): string
     '',
     `Batched: ×${(result.batched.rps / result.single.rps).toFixed(2)} the throughput.`,
     '',
+  ];
+}
+
+/**
+ * The ratio each PostgreSQL target would reach if the library's own code cost nothing: the app
+ * costs what it costs without the library, and the database does the work it did for the route.
+ * On cores that the database shares with the app and the load generator, throughput at equal
+ * utilisation goes as 1 / (CPU per request), so the bound is base ÷ (base + the database's extra).
+ */
+function freeLibraryBounds(results: BenchResults): string[] {
+  const routes = results.postgres?.routes;
+  if (!routes) return [];
+  const rows: string[] = [];
+  for (const [name, baseName, target] of [
+    ['first', 'plain', 0.6],
+    ['write_first', 'write', 0.8],
+    ['write_tx', 'write', 0.85],
+  ] as const) {
+    const route = routes[name];
+    const base = routes[baseName];
+    if (!route || !base) continue;
+    const total = (cpu: RouteFigures['cpu_ms_per_req']) =>
+      cpu.app_ms + cpu.postgres_ms + cpu.redis_ms + cpu.runner_ms;
+    const database = Math.max(
+      0,
+      route.cpu_ms_per_req.postgres_ms - base.cpu_ms_per_req.postgres_ms,
+    );
+    const bound = total(base.cpu_ms_per_req) / (total(base.cpu_ms_per_req) + database);
+    rows.push(
+      `| ${ROUTE_LABEL[name]} | ${target} | ${database.toFixed(3)} | ${bound.toFixed(2)} | ${route.ratio_to_plain ?? '–'} |`,
+    );
+  }
+  if (rows.length === 0) return [];
+  return [
+    '',
+    "If the library's own code cost nothing (the app as fast as without it), the database's work for the route would still share these cores: the best ratio a library could reach here is the base route's CPU per request over that plus the database's extra CPU per request.",
+    '',
+    '| route | target | database CPU above its base, ms/req | best ratio with a free library | measured |',
+    '| --- | ---: | ---: | ---: | ---: |',
+    ...rows,
   ];
 }
