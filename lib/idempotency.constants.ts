@@ -36,6 +36,15 @@ export const UNSTORED_RESPONSE_HEADERS: ReadonlySet<string> = new Set([
   'idempotent-replayed',
 ]);
 
+/**
+ * The `Retry-After` (seconds) of a 409 for a key whose first request is still running: a hint to
+ * try again soon, since most handlers finish within a second. Not the claim's remaining lock,
+ * which a live handler keeps renewing (40–60 s with the default `lockTimeout`): a client that
+ * honoured that would wait a minute for an answer that was ready in milliseconds. A retry that
+ * comes too early gets another 409, answered by one read.
+ */
+export const IN_PROGRESS_RETRY_AFTER_SECONDS = 1;
+
 export const DEFAULTS = {
   ttl: '24h',
   lockTimeout: '1m',

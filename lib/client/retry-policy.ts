@@ -19,9 +19,8 @@ export interface IdempotentRetryOptions {
   readonly baseDelayMs?: number;
   /**
    * The longest wait between two attempts, `Retry-After` included: a longer `Retry-After` is cut
-   * to this. Default 10 000 ms. (A 409 of this library carries the time until the running
-   * attempt's lease would expire, up to `lockTimeout`, while the attempt itself usually ends much
-   * sooner; an early retry only gets another 409.)
+   * to this. Default 10 000 ms. (Other servers may ask for minutes; this library's 409 asks for
+   * one second.)
    */
   readonly maxDelayMs?: number;
   /**

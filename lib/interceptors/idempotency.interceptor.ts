@@ -9,7 +9,10 @@ import {
 import { Reflector } from '@nestjs/core';
 import { lastValueFrom, Observable } from 'rxjs';
 import { INTERCEPTORS_METADATA } from '@nestjs/common/constants.js';
-import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
+import {
+  IDEMPOTENT_ROUTE_OPTIONS,
+  IN_PROGRESS_RETRY_AFTER_SECONDS,
+} from '../idempotency.constants.js';
 import {
   RESOLVED_OPTIONS,
   resolveRouteOptions,
@@ -186,7 +189,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
       case 'in-progress':
         throw new IdempotencyRejectionError(
           rejection('request-in-progress', {
-            retryAfterSeconds: Math.max(1, Math.ceil(decision.retryAfterMs / 1000)),
+            retryAfterSeconds: IN_PROGRESS_RETRY_AFTER_SECONDS,
           }),
         );
       case 'unreadable':
