@@ -1,0 +1,101 @@
+/**
+ * `npm run bench:quick -- [routes] [rounds] [seconds]`: a few routes of our PostgreSQL (or PGlite)
+ * app in alternating rounds, for trying a change in a minute instead of the whole bench's nine.
+ * Prints each route's median req/s, p50, ratio to its base (`plain`, or `write` for the realistic
+ * handler) and CPU per request of the app and of PostgreSQL.
+ *
+ *   npm run bench:quick -- plain,first,write,write_first 3 4
+ *   BENCH_QUICK_CONNECTIONS=1 npm run bench:quick      # one request at a time: latency, no batches
+ *   BENCH_QUICK_DATABASE=pglite npm run bench:quick
+ *
+ * Routes: plain, first, write, write_first, write_tx. Not a substitute for `npm run bench`: no
+ * peer, no replay keys, no report files.
+ */
+import { fileURLToPath } from 'node:url';
+import { BENCH_CONFIG, ROUTES } from './bench-config.js';
+import { startChild } from './child-process.js';
+import { cpuPerRequest, cpuSnapshot } from './cpu-usage.js';
+import { detectServices, dropSchema, resetSchema } from './environment.js';
+import { runLoad, type KeyPlan } from './load.js';
+import { median } from './stats.js';
+
+const PATHS = {
+  plain: ROUTES.plain,
+  first: ROUTES.idempotent,
+  write: ROUTES.write,
+  write_first: ROUTES.writeIdempotent,
+  write_tx: ROUTES.writeTransactional,
+} as const;
+type Route = keyof typeof PATHS;
+
+const [routeList = 'plain,first', roundsArg = '3', secondsArg = '4'] = process.argv.slice(2);
+const routes = routeList.split(',') as Route[];
+for (const route of routes) {
+  if (!(route in PATHS)) throw new TypeError(`unknown route ${route}; use ${Object.keys(PATHS)}`);
+}
+const rounds = Number(roundsArg);
+const seconds = Number(secondsArg);
+const connections = Number(process.env.BENCH_QUICK_CONNECTIONS ?? BENCH_CONFIG.connections);
+const database = process.env.BENCH_QUICK_DATABASE ?? 'postgres';
+
+const services = await detectServices();
+if (database === 'postgres') {
+  if (!services.postgres) throw new Error(`no PostgreSQL at ${BENCH_CONFIG.databaseUrl}`);
+  await resetSchema(BENCH_CONFIG.schema);
+}
+const app = await startChild({
+  name: `app (${database})`,
+  script: fileURLToPath(new URL('./app-process.js', import.meta.url)),
+  args: [database],
+  env: {
+    BENCH_DATABASE_URL: BENCH_CONFIG.databaseUrl,
+    BENCH_SCHEMA: BENCH_CONFIG.schema,
+    BENCH_REDIS_URL: BENCH_CONFIG.redisUrl,
+  },
+});
+const keysOf = (route: Route, tag: string): KeyPlan =>
+  route === 'plain' || route === 'write'
+    ? { kind: 'none' }
+    : { kind: 'fresh', prefix: `quick-${route}-${tag}-${Date.now()}` };
+const load = (route: Route, tag: string, durationS: number) =>
+  runLoad({ port: app.port, path: PATHS[route], keys: keysOf(route, tag), connections, durationS });
+
+const samples = new Map<Route, { rps: number; p50: number; app: number; postgres: number }[]>();
+try {
+  for (const route of routes) await load(route, 'warm-up', 1);
+  for (let round = 0; round < rounds; round++) {
+    for (const route of routes) {
+      const before = cpuSnapshot(app.pid);
+      const result = await load(route, String(round), seconds);
+      if (result.non2xx + result.errors > 0)
+        throw new Error(`${route}: ${result.non2xx} non-2xx, ${result.errors} errors`);
+      const cpu = cpuPerRequest(before, cpuSnapshot(app.pid), result.requests);
+      const list = samples.get(route) ?? [];
+      list.push({
+        rps: result.rps,
+        p50: result.p50_ms,
+        app: cpu.app_ms,
+        postgres: cpu.postgres_ms,
+      });
+      samples.set(route, list);
+    }
+  }
+} finally {
+  await app.stop();
+  if (database === 'postgres') await dropSchema(BENCH_CONFIG.schema);
+}
+
+const medianOf = (
+  route: Route,
+  pick: (s: { rps: number; p50: number; app: number; postgres: number }) => number,
+) => median((samples.get(route) ?? []).map(pick));
+console.log(`${database}, ${connections} connection(s), ${rounds} rounds of ${seconds} s; medians`);
+for (const route of routes) {
+  const base: Route = route.startsWith('write') ? 'write' : 'plain';
+  const rps = medianOf(route, (s) => s.rps);
+  const baseRps = samples.has(base) ? medianOf(base, (s) => s.rps) : NaN;
+  console.log(
+    `${route.padEnd(12)} ${String(Math.round(rps)).padStart(6)} req/s  p50 ${medianOf(route, (s) => s.p50)} ms  × ${base} ${(rps / baseRps).toFixed(2)}  CPU ms/req app ${medianOf(route, (s) => s.app).toFixed(3)}, postgres ${medianOf(route, (s) => s.postgres).toFixed(3)}`,
+  );
+}
+process.exit(0);
