@@ -1,8 +1,7 @@
 import { randomInt, randomUUID } from 'node:crypto';
-import { DataSource } from 'typeorm';
-import { createEffectsTables } from './support/effects.js';
+import type { DataSource } from 'typeorm';
 import { HttpClient, isReplay, type Exchange } from './support/http-client.js';
-import { startAppProcess, type AppProcess } from './support/processes.js';
+import type { AppProcess } from './support/processes.js';
 import {
   describeOnPostgres,
   latencySummary,
@@ -11,7 +10,7 @@ import {
   SOAK,
   tally,
 } from './support/reliability.js';
-import { tearDownRun } from './support/storm.js';
+import { startRun, tearDownRun } from './support/storm.js';
 
 /**
  * Eight app processes on one PostgreSQL, a steady stream of new keys (each sent twice, to two
@@ -36,20 +35,17 @@ describeOnPostgres(`an ${PROCESSES}-process soak`, (url) => {
   let db: DataSource;
 
   beforeAll(async () => {
-    db = await new DataSource({ type: 'postgres', url }).initialize();
-    await createEffectsTables(db, tag);
-    processes = await Promise.all(
-      Array.from({ length: PROCESSES }, () =>
-        startAppProcess('test/fixtures/storm-server.js', {
-          DATABASE_URL: url,
-          EFFECTS_TABLE: tag,
-          TTL: `${TTL_MS}ms`,
-          PURGE_INTERVAL: `${PURGE_INTERVAL_MS}ms`,
-          STORE_TIMEOUT: '30s',
-          POOL_MAX: '6',
-        }),
-      ),
-    );
+    ({ db, processes } = await startRun({
+      url,
+      tag,
+      count: PROCESSES,
+      env: {
+        TTL: `${TTL_MS}ms`,
+        PURGE_INTERVAL: `${PURGE_INTERVAL_MS}ms`,
+        STORE_TIMEOUT: '30s',
+        POOL_MAX: '6',
+      },
+    }));
     clients = processes.map((p) => new HttpClient(p.baseUrl, IN_FLIGHT));
   }, 120_000);
 

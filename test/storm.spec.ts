@@ -1,8 +1,7 @@
 import { randomInt, randomUUID } from 'node:crypto';
-import { DataSource } from 'typeorm';
-import { createEffectsTables } from './support/effects.js';
+import type { DataSource } from 'typeorm';
 import { HttpClient, isReplay, jsonOf } from './support/http-client.js';
-import { startAppProcess, type AppProcess } from './support/processes.js';
+import type { AppProcess } from './support/processes.js';
 import {
   describeOnPostgres,
   inParallel,
@@ -12,7 +11,14 @@ import {
   soakFactor,
   tally,
 } from './support/reliability.js';
-import { fireStorm, planStorm, stormBody, tearDownRun, type StormRoute } from './support/storm.js';
+import {
+  fireStorm,
+  planStorm,
+  startRun,
+  stormBody,
+  tearDownRun,
+  type StormRoute,
+} from './support/storm.js';
 
 const PROCESSES = 4;
 const IN_FLIGHT_PER_PROCESS = 250;
@@ -31,22 +37,18 @@ describeOnPostgres('duplicate storms across app processes', (url) => {
   let db: DataSource;
 
   beforeAll(async () => {
-    db = new DataSource({ type: 'postgres', url });
-    await db.initialize();
-    await createEffectsTables(db, tag);
-    processes = await Promise.all(
-      Array.from({ length: PROCESSES }, () =>
-        startAppProcess('test/fixtures/storm-server.js', {
-          DATABASE_URL: url,
-          EFFECTS_TABLE: tag,
-          // Four apps, PostgreSQL and the client share two cores here: a request can queue for
-          // seconds (p99 ≈ 5 s). The storm proves exactly-once; answering 503 when the store is slow
-          // is db-outage.spec's subject, so the bound is raised past the storm's queueing.
-          STORE_TIMEOUT: '30s',
-          POOL_MAX: '10',
-        }),
-      ),
-    );
+    ({ db, processes } = await startRun({
+      url,
+      tag,
+      count: PROCESSES,
+      env: {
+        // Four apps, PostgreSQL and the client share two cores here: a request can queue for
+        // seconds (p99 ≈ 5 s). The storm proves exactly-once; answering 503 when the store is slow
+        // is db-outage.spec's subject, so the bound is raised past the storm's queueing.
+        STORE_TIMEOUT: '30s',
+        POOL_MAX: '10',
+      },
+    }));
     clients = processes.map((p) => new HttpClient(p.baseUrl, IN_FLIGHT_PER_PROCESS));
     // Warm-up: every process opens its pool's connections and compiles its hot paths; then the
     // warm-up's rows are removed, so the storm's figures count the storm only.

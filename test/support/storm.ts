@@ -1,8 +1,8 @@
 import { randomInt, randomUUID } from 'node:crypto';
-import type { DataSource } from 'typeorm';
-import { dropEffectsTables } from './effects.js';
+import { DataSource } from 'typeorm';
+import { createEffectsTables, dropEffectsTables } from './effects.js';
 import { HttpClient, type Exchange } from './http-client.js';
-import type { AppProcess } from './processes.js';
+import { startAppProcess, type AppProcess } from './processes.js';
 import { inParallel } from './reliability.js';
 
 /** The storm server's idempotent routes: 'effects' answers duplicates 409, 'effects-wait' waits. */
@@ -124,6 +124,31 @@ export async function metricsOf(clients: readonly HttpClient[]): Promise<Record<
     }
   }
   return total;
+}
+
+/**
+ * The start of a multi-process run against one tenant (`tag`) on PostgreSQL at `url`: the run's
+ * connection, its effects tables, and `count` storm-server processes recording into them, each
+ * with `env` (the server's settings) on top of the database and the table.
+ */
+export async function startRun(run: {
+  url: string;
+  tag: string;
+  count: number;
+  env: Record<string, string>;
+}): Promise<{ db: DataSource; processes: AppProcess[] }> {
+  const db = await new DataSource({ type: 'postgres', url: run.url }).initialize();
+  await createEffectsTables(db, run.tag);
+  const processes = await Promise.all(
+    Array.from({ length: run.count }, () =>
+      startAppProcess('test/fixtures/storm-server.js', {
+        DATABASE_URL: run.url,
+        EFFECTS_TABLE: run.tag,
+        ...run.env,
+      }),
+    ),
+  );
+  return { db, processes };
 }
 
 /**
