@@ -133,12 +133,18 @@ function purgeSection(purge: PurgeResult, idle: GrowthResult['purge_idle'] | und
   ].join('\n');
 }
 
+/** CPU per request of everything a route needs: the app, PostgreSQL, Redis and the load generator. */
+function cpuTotal(route: RouteFigures): number {
+  const cpu = route.cpu_ms_per_req;
+  return cpu.app_ms + cpu.postgres_ms + cpu.redis_ms + cpu.runner_ms;
+}
+
 /**
  * CPU per request turned into the throughput this machine could give the route if nothing else
  * ran: the routes are CPU-bound (app, database and load generator share the cores), so this is
  * what the ratios to `plain` can at most be, whatever the latency.
  */
-export function limitsSection(results: BenchResults, cores: number): string[] {
+function limitsSection(results: BenchResults, cores: number): string[] {
   const lines = [
     '## What limits the routes',
     '',
@@ -156,8 +162,7 @@ export function limitsSection(results: BenchResults, cores: number): string[] {
     for (const name of names) {
       const route = routes[name];
       if (!route) continue;
-      const cpu = route.cpu_ms_per_req;
-      const total = cpu.app_ms + cpu.postgres_ms + cpu.redis_ms + cpu.runner_ms;
+      const total = cpuTotal(route);
       lines.push(
         `| ${database} | ${name} | ${total.toFixed(2)} | ${total > 0 ? Math.round((cores * 1000) / total) : '–'} | ${route.rps} |`,
       );
@@ -408,13 +413,11 @@ function freeLibraryBounds(results: BenchResults): string[] {
     const route = routes[name];
     const base = routes[baseName];
     if (!route || !base) continue;
-    const total = (cpu: RouteFigures['cpu_ms_per_req']) =>
-      cpu.app_ms + cpu.postgres_ms + cpu.redis_ms + cpu.runner_ms;
     const database = Math.max(
       0,
       route.cpu_ms_per_req.postgres_ms - base.cpu_ms_per_req.postgres_ms,
     );
-    const bound = total(base.cpu_ms_per_req) / (total(base.cpu_ms_per_req) + database);
+    const bound = cpuTotal(base) / (cpuTotal(base) + database);
     rows.push(
       `| ${ROUTE_LABEL[name]} | ${target} | ${database.toFixed(3)} | ${bound.toFixed(2)} | ${route.ratio_to_plain ?? '–'} |`,
     );

@@ -13,7 +13,7 @@ export const ROUTE_NAMES: readonly RouteName[] = ['plain', 'first', 'replay'];
 /** Our apps also load the realistic handler: one INSERT, without, with and transactional. */
 const OUR_ROUTE_NAMES: readonly RouteName[] = [...ROUTE_NAMES, 'write', 'write_first', 'write_tx'];
 
-const ROUTE_PATHS: Record<RouteName, string> = {
+export const ROUTE_PATHS: Record<RouteName, string> = {
   plain: ROUTES.plain,
   first: ROUTES.idempotent,
   replay: ROUTES.idempotent,

@@ -3,6 +3,13 @@ import { createHash, randomUUID } from 'node:crypto';
 import type { DataSource } from 'typeorm';
 import type { RecordId, RecordWatch } from '../idempotency-store.interface.js';
 import { RecordWatches } from '../record-watches.js';
+import {
+  notificationArrives,
+  pgClientClass,
+  pgPoolOptions,
+  type ClientConstructor,
+  type ListeningClient,
+} from './pg-connections.js';
 
 /**
  * The NOTIFY channel of every records table: the payload (`changeTag`) says which record of which
@@ -29,8 +36,6 @@ const RECONNECT_MAX_DELAY_MS = 5_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 /** TCP keep-alive on the idle listening socket, so a silently dropped connection is noticed. */
 const KEEP_ALIVE_DELAY_MS = 10_000;
-/** How long the probe NOTIFY may take to come back on a new LISTEN connection. */
-const PROBE_TIMEOUT_MS = 5_000;
 /** After a probe that never came back, the next attempt (a transaction pooler stays one). */
 const PROBE_RETRY_MS = 60_000;
 /** Probe payloads start with this; a record's payload is 32 hex characters, so never does. */
@@ -44,25 +49,6 @@ export interface ChangeListenerOptions {
    * where a LISTEN does not hold. Default: the DataSource pool's own options.
    */
   readonly url?: string;
-}
-
-/** What this class needs of a `pg` Client (pg and pg-native both have it). */
-interface ListeningClient {
-  connect(): Promise<unknown>;
-  query(sql: string): Promise<unknown>;
-  end(): Promise<unknown>;
-  on(
-    event: 'notification',
-    listener: (message: { channel: string; payload?: string }) => void,
-  ): unknown;
-  on(event: 'error' | 'end', listener: (error?: Error) => void): unknown;
-}
-type ClientConstructor = new (options: object) => ListeningClient;
-
-/** TypeORM's PostgresDriver internals used here: the loaded `pg` module and the master pool. */
-interface PgDriverInternals {
-  postgres?: { Client?: ClientConstructor };
-  master?: { options?: Record<string, unknown> & { password?: unknown } };
 }
 
 /**
@@ -108,10 +94,8 @@ export class PostgresChangeListener {
     dataSource: DataSource,
     options: ChangeListenerOptions = {},
   ): PostgresChangeListener | null {
-    const Client = (dataSource.driver as unknown as PgDriverInternals).postgres?.Client;
-    return typeof Client === 'function'
-      ? new PostgresChangeListener(dataSource, Client, options)
-      : null;
+    const Client = pgClientClass(dataSource);
+    return Client ? new PostgresChangeListener(dataSource, Client, options) : null;
   }
 
   watch(tag: string): RecordWatch {
@@ -290,69 +274,5 @@ export class PostgresChangeListener {
 
   private wakeAll() {
     this.watches.wakeAll();
-  }
-}
-
-/**
- * The options the DataSource's pool gives its own connections, for a `pg` Client of ours: pg-pool
- * keeps the password as a non-enumerable property, which a spread would drop. `undefined` when the
- * driver has no pool of `pg` connections (PGlite).
- */
-function pgPoolOptions(dataSource: DataSource): Record<string, unknown> | undefined {
-  const options = (dataSource.driver as unknown as PgDriverInternals).master?.options;
-  return options && { ...options, password: options.password };
-}
-
-/**
- * Sends `payload` on `channel` with a NOTIFY through the DataSource's pool, and resolves whether it
- * came back to a listening session within PROBE_TIMEOUT_MS. `expect` arranges for `arrived` to be
- * called when that session receives `payload`, and returns how to stop expecting it.
- */
-async function notificationArrives(
-  dataSource: DataSource,
-  channel: string,
-  payload: string,
-  expect: (payload: string, arrived: () => void) => () => void,
-): Promise<boolean> {
-  let timer: NodeJS.Timeout | undefined;
-  let stop: (() => void) | undefined;
-  const arrived = new Promise<boolean>((resolve) => {
-    stop = expect(payload, () => resolve(true));
-    timer = setTimeout(() => resolve(false), PROBE_TIMEOUT_MS);
-  });
-  try {
-    await dataSource.query('SELECT pg_notify($1, $2)', [channel, payload]);
-    return await arrived;
-  } finally {
-    clearTimeout(timer);
-    stop?.();
-  }
-}
-
-/**
- * Whether a session opened with this DataSource's connection settings persists between
- * statements: false behind a pooler in transaction mode (PgBouncer), where each transaction may
- * get another server connection. Told by a LISTEN on a connection of its own and a NOTIFY sent
- * through the pool: the notification reaches the listening session only if it still exists.
- * Rejects when the database cannot be reached (nothing is known then).
- */
-export async function sessionsPersist(dataSource: DataSource): Promise<boolean> {
-  const Client = (dataSource.driver as unknown as PgDriverInternals).postgres?.Client;
-  const options = pgPoolOptions(dataSource);
-  if (typeof Client !== 'function' || !options) return true;
-  const channel = `nestjs_idempotency_probe_${randomUUID().replaceAll('-', '')}`;
-  const client = new Client(options);
-  client.on('error', () => undefined);
-  try {
-    await client.connect();
-    await client.query(`LISTEN ${channel}`);
-    return await notificationArrives(dataSource, channel, randomUUID(), (payload, arrived) => {
-      client.on('notification', (message) => {
-        if (message.channel === channel && message.payload === payload) arrived();
-      });
-      return () => undefined;
-    });
-  } finally {
-    await client.end().catch(() => undefined);
   }
 }

@@ -1,7 +1,7 @@
 import { Logger } from '@nestjs/common';
 import { createHash } from 'node:crypto';
 import type { DataSource, QueryRunner } from 'typeorm';
-import { sessionsPersist } from './postgres-change-listener.js';
+import { sessionsPersist } from './pg-connections.js';
 
 /** What a statement returned: its rows, and how many rows it changed. */
 export interface StatementResult<Row> {
