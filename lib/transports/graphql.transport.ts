@@ -88,8 +88,9 @@ export class IdempotencyGraphQLError extends Error {
  * operation is a record of its own — its endpoint holds the field and its response key (the
  * alias) — so two mutations in one document never share a record. The key is the field's
  * `idempotencyKey` argument, else the request's Idempotency-Key header; the fingerprint is the
- * field's arguments. A replay returns the stored field value while the operation's other fields run
- * as usual; rejections are errors with `extensions.code` (`IDEMPOTENCY_KEY_REUSED`, …).
+ * field's arguments. A replay returns the stored field value, its leaves in their schema types
+ * (`graphql-values.ts`: Dates, custom scalars, enums), while the operation's other fields run as
+ * usual; rejections are errors with `extensions.code` (`IDEMPOTENCY_KEY_REUSED`, …).
  */
 @Injectable()
 export class GraphQLTransport implements IdempotencyTransport {
