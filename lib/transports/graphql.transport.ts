@@ -1,4 +1,10 @@
-import { HttpException, Inject, Injectable, type ExecutionContext } from '@nestjs/common';
+import {
+  HttpException,
+  HttpStatus,
+  Inject,
+  Injectable,
+  type ExecutionContext,
+} from '@nestjs/common';
 import { of, type Observable } from 'rxjs';
 import { graphqlCodeOf, type IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import {
@@ -10,6 +16,13 @@ import type { Outcome } from '../idempotency.service.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';
+import {
+  fingerprintedArguments,
+  replayedFieldValue,
+  storedFieldValue,
+  type GraphQLSchemaLike,
+  type GraphQLTypeLike,
+} from './graphql-values.js';
 import { boundedColumnValue, keyFieldLines } from './http-exchange.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
 import { resultStorer } from './stored-result.js';
@@ -20,10 +33,19 @@ export const GRAPHQL_KEY_ARGUMENT = 'idempotencyKey';
 /** The parts of graphql-js' GraphQLResolveInfo read here (graphql stays an optional peer). */
 interface ResolveInfo {
   readonly fieldName: string;
-  readonly parentType: { readonly name: string };
+  readonly parentType: {
+    readonly name: string;
+    getFields?(): Record<string, { readonly args?: readonly ArgumentDefinition[] } | undefined>;
+  };
+  readonly returnType?: GraphQLTypeLike;
   readonly operation: { readonly operation: string };
   readonly path: { readonly key: string | number; readonly prev: ResolveInfo['path'] | undefined };
-  readonly schema: { getMutationType(): { readonly name: string } | null | undefined };
+  readonly schema: GraphQLSchemaLike;
+}
+
+interface ArgumentDefinition {
+  readonly name: string;
+  readonly type: GraphQLTypeLike;
 }
 
 type ResolverArgs = [
@@ -66,8 +88,9 @@ export class IdempotencyGraphQLError extends Error {
  * operation is a record of its own — its endpoint holds the field and its response key (the
  * alias) — so two mutations in one document never share a record. The key is the field's
  * `idempotencyKey` argument, else the request's Idempotency-Key header; the fingerprint is the
- * field's arguments. A replay returns the stored field value while the operation's other fields run
- * as usual; rejections are errors with `extensions.code` (`IDEMPOTENCY_KEY_REUSED`, …).
+ * field's arguments. A replay returns the stored field value, its leaves in their schema types
+ * (`graphql-values.ts`: Dates, custom scalars, enums), while the operation's other fields run as
+ * usual; rejections are errors with `extensions.code` (`IDEMPOTENCY_KEY_REUSED`, …).
  */
 @Injectable()
 export class GraphQLTransport implements IdempotencyTransport {
@@ -105,12 +128,19 @@ export class GraphQLTransport implements IdempotencyTransport {
     return {
       endpoint: boundedColumnValue(`GRAPHQL ${field} as ${responsePath(info!.path)}`),
       scopeSource: httpRequestOf(graphqlContext),
-      fingerprint: { method: 'GRAPHQL', url: field, body: args ?? {} },
+      fingerprint: {
+        method: 'GRAPHQL',
+        url: field,
+        body: fingerprintedArguments(
+          args ?? {},
+          info!.parentType.getFields?.()[info!.fieldName]?.args,
+        ),
+      },
     };
   }
 
   capture(
-    _context: ExecutionContext,
+    context: ExecutionContext,
     outcome: Outcome,
     options: ResolvedRouteOptions,
     id: RecordId,
@@ -120,7 +150,17 @@ export class GraphQLTransport implements IdempotencyTransport {
       options.shouldStore,
       this.moduleOptions.maxResponseBytes,
     );
-    if (outcome.ok) return store(200, outcome.value, false);
+    if (outcome.ok) {
+      const [, , graphqlContext, info] = argsOf(context);
+      const value = storedFieldValue(
+        outcome.value,
+        info?.returnType,
+        info?.schema,
+        graphqlContext,
+        info,
+      );
+      return store(200, value, false);
+    }
     const { error } = outcome;
     if (error instanceof HttpException) return store(error.getStatus(), error.getResponse(), true);
     const extensions = (error as { extensions?: unknown } | null)?.extensions;
@@ -128,7 +168,7 @@ export class GraphQLTransport implements IdempotencyTransport {
     // A GraphQL error with a code of its own (BAD_USER_INPUT, a business code) is an answer the
     // resolver chose; without one it is a crash, like any other error, and the key is released.
     if (error instanceof Error && typeof code === 'string' && code !== 'INTERNAL_SERVER_ERROR') {
-      const status = Number((extensions as { http?: { status?: unknown } }).http?.status ?? 400);
+      const status = graphqlErrorStatus(code, extensions as { http?: { status?: unknown } });
       const stored: StoredGraphQLError = {
         graphqlError: { message: error.message, extensions: extensions as Record<string, unknown> },
       };
@@ -137,9 +177,9 @@ export class GraphQLTransport implements IdempotencyTransport {
     return null;
   }
 
-  replay(_context: ExecutionContext, stored: StoredResponse): Observable<unknown> {
+  replay(context: ExecutionContext, stored: StoredResponse): Observable<unknown> {
     const body = decodeBody(stored);
-    if (!stored.isError) return of(body);
+    if (!stored.isError) return of(replayedFieldValue(body, argsOf(context)[3]?.schema));
     const graphqlError = (body as Partial<StoredGraphQLError> | null)?.graphqlError;
     if (graphqlError)
       throw new IdempotencyGraphQLError(graphqlError.message, graphqlError.extensions);
@@ -156,6 +196,41 @@ export class GraphQLTransport implements IdempotencyTransport {
         : { retryAfterSeconds: rejection.retryAfterSeconds }),
     });
   }
+}
+
+/**
+ * What a GraphQL error with a code of its own counts as for `storeStatuses`, by default: the status
+ * of a deliberate business answer (`INSUFFICIENT_FUNDS`, `ALREADY_REFUNDED`, …), stored and
+ * replayed as HTTP's 402 or 409 are. 409 Conflict: the request conflicts with the state of things.
+ */
+const GRAPHQL_BUSINESS_ERROR_STATUS = 409;
+
+/** Codes that ask the client to correct its request, as Apollo and @nestjs/apollo name them. */
+const GRAPHQL_CLIENT_ERROR_STATUSES: ReadonlyMap<string, number> = new Map([
+  ['BAD_USER_INPUT', 400],
+  ['BAD_REQUEST', 400],
+  ['GRAPHQL_VALIDATION_FAILED', 400],
+  ['GRAPHQL_PARSE_FAILED', 400],
+  ['OPERATION_RESOLUTION_FAILURE', 400],
+  ['UNAUTHENTICATED', 401],
+  ['FORBIDDEN', 403],
+]);
+
+/**
+ * The status of a GraphQL error with a code: its `extensions.http.status` when it has one; else
+ * 400, 401 or 403 for a code that asks the client to correct the request (released by default,
+ * so the corrected retry runs with the same key); the status a code is named after (`NOT_FOUND`
+ * 404, `CONFLICT` 409, `TOO_MANY_REQUESTS` 429, as in Nest's HttpStatus); any other code is a
+ * business answer, `GRAPHQL_BUSINESS_ERROR_STATUS` (stored by default).
+ */
+function graphqlErrorStatus(code: string, extensions: { http?: { status?: unknown } }): number {
+  const http = Number(extensions.http?.status);
+  if (Number.isInteger(http) && http >= 100 && http <= 599) return http;
+  const named = (HttpStatus as unknown as Record<string, unknown>)[code];
+  return (
+    GRAPHQL_CLIENT_ERROR_STATUSES.get(code) ??
+    (typeof named === 'number' && named >= 400 ? named : GRAPHQL_BUSINESS_ERROR_STATUS)
+  );
 }
 
 function argsOf(context: ExecutionContext): ResolverArgs {
