@@ -193,13 +193,27 @@ describe('nestjs-idempotency-check against hand-written endpoints that follow th
   });
 
   it('passes an endpoint that takes only RFC 8941 Strings ("key") as keys, and refuses bare ones', async () => {
-    const strict = await startConformingServer({ quotedKeysOnly: true });
+    const strict = await startConformingServer({ keys: 'quoted' });
     try {
       const { code, report } = await checkJson(strict.url);
       expect(statuses(report)).toEqual(allPass);
       expect(code).toBe(0);
     } finally {
       await strict.close();
+    }
+  });
+
+  it('runs every check with bare keys on an endpoint that refuses the quoted form, and fails only the syntax check', async () => {
+    const bare = await startConformingServer({ keys: 'bare' });
+    try {
+      const { code, report } = await checkJson(bare.url);
+      expect(statuses(report)).toEqual({ ...allPass, 'key-syntax': 'fail' });
+      expect(report.checks.find((c) => c.id === 'key-syntax')!.detail).toBe(
+        '"key" got 400 (a bare key got 201), an unterminated "key got 400 (expected 2xx and 400)',
+      );
+      expect(code).toBe(1);
+    } finally {
+      await bare.close();
     }
   });
 

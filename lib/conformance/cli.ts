@@ -19,10 +19,11 @@ Options:
   -X, --method <method>    HTTP method (default POST)
   -d, --body <json>        a body the endpoint accepts (default {})
       --other-body <json>  another payload for the key-reuse check (default: the body plus one member)
-  -H, --header <h: v>      extra request header, repeatable (authentication, say)
+  -H, --header <h: v>      extra request header, repeatable (authentication, say); a Content-Type
+                           or Accept given here replaces the checker's own
       --concurrency <n>    duplicates sent at once (default 5)
       --key-optional       the endpoint documents the key as optional: skip the missing-key check
-      --timeout <ms>       per request (default 30000)
+      --timeout <ms>       per request (default 30000); a request without an answer fails its check
       --json               print the report as JSON
   -h, --help               this text
 `;
