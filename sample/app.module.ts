@@ -42,6 +42,9 @@ export class AppModule {
           driver: ApolloDriver,
           typeDefs: PAYMENTS_GRAPHQL_SCHEMA,
           context: ({ req }: { req: unknown }) => ({ req }),
+          // Apollo adds each error's stack trace unless NODE_ENV is production or test; under
+          // `npm start` a client would see the server's files and lines in every refusal.
+          includeStacktraceInErrorResponses: false,
         }),
         PaymentsModule,
         OrdersModule,

@@ -1,11 +1,13 @@
 import type { INestApplication } from '@nestjs/common';
 import { execFile } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import type { ConformanceReport } from '../lib/conformance/index.js';
+import { checkConformance, type ConformanceReport } from '../lib/conformance/index.js';
 import { createSampleApp } from '../sample/app.factory.js';
+import { startConformingServer, startForgetfulServer } from './fixtures/draft-servers.js';
 import { startNaiveServer } from './fixtures/naive-idempotency-server.js';
 
 /**
@@ -145,5 +147,137 @@ describe('nestjs-idempotency-check against a hand-written, non-conforming endpoi
     const unreachable = await check('http://127.0.0.1:1/x');
     expect(unreachable.code).toBe(1);
     expect(unreachable.stderr).toContain('could not be reached');
+  });
+
+  it('refuses a method or a header name that is not an HTTP token as a usage error, and takes --timeout 1', async () => {
+    const badMethod = await check('http://127.0.0.1:1/x', '-X', 'NOT A METHOD');
+    expect(badMethod.code).toBe(2);
+    expect(badMethod.stderr).toContain('not a valid HTTP method');
+    const badHeader = await check('http://127.0.0.1:1/x', '-H', 'X Api Key: secret');
+    expect(badHeader.code).toBe(2);
+    expect(badHeader.stderr).toContain('invalid header name');
+    const oneMs = await check('http://127.0.0.1:1/x', '--timeout', '1');
+    expect(oneMs.stderr).not.toContain('--timeout must be');
+    expect(oneMs.code).toBe(1);
+  });
+});
+
+describe('nestjs-idempotency-check against hand-written endpoints that follow the draft, or seem to', () => {
+  const allPass = {
+    'first-request': 'pass',
+    replay: 'pass',
+    'key-reuse': 'pass',
+    'missing-key': 'pass',
+    'key-syntax': 'pass',
+    concurrent: 'pass',
+    'problem-details': 'pass',
+  };
+
+  it('never passes the replay or the race on an endpoint that is not idempotent at all, however strict its input checks', async () => {
+    // It answers every execution alike and refuses the checker's extra member with 422: before,
+    // every check passed (exit 0) while each request, replays included, ran the operation.
+    const forgetful = await startForgetfulServer();
+    try {
+      const { code, report } = await checkJson(forgetful.url, '-d', '{"amount":1}');
+      expect(code).toBe(1);
+      expect(forgetful.executions()).toBeGreaterThan(5);
+      const result = (id: string) => report.checks.find((c) => c.id === id)!;
+      expect(result('replay').status).toBe('skip');
+      expect(result('replay').detail).toContain('a new key got the same response');
+      expect(result('concurrent').status).toBe('skip');
+      expect(result('key-reuse').status).toBe('fail');
+      expect(result('key-reuse').detail).toContain('--other-body');
+    } finally {
+      await forgetful.close();
+    }
+  });
+
+  it('passes an endpoint that takes only RFC 8941 Strings ("key") as keys, and refuses bare ones', async () => {
+    const strict = await startConformingServer({ keys: 'quoted' });
+    try {
+      const { code, report } = await checkJson(strict.url);
+      expect(statuses(report)).toEqual(allPass);
+      expect(code).toBe(0);
+    } finally {
+      await strict.close();
+    }
+  });
+
+  it('runs every check with bare keys on an endpoint that refuses the quoted form, and fails only the syntax check', async () => {
+    const bare = await startConformingServer({ keys: 'bare' });
+    try {
+      const { code, report } = await checkJson(bare.url);
+      expect(statuses(report)).toEqual({ ...allPass, 'key-syntax': 'fail' });
+      expect(report.checks.find((c) => c.id === 'key-syntax')!.detail).toBe(
+        '"key" got 400 (a bare key got 201), an unterminated "key got 400 (expected 2xx and 400)',
+      );
+      expect(code).toBe(1);
+    } finally {
+      await bare.close();
+    }
+  });
+
+  it('sends the -H headers in place of its own (a PATCH of merge-patch+json with a token), to a URL with a query', async () => {
+    const token = `Bearer ${randomUUID()}:1`;
+    const server = await startConformingServer({
+      contentType: 'application/merge-patch+json',
+      authorization: token,
+    });
+    try {
+      const url = `${server.url}?tenant=a&dry=0`;
+      const headers = ['-H', 'Content-Type: application/merge-patch+json'];
+      const { code, report } = await checkJson(
+        url,
+        '-X',
+        'patch',
+        ...headers,
+        '-H',
+        `Authorization: ${token}`,
+      );
+      expect(report).toMatchObject({ method: 'PATCH', url });
+      expect(statuses(report)).toEqual(allPass);
+      expect(code).toBe(0);
+
+      // Without the token: the first check says which option is missing.
+      const unauthorised = await check(url, '-X', 'PATCH', ...headers);
+      expect(unauthorised.code).toBe(1);
+      expect(unauthorised.stdout).toContain('got 401');
+      expect(unauthorised.stdout).toContain("-H 'Authorization: …'");
+    } finally {
+      await server.close();
+    }
+  });
+
+  it('reports a duplicate that is never answered as a timeout of the concurrency check, and still reports every check', async () => {
+    const hung = await startConformingServer({ hangOnDuplicate: true });
+    try {
+      const run = await check(hung.url, '--timeout', '1000', '--json');
+      expect(run.stderr).toBe('');
+      expect(run.code).toBe(1);
+      const report = JSON.parse(run.stdout) as ConformanceReport;
+      expect(statuses(report)).toEqual({ ...allPass, concurrent: 'fail' });
+      const concurrent = report.checks.find((c) => c.id === 'concurrent')!;
+      expect(concurrent.detail).toContain('4 × no answer (timed out after 1000 ms)');
+      expect(hung.executions()).toBe(4);
+    } finally {
+      await hung.close();
+    }
+  });
+
+  it('refuses a concurrency below 2 or a timeout that is not a positive number before sending anything', async () => {
+    const server = await startConformingServer();
+    try {
+      for (const concurrency of [0, 1, 2.5, Number.NaN]) {
+        await expect(checkConformance({ url: server.url, concurrency })).rejects.toThrow(
+          /concurrency must be a whole number of 2 or more/,
+        );
+      }
+      await expect(checkConformance({ url: server.url, timeoutMs: 0 })).rejects.toThrow(
+        /timeoutMs must be a positive number of ms/,
+      );
+      expect(server.executions()).toBe(0);
+    } finally {
+      await server.close();
+    }
   });
 });

@@ -1,5 +1,5 @@
 import type { INestApplication } from '@nestjs/common';
-import { randomUUID } from 'node:crypto';
+import { randomInt, randomUUID } from 'node:crypto';
 import request from 'supertest';
 import { createSampleApp } from '../sample/app.factory.js';
 import { eachDatabase } from './support/databases.js';
@@ -13,12 +13,20 @@ describe.each(sampleDatabases)('the sample shop on %s', (name, database) => {
   let app: INestApplication;
   beforeAll(async () => {
     const { url } = database.options() as { url?: string };
-    app = await createSampleApp(
-      name === 'pglite'
-        ? { dataDir: 'memory://', gatewayLatencyMs: 20, logger: false }
-        : { databaseUrl: url, gatewayLatencyMs: 20, logger: false },
-    );
-    await app.init();
+    // As under `npm start`, NODE_ENV unset: jest's NODE_ENV=test would hide what Apollo shows there
+    // (stack traces in GraphQL errors).
+    const nodeEnv = process.env.NODE_ENV;
+    delete process.env.NODE_ENV;
+    try {
+      app = await createSampleApp(
+        name === 'pglite'
+          ? { dataDir: 'memory://', gatewayLatencyMs: 20, logger: false }
+          : { databaseUrl: url, gatewayLatencyMs: 20, logger: false },
+      );
+      await app.init();
+    } finally {
+      process.env.NODE_ENV = nodeEnv;
+    }
   });
   afterAll(() => app.close());
 
@@ -161,6 +169,110 @@ describe.each(sampleDatabases)('the sample shop on %s', (name, database) => {
     expect(accepted.body.errors).toBeUndefined();
     expect(accepted.body.data.createPayment.amount).toBe(300);
     expect(await paymentsWith(reference)).toBe(1);
+  });
+
+  it('refuses a NUL character in any text field with 400 (PostgreSQL text cannot hold one), and charges nothing', async () => {
+    // An amount of its own, to find its charges among those of other tests on a shared database.
+    const amount = randomInt(10_000_000, 100_000_000);
+    const payment = { amount, currency: 'eur', source: 'tok_visa' };
+    const order = { customer: 'alice', items: [{ sku: 'tea', quantity: 1 }] };
+    const transfer = { from_account: 'acc_alice', to_account: 'acc_bob', amount: 1 };
+    const refused: [string, object, string][] = [
+      ['/payments', { ...payment, source: 'tok\u0000visa' }, 'source'],
+      ['/payments', { ...payment, reference: 'order\u00001' }, 'reference'],
+      ['/orders', { ...order, customer: 'ali\u0000ce' }, 'customer'],
+      ['/orders', { ...order, items: [{ sku: 't\u0000ea', quantity: 1 }] }, 'items.0.sku'],
+      ['/transfers', { ...transfer, from_account: 'acc_alice\u0000' }, 'from_account'],
+      ['/transfers', { ...transfer, to_account: '\u0000acc_bob' }, 'to_account'],
+    ];
+    for (const [path, body, field] of refused) {
+      const answer = await request(http())
+        .post(path)
+        .set('Idempotency-Key', randomUUID())
+        .send(body);
+      expect({ path, field, status: answer.status }).toEqual({ path, field, status: 400 });
+      expect(answer.body.message).toEqual([`${field} must not contain a NUL character`]);
+    }
+    const account = await request(http()).get('/accounts/acc_alice%00');
+    expect(account.status).toBe(404);
+    expect(account.body.error).toBe('account_not_found');
+
+    const graphql = await request(http())
+      .post('/graphql')
+      .send({
+        query: `mutation Pay($key: String, $source: String!, $amount: Int!) {
+          createPayment(amount: $amount, currency: "eur", source: $source, idempotencyKey: $key) { id }
+        }`,
+        variables: { key: randomUUID(), source: 'tok\u0000visa', amount },
+      });
+    expect(graphql.body.errors?.[0]?.extensions?.code).toBe('BAD_REQUEST');
+    expect(graphql.body.errors?.[0]?.extensions?.originalError?.message).toEqual([
+      'source must not contain a NUL character',
+    ]);
+    const charges = (await request(http()).get('/gateway/charges').expect(200)).body as {
+      amount: number;
+    }[];
+    expect(charges.filter((charge) => charge.amount === amount)).toEqual([]);
+  });
+
+  it('answers GraphQL errors without a stack trace', async () => {
+    const mutation = (amount: number, key?: string) =>
+      request(http())
+        .post('/graphql')
+        .send({
+          query: `mutation Pay($key: String, $amount: Int!) {
+            createPayment(amount: $amount, currency: "eur", source: "tok_visa", idempotencyKey: $key) { id }
+          }`,
+          variables: { key, amount },
+        });
+    const noKey = await mutation(100);
+    const invalid = await mutation(0, randomUUID());
+    const declined = await request(http())
+      .post('/graphql')
+      .send({
+        query: `mutation { createPayment(amount: 5, currency: "eur", source: "card_declined", idempotencyKey: "${randomUUID()}") { id } }`,
+      });
+    const errors = [noKey, invalid, declined].map((answer) => answer.body.errors?.[0]);
+    expect(errors.map((error) => error?.extensions?.code)).toEqual([
+      'IDEMPOTENCY_KEY_MISSING',
+      'BAD_REQUEST',
+      expect.any(String),
+    ]);
+    expect(errors[2].message).toBe('The card was declined.');
+    for (const error of errors) {
+      expect(error.extensions).not.toHaveProperty('stacktrace');
+      expect(JSON.stringify(error)).not.toMatch(/\.[jt]s:\d+/);
+    }
+  });
+
+  it('documents X-Api-Key as the optional scope of every operation, so Swagger UI sends it once authorised', async () => {
+    const document = (await request(http()).get('/docs-json').expect(200)).body;
+    expect(document.components.securitySchemes['api-key']).toEqual({
+      type: 'apiKey',
+      in: 'header',
+      name: 'X-Api-Key',
+    });
+    // Swagger UI sends an authorised key only to operations whose security names its scheme; `{}`
+    // keeps the key optional.
+    expect(document.security).toEqual([{ 'api-key': [] }, {}]);
+
+    // And it is the scope: one Idempotency-Key under two API keys is two payments.
+    const key = randomUUID();
+    const reference = `scope-${randomUUID()}`;
+    const payment = { amount: 100, currency: 'eur', source: 'tok_visa', reference };
+    const pay = (apiKey: string) =>
+      request(http())
+        .post('/payments')
+        .set('Idempotency-Key', key)
+        .set('X-Api-Key', apiKey)
+        .send(payment);
+    const alice = await pay('alice-key');
+    const bob = await pay('bob-key');
+    const aliceAgain = await pay('alice-key');
+    expect([alice.status, bob.status, aliceAgain.status]).toEqual([201, 201, 201]);
+    expect(bob.body.id).not.toBe(alice.body.id);
+    expect(aliceAgain.body.id).toBe(alice.body.id);
+    expect(await paymentsWith(reference)).toBe(2);
   });
 
   async function paymentsWith(reference: string): Promise<number> {

@@ -19,10 +19,11 @@ Options:
   -X, --method <method>    HTTP method (default POST)
   -d, --body <json>        a body the endpoint accepts (default {})
       --other-body <json>  another payload for the key-reuse check (default: the body plus one member)
-  -H, --header <h: v>      extra request header, repeatable (authentication, say)
+  -H, --header <h: v>      extra request header, repeatable (authentication, say); a Content-Type
+                           or Accept given here replaces the checker's own
       --concurrency <n>    duplicates sent at once (default 5)
       --key-optional       the endpoint documents the key as optional: skip the missing-key check
-      --timeout <ms>       per request (default 30000)
+      --timeout <ms>       per request (default 30000); a request without an answer fails its check
       --json               print the report as JSON
   -h, --help               this text
 `;
@@ -76,16 +77,23 @@ async function main(argv: readonly string[]): Promise<number> {
   const otherBody = json('other-body', values['other-body']);
   const badJson = body.error ?? otherBody.error;
   if (badJson) return usage(badJson);
-  const concurrency = positiveInteger(values.concurrency);
-  const timeoutMs = positiveInteger(values.timeout);
+  const concurrency = wholeNumber(values.concurrency, 2);
+  const timeoutMs = wholeNumber(values.timeout, 1);
   if (concurrency === null) return usage('--concurrency must be a whole number above 1');
   if (timeoutMs === null) return usage('--timeout must be a positive whole number of ms');
+  const method = (values.method ?? 'POST').toUpperCase();
+  try {
+    // The method and the header names must be HTTP tokens: a usage error, not an unreachable URL.
+    new Request(url, { method, headers });
+  } catch (error) {
+    return usage((error as Error).message);
+  }
 
   let report: ConformanceReport;
   try {
     report = await checkConformance({
       url,
-      method: values.method,
+      method,
       body: body.value,
       otherBody: otherBody.value,
       headers,
@@ -120,10 +128,11 @@ function format(report: ConformanceReport): string {
   return `${lines.join('\n')}\n`;
 }
 
-function positiveInteger(text: string | undefined): number | undefined | null {
+/** `undefined` when not given, `null` when not a whole number of at least `min`. */
+function wholeNumber(text: string | undefined, min: number): number | undefined | null {
   if (text === undefined) return undefined;
   const value = Number(text);
-  return Number.isInteger(value) && value > 1 ? value : null;
+  return Number.isInteger(value) && value >= min ? value : null;
 }
 
 function usage(problem: string): number {

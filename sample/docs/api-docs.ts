@@ -20,6 +20,10 @@ export function serveApiDocs(app: INestApplication): void {
     )
     .setVersion('0.1')
     .addApiKey({ type: 'apiKey', in: 'header', name: 'X-Api-Key' }, 'api-key')
+    // Swagger UI sends an authorised key only to operations whose security names its scheme;
+    // the empty alternative keeps the key optional.
+    .addSecurityRequirements('api-key')
+    .addSecurityRequirements({})
     .build();
   SwaggerModule.setup(API_DOCS_PATH, app, () => SwaggerModule.createDocument(app, config));
 }

@@ -12,7 +12,7 @@ import {
   Min,
   ValidateNested,
 } from 'class-validator';
-import { Trim } from '../common/validation.js';
+import { HasNoNulCharacter, Trim } from '../common/validation.js';
 import type { PlaceOrder } from './orders.service.js';
 
 export class OrderItemDto {
@@ -21,6 +21,7 @@ export class OrderItemDto {
   @IsString()
   @IsNotEmpty()
   @MaxLength(64)
+  @HasNoNulCharacter()
   sku!: string;
 
   @ApiProperty({ example: 2, minimum: 1, maximum: 1000 })
@@ -37,6 +38,7 @@ export class PlaceOrderDto {
   @IsString()
   @IsNotEmpty()
   @MaxLength(100)
+  @HasNoNulCharacter()
   customer!: string;
 
   @ApiProperty({ type: [OrderItemDto], minItems: 1, maxItems: 50 })

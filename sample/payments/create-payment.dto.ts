@@ -9,7 +9,7 @@ import {
   MaxLength,
   Min,
 } from 'class-validator';
-import { LowerCase, Trim } from '../common/validation.js';
+import { HasNoNulCharacter, LowerCase, Trim } from '../common/validation.js';
 import type { CreatePayment } from './payments.service.js';
 
 /** `POST /payments`: what the client sends (checked by the global ValidationPipe). */
@@ -39,6 +39,7 @@ export class CreatePaymentDto {
   @IsString()
   @IsNotEmpty()
   @MaxLength(64)
+  @HasNoNulCharacter()
   source!: string;
 
   @ApiPropertyOptional({ description: "The client's own reference.", maxLength: 100 })
@@ -47,6 +48,7 @@ export class CreatePaymentDto {
   @IsString()
   @IsNotEmpty()
   @MaxLength(100)
+  @HasNoNulCharacter()
   reference?: string;
 
   toCommand(): CreatePayment {

@@ -1,6 +1,6 @@
 import { ApiProperty } from '@nestjs/swagger';
 import { IsInt, IsNotEmpty, IsString, Max, MaxLength, Min } from 'class-validator';
-import { DiffersFrom, Trim } from '../common/validation.js';
+import { DiffersFrom, HasNoNulCharacter, Trim } from '../common/validation.js';
 import type { MakeTransfer } from './transfers.service.js';
 
 /** `POST /transfers` (and `/transfers/async`): move `amount` cents between two accounts. */
@@ -10,6 +10,7 @@ export class MakeTransferDto {
   @IsString()
   @IsNotEmpty()
   @MaxLength(64)
+  @HasNoNulCharacter()
   from_account!: string;
 
   @ApiProperty({ example: 'acc_bob', maxLength: 64 })
@@ -17,6 +18,7 @@ export class MakeTransferDto {
   @IsString()
   @IsNotEmpty()
   @MaxLength(64)
+  @HasNoNulCharacter()
   @DiffersFrom('from_account')
   to_account!: string;
 

@@ -80,7 +80,10 @@ export class TransfersService {
   }
 
   async account(id: string): Promise<AccountView> {
-    const account = await this.dataSource.getRepository(Account).findOneBy({ id });
+    // No id holds a NUL (PostgreSQL would refuse it in the query: a 500), so none is looked up.
+    const account = id.includes('\0')
+      ? null
+      : await this.dataSource.getRepository(Account).findOneBy({ id });
     return toAccountView(findAccount(account ? [account] : [], id));
   }
 }
