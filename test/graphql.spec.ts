@@ -6,6 +6,7 @@ import { PaymentsResolver, PAYMENTS_TYPE_DEFS } from './fixtures/graphql-payment
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { testDatabases, type HttpPlatform } from './support/databases.js';
 import { HttpClient, jsonOf } from './support/http-client.js';
+import { CapturedLog } from './support/captured-log.js';
 
 /** The request reaches the resolvers as `req` in the GraphQL context, as the README shows. */
 function graphqlModule(platform: HttpPlatform) {
@@ -31,6 +32,7 @@ const PAY =
 describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)', (platform) => {
   let fixture: ReliabilityApp;
   let client: HttpClient;
+  const log = new CapturedLog();
 
   beforeAll(async () => {
     fixture = await createReliabilityApp(
@@ -38,6 +40,7 @@ describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)
       {},
       {
         platform,
+        logger: log,
         imports: () => [graphqlModule(platform)],
         providers: [PaymentsResolver],
       },
@@ -101,6 +104,8 @@ describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)
     expect(other.body.errors?.[0]?.extensions?.status).toBe(422);
     expect(other.body.errors?.[0]?.path).toEqual(['pay']);
     expect((await graphql(PAY, { amount: 13, key })).body.data).toEqual(first.body.data);
+    // A refusal is an answer to the client, not a crash of the server: nothing logged as an error.
+    expect(log.lines.filter((line) => line.context === 'ExceptionsHandler')).toEqual([]);
   });
 
   it('answers IDEMPOTENCY_KEY_MISSING without a key, and leaves queries alone', async () => {

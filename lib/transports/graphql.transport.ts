@@ -3,6 +3,7 @@ import {
   HttpStatus,
   Inject,
   Injectable,
+  IntrinsicException,
   type ExecutionContext,
 } from '@nestjs/common';
 import { of, type Observable } from 'rxjs';
@@ -71,9 +72,10 @@ interface StoredGraphQLError {
 /**
  * An error with `extensions`: graphql-js takes them over when it wraps the error for the response
  * (`locatedError`), so the client sees `errors[].extensions.code` without this module importing
- * graphql.
+ * graphql. Intrinsic (as `HttpException` is): a refusal or a replayed business error is an answer,
+ * not a crash, so Nest's exception handler does not log it as an error with its stack.
  */
-export class IdempotencyGraphQLError extends Error {
+export class IdempotencyGraphQLError extends IntrinsicException {
   constructor(
     message: string,
     readonly extensions: Record<string, unknown>,
