@@ -1,4 +1,4 @@
-import { Body, Controller, Module, Post, type INestApplication } from '@nestjs/common';
+import { Body, Controller, Module, Post, type INestApplication, type Type } from '@nestjs/common';
 import { FastifyAdapter } from '@nestjs/platform-fastify';
 import { Test } from '@nestjs/testing';
 import { randomUUID } from 'node:crypto';
@@ -111,7 +111,7 @@ interface App {
 async function boot(
   database: TestDatabase,
   platform: HttpPlatform,
-  controllers: Function[] = [PlainController, LenientController, TenantController],
+  controllers: Type[] = [PlainController, LenientController, TenantController],
 ): Promise<App> {
   const dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
   await dataSource.initialize();
