@@ -101,7 +101,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
         if (options.required) throw new IdempotencyRejectionError(rejection('key-missing'));
         return next.handle();
       }
-      const operation = transport.describe(context);
+      const operation = await transport.describe(context);
       if (!options.scoped) this.warnIfAuthenticated(context, operation.scopeSource);
       const id: RecordId = {
         scope: boundedColumnValue(await options.scope(operation.scopeSource)),
