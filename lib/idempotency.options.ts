@@ -110,6 +110,19 @@ export function resolveModuleOptions(options: IdempotencyModuleOptions): Resolve
   };
 }
 
+/**
+ * A route's options: its method's `@Idempotent()` options over its controller's over the module's,
+ * field by field (a method that sets only `required` keeps its controller's `ttl` and `scope`).
+ * Unset (`undefined`) where the method or controller has no `@Idempotent()`.
+ */
+export function resolveRouteOptionsFor(
+  module: ResolvedRouteOptions,
+  controller: IdempotencyRouteOptions | undefined,
+  handler: IdempotencyRouteOptions | undefined,
+): ResolvedRouteOptions {
+  return resolveRouteOptions(resolveRouteOptions(module, controller ?? {}), handler ?? {});
+}
+
 /** Overlays a route's `@Idempotent()` options on resolved ones. */
 export function resolveRouteOptions(
   base: ResolvedRouteOptions,

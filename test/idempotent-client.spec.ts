@@ -3,13 +3,14 @@ import { Test } from '@nestjs/testing';
 import { randomUUID } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { Readable } from 'node:stream';
 import {
   idempotentAxios,
   idempotentFetch,
   type IdempotentRetryOptions,
   type RetryEvent,
 } from '../lib/index.js';
-import { createFixtureApp, type FixtureApp } from './fixtures/fixture-app.js';
+import { createFixtureApp, waitUntilPast, type FixtureApp } from './fixtures/fixture-app.js';
 import { eachDatabase } from './support/databases.js';
 
 /**
@@ -19,13 +20,24 @@ import { eachDatabase } from './support/databases.js';
  */
 
 /** What the scripted server does with one request. */
-type Step = 'drop' | 'hang' | { status: number; headers?: Record<string, string>; body?: unknown };
+type Step =
+  | 'drop'
+  | 'hang'
+  | {
+      status: number;
+      headers?: Record<string, string>;
+      body?: unknown;
+      /** Sends the status and headers at once, the body only on `releaseBodies()`. */
+      holdBody?: boolean;
+    };
 
 class ScriptedServer {
   readonly keys: (string | undefined)[] = [];
   private steps: Step[] = [];
   private readonly server: Server;
   private readonly hanging: ServerResponse[] = [];
+  private readonly heldBodies: (() => void)[] = [];
+  private arrivals: (() => void)[] = [];
   url = '';
 
   constructor() {
@@ -44,6 +56,16 @@ class ScriptedServer {
     this.keys.length = 0;
   }
 
+  /** Resolves once the next request has arrived (its body read). */
+  nextRequest(): Promise<void> {
+    return new Promise((resolve) => this.arrivals.push(resolve));
+  }
+
+  /** Sends the bodies of the answers sent with `holdBody`. */
+  releaseBodies(): void {
+    for (const release of this.heldBodies.splice(0)) release();
+  }
+
   async stop(): Promise<void> {
     for (const response of this.hanging) response.destroy();
     this.server.closeAllConnections();
@@ -54,11 +76,16 @@ class ScriptedServer {
     request.resume();
     request.on('end', () => {
       this.keys.push(request.headers['idempotency-key'] as string | undefined);
+      for (const arrived of this.arrivals.splice(0)) arrived();
       const step = this.steps.length > 1 ? this.steps.shift()! : this.steps[0];
       if (step === 'drop') return void request.socket.destroy();
       if (step === 'hang') return void this.hanging.push(response);
       response.writeHead(step.status, { 'content-type': 'application/json', ...step.headers });
-      response.end(JSON.stringify(step.body ?? { status: step.status }));
+      const body = JSON.stringify(step.body ?? { status: step.status });
+      if (!step.holdBody) return void response.end(body);
+      response.flushHeaders();
+      this.hanging.push(response);
+      this.heldBodies.push(() => response.end(body));
     });
   }
 }
@@ -176,6 +203,100 @@ describe('idempotentFetch against a scripted server', () => {
     await idempotentFetch(server.url, post({}), { ...recorded().options, key: 'op-7' });
     expect(server.keys).toEqual(['op-7']);
   });
+
+  it('reads a body that arrives after attemptTimeoutMs: the timeout covers an attempt up to its headers', async () => {
+    server.script({ status: 201, body: { id: 'pay_slow' }, holdBody: true });
+    const run = recorded({ attemptTimeoutMs: 100 });
+    const started = Date.now();
+    const response = await idempotentFetch(server.url, post({}), run.options);
+    expect(response.status).toBe(201);
+    // The attempt's deadline passes while the body is still on its way.
+    await waitUntilPast(started + 150);
+    server.releaseBodies();
+    expect(await response.json()).toEqual({ id: 'pay_slow' });
+    expect(server.keys).toHaveLength(1);
+    expect(run.retries).toEqual([]);
+  });
+
+  it("lets the caller's signal abort a body still arriving", async () => {
+    server.script({ status: 201, holdBody: true });
+    const controller = new AbortController();
+    const response = await idempotentFetch(server.url, post({}), {
+      ...recorded({ attemptTimeoutMs: 5000 }).options,
+      signal: controller.signal,
+    });
+    controller.abort();
+    await expect(response.text()).rejects.toMatchObject({ name: 'AbortError' });
+  });
+
+  it('rejects with the reason the caller aborted with, also while waiting to retry', async () => {
+    server.script({ status: 503 });
+    const controller = new AbortController();
+    const reason = new Error('the user gave up');
+    const call = idempotentFetch(server.url, post({}), {
+      signal: controller.signal,
+      // The default sleep, cut short by the signal.
+      onRetry: () => controller.abort(reason),
+    });
+    await expect(call).rejects.toBe(reason);
+    expect(server.keys).toHaveLength(1);
+  });
+
+  it('does not retry a replayed answer: a stored 409 is the final one', async () => {
+    server.script(
+      { status: 409, headers: { 'idempotent-replayed': 'true' }, body: { error: 'conflict' } },
+      { status: 201 },
+    );
+    const run = recorded();
+    const response = await idempotentFetch(server.url, post({}), run.options);
+    expect(response.status).toBe(409);
+    expect(await response.json()).toEqual({ error: 'conflict' });
+    expect(server.keys).toHaveLength(1);
+  });
+
+  it("waits out an HTTP-date Retry-After by the server's clock (its Date header), not the caller's", async () => {
+    // The server's clock is years away from ours: only the difference it states counts.
+    server.script(
+      {
+        status: 503,
+        headers: {
+          date: 'Wed, 01 Jan 2031 00:00:00 GMT',
+          'retry-after': 'Wed, 01 Jan 2031 00:00:03 GMT',
+        },
+      },
+      { status: 201 },
+    );
+    const run = recorded();
+    const response = await idempotentFetch(server.url, post({}), run.options);
+    expect(response.status).toBe(201);
+    expect(run.delays).toEqual([3000]);
+  });
+
+  it('refuses a Node stream or async iterable body up front: a retry could not send it again', async () => {
+    server.script({ status: 503 }, { status: 201 });
+    const streamed = {
+      method: 'POST',
+      body: Readable.from([JSON.stringify({ amount: 1 })]),
+      duplex: 'half',
+    } as unknown as RequestInit;
+    await expect(idempotentFetch(server.url, streamed, recorded().options)).rejects.toThrow(
+      /stream body cannot be sent again/,
+    );
+    expect(server.keys).toHaveLength(0);
+  });
+
+  it('refuses a maxAttempts that is not a number of attempts, instead of retrying forever', async () => {
+    server.script({ status: 503 });
+    const run = recorded({ maxAttempts: Number(undefined) });
+    const call = idempotentFetch(server.url, post({}), {
+      ...run.options,
+      onRetry: (retry) => {
+        if (retry.attempt >= 10) throw new Error('still retrying after 10 attempts');
+      },
+    });
+    await expect(call).rejects.toThrow(/maxAttempts must be a number/);
+    expect(server.keys).toHaveLength(0);
+  });
 });
 
 describe("idempotentAxios through Nest's HttpModule", () => {
@@ -214,6 +335,50 @@ describe("idempotentAxios through Nest's HttpModule", () => {
     await expect(failure).rejects.toMatchObject({ response: { status: 503 } });
     expect(run.delays).toEqual([1000, 100]);
     expect(server.keys).toHaveLength(3);
+  });
+
+  it('reads a streamed body that arrives after attemptTimeoutMs (responseType: stream)', async () => {
+    server.script({ status: 201, body: { id: 'chg_slow' }, holdBody: true });
+    const run = recorded({ attemptTimeoutMs: 100 });
+    const started = Date.now();
+    const response = await idempotentAxios(
+      http.axiosRef,
+      { method: 'post', url: server.url, data: {}, responseType: 'stream' },
+      run.options,
+    );
+    await waitUntilPast(started + 150);
+    server.releaseBodies();
+    const chunks: Buffer[] = [];
+    for await (const chunk of response.data as Readable) chunks.push(chunk as Buffer);
+    expect(JSON.parse(Buffer.concat(chunks).toString())).toEqual({ id: 'chg_slow' });
+    expect(run.retries).toEqual([]);
+  });
+
+  it('rejects as axios does when the caller aborts an attempt (CanceledError), and stops', async () => {
+    server.script('hang');
+    const controller = new AbortController();
+    const arrived = server.nextRequest();
+    const call = idempotentAxios(
+      http.axiosRef,
+      { method: 'post', url: server.url, data: {}, signal: controller.signal },
+      recorded().options,
+    );
+    await arrived;
+    controller.abort();
+    await expect(call).rejects.toMatchObject({ name: 'CanceledError', code: 'ERR_CANCELED' });
+    expect(server.keys).toHaveLength(1);
+  });
+
+  it('refuses stream data up front: a retry could not send it again', async () => {
+    server.script({ status: 503 }, { status: 201 });
+    await expect(
+      idempotentAxios(
+        http.axiosRef,
+        { method: 'post', url: server.url, data: Readable.from(['{"amount":1}']) },
+        recorded().options,
+      ),
+    ).rejects.toThrow(/stream cannot be sent again/);
+    expect(server.keys).toHaveLength(0);
   });
 
   it('rejects with the connection error when nothing listens', async () => {

@@ -1,6 +1,6 @@
-import { IDEMPOTENCY_KEY_HEADER } from '../idempotency.constants.js';
+import { IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER } from '../idempotency.constants.js';
 import { callIdempotently } from './idempotent-call.js';
-import type { IdempotentRetryOptions } from './retry-policy.js';
+import { isStream, type IdempotentRetryOptions } from './retry-policy.js';
 
 /**
  * What is used of an axios instance (`axios`, `axios.create()`, or Nest's
@@ -15,6 +15,7 @@ export interface AxiosLike {
 export interface AxiosRequestLike {
   headers?: object;
   signal?: unknown;
+  data?: unknown;
 }
 
 export interface AxiosResponseLike<T = unknown> {
@@ -29,7 +30,9 @@ export interface AxiosResponseLike<T = unknown> {
  * timeout, 409 and 429 after `Retry-After`, 5xx; backoff with jitter; `maxAttempts` in all).
  *
  * Settles as axios does: the response, or the last attempt's error (an `AxiosError` whose
- * `response` holds a status that `validateStatus` refused, or a network error).
+ * `response` holds a status that `validateStatus` refused, a network error, or the CanceledError
+ * of an attempt the caller's `signal` aborted). `data` must not be a stream: each attempt sends it
+ * again (a native `FormData` is fine; the `form-data` package's is a stream).
  *
  * ```ts
  * // in a Nest provider, with HttpModule imported:
@@ -46,7 +49,12 @@ export async function idempotentAxios<Axios extends AxiosLike>(
 ): Promise<AxiosResponseLike> {
   const send = axios.request.bind(axios) as (config: object) => Promise<AxiosResponseLike>;
   const header = options.header ?? IDEMPOTENCY_KEY_HEADER;
-  const { headers, signal: configSignal } = config as AxiosRequestLike;
+  const { headers, signal: configSignal, data } = config as AxiosRequestLike;
+  if (isStream(data)) {
+    throw new TypeError(
+      'idempotentAxios: data that is a stream cannot be sent again; pass an object, text or bytes',
+    );
+  }
   const presetKey = Object.entries(headers ?? {}).find(
     ([name]) => name.toLowerCase() === header.toLowerCase(),
   )?.[1];
@@ -65,8 +73,7 @@ export async function idempotentAxios<Axios extends AxiosLike>(
         });
         return {
           kind: 'answer',
-          status: response.status,
-          retryAfter: headerValue(response.headers, 'retry-after'),
+          ...answerOf(response),
           settle: () => response,
         };
       } catch (error) {
@@ -75,8 +82,7 @@ export async function idempotentAxios<Axios extends AxiosLike>(
         if (response && typeof response.status === 'number') {
           return {
             kind: 'answer',
-            status: response.status,
-            retryAfter: headerValue(response.headers, 'retry-after'),
+            ...answerOf(response),
             settle: () => {
               throw error;
             },
@@ -87,6 +93,21 @@ export async function idempotentAxios<Axios extends AxiosLike>(
       }
     },
   );
+}
+
+/** What the retry loop reads of a response, and how a discarded one frees its connection. */
+function answerOf(response: AxiosResponseLike) {
+  return {
+    status: response.status,
+    retryAfter: headerValue(response.headers, 'retry-after'),
+    date: headerValue(response.headers, 'date'),
+    replayed: headerValue(response.headers, IDEMPOTENT_REPLAYED_HEADER.toLowerCase()) === 'true',
+    // A body left unread (`responseType: 'stream'`) would hold its connection.
+    discard: async () => {
+      const body = response.data as { destroy?: () => void } | null;
+      if (isStream(body) && typeof body?.destroy === 'function') body.destroy();
+    },
+  };
 }
 
 /** axios's headers: an `AxiosHeaders` (with `get`) or a plain object of lower-case names. */

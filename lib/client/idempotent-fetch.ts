@@ -1,6 +1,6 @@
-import { IDEMPOTENCY_KEY_HEADER } from '../idempotency.constants.js';
+import { IDEMPOTENCY_KEY_HEADER, IDEMPOTENT_REPLAYED_HEADER } from '../idempotency.constants.js';
 import { callIdempotently } from './idempotent-call.js';
-import type { IdempotentRetryOptions } from './retry-policy.js';
+import { isStream, type IdempotentRetryOptions } from './retry-policy.js';
 
 export interface IdempotentFetchOptions extends IdempotentRetryOptions {
   /** The fetch to call. Default the global `fetch`. */
@@ -15,7 +15,9 @@ export interface IdempotentFetchOptions extends IdempotentRetryOptions {
  * Resolves to the last `Response`, whatever its status, as `fetch` does (check `response.ok`);
  * rejects with the last network error when no attempt got an answer, or with the abort reason
  * when `signal` is aborted. A body must be replayable (a string, bytes, `URLSearchParams`,
- * `FormData`, `Blob`), not a stream: each attempt sends it again.
+ * `FormData`, `Blob`), not a stream (a `ReadableStream`, a Node stream, an async iterable): each
+ * attempt sends it again. `attemptTimeoutMs` runs until an attempt's headers arrive: the body of
+ * the response returned is then read under `signal` alone.
  *
  * ```ts
  * const response = await idempotentFetch('https://shop.example/payments', {
@@ -30,7 +32,7 @@ export async function idempotentFetch(
   init: RequestInit = {},
   options: IdempotentFetchOptions = {},
 ): Promise<Response> {
-  if (init.body instanceof ReadableStream) {
+  if (isStream(init.body)) {
     throw new TypeError('idempotentFetch: a stream body cannot be sent again; pass bytes or text');
   }
   const send = options.fetch ?? fetch;
@@ -48,6 +50,8 @@ export async function idempotentFetch(
           kind: 'answer',
           status: response.status,
           retryAfter: response.headers.get('retry-after'),
+          date: response.headers.get('date'),
+          replayed: response.headers.get(IDEMPOTENT_REPLAYED_HEADER) === 'true',
           settle: () => response,
           discard: async () => {
             await response.body?.cancel();

@@ -1,3 +1,4 @@
+import { execFileSync } from 'node:child_process';
 import { isRetryableStatus, parseRetryAfter, retryDelay } from './retry-policy.js';
 
 describe('retry policy of the outgoing client', () => {
@@ -33,5 +34,23 @@ describe('retry policy of the outgoing client', () => {
     expect(parseRetryAfter('soon', now)).toBeUndefined();
     expect(parseRetryAfter('-1', now)).toBeUndefined();
     expect(parseRetryAfter(null, now)).toBeUndefined();
+  });
+
+  it('reads the obsolete asctime HTTP-date, which names no zone, as GMT, in any local time zone', () => {
+    // In a process of its own (the compiled module, as `npm test` builds it): jest's process.env
+    // is a copy, so TZ cannot be changed for this one.
+    const module = new URL('../../dist/lib/client/retry-policy.js', import.meta.url).href;
+    const script = `
+      const { parseRetryAfter } = await import(${JSON.stringify(module)});
+      const now = Date.parse('2026-11-29T12:00:00Z');
+      console.log(JSON.stringify([
+        parseRetryAfter('Sun Nov 29 12:00:02 2026', now),
+        parseRetryAfter('Sunday, 29-Nov-26 12:00:02 GMT', now),
+        new Date().getTimezoneOffset(),
+      ]));`;
+    const output = execFileSync(process.execPath, ['--input-type=module', '-e', script], {
+      env: { ...process.env, TZ: 'Asia/Tokyo', NODE_OPTIONS: '' },
+    });
+    expect(JSON.parse(output.toString())).toEqual([2000, 2000, -540]);
   });
 });

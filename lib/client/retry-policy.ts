@@ -26,9 +26,17 @@ export interface IdempotentRetryOptions {
   /**
    * Abandons an attempt that has not answered after this long and retries (a lost response). A
    * function of the attempt number (1-based) may let later attempts wait longer. Default: none.
+   * It covers an attempt until its answer is returned: with fetch, the status and headers (the
+   * body is then yours to read, under `signal` only: pass `AbortSignal.timeout()` there for a
+   * deadline on the whole call); with axios, the whole response (its body is read by then, unless
+   * `responseType: 'stream'`).
    */
   readonly attemptTimeoutMs?: number | ((attempt: number) => number);
-  /** Ends the whole operation: the current attempt is aborted and no other is made. */
+  /**
+   * Ends the whole operation: the current attempt is aborted and no other is made. The call rejects
+   * as the attempt does (fetch: with the signal's reason; axios: with its CanceledError), or with
+   * the signal's reason while waiting for the next attempt.
+   */
   readonly signal?: AbortSignal;
   /** Called before each retry, with why the attempt failed and how long until the next. */
   readonly onRetry?: (retry: RetryEvent) => void;
@@ -60,6 +68,8 @@ export const DEFAULT_MAX_DELAY_MS = 10_000;
  * Statuses worth another attempt with the same key: 409 (the first attempt is still running:
  * its result comes with the key), 429, and every 5xx (the server failed before storing a result,
  * or released the key). A 4xx other than those is the request's own fault: retrying cannot help.
+ * The clients never retry a replay (`Idempotent-Replayed: true`), whatever its status: it is the
+ * key's stored answer, and every retry would get it again.
  */
 export function isRetryableStatus(status: number): boolean {
   return status === 409 || status === 429 || (status >= 500 && status <= 599);
@@ -82,7 +92,10 @@ export function retryDelay(
   return Math.min(max, Math.max(jittered, retryAfterMs ?? 0));
 }
 
-/** `Retry-After` in ms: delay-seconds or an HTTP-date (RFC 9110 §10.2.3); else undefined. */
+/**
+ * `Retry-After` in ms: delay-seconds or an HTTP-date (RFC 9110 §10.2.3); else undefined. `now` is
+ * the clock an HTTP-date is read against: the clients pass the server's (its `Date` header).
+ */
 export function parseRetryAfter(
   value: string | null | undefined,
   now = Date.now(),
@@ -90,7 +103,23 @@ export function parseRetryAfter(
   if (value === null || value === undefined) return undefined;
   const text = value.trim();
   if (/^\d+$/.test(text)) return Number(text) * 1000;
-  // HTTP-dates are in GMT and say so (IMF-fixdate, and the obsolete RFC 850 and asctime forms).
-  const date = /^[A-Za-z]{3}/.test(text) ? Date.parse(text) : Number.NaN;
+  // HTTP-dates are in GMT (IMF-fixdate, and the obsolete RFC 850 and asctime forms); asctime does
+  // not say so, and Date.parse would read it in the local time zone.
+  const date = /^[A-Za-z]{3}/.test(text)
+    ? Date.parse(/\bGMT$/i.test(text) ? text : `${text} GMT`)
+    : Number.NaN;
   return Number.isNaN(date) ? undefined : Math.max(0, date - now);
+}
+
+/**
+ * A request body that is consumed by sending it (a WHATWG `ReadableStream`, a Node stream, an
+ * async iterable), so a retry could not send it again.
+ */
+export function isStream(body: unknown): boolean {
+  if (typeof body !== 'object' || body === null) return false;
+  return (
+    (typeof ReadableStream !== 'undefined' && body instanceof ReadableStream) ||
+    typeof (body as { pipe?: unknown }).pipe === 'function' ||
+    typeof (body as { [Symbol.asyncIterator]?: unknown })[Symbol.asyncIterator] === 'function'
+  );
 }

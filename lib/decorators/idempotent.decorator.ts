@@ -6,8 +6,9 @@ import { validateRouteOptions } from '../idempotency.options.js';
 
 /**
  * Makes a route (or every route of a controller) safe to retry with an `Idempotency-Key` header.
- * Options override the module's for this route; a method's options beat its controller's. Routes
- * without it are untouched: the interceptor is attached here, not globally.
+ * Options are merged field by field: a method's over its controller's over the module's (a method
+ * setting only `required: false` keeps its controller's `ttl`). Routes without it are untouched:
+ * the interceptor is attached here, not globally.
  */
 export function Idempotent(options: IdempotencyRouteOptions = {}) {
   validateRouteOptions(options);

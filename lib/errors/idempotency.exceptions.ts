@@ -52,10 +52,13 @@ export class IdempotencyKeyInvalidException extends IdempotencyException {
   }
 }
 
-/** 400: the request body cannot be fingerprinted (for example nested beyond what can be hashed). */
+/**
+ * 400: the request body cannot be fingerprinted (nested beyond what can be hashed, too large to be
+ * read ahead of its parser, cut short); `detail` says which.
+ */
 export class IdempotencyBodyUnreadableException extends IdempotencyException {
-  constructor() {
-    super(rejection('body-unreadable'));
+  constructor(detail?: string) {
+    super(rejection('body-unreadable', { detail }));
   }
 }
 
@@ -123,7 +126,7 @@ export function httpExceptionFor(refusal: IdempotencyRejection): IdempotencyExce
     case 'key-invalid':
       return new IdempotencyKeyInvalidException(refusal.detail);
     case 'body-unreadable':
-      return new IdempotencyBodyUnreadableException();
+      return new IdempotencyBodyUnreadableException(refusal.detail);
     case 'key-reused':
       return new IdempotencyKeyReusedException();
     case 'request-in-progress':

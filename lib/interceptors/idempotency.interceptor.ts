@@ -15,7 +15,7 @@ import {
 } from '../idempotency.constants.js';
 import {
   RESOLVED_OPTIONS,
-  resolveRouteOptions,
+  resolveRouteOptionsFor,
   type ResolvedModuleOptions,
   type ResolvedRouteOptions,
 } from '../idempotency.options.js';
@@ -48,7 +48,11 @@ import {
   type SettledMessage,
 } from '../transports/rpc.transport.js';
 
-/** A handler's resolved options, and whether the interceptor is listed on it more than once. */
+/**
+ * A route's resolved options, and whether the interceptor is listed on it more than once. Per
+ * controller and handler: controllers that inherit a handler from one base class share its
+ * function, not its options (each has its own class-level `@Idempotent()`).
+ */
 interface Route {
   readonly options: ResolvedRouteOptions;
   readonly twice: boolean;
@@ -69,7 +73,7 @@ const warnedUnscoped = new WeakSet<Function>();
 @Injectable()
 export class IdempotencyInterceptor implements NestInterceptor {
   private readonly logger = new Logger('Idempotency');
-  private readonly routes = new WeakMap<Function, Route>();
+  private readonly routes = new WeakMap<Function, WeakMap<Function, Route>>();
   private readonly transports: Readonly<Record<string, IdempotencyTransport>>;
 
   constructor(
@@ -97,7 +101,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
         if (options.required) throw new IdempotencyRejectionError(rejection('key-missing'));
         return next.handle();
       }
-      const operation = transport.describe(context);
+      const operation = await transport.describe(context);
       if (!options.scoped) this.warnIfAuthenticated(context, operation.scopeSource);
       const id: RecordId = {
         scope: boundedColumnValue(await options.scope(operation.scopeSource)),
@@ -244,16 +248,16 @@ export class IdempotencyInterceptor implements NestInterceptor {
     );
   }
 
-  /** The handler's options, and whether this interceptor is on it twice (class and method). */
+  /** The route's options, and whether this interceptor is on it twice (class and method). */
   private routeOf(context: ExecutionContext): Route {
+    const controller = context.getClass();
     const handler = context.getHandler();
-    let route = this.routes.get(handler);
+    let routes = this.routes.get(controller);
+    if (!routes) this.routes.set(controller, (routes = new WeakMap()));
+    let route = routes.get(handler);
     if (!route) {
-      const controller = context.getClass();
-      const options = this.reflector.getAllAndOverride<IdempotencyRouteOptions | undefined>(
-        IDEMPOTENT_ROUTE_OPTIONS,
-        [handler, controller],
-      );
+      const options = (target: Function) =>
+        this.reflector.get<IdempotencyRouteOptions | undefined>(IDEMPOTENT_ROUTE_OPTIONS, target);
       const listed = (target: object) =>
         (
           (Reflect.getMetadata(INTERCEPTORS_METADATA, target) as unknown[] | undefined) ?? []
@@ -262,10 +266,10 @@ export class IdempotencyInterceptor implements NestInterceptor {
             interceptor === IdempotencyInterceptor || interceptor instanceof IdempotencyInterceptor,
         ).length;
       route = {
-        options: resolveRouteOptions(this.moduleOptions, options ?? {}),
+        options: resolveRouteOptionsFor(this.moduleOptions, options(controller), options(handler)),
         twice: listed(controller) + listed(handler) > 1,
       };
-      this.routes.set(handler, route);
+      routes.set(handler, route);
     }
     return route;
   }

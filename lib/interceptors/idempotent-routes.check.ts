@@ -18,7 +18,7 @@ import { IdempotencyInterceptor } from './idempotency.interceptor.js';
 import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
 import {
   RESOLVED_OPTIONS,
-  resolveRouteOptions,
+  resolveRouteOptionsFor,
   type ResolvedModuleOptions,
 } from '../idempotency.options.js';
 import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
@@ -78,8 +78,8 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
           ? unsupportedReason(metatype, method, handler)
           : undefined;
         if (reason) problems.push(`${metatype.name}.${method}: ${reason}`);
-        // As the interceptor reads them: the method's options override the class's as a whole.
-        if (resolveRouteOptions(this.options, handlerOptions ?? classOptions ?? {}).transactional) {
+        // As the interceptor reads them: the method's options over the class's, field by field.
+        if (resolveRouteOptionsFor(this.options, classOptions, handlerOptions).transactional) {
           transactional.push(`${metatype.name}.${method}`);
         }
       }

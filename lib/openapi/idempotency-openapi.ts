@@ -4,7 +4,7 @@ import { DiscoveryService, MetadataScanner } from '@nestjs/core';
 import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
 import {
   RESOLVED_OPTIONS,
-  resolveRouteOptions,
+  resolveRouteOptionsFor,
   type ResolvedModuleOptions,
   type ResolvedRouteOptions,
 } from '../idempotency.options.js';
@@ -67,12 +67,22 @@ export const idempotencyOpenApiProvider: Provider = {
       for (const method of scanner.getAllMethodNames(prototype)) {
         const handler = prototype[method];
         if (Reflect.getMetadata(PATH_METADATA, handler) === undefined) continue;
-        // As the interceptor reads them: a method's options replace its controller's.
-        const route: IdempotencyRouteOptions | undefined =
-          Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, handler) ??
-          Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, metatype);
-        if (!route) continue;
-        documentRoute(swagger, metatype, handler, resolveRouteOptions(moduleOptions, route));
+        // As the interceptor reads them: a method's options over its controller's, field by field.
+        const route: IdempotencyRouteOptions | undefined = Reflect.getMetadata(
+          IDEMPOTENT_ROUTE_OPTIONS,
+          handler,
+        );
+        const controller: IdempotencyRouteOptions | undefined = Reflect.getMetadata(
+          IDEMPOTENT_ROUTE_OPTIONS,
+          metatype,
+        );
+        if (!route && !controller) continue;
+        documentRoute(
+          swagger,
+          metatype,
+          handler,
+          resolveRouteOptionsFor(moduleOptions, controller, route),
+        );
       }
     }
     return true;

@@ -21,6 +21,8 @@ import {
   storableHeaders,
   urlOf,
 } from './http-exchange.js';
+import type { FileFingerprint } from '../utils/fingerprint.js';
+import { fingerprintsOf, readAhead, unreadBody, uploadedFiles } from './http-body.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
 import { resultStorer } from './stored-result.js';
 
@@ -47,13 +49,24 @@ export class HttpTransport implements IdempotencyTransport {
     return readIdempotencyKey(keyFieldLines(context.switchToHttp().getRequest()));
   }
 
-  describe(context: ExecutionContext): OperationDescription {
+  /**
+   * The body as the platform parsed it (JSON, urlencoded), with the files multer parsed (hashed);
+   * or, when no one has read the body yet (a multipart body whose FileInterceptor runs after this
+   * interceptor, or that the handler reads), the body itself, read ahead and put back.
+   */
+  describe(context: ExecutionContext): OperationDescription | Promise<OperationDescription> {
     const request = context.switchToHttp().getRequest();
-    return {
+    const operation = (body: unknown, files?: FileFingerprint[]): OperationDescription => ({
       endpoint: endpointOf(request),
       scopeSource: request,
-      fingerprint: { method: request.method, url: urlOf(request), body: request.body },
-    };
+      fingerprint: { method: request.method, url: urlOf(request), body, files },
+    });
+    const unread = unreadBody(request);
+    if (unread) return readAhead(unread).then((body) => operation(body));
+    const files = uploadedFiles(request);
+    if (files.length === 0) return operation(request.body);
+    const route = `${context.getClass().name}.${context.getHandler().name}`;
+    return fingerprintsOf(files, route).then((digests) => operation(request.body, digests));
   }
 
   /** Only an HttpException is an answer the handler chose; anything else is a crash (500). */

@@ -37,8 +37,11 @@ export interface IdempotencyTransport {
   applies(context: ExecutionContext): boolean;
   /** The call's Idempotency-Key: where this transport carries it. */
   readKey(context: ExecutionContext): KeyReading;
-  /** The operation: its endpoint, what the scope resolver sees, what is fingerprinted. */
-  describe(context: ExecutionContext): OperationDescription;
+  /**
+   * The operation: its endpoint, what the scope resolver sees, what is fingerprinted. A promise
+   * when the payload must be read first (HTTP: an upload's files, a body not parsed yet).
+   */
+  describe(context: ExecutionContext): OperationDescription | Promise<OperationDescription>;
   /**
    * The response to store for the handler's outcome, or `null` when it is not stored (the key is
    * then released): a crash, a status the policy does not keep, too large, a stream. Never throws.

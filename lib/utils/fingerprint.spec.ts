@@ -90,6 +90,17 @@ describe('fingerprintRequest', () => {
     expect(fingerprintRequest({ ...base, body: Buffer.from('abd') })).not.toBe(a);
   });
 
+  it('adds uploaded files by field, name, type and digest, and leaves requests without any as they were', () => {
+    const file = { field: 'file', name: 'a.txt', type: 'text/plain', sha256: 'ab'.repeat(32) };
+    const withFile = fingerprintRequest({ ...base, files: [file] });
+    expect(fingerprintRequest({ ...base, files: [] })).toBe(fingerprintRequest(base));
+    expect(withFile).not.toBe(fingerprintRequest(base));
+    expect(fingerprintRequest({ ...base, files: [{ ...file }] })).toBe(withFile);
+    for (const changed of [{ field: 'other' }, { name: 'b.txt' }, { sha256: 'cd'.repeat(32) }]) {
+      expect(fingerprintRequest({ ...base, files: [{ ...file, ...changed }] })).not.toBe(withFile);
+    }
+  });
+
   it('treats a missing body like an empty one consistently', () => {
     expect(fingerprintRequest({ ...base, body: undefined })).toBe(
       fingerprintRequest({ ...base, body: undefined }),

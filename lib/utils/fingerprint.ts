@@ -1,24 +1,37 @@
 import { createHash } from 'node:crypto';
 
-/** What identifies "the same request" for a key: method, URL and body. */
+/** What identifies "the same request" for a key: method, URL and body (and uploaded files). */
 export interface FingerprintInput {
   readonly method: string;
   /** The path and query as the client sent them (so `/accounts/1` and `/accounts/2` differ). */
   readonly url: string;
   readonly body: unknown;
+  /** Files uploaded with the body (multipart), in the order they came; absent without any. */
+  readonly files?: readonly FileFingerprint[];
+}
+
+/** One uploaded file: its form field, file name and type as sent, and its content's digest. */
+export interface FileFingerprint {
+  readonly field: string;
+  readonly name: string;
+  readonly type: string;
+  readonly sha256: string;
 }
 
 /**
  * A SHA-256 hex digest of the request. JSON bodies are hashed in canonical form — object keys
  * sorted at every depth — so a client that re-serialises the same payload in another key order
- * still matches; array order is significant. Strings and Buffers (non-JSON bodies) are hashed as is.
+ * still matches; array order is significant. Strings and Buffers (non-JSON bodies) are hashed as is,
+ * uploaded files by their field, name, type and content digest.
  */
-export function fingerprintRequest({ method, url, body }: FingerprintInput): string {
+export function fingerprintRequest({ method, url, body, files }: FingerprintInput): string {
   const hash = createHash('sha256');
   hash.update(method.toUpperCase()).update('\n').update(url).update('\n');
   if (Buffer.isBuffer(body)) hash.update('buffer:').update(body);
   else if (typeof body === 'string') hash.update('text:').update(body);
   else hash.update('json:').update(canonicalJson(body) ?? '');
+  // Only with files: the fingerprints of requests without any stay what they were.
+  if (files && files.length > 0) hash.update('\nfiles:').update(canonicalJson(files)!);
   return hash.digest('hex');
 }
 
