@@ -298,6 +298,14 @@ describe.each(eachTarget)('an ordinary app on %s', (_name, { database, platform 
   });
 
   describe('an ordinary app around it', () => {
+    it('replays a status the handler set through @Res({ passthrough: true })', async () => {
+      const key = newKey();
+      const first = await post(shapes.http, '/shapes/orders', key, { accepted: true }).expect(202);
+      const retry = await post(shapes.http, '/shapes/orders', key, { accepted: true }).expect(202);
+      expect(retry.headers['idempotent-replayed']).toBe('true');
+      expect(retry.body).toEqual(first.body);
+    });
+
     it('leaves a request refused by a guard (before the interceptor) without a record', async () => {
       const key = newKey();
       await post(shapes.http, '/shapes/orders', key).set('X-Deny', '1').expect(401);
