@@ -29,6 +29,7 @@ export type {
   IdempotencyModuleOptions,
   IdempotencyRouteOptions,
   ScopeResolver,
+  ScopeValue,
   StoreStatusPolicy,
 } from './interfaces/idempotency-options.interface.js';
 export {
@@ -69,6 +70,7 @@ export {
   IdempotencyRequestInProgressException,
   IdempotencyResultNotStoredException,
   IdempotencyResponseUnreadableException,
+  IdempotencyScopeInvalidException,
   IdempotencyStoreUnavailableException,
   IdempotencyBodyUnreadableException,
   PROBLEM_CONTENT_TYPE,

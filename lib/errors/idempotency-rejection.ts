@@ -13,7 +13,8 @@ export type RejectionCode =
   | 'store-unavailable'
   | 'lease-lost'
   | 'result-not-stored'
-  | 'response-unreadable';
+  | 'response-unreadable'
+  | 'scope-invalid';
 
 /** A rejection before a transport renders it. */
 export interface IdempotencyRejection {
@@ -81,6 +82,12 @@ const REJECTIONS: Record<RejectionCode, Omit<IdempotencyRejection, 'code'>> = {
     title: 'The stored result cannot be read',
     detail:
       'This Idempotency-Key was completed, but its stored result cannot be read back, so it is not sent again; the operation was not run again either.',
+  },
+  'scope-invalid': {
+    status: 500,
+    title: 'The caller could not be identified',
+    detail:
+      "The route's `scope` resolver returned no caller identity for this request (a string, a number or a bigint), so the request was not processed.",
   },
 };
 

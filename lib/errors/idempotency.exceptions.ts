@@ -116,6 +116,17 @@ export class IdempotencyResponseUnreadableException extends IdempotencyException
 }
 
 /**
+ * 500: the route's `scope` resolver returned something that cannot be a caller's identity (an
+ * object, an array, a boolean, NaN): a configuration error, logged with the route's name. The
+ * request was not processed.
+ */
+export class IdempotencyScopeInvalidException extends IdempotencyException {
+  constructor() {
+    super(rejection('scope-invalid'));
+  }
+}
+
+/**
  * The HTTP exception of a rejection: the class of its code (so `instanceof` in an exception filter
  * works as before), with the rejection's detail and Retry-After.
  */
@@ -139,5 +150,7 @@ export function httpExceptionFor(refusal: IdempotencyRejection): IdempotencyExce
       return new IdempotencyResultNotStoredException();
     case 'response-unreadable':
       return new IdempotencyResponseUnreadableException();
+    case 'scope-invalid':
+      return new IdempotencyScopeInvalidException();
   }
 }

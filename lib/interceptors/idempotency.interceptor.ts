@@ -35,6 +35,7 @@ import {
 import type { RecordId } from '../storage/idempotency-store.interface.js';
 import { fingerprintRequest } from '../utils/fingerprint.js';
 import { truncateKeyForLog } from '../utils/idempotency-key.js';
+import { describeScopeValue, scopeColumnValue } from '../utils/scope-value.js';
 import { GraphQLTransport } from '../transports/graphql.transport.js';
 import { boundedColumnValue } from '../transports/http-exchange.js';
 import { HttpTransport } from '../transports/http.transport.js';
@@ -104,7 +105,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
       const operation = await transport.describe(context);
       if (!options.scoped) this.warnIfAuthenticated(context, operation.scopeSource);
       const id: RecordId = {
-        scope: boundedColumnValue(await options.scope(operation.scopeSource)),
+        scope: await this.scopeOf(context, options, operation.scopeSource),
         endpoint: operation.endpoint,
         key: reading.key,
       };
@@ -231,6 +232,52 @@ export class IdempotencyInterceptor implements NestInterceptor {
       );
       throw new IdempotencyRejectionError(rejection('store-unavailable'));
     }
+  }
+
+  /** Routes already warned about (once per route and app): an empty scope, a value refused. */
+  private readonly scopeWarnings = {
+    empty: new WeakSet<Function>(),
+    invalid: new WeakSet<Function>(),
+  };
+
+  /**
+   * The record's scope: what the route's resolver returns, as a string (see `scopeColumnValue`).
+   * A value that cannot be an identity is refused (`scope-invalid`) and logged; no identity for an
+   * authenticated caller is warned about. Once per route each. What the resolver throws (an
+   * `UnauthorizedException`, say) is the request's answer.
+   */
+  private async scopeOf(
+    context: ExecutionContext,
+    options: ResolvedRouteOptions,
+    scopeSource: unknown,
+  ): Promise<string> {
+    const resolved: unknown = await options.scope(scopeSource);
+    const scope = scopeColumnValue(resolved);
+    const handler = context.getHandler();
+    const route = () => `${context.getClass().name}.${handler.name}`;
+    if (scope === undefined) {
+      if (!this.scopeWarnings.invalid.has(handler)) {
+        this.scopeWarnings.invalid.add(handler);
+        this.logger.error(
+          `The \`scope\` resolver of ${route()} returned ${describeScopeValue(resolved)}, which is no caller identity: its requests are refused (500 scope-invalid). ` +
+            'Return a string, a number or a bigint (e.g. request.user.id), or undefined for a caller without identity.',
+        );
+      }
+      throw new IdempotencyRejectionError(rejection('scope-invalid'));
+    }
+    if (
+      scope === '' &&
+      options.scoped &&
+      (scopeSource as { user?: unknown } | undefined)?.user != null &&
+      !this.scopeWarnings.empty.has(handler)
+    ) {
+      this.scopeWarnings.empty.add(handler);
+      this.logger.warn(
+        `The \`scope\` resolver of ${route()} returned no identity for an authenticated caller (request.user is set): such callers share the empty scope, ` +
+          "so one of them who sends another's key receives that caller's stored response. Check that it reads the field your authentication sets (request.user.id, request.user.userId, request.user.sub).",
+      );
+    }
+    return boundedColumnValue(scope);
   }
 
   /**

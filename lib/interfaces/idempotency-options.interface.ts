@@ -5,6 +5,9 @@ import type { TransactionRunner } from '../storage/typeorm/typeorm-idempotency.s
 import type { MessageAcknowledgement } from '../transports/rpc.transport.js';
 import type { IdempotencyEncryptionOptions } from '../security/response-sealer.js';
 import type { ReplayCacheOptions } from '../replay-cache.js';
+import type { ScopeValue } from '../utils/scope-value.js';
+
+export type { ScopeValue };
 
 /** What a duplicate does while the first request with its key is still running. */
 export type ConcurrencyMode = 'reject' | 'wait';
@@ -14,10 +17,17 @@ export type ConcurrencyMode = 'reject' | 'wait';
  * platform's request object (Express `Request` or Fastify `FastifyRequest`) on HTTP and GraphQL
  * (the GraphQL context's request), and `{ data, context }` (`MessageScopeSource`: the payload and
  * the transport's context) for a message handler.
+ *
+ * Returns a string, a number or a bigint (`42`, `42n` and `'42'` are one caller), or `null` /
+ * `undefined` for a caller without identity, who gets the empty scope `''` (shared by every such
+ * caller; an authenticated caller — `request.user` set — that resolves to it is warned about once
+ * per route). Anything else (an object, an array, a boolean, NaN) is refused with a 500
+ * `scope-invalid` problem, logged with the route's name. An exception it throws is the request's
+ * answer (an `UnauthorizedException` is a 401).
  */
 // `any`, so a resolver typed for the app's own request (`(req: Request) => …`) is assignable.
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
-export type ScopeResolver = (request: any) => string | Promise<string>;
+export type ScopeResolver = (request: any) => ScopeValue | Promise<ScopeValue>;
 
 /** Which response statuses are stored and replayed: a list, or a predicate. */
 export type StoreStatusPolicy = readonly number[] | ((status: number) => boolean);
@@ -74,7 +84,7 @@ export interface IdempotencyRouteOptions {
    */
   waitTimeout?: Duration;
   /**
-   * The caller's identity; keys are independent per scope.
+   * The caller's identity; keys are independent per scope (see `ScopeResolver`).
    * @default () => '' (one scope for everyone)
    */
   scope?: ScopeResolver;

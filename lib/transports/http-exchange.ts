@@ -46,6 +46,16 @@ export function keyFieldLines(request: PlatformRequest): string[] {
   return Array.isArray(value) ? value.map(String) : [String(value)];
 }
 
+/**
+ * The request's method as an operation: upper-case, and a HEAD is its GET (the platforms serve a
+ * HEAD with the GET route's handler, and its answer is the GET's without the body), so a HEAD
+ * with a GET's key is answered from the GET's record instead of running the handler again.
+ */
+export function operationMethodOf(request: PlatformRequest): string {
+  const method = String(request.method).toUpperCase();
+  return method === 'HEAD' ? 'GET' : method;
+}
+
 /** `METHOD /route/:pattern`: keys are per endpoint, whatever the path parameters. */
 export function endpointOf(request: PlatformRequest): string {
   const pattern: unknown =
@@ -53,7 +63,7 @@ export function endpointOf(request: PlatformRequest): string {
       ? `${String(request.baseUrl ?? '')}${String(request.route.path)}`
       : (request.routeOptions?.url ?? request.routerPath);
   const path = typeof pattern === 'string' ? pattern : pathOf(request);
-  return boundedColumnValue(`${String(request.method).toUpperCase()} ${path}`);
+  return boundedColumnValue(`${operationMethodOf(request)} ${path}`);
 }
 
 /** The URL as sent, path and query: part of the fingerprint, so `/accounts/1` ≠ `/accounts/2`. */
@@ -77,31 +87,71 @@ export function statusOf(response: PlatformResponse): number {
   return Number(response.statusCode ?? response.raw?.statusCode ?? 200);
 }
 
-/** The response headers worth replaying: the handler's own, Content-Type, Location. */
-export function storableHeaders(response: PlatformResponse): Record<string, string | string[]> {
+/** A response's headers at one moment: lower-cased names, values as sent. */
+export type HeaderSnapshot = Readonly<Record<string, string | string[]>>;
+
+/** The response's headers now: taken when the interceptor starts, before the handler runs. */
+export function headerSnapshot(response: PlatformResponse): HeaderSnapshot {
   const headers: Record<string, unknown> =
     typeof response.getHeaders === 'function' ? response.getHeaders() : {};
-  const stored: Record<string, string | string[]> = {};
+  const snapshot: Record<string, string | string[]> = {};
   for (const [name, value] of Object.entries(headers)) {
-    if (value === undefined || UNSTORED_RESPONSE_HEADERS.has(name.toLowerCase())) continue;
-    stored[name] = Array.isArray(value) ? value.map(String) : String(value);
+    if (value !== undefined) snapshot[name.toLowerCase()] = headerValue(value);
+  }
+  return snapshot;
+}
+
+/**
+ * The response headers worth replaying: those the handler (and what runs inside the interceptor)
+ * set or changed since `before` — its Content-Type, Location, own headers. Not those of the
+ * request's middleware, guards, CORS or outer interceptors (a request id, a rate-limit count, an
+ * allowed origin), which the retry gets afresh, nor `Set-Cookie` and hop-by-hop headers.
+ */
+export function storableHeaders(
+  response: PlatformResponse,
+  before: HeaderSnapshot = {},
+): Record<string, string | string[]> {
+  const stored: Record<string, string | string[]> = {};
+  for (const [name, value] of Object.entries(headerSnapshot(response))) {
+    if (UNSTORED_RESPONSE_HEADERS.has(name) || sameValue(before[name], value)) continue;
+    stored[name] = value;
   }
   return stored;
 }
 
 /**
- * Sets a replay's status when it differs from the route's own. Nest's response handling sets the
- * route's status (`@HttpCode`, or 201 for POST) again after the interceptors, through the response's
- * `status()` (Express) or `code()` (Fastify); on this one response object those become no-ops.
+ * The stored headers a replay sets: each one the current response does not have yet. What the
+ * retry's middleware and guards set (its request id, its rate-limit count, its CORS origin) is the
+ * retry's own, also against a record stored with such headers by an earlier version.
  */
-export function pinStatus(response: PlatformResponse, status: number): void {
+export function replayableHeaders(
+  response: PlatformResponse,
+  stored: Readonly<Record<string, string | string[]>>,
+): [string, string | string[]][] {
+  const current = headerSnapshot(response);
+  return Object.entries(stored).filter(
+    ([name]) =>
+      !UNSTORED_RESPONSE_HEADERS.has(name.toLowerCase()) && !(name.toLowerCase() in current),
+  );
+}
+
+function headerValue(value: unknown): string | string[] {
+  return Array.isArray(value) ? value.map(String) : String(value);
+}
+
+function sameValue(a: string | string[] | undefined, b: string | string[]): boolean {
+  if (a === undefined) return false;
+  if (typeof a === 'string' || typeof b === 'string') return a === b;
+  return a.length === b.length && a.every((item, i) => item === b[i]);
+}
+
+/**
+ * Sets a replay's status when it differs from the route's own. Nest sets the route's status
+ * (`@HttpCode`, or 201 for POST) before the interceptors run, and not again after them, so this
+ * is the status sent, while an error raised after the replay (an outer interceptor's, answered by
+ * an exception filter) still gets its own.
+ */
+export function setReplayStatus(response: PlatformResponse, status: number): void {
   if (typeof response.status === 'function') response.status(status);
   else response.statusCode = status;
-  for (const method of ['status', 'code']) {
-    if (typeof response[method] === 'function') {
-      response[method] = function keepPinnedStatus(this: unknown) {
-        return this;
-      };
-    }
-  }
 }

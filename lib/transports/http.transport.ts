@@ -1,5 +1,5 @@
 import { HttpException, Inject, Injectable, type ExecutionContext } from '@nestjs/common';
-import { HttpAdapterHost } from '@nestjs/core';
+import { ApplicationConfig, HttpAdapterHost } from '@nestjs/core';
 import { of, type Observable } from 'rxjs';
 import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import { httpExceptionFor, PROBLEM_CONTENT_TYPE } from '../errors/idempotency.exceptions.js';
@@ -15,31 +15,48 @@ import { readIdempotencyKey } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';
 import {
   endpointOf,
+  headerSnapshot,
   keyFieldLines,
-  pinStatus,
+  operationMethodOf,
+  replayableHeaders,
+  setReplayStatus,
   statusOf,
   storableHeaders,
   urlOf,
+  type HeaderSnapshot,
+  type PlatformResponse,
 } from './http-exchange.js';
 import type { FileFingerprint } from '../utils/fingerprint.js';
 import { fingerprintsOf, readAhead, unreadBody, uploadedFiles } from './http-body.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
+import { EXCEPTION_ENTRY, ReplayedExceptions } from './replayed-exception.js';
 import { resultStorer } from './stored-result.js';
 
 /**
  * HTTP (Express and Fastify): the key is the Idempotency-Key header, the operation is the route
- * (method and pattern) with the URL and body fingerprinted, replays carry the stored status and
- * headers plus `Idempotent-Replayed: true`, rejections are problem+json.
+ * (method and pattern) with the URL and body fingerprinted (a HEAD is its GET's operation), replays
+ * carry the stored status and the handler's headers plus `Idempotent-Replayed: true`, and a stored
+ * error is thrown again as its own class; rejections are problem+json.
  */
 @Injectable()
 export class HttpTransport implements IdempotencyTransport {
   readonly type = 'http';
   readonly defaultConcurrency = 'reject';
 
+  /** Each response's headers when the interceptor started: what the handler sets comes after. */
+  private readonly headersBefore = new WeakMap<PlatformResponse, HeaderSnapshot>();
+  private readonly exceptions: ReplayedExceptions;
+
   constructor(
     private readonly adapterHost: HttpAdapterHost,
     @Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions,
-  ) {}
+    config: ApplicationConfig,
+  ) {
+    this.exceptions = new ReplayedExceptions(() => [
+      ...config.getGlobalFilters(),
+      ...config.getGlobalRequestFilters().map((wrapper) => wrapper.metatype),
+    ]);
+  }
 
   applies(): boolean {
     return true;
@@ -52,14 +69,18 @@ export class HttpTransport implements IdempotencyTransport {
   /**
    * The body as the platform parsed it (JSON, urlencoded), with the files multer parsed (hashed);
    * or, when no one has read the body yet (a multipart body whose FileInterceptor runs after this
-   * interceptor, or that the handler reads), the body itself, read ahead and put back.
+   * interceptor, or that the handler reads), the body itself, read ahead and put back. Snapshots
+   * the response's headers, so only those set from here on are stored.
    */
   describe(context: ExecutionContext): OperationDescription | Promise<OperationDescription> {
-    const request = context.switchToHttp().getRequest();
+    const http = context.switchToHttp();
+    const request = http.getRequest();
+    const response = http.getResponse<PlatformResponse>();
+    this.headersBefore.set(response, headerSnapshot(response));
     const operation = (body: unknown, files?: FileFingerprint[]): OperationDescription => ({
       endpoint: endpointOf(request),
       scopeSource: request,
-      fingerprint: { method: request.method, url: urlOf(request), body, files },
+      fingerprint: { method: operationMethodOf(request), url: urlOf(request), body, files },
     });
     const unread = unreadBody(request);
     if (unread) return readAhead(unread).then((body) => operation(body));
@@ -76,34 +97,58 @@ export class HttpTransport implements IdempotencyTransport {
     options: ResolvedRouteOptions,
     id: RecordId,
   ): StoredResponse | null {
-    const response = context.switchToHttp().getResponse();
-    const store = resultStorer(
-      { key: id.key, endpoint: id.endpoint, headers: storableHeaders(response) },
-      options.shouldStore,
-      this.moduleOptions.maxResponseBytes,
-    );
-    if (outcome.ok) return store(statusOf(response), outcome.value, false);
-    if (!(outcome.error instanceof HttpException)) return null;
-    return store(outcome.error.getStatus(), outcome.error.getResponse(), true);
+    const response = context.switchToHttp().getResponse<PlatformResponse>();
+    const headers = storableHeaders(response, this.headersBefore.get(response));
+    delete headers[EXCEPTION_ENTRY];
+    const { key, endpoint } = id;
+    const { shouldStore } = options;
+    const { maxResponseBytes } = this.moduleOptions;
+    if (outcome.ok) {
+      return resultStorer({ key, endpoint, headers }, shouldStore, maxResponseBytes)(
+        statusOf(response),
+        outcome.value,
+        false,
+      );
+    }
+    const error = outcome.error;
+    if (!(error instanceof HttpException)) return null;
+    const entry = this.exceptions.entryFor(error);
+    return resultStorer(
+      { key, endpoint, headers: entry ? { ...headers, [EXCEPTION_ENTRY]: entry } : headers },
+      shouldStore,
+      maxResponseBytes,
+    )(error.getStatus(), error.getResponse(), true);
   }
 
-  /** Sends a stored response again: same headers and body, the original (or configured) status. */
+  /**
+   * Sends a stored response again: the same body, the handler's headers (those the retry's own
+   * middleware and guards have not set), the original (or configured) status.
+   */
   replay(
     context: ExecutionContext,
     stored: StoredResponse,
     options: ResolvedRouteOptions,
   ): Observable<unknown> {
-    const response = context.switchToHttp().getResponse();
+    const response = context.switchToHttp().getResponse<PlatformResponse>();
     const adapter = this.adapterHost.httpAdapter;
-    for (const [name, value] of Object.entries(stored.headers)) {
+    const { [EXCEPTION_ENTRY]: exception, ...headers } = stored.headers;
+    for (const [name, value] of replayableHeaders(response, headers)) {
       adapter.setHeader(response, name, value as string);
     }
     adapter.setHeader(response, IDEMPOTENT_REPLAYED_HEADER, 'true');
     const body = decodeBody(stored);
-    // A stored error goes through the exception filters again, as the original did.
-    if (stored.isError) throw new HttpException(body as string | object, stored.status);
+    // A stored error goes through the exception filters again, as its own class, as the original did.
+    if (stored.isError) {
+      throw this.exceptions.replayed(
+        context.getHandler(),
+        context.getClass(),
+        exception,
+        body,
+        stored.status,
+      );
+    }
     const status = options.replayStatus ?? stored.status;
-    if (status !== statusOf(response)) pinStatus(response, status);
+    if (status !== statusOf(response)) setReplayStatus(response, status);
     return of(body);
   }
 
