@@ -1,12 +1,22 @@
-import { ClientProxyFactory, Transport, type ClientProxy } from '@nestjs/microservices';
+import type { INestMicroservice } from '@nestjs/common';
+import { NestFactory } from '@nestjs/core';
+import {
+  ClientProxyFactory,
+  Transport,
+  type ClientProxy,
+  type MicroserviceOptions,
+} from '@nestjs/microservices';
 import { connect as connectAmqp } from 'amqplib';
 import { connectAsync as connectMqtt } from 'mqtt';
 import { connect as connectNats, headers as natsHeaders } from '@nats-io/transport-node';
 import { randomUUID } from 'node:crypto';
 import { createServer } from 'node:net';
-import { firstValueFrom } from 'rxjs';
+import { firstValueFrom, lastValueFrom, toArray } from 'rxjs';
 import { DataSource } from 'typeorm';
-import { transportKey } from '../lib/index.js';
+import { IdempotencyRecord, transportKey } from '../lib/index.js';
+import { messageHandlersModule, runs, settlements } from './fixtures/message-handlers.js';
+import { CapturedLog } from './support/captured-log.js';
+import { testDatabases } from './support/databases.js';
 import { createEffectsTables, dropEffectsTables } from './support/effects.js';
 import { startAppProcess, type AppProcess } from './support/processes.js';
 import { describeOnPostgres, report, runTag, tally, waitFor } from './support/reliability.js';
@@ -169,6 +179,155 @@ describeOnPostgres('message handlers on real brokers', (url) => {
   });
 
   describeWith(
+    BROKERS.rmq,
+    'RabbitMQ: every message settled once (manual acknowledgement, a dead-letter queue)',
+  )(() => {
+    /** Stops the test's consumer and deletes its queues, even when the test failed midway. */
+    let cleanUp: (() => Promise<void>) | undefined;
+    afterEach(async () => {
+      await cleanUp?.();
+      cleanUp = undefined;
+    });
+
+    /** A consumer on a queue of its own, whose dead letters (`drop`) go to a second queue. */
+    async function settlingConsumer() {
+      const queue = `${tag}_${randomUUID().slice(0, 8)}`;
+      const deadLetters = `${queue}_dead`;
+      const connection = await connectAmqp(BROKERS.rmq!);
+      const channel = await connection.createChannel();
+      await channel.assertQueue(deadLetters, { durable: false });
+      await channel.assertQueue(queue, {
+        durable: false,
+        arguments: { 'x-dead-letter-exchange': '', 'x-dead-letter-routing-key': deadLetters },
+      });
+      const app = await consumer('rmq', {
+        BROKER_URL: BROKERS.rmq!,
+        QUEUE: queue,
+        DEAD_LETTER_QUEUE: deadLetters,
+      });
+      cleanUp = async () => {
+        await app.stop('SIGKILL');
+        await channel.deleteQueue(queue);
+        await channel.deleteQueue(deadLetters);
+        await connection.close();
+      };
+      const count = (pattern: string) =>
+        (app.output().match(new RegExp(pattern, 'g')) ?? []).length;
+      return {
+        app,
+        publish(
+          handler: string,
+          data: unknown,
+          options: { messageId?: string; headers?: object } = {},
+        ) {
+          const packet = { pattern: `${tag}.${handler}`, data };
+          channel.sendToQueue(queue, Buffer.from(JSON.stringify(packet)), options);
+        },
+        /** How often the consumer settled a message with this key (or marker), and ran a handler for it. */
+        settledCount: (id: string) => count(`settled \\w+( replayed)? ${id}`),
+        ranCount: (id: string) => count(`ran \\w+ ${id}`),
+        /**
+         * Stops the consumer (the broker puts what it left unacknowledged back in the queue), then
+         * counts the messages left in the queue and those dead-lettered.
+         */
+        async leftOver() {
+          await app.stop();
+          await waitFor('the consumer to be gone from its queue', async () =>
+            (await channel.checkQueue(queue)).consumerCount === 0 ? true : undefined,
+          );
+          const queued = (await channel.checkQueue(queue)).messageCount;
+          const deadLettered = (await channel.checkQueue(deadLetters)).messageCount;
+          return { queued, deadLettered };
+        },
+      };
+    }
+
+    it('a deliberate RpcException (no statusCode) is acked once, not redelivered in a loop; a duplicate replays it', async () => {
+      const rmq = await settlingConsumer();
+      const key = randomUUID();
+      rmq.publish('refuse', { amount: 1 }, { messageId: key });
+      await rmq.app.waitForOutput(new RegExp(`settled done ${key}`), 20_000);
+      rmq.publish('refuse', { amount: 1 }, { messageId: key });
+      await rmq.app.waitForOutput(new RegExp(`settled done replayed ${key}`), 20_000);
+      expect(await rmq.leftOver()).toEqual({ queued: 0, deadLettered: 0 });
+      expect(rmq.ranCount(key)).toBe(1);
+      expect(rmq.settledCount(key)).toBe(2);
+    }, 60_000);
+
+    it('a payload the ValidationPipe refuses (400) is dead-lettered once, not redelivered', async () => {
+      const rmq = await settlingConsumer();
+      const key = randomUUID();
+      rmq.publish('validated', { amount: 'ten' }, { messageId: key });
+      await rmq.app.waitForOutput(new RegExp(`settled drop ${key}`), 20_000);
+      expect(await rmq.leftOver()).toEqual({ queued: 0, deadLettered: 1 });
+      expect(rmq.settledCount(key)).toBe(1);
+    }, 60_000);
+
+    it('a crash is requeued and runs again: the redelivery succeeds and is acked', async () => {
+      const rmq = await settlingConsumer();
+      const key = randomUUID();
+      rmq.publish('flaky', {}, { messageId: key });
+      await rmq.app.waitForOutput(
+        new RegExp(`settled retry ${key}[^]*settled done ${key}`),
+        20_000,
+      );
+      expect(await rmq.leftOver()).toEqual({ queued: 0, deadLettered: 0 });
+      expect(rmq.ranCount(key)).toBe(2);
+    }, 60_000);
+
+    it('a message without a key on a required: false route is acked after it ran', async () => {
+      const rmq = await settlingConsumer();
+      const marker = randomUUID();
+      rmq.publish('optional', { marker });
+      await rmq.app.waitForOutput(new RegExp(`ran optional ${marker}`), 20_000);
+      expect(await rmq.leftOver()).toEqual({ queued: 0, deadLettered: 0 });
+      expect(rmq.settledCount(marker)).toBe(1);
+    }, 60_000);
+
+    it('a message its scope resolver refuses, and one without a key on a required route, are dead-lettered', async () => {
+      const rmq = await settlingConsumer();
+      const key = randomUUID();
+      const marker = randomUUID();
+      rmq.publish('tenant', {}, { messageId: key });
+      rmq.publish('book', { marker });
+      await rmq.app.waitForOutput(new RegExp(`settled drop ${key}`), 20_000);
+      await rmq.app.waitForOutput(new RegExp(`settled drop ${marker}`), 20_000);
+      expect(await rmq.leftOver()).toEqual({ queued: 0, deadLettered: 2 });
+      expect(rmq.ranCount(key)).toBe(0);
+    }, 60_000);
+
+    it('the key in an Idempotency-Key header wins over a message_id that differs per copy', async () => {
+      const rmq = await settlingConsumer();
+      const key = randomUUID();
+      const copies = [randomUUID(), randomUUID()];
+      for (const messageId of copies)
+        rmq.publish('book', { amount: 2 }, { messageId, headers: { 'Idempotency-Key': key } });
+      await waitFor(
+        'both copies to be settled',
+        () => (rmq.settledCount(key) === 2 ? true : undefined),
+        {
+          timeoutMs: 20_000,
+        },
+      );
+      expect(await rmq.leftOver()).toEqual({ queued: 0, deadLettered: 0 });
+      const effects = await effectsOf([key, ...copies]);
+      expect(effects(key)).toHaveLength(1);
+    }, 60_000);
+
+    it('a text payload is fingerprinted as sent: its copy replays, another text under its key is dead-lettered', async () => {
+      const rmq = await settlingConsumer();
+      const key = randomUUID();
+      rmq.publish('book', 'transfer 10 to savings', { messageId: key });
+      rmq.publish('book', 'transfer 10 to savings', { messageId: key });
+      await rmq.app.waitForOutput(new RegExp(`settled done replayed ${key}`), 20_000);
+      rmq.publish('book', 'transfer 99 to savings', { messageId: key });
+      await rmq.app.waitForOutput(new RegExp(`settled drop ${key}`), 20_000);
+      expect(await rmq.leftOver()).toEqual({ queued: 0, deadLettered: 1 });
+      expect((await effectsOf([key]))(key)).toHaveLength(1);
+    }, 60_000);
+  });
+
+  describeWith(
     BROKERS.nats,
     'NATS (queue group of three)',
   )(() => {
@@ -287,6 +446,197 @@ describeOnPostgres('message handlers on real brokers', (url) => {
         }),
       );
     }, 60_000);
+  });
+});
+
+describe('message handlers in one process (TCP, PGlite): settling, endpoints, replies', () => {
+  let app: INestMicroservice;
+  let client: ClientProxy;
+  let dataSource: DataSource;
+  const log = new CapturedLog();
+
+  beforeAll(async () => {
+    const pglite = testDatabases.find((database) => database.name === 'pglite')!;
+    dataSource = new DataSource({ ...pglite.options(), entities: [IdempotencyRecord] });
+    await dataSource.initialize();
+    const port = await freePort();
+    app = await NestFactory.createMicroservice<MicroserviceOptions>(
+      messageHandlersModule(dataSource),
+      { transport: Transport.TCP, options: { host: '127.0.0.1', port }, logger: log },
+    );
+    await app.listen();
+    client = ClientProxyFactory.create({
+      transport: Transport.TCP,
+      options: { host: '127.0.0.1', port },
+    });
+    await client.connect();
+  });
+  afterAll(async () => {
+    await client?.close();
+    await app?.close();
+    if (dataSource?.isInitialized) await dataSource.destroy();
+  });
+  beforeEach(() => {
+    settlements.length = 0;
+  });
+
+  /** Every reply of one request (Nest streams several when the handler returns several). */
+  const replies = (pattern: string, payload: unknown) =>
+    lastValueFrom(client.send(pattern, payload).pipe(toArray()));
+  /** The error object a request fails with. */
+  const failure = (pattern: string, payload: unknown) =>
+    lastValueFrom(client.send(pattern, payload)).then(
+      () => Promise.reject(new Error('the request succeeded')),
+      (error: unknown) => error as Record<string, unknown>,
+    );
+  const done = (replayed: boolean) => ({ kind: 'done', replayed });
+  const settledOf = (pattern: string) =>
+    settlements.filter((s) => s.pattern === pattern).map((s) => s.settled);
+  const recordsOf = (key: string): Promise<{ endpoint: string; responseStatus: number }[]> =>
+    dataSource.query(
+      'SELECT endpoint, response_status AS "responseStatus" FROM idempotency_records WHERE idempotency_key = $1',
+      [key],
+    );
+
+  it('an RpcException without a statusCode is a final answer: stored, replayed, settled done', async () => {
+    const key = randomUUID();
+    const first = await failure('refuse', { idempotencyKey: key });
+    const again = await failure('refuse', { idempotencyKey: key });
+    expect(first).toMatchObject({ message: 'insufficient funds' });
+    expect(again).toEqual(first);
+    expect(runs.get(`refuse|${key}`)).toBe(1);
+    expect(settledOf('refuse')).toEqual([done(false), done(true)]);
+  });
+
+  it('an RpcException with a 5xx statusCode is released and settled retry: a redelivery runs again', async () => {
+    const key = randomUUID();
+    await failure('unavailable', { idempotencyKey: key });
+    await failure('unavailable', { idempotencyKey: key });
+    expect(runs.get(`unavailable|${key}`)).toBe(2);
+    expect(settledOf('unavailable').map((s) => s.kind)).toEqual(['retry', 'retry']);
+    expect(await recordsOf(key)).toHaveLength(0);
+  });
+
+  it('a crash is released and settled retry', async () => {
+    const key = randomUUID();
+    await failure('crash', { idempotencyKey: key });
+    expect(settledOf('crash').map((s) => s.kind)).toEqual(['retry']);
+    expect(await recordsOf(key)).toHaveLength(0);
+  });
+
+  it('a payload the ValidationPipe refuses (400) is released and dropped: redelivering it cannot help', async () => {
+    const key = randomUUID();
+    await failure('validated', { idempotencyKey: key, amount: 'ten' });
+    expect(settledOf('validated')).toEqual([{ kind: 'drop', reason: expect.any(String) }]);
+    expect(await recordsOf(key)).toHaveLength(0);
+    // The key was released: the corrected payload under the same key runs.
+    expect(await replies('validated', { idempotencyKey: key, amount: 10 })).toEqual([
+      { amount: 10 },
+    ]);
+    expect(settledOf('validated')[1]).toEqual(done(false));
+  });
+
+  it('a message without a key on a required: false route is settled once: done, or by the error rules', async () => {
+    const marker = randomUUID();
+    expect(await replies('optional', { marker })).toEqual(['ok']);
+    expect(settledOf('optional')).toEqual([done(false)]);
+    await failure('optional', { marker, fail: true });
+    expect(settledOf('optional')).toEqual([
+      done(false),
+      { kind: 'drop', reason: expect.any(String) },
+    ]);
+    expect(runs.get(`optional|${marker}`)).toBe(2);
+  });
+
+  it('a missing key on a required route is rejected and dropped, the handler not run', async () => {
+    const marker = randomUUID();
+    expect(await failure('required', { marker })).toMatchObject({
+      code: 'key-missing',
+      statusCode: 400,
+    });
+    expect(settledOf('required')).toEqual([{ kind: 'drop', reason: 'key-missing' }]);
+    expect(runs.get(`required|${marker}`)).toBeUndefined();
+  });
+
+  it('a scope resolver that throws settles the message once: a 403 is dropped, a crash retried', async () => {
+    const key = randomUUID();
+    await failure('tenant', { idempotencyKey: key });
+    await failure('tenant', { idempotencyKey: key, tenant: 'crash' });
+    expect(settledOf('tenant').map((s) => s.kind)).toEqual(['drop', 'retry']);
+    expect(runs.get(`tenant|${key}`)).toBeUndefined();
+  });
+
+  it('an acknowledgement that throws is called once and does not change the reply', async () => {
+    const key = randomUUID();
+    expect(await replies('ack-fails', { idempotencyKey: key })).toEqual([{ charged: true }]);
+    expect(settledOf('ack-fails')).toEqual([done(false)]);
+    expect(log.lines.some((line) => /Channel closed/.test(line.text))).toBe(true);
+  });
+
+  it('two handlers of one class name and method name, on two patterns, keep their keys apart', async () => {
+    const key = randomUUID();
+    expect(await replies('ledger.a', { idempotencyKey: key })).toEqual([{ ledger: 'ledger.a' }]);
+    expect(await replies('ledger.b', { idempotencyKey: key })).toEqual([{ ledger: 'ledger.b' }]);
+    expect(await failure('ledger.b', { idempotencyKey: key, other: true })).toMatchObject({
+      code: 'key-reused',
+    });
+    expect(runs.get(`ledger.a|${key}`)).toBe(1);
+    expect(runs.get(`ledger.b|${key}`)).toBe(1);
+    expect((await recordsOf(key)).map((r) => r.endpoint).sort()).toEqual([
+      'RPC Ledger.handle ledger.a',
+      'RPC Ledger.handle ledger.b',
+    ]);
+  });
+
+  it('two event handlers of one event each process a message once', async () => {
+    const key = randomUUID();
+    for (let i = 0; i < 3; i++)
+      await lastValueFrom(client.emit('audited', { idempotencyKey: key }));
+    await waitFor('both handlers to finish', async () =>
+      (await recordsOf(key)).length === 2 ? true : undefined,
+    );
+    expect(runs.get(`audited:trail|${key}`)).toBe(1);
+    expect(runs.get(`audited:mail|${key}`)).toBe(1);
+  });
+
+  it('two handlers alike in class name, method name and event share one key space: warned', async () => {
+    const key = randomUUID();
+    await lastValueFrom(client.emit('lookalike', { idempotencyKey: key }));
+    await waitFor('the warning', () =>
+      log.lines.some(
+        (line) =>
+          line.level === 'warn' &&
+          line.text.includes(
+            'Two message handlers share the endpoint "RPC Lookalike.handle lookalike"',
+          ),
+      )
+        ? true
+        : undefined,
+    );
+  });
+
+  it('a handler that replies several values: the first caller and a replay get all of them', async () => {
+    const key = randomUUID();
+    const parts = [{ part: 1 }, { part: 2 }, { part: 3 }];
+    expect(await replies('stream', { idempotencyKey: key })).toEqual(parts);
+    expect(await replies('stream', { idempotencyKey: key })).toEqual(parts);
+    expect(runs.get(`stream|${key}`)).toBe(1);
+  });
+
+  it('a numeric key field is a key (an event id from a sequence)', async () => {
+    const key = Math.floor(Math.random() * 2 ** 40);
+    const first = await replies('echo', { idempotencyKey: key });
+    expect(await replies('echo', { idempotencyKey: key })).toEqual(first);
+    expect(runs.get(`echo|${key}`)).toBe(1);
+    expect(await failure('echo', { idempotencyKey: 1.5 })).toMatchObject({ code: 'key-invalid' });
+  });
+
+  it.each([
+    ['a string', 'hello'],
+    ['a number', 42],
+    ['an array', [1, 2]],
+  ])('%s payload without a key is a key-missing refusal, not a crash', async (_name, payload) => {
+    expect(await failure('echo', payload)).toMatchObject({ code: 'key-missing', statusCode: 400 });
   });
 });
 

@@ -7,7 +7,7 @@ import {
   type NestInterceptor,
 } from '@nestjs/common';
 import { Reflector } from '@nestjs/core';
-import { lastValueFrom, Observable } from 'rxjs';
+import { lastValueFrom, Observable, tap } from 'rxjs';
 import { INTERCEPTORS_METADATA } from '@nestjs/common/constants.js';
 import {
   IDEMPOTENT_ROUTE_OPTIONS,
@@ -62,6 +62,15 @@ interface Route {
 /** Marks a call already handled, when `@Idempotent()` sits on both a controller and a method. */
 const HANDLED = Symbol('nestjs-idempotency.handled');
 
+/**
+ * Settles the call with its transport (RPC: acknowledges the message), at most once: given how it
+ * ended, or a function that tells it (only called when the transport settles calls).
+ */
+type Settle = (settled: SettledMessage | (() => SettledMessage)) => void;
+const settlesNothing: Settle = () => undefined;
+const DONE: SettledMessage = { kind: 'done', replayed: false };
+const REPLAYED: SettledMessage = { kind: 'done', replayed: true };
+
 /** Handlers already warned about an authenticated caller without a scope. */
 const warnedUnscoped = new WeakSet<Function>();
 
@@ -94,13 +103,23 @@ export class IdempotencyInterceptor implements NestInterceptor {
     const { options, twice } = this.routeOf(context);
     if (twice && alreadyHandled(context)) return next.handle();
     if (transport.type === 'rpc') await loadMicroservices();
+    // Every call that gets here is settled once: by its decision, its handler's end, or a throw.
+    const settle = this.settler(transport, context, options);
     try {
       const reading = transport.readKey(context);
       if (reading.kind === 'invalid')
         throw new IdempotencyRejectionError(rejection('key-invalid', { detail: reading.reason }));
       if (reading.kind === 'absent') {
         if (options.required) throw new IdempotencyRejectionError(rejection('key-missing'));
-        return next.handle();
+        if (settle === settlesNothing) return next.handle();
+        // Run without idempotency, but settled all the same (else the message stays unacked).
+        return next.handle().pipe(
+          tap({
+            complete: () => settle(DONE),
+            error: (error: unknown) =>
+              settle(() => this.settledAfterError(transport, error, options)),
+          }),
+        );
       }
       const operation = await transport.describe(context);
       if (!options.scoped) this.warnIfAuthenticated(context, operation.scopeSource);
@@ -119,12 +138,37 @@ export class IdempotencyInterceptor implements NestInterceptor {
           waitTimeoutMs: options.waitTimeoutMs,
         }),
       );
-      return this.act(transport, context, decision, fingerprint, next, options);
+      return this.act(transport, context, decision, fingerprint, next, options, settle);
     } catch (error) {
-      if (!(error instanceof IdempotencyRejectionError)) throw error;
-      transport.settled?.(context, settledBy(error.rejection), options);
+      if (!(error instanceof IdempotencyRejectionError)) {
+        // A `scope` resolver that threw (a replayed stored error is settled already).
+        settle(() => this.settledAfterError(transport, error, options));
+        throw error;
+      }
+      settle(settledBy(error.rejection));
       throw transport.reject(context, error.rejection);
     }
+  }
+
+  /** The call's `Settle`: once, and an acknowledgement that throws is logged, not the call's end. */
+  private settler(
+    transport: IdempotencyTransport,
+    context: ExecutionContext,
+    options: ResolvedRouteOptions,
+  ): Settle {
+    if (!transport.settled) return settlesNothing;
+    let settled = false;
+    return (how) => {
+      if (settled) return;
+      settled = true;
+      try {
+        transport.settled!(context, typeof how === 'function' ? how() : how, options);
+      } catch (error) {
+        this.logger.error(
+          `The acknowledgement of a message to ${context.getClass().name}.${context.getHandler().name} failed: ${(error as Error).message}. It stays unsettled until the broker delivers it again.`,
+        );
+      }
+    };
   }
 
   private act(
@@ -134,6 +178,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
     fingerprint: string,
     next: CallHandler,
     options: ResolvedRouteOptions,
+    settle: Settle,
   ): Observable<unknown> {
     switch (decision.action) {
       case 'execute':
@@ -145,41 +190,40 @@ export class IdempotencyInterceptor implements NestInterceptor {
               decision.lease,
               fingerprint,
               options,
-              () => lastValueFrom(next.handle(), { defaultValue: undefined }),
+              () =>
+                transport.result
+                  ? transport.result(next.handle())
+                  : lastValueFrom(next.handle(), { defaultValue: undefined }),
               (outcome) => transport.capture(context, outcome, options, decision.lease.id),
             )
-            .then((value) => {
-              transport.settled?.(context, { kind: 'done', replayed: false }, options);
-              return value;
-            })
-            .catch((error: unknown) => {
-              const code =
-                error instanceof LeaseLostError
-                  ? 'lease-lost'
-                  : error instanceof UnstoredResultError
-                    ? 'result-not-stored'
-                    : error instanceof TransactionUnavailableError
-                      ? 'store-unavailable'
-                      : undefined;
-              const refusal = code ? rejection(code) : undefined;
-              if (transport.settled) {
-                transport.settled(
-                  context,
-                  this.settledAfterFailure(
-                    transport,
-                    context,
-                    error,
-                    refusal,
-                    options,
-                    decision.lease.id,
-                  ),
-                  options,
-                );
-              }
-              throw refusal ? transport.reject(context, refusal) : error;
-            })
             .then(
               (value) => {
+                settle(DONE);
+                return value;
+              },
+              (error: unknown) => {
+                const code =
+                  error instanceof LeaseLostError
+                    ? 'lease-lost'
+                    : error instanceof UnstoredResultError
+                      ? 'result-not-stored'
+                      : error instanceof TransactionUnavailableError
+                        ? 'store-unavailable'
+                        : undefined;
+                const refusal = code ? rejection(code) : undefined;
+                // A stored error is done; a refusal or a released outcome is retried or dropped.
+                settle(() =>
+                  refusal ? settledBy(refusal) : this.settledAfterError(transport, error, options),
+                );
+                throw refusal ? transport.reject(context, refusal) : error;
+              },
+            )
+            .then(
+              (value) => {
+                if (transport.answer) {
+                  transport.answer(value).subscribe(subscriber);
+                  return;
+                }
                 subscriber.next(value);
                 subscriber.complete();
               },
@@ -187,7 +231,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
             );
         });
       case 'replay':
-        transport.settled?.(context, { kind: 'done', replayed: true }, options);
+        settle(REPLAYED);
         return transport.replay(context, decision.response, options);
       case 'mismatch':
         throw new IdempotencyRejectionError(rejection('key-reused'));
@@ -203,23 +247,21 @@ export class IdempotencyInterceptor implements NestInterceptor {
   }
 
   /**
-   * How a message whose execution failed ended: refused (lease lost, result not stored), done (a
-   * stored error: an HttpException or RpcException the handler chose is its result), or to be
-   * retried (a crash released the key, so a redelivery runs the handler again).
+   * How a message whose handler (or scope resolver) threw ended: done (an answer the handler chose,
+   * stored), dropped (a status a redelivery cannot change), or to be retried (a crash released the
+   * key, so a redelivery runs the handler again): see `RpcTransport.settledAfterError`.
    */
-  private settledAfterFailure(
+  private settledAfterError(
     transport: IdempotencyTransport,
-    context: ExecutionContext,
     error: unknown,
-    refusal: IdempotencyRejection | undefined,
     options: ResolvedRouteOptions,
-    id: RecordId,
   ): SettledMessage {
-    if (refusal) return settledBy(refusal);
-    const stored = transport.capture(context, { ok: false, error }, options, id) !== null;
-    return stored
-      ? { kind: 'done', replayed: false }
-      : { kind: 'retry', reason: 'the handler failed' };
+    return (
+      transport.settledAfterError?.(error, options) ?? {
+        kind: 'retry',
+        reason: 'the handler failed',
+      }
+    );
   }
 
   /** Decides, turning a store failure into a 503: the handler never runs without a claim. */

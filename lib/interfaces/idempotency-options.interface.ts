@@ -103,9 +103,10 @@ export interface IdempotencyRouteOptions {
   replayStatus?: number;
   /**
    * Message handlers with manual acknowledgement (RabbitMQ `noAck: false`): settles each message
-   * with its broker once the module knows how it ended — done, to retry, or to drop (see
-   * `SettledMessage`) — so the handler does not acknowledge itself. `rabbitMqAcknowledgement`
-   * does it for RabbitMQ.
+   * with its broker, exactly once, once the module knows how it ended — done, to retry, or to drop
+   * (see `SettledMessage`), also when it ran without a key (`required: false`) — so the handler
+   * does not acknowledge itself. `rabbitMqAcknowledgement` does it for RabbitMQ. If it throws, the
+   * error is logged and the handler's answer stands.
    * @default undefined (the module acknowledges nothing)
    */
   acknowledge?: MessageAcknowledgement;
@@ -150,8 +151,9 @@ export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
    */
   store?: IdempotencyStore;
   /**
-   * The payload field of a message handler's key; without it, the transport's own message identity
-   * (RabbitMQ `message_id`, NATS `Nats-Msg-Id`, MQTT 5 user property, Kafka header or offset).
+   * The payload field of a message handler's key (a string, or an integer); without it, the
+   * transport's own message identity (RabbitMQ `idempotency-key` header or `message_id`, NATS
+   * `Nats-Msg-Id`, MQTT 5 user property, Kafka header or offset).
    * @default 'idempotencyKey'
    */
   messageKeyField?: string;

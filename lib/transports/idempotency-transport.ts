@@ -62,4 +62,14 @@ export interface IdempotencyTransport {
   reject(context: ExecutionContext, rejection: IdempotencyRejection): Error;
   /** How the call ended, once it is settled (RPC: acknowledge the message, see `acknowledge`). */
   settled?(context: ExecutionContext, settled: SettledMessage, options: ResolvedRouteOptions): void;
+  /** With `settled`: how a call whose handler threw ends when its outcome is not stored. */
+  settledAfterError?(error: unknown, options: ResolvedRouteOptions): SettledMessage;
+  /**
+   * The result to capture from what the handler emitted, where the caller receives more than its
+   * last value (RPC: Nest sends every value of an Observable); by default the last value, as Nest
+   * answers HTTP and GraphQL calls.
+   */
+  result?(emitted: Observable<unknown>): Promise<unknown>;
+  /** With `result`: what the first caller receives for it. */
+  answer?(result: unknown): Observable<unknown>;
 }

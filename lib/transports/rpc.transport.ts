@@ -1,5 +1,5 @@
-import { HttpException, Inject, Injectable, type ExecutionContext } from '@nestjs/common';
-import { of, type Observable } from 'rxjs';
+import { HttpException, Inject, Injectable, Logger, type ExecutionContext } from '@nestjs/common';
+import { from, lastValueFrom, of, toArray, type Observable } from 'rxjs';
 import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import {
   RESOLVED_OPTIONS,
@@ -7,12 +7,14 @@ import {
   type ResolvedRouteOptions,
 } from '../idempotency.options.js';
 import type { Outcome } from '../idempotency.service.js';
+import { RELEASING_CLIENT_STATUSES } from '../idempotency.constants.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
+import { canonicalJson } from '../utils/fingerprint.js';
 import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';
 import { boundedColumnValue } from './http-exchange.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
-import { resultStorer } from './stored-result.js';
+import { storedResult } from './stored-result.js';
 
 type Microservices = typeof import('@nestjs/microservices');
 
@@ -31,10 +33,13 @@ export interface MessageScopeSource {
 }
 
 /**
- * How a message ended, as told to `acknowledge`: `done` (its result is stored and committed, or it
- * was a duplicate of a completed message), `retry` (not done, and it may succeed later: in progress
- * elsewhere, the store unreachable, the handler failed and its key was released, its claim lost),
- * or `drop` (it can never succeed: another payload under its key, an invalid or missing key).
+ * How a message ended, as told to `acknowledge`, once for every message that reaches
+ * `@Idempotent()`: `done` (the handler returned, or gave its final answer: a stored result, an
+ * RpcException without a `statusCode`; or it was a duplicate of a completed message), `retry` (not
+ * done, and it may succeed later: in progress elsewhere, the store unreachable, its claim lost, the
+ * handler crashed or failed with a 5xx, 408 or 429), or `drop` (delivering it again cannot help:
+ * another payload under its key, an invalid or missing key, a 4xx the sender must correct such as
+ * a 400 from the ValidationPipe, a refusal by the `scope` resolver).
  */
 export type SettledMessage =
   | { readonly kind: 'done'; readonly replayed: boolean }
@@ -71,21 +76,57 @@ interface StoredRpcError {
   readonly rpcError: unknown;
 }
 
+/** A handler's answer of several values (an Observable): Nest sends each to the caller. */
+class MessageReplies {
+  constructor(readonly values: readonly unknown[]) {}
+}
+
+/** The stored headers of an answer of several values, stored as their array. */
+const SEVERAL_REPLIES: StoredResponse['headers'] = { 'rpc-replies': 'several' };
+
+/** The metadata keys of `@nestjs/microservices`' pattern decorators. */
+const PATTERN_METADATA = 'microservices:pattern';
+const TRANSPORT_METADATA = 'microservices:transport';
+
+/** A thrown error as the handler's answer: its status (none: an RpcException's own), what is stored. */
+interface ErrorAnswer {
+  readonly status: number | undefined;
+  readonly value: unknown;
+}
+
+const storeAlways = () => true;
+
+/**
+ * The released statuses a redelivery of the same message cannot change (the sender must correct
+ * it); the other released ones (408, 429, 5xx, and any the route's policy releases) may pass later.
+ */
+const SENDER_MUST_CORRECT = new Set(
+  RELEASING_CLIENT_STATUSES.filter((status) => status !== 408 && status !== 429),
+);
+
 /**
  * Microservice handlers (`@MessagePattern`, `@EventPattern`) on every transport. The key is the
  * payload's `messageKeyField` (default `idempotencyKey`), else the transport's own message
- * identity: RabbitMQ `message_id` (or an `idempotency-key` header), NATS `Nats-Msg-Id` (or
- * `Idempotency-Key`) headers, MQTT 5 user property `idempotency-key`, Kafka `idempotency-key`
- * header or else topic/partition/offset. Each handler is its own endpoint (`RPC Class.method`), so
- * two event handlers of one event each process a message once. A duplicate of a completed
- * `@MessagePattern` gets the stored reply; a duplicate event is dropped. Duplicates in flight wait
- * by default (bounded by `waitTimeout`); with `concurrency: 'reject'` they fail with a
- * `request-in-progress` RpcException so the broker can deliver them again later.
+ * identity: RabbitMQ `idempotency-key` header (in any case) or else `message_id`, NATS
+ * `Nats-Msg-Id` (or `Idempotency-Key`) headers, MQTT 5 user property `idempotency-key`, Kafka
+ * `idempotency-key` header or else topic/partition/offset. A payload field may be a string or an
+ * integer. Each handler is its own endpoint
+ * (`RPC Class.method pattern`, with ` (TRANSPORT)` when the handler names its transport), so two
+ * event handlers of one event each process a message once. A duplicate of a completed
+ * `@MessagePattern` gets the stored reply (every value, when the handler answered several); a
+ * duplicate event is dropped. Duplicates in flight wait by default (bounded by `waitTimeout`); with
+ * `concurrency: 'reject'` they fail with a `request-in-progress` RpcException so the broker can
+ * deliver them again later.
  */
 @Injectable()
 export class RpcTransport implements IdempotencyTransport {
   readonly type = 'rpc';
   readonly defaultConcurrency = 'wait';
+  private readonly logger = new Logger('Idempotency');
+  /** Each handler's endpoint, with the class it was computed for (a method may be inherited). */
+  private readonly endpoints = new WeakMap<Function, { controller: Function; endpoint: string }>();
+  /** The handler of each endpoint: a second handler on one endpoint shares its keys (warned). */
+  private readonly handlers = new Map<string, { controller: Function; handler: Function }>();
 
   constructor(@Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions) {}
 
@@ -95,14 +136,19 @@ export class RpcTransport implements IdempotencyTransport {
 
   readKey(context: ExecutionContext): KeyReading {
     const rpc = context.switchToRpc();
-    const field = (rpc.getData() as Record<string, unknown> | null | undefined)?.[
-      this.moduleOptions.messageKeyField
-    ];
+    const data = rpc.getData() as unknown;
+    const field =
+      typeof data === 'object' && data !== null
+        ? (data as Record<string, unknown>)[this.moduleOptions.messageKeyField]
+        : undefined;
     if (field !== undefined && field !== null) {
+      // An integer is a key too (an id from a sequence): 42 and '42' are one key.
+      if (typeof field === 'number' && Number.isSafeInteger(field))
+        return readIdempotencyKey([String(field)]);
       if (typeof field !== 'string')
         return {
           kind: 'invalid',
-          reason: `The payload's ${this.moduleOptions.messageKeyField} must be a string.`,
+          reason: `The payload's ${this.moduleOptions.messageKeyField} must be a string or an integer.`,
         };
       return readIdempotencyKey([field]);
     }
@@ -112,9 +158,7 @@ export class RpcTransport implements IdempotencyTransport {
 
   describe(context: ExecutionContext): OperationDescription {
     const rpc = context.switchToRpc();
-    const endpoint = boundedColumnValue(
-      `RPC ${context.getClass().name}.${context.getHandler().name}`,
-    );
+    const endpoint = this.endpointOf(context);
     return {
       endpoint,
       scopeSource: { data: rpc.getData(), context: rpc.getContext() } satisfies MessageScopeSource,
@@ -128,29 +172,69 @@ export class RpcTransport implements IdempotencyTransport {
     options: ResolvedRouteOptions,
     id: RecordId,
   ): StoredResponse | null {
-    const store = resultStorer(
-      { key: id.key, endpoint: id.endpoint, headers: {} },
-      options.shouldStore,
-      this.moduleOptions.maxResponseBytes,
-    );
-    if (outcome.ok) return store(200, outcome.value, false);
-    const { error } = outcome;
-    // An RpcException is the handler's deliberate answer (stored as a 400 unless it carries a
-    // `statusCode` of its own); an HttpException as on HTTP; anything else is a crash: released.
-    if (microservices && error instanceof microservices.RpcException) {
-      const body = error.getError();
-      const statusCode = (body as { statusCode?: unknown } | null)?.statusCode;
-      const status =
-        typeof statusCode === 'number' && statusCode >= 400 && statusCode < 600 ? statusCode : 400;
-      return store(status, { rpcError: body } satisfies StoredRpcError, true);
+    const call = { key: id.key, endpoint: id.endpoint, headers: {} };
+    const { maxResponseBytes } = this.moduleOptions;
+    if (outcome.ok) {
+      const { value } = outcome;
+      return value instanceof MessageReplies
+        ? storedResult(
+            { ...call, headers: SEVERAL_REPLIES, status: 200, value: value.values, isError: false },
+            options.shouldStore,
+            maxResponseBytes,
+          )
+        : storedResult(
+            { ...call, status: 200, value, isError: false },
+            options.shouldStore,
+            maxResponseBytes,
+          );
     }
-    if (error instanceof HttpException) return store(error.getStatus(), error.getResponse(), true);
-    return null;
+    const answer = this.answerOf(outcome.error);
+    if (!answer) return null;
+    // An RpcException without a status is the handler's final answer, whatever `storeStatuses`
+    // says of statuses (it is recorded as a 400); one with a `statusCode` is stored by the policy.
+    return storedResult(
+      { ...call, status: answer.status ?? 400, value: answer.value, isError: true },
+      answer.status === undefined ? storeAlways : options.shouldStore,
+      maxResponseBytes,
+    );
+  }
+
+  /**
+   * How a message whose handler (or `scope` resolver) threw ends, unless its outcome was stored
+   * (then it is `done`): an answer — an RpcException without a `statusCode`, a status the policy
+   * stores — is `done`; a status the sender must correct (400, 401, 403, 422) fails again however
+   * often it is delivered: `drop` (with RabbitMQ, to the dead-letter exchange), so it cannot loop;
+   * a crash or any other released status (5xx, 408, 429) may succeed later: `retry`.
+   */
+  settledAfterError(error: unknown, options: ResolvedRouteOptions): SettledMessage {
+    const answer = this.answerOf(error);
+    if (!answer) return { kind: 'retry', reason: 'the handler failed' };
+    const { status } = answer;
+    if (status === undefined || options.shouldStore(status))
+      return { kind: 'done', replayed: false };
+    return SENDER_MUST_CORRECT.has(status)
+      ? { kind: 'drop', reason: `the handler refused the message (${status})` }
+      : { kind: 'retry', reason: `the handler failed (${status})` };
+  }
+
+  /** Every value the handler answered: Nest sends each to the caller, so each is stored. */
+  async result(answered: Observable<unknown>): Promise<unknown> {
+    const values = await lastValueFrom(answered.pipe(toArray()));
+    return values.length === 1 ? values[0] : new MessageReplies(values);
+  }
+
+  /** What the first caller receives for a `result`: each value the handler answered. */
+  answer(result: unknown): Observable<unknown> {
+    return result instanceof MessageReplies ? from(result.values) : of(result);
   }
 
   replay(_context: ExecutionContext, stored: StoredResponse): Observable<unknown> {
     const body = decodeBody(stored);
-    if (!stored.isError) return of(body);
+    if (!stored.isError) {
+      return stored.headers['rpc-replies'] === 'several' && Array.isArray(body)
+        ? from(body)
+        : of(body);
+    }
     const rpcError = (body as Partial<StoredRpcError> | null)?.rpcError;
     if (rpcError !== undefined) throw new microservices!.RpcException(rpcError as object);
     throw new HttpException(body as string | object, stored.status);
@@ -172,6 +256,67 @@ export class RpcTransport implements IdempotencyTransport {
   settled(context: ExecutionContext, settled: SettledMessage, options: ResolvedRouteOptions): void {
     options.acknowledge?.(context.switchToRpc().getContext(), settled);
   }
+
+  /**
+   * A thrown error as the handler's answer: an RpcException (with the status of its `statusCode`,
+   * if it has one), an HttpException as on HTTP; `undefined` for anything else (a crash).
+   */
+  private answerOf(error: unknown): ErrorAnswer | undefined {
+    if (microservices && error instanceof microservices.RpcException) {
+      const body = error.getError();
+      const statusCode = (body as { statusCode?: unknown } | null)?.statusCode;
+      const status =
+        typeof statusCode === 'number' && statusCode >= 400 && statusCode < 600
+          ? statusCode
+          : undefined;
+      return { status, value: { rpcError: body } satisfies StoredRpcError };
+    }
+    if (error instanceof HttpException)
+      return { status: error.getStatus(), value: error.getResponse() };
+    return undefined;
+  }
+
+  /**
+   * The handler's endpoint: its class, method and pattern (and its transport, if it names one),
+   * so two handlers of one class name and method name — in two modules, or minified — differ.
+   */
+  private endpointOf(context: ExecutionContext): string {
+    const controller = context.getClass();
+    const handler = context.getHandler();
+    const known = this.endpoints.get(handler);
+    if (known?.controller === controller) return known.endpoint;
+    const pattern = patternOf(handler);
+    const endpoint = boundedColumnValue(
+      `RPC ${controller.name}.${handler.name}${pattern ? ` ${pattern}` : ''}`,
+    );
+    this.endpoints.set(handler, { controller, endpoint });
+    const first = this.handlers.get(endpoint);
+    if (!first) this.handlers.set(endpoint, { controller, handler });
+    else if (first.controller !== controller || first.handler !== handler) {
+      this.logger.warn(
+        `Two message handlers share the endpoint "${endpoint}": their keys are one key space, so a message handled by one is a duplicate to the other. Give one of them another class or method name.`,
+      );
+    }
+    return endpoint;
+  }
+}
+
+/** The handler's patterns as Nest's decorators recorded them, and its transport if it names one. */
+function patternOf(handler: Function): string {
+  const patterns = Reflect.getMetadata(PATTERN_METADATA, handler) as unknown[] | undefined;
+  const transport = Reflect.getMetadata(TRANSPORT_METADATA, handler) as unknown;
+  const text =
+    patterns === undefined
+      ? ''
+      : patterns.length === 1 && typeof patterns[0] === 'string'
+        ? patterns[0]
+        : (canonicalJson(patterns) ?? '');
+  if (transport === undefined) return text;
+  const name =
+    typeof transport === 'symbol'
+      ? transport.description
+      : (microservices?.Transport as Record<number, string> | undefined)?.[transport as number];
+  return `${text} (${name ?? String(transport)})`;
 }
 
 /** The message's own identity, where its transport has one (see RpcTransport). */
@@ -185,14 +330,16 @@ export function transportKey(context: unknown): string | undefined {
   if (typeof rpc.getPartition === 'function') {
     // Kafka: a header, else the message's place in the log (stable across redeliveries).
     return (
-      text(message?.headers?.['idempotency-key']) ??
+      text(header(message?.headers, 'idempotency-key')) ??
       `${rpc.getTopic?.()}/${rpc.getPartition()}/${message?.offset}`
     );
   }
   if (message?.properties) {
-    // RabbitMQ: the message_id property, or a header.
+    // RabbitMQ: a header (the sender's deliberate key), else the message_id property — which some
+    // clients set to a new id on every publish, so that a republished copy would not match.
     return (
-      text(message.properties.messageId) ?? text(message.properties.headers?.['idempotency-key'])
+      text(header(message.properties.headers, 'idempotency-key')) ??
+      text(message.properties.messageId)
     );
   }
   if (typeof rpc.getHeaders === 'function') {
@@ -204,6 +351,14 @@ export function transportKey(context: unknown): string | undefined {
     // MQTT 5: a user property.
     return text(rpc.getPacket()?.properties?.userProperties?.['idempotency-key']);
   }
+  return undefined;
+}
+
+/** A header by name in any case (`Idempotency-Key`, `idempotency-key`). */
+function header(headers: Record<string, unknown> | null | undefined, name: string): unknown {
+  if (!headers) return undefined;
+  if (headers[name] !== undefined) return headers[name];
+  for (const field of Object.keys(headers)) if (field.toLowerCase() === name) return headers[field];
   return undefined;
 }
 
