@@ -319,9 +319,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       const handlerError = failed;
       // The transaction's own statements (BEGIN, the completion, COMMIT) are the store's; what the
       // handler threw is its own answer unless its transaction's connection was found dead.
-      const connectionFailure = handlerError
-        ? connectionLost
-        : isConnectionFailure(error);
+      const connectionFailure = handlerError ? connectionLost : isConnectionFailure(error);
       if (connectionFailure) {
         const cause = handlerError ? handlerError.error : error;
         this.logger.warn(
@@ -358,10 +356,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
    * network failure counts as the transaction's only if its connection no longer answers (any
    * answer counts, PostgreSQL's refusal of statements in a failed transaction included).
    */
-  private async lostItsConnection(
-    transaction: StoreTransaction,
-    error: unknown,
-  ): Promise<boolean> {
+  private async lostItsConnection(transaction: StoreTransaction, error: unknown): Promise<boolean> {
     if (error instanceof HttpException || !isConnectionFailure(error)) return false;
     try {
       await this.withinStoreTimeout(transaction.manager.query('SELECT 1'));

@@ -2,7 +2,6 @@ import { Logger } from '@nestjs/common';
 import type { RecordId } from '../storage/idempotency-store.interface.js';
 
 type OpenTelemetryApi = typeof import('@opentelemetry/api');
-type Span = import('@opentelemetry/api').Span;
 
 /** What a traced step may say about itself. */
 export interface TracedStep {

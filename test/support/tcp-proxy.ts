@@ -173,7 +173,9 @@ export class TcpProxy {
     }
     const text = chunk.toString('latin1');
     const matching = (rules: Rule[]) => {
-      const rule = rules.find((candidate) => candidate.remaining > 0 && candidate.pattern.test(text));
+      const rule = rules.find(
+        (candidate) => candidate.remaining > 0 && candidate.pattern.test(text),
+      );
       if (rule) rule.remaining--;
       return rule !== undefined;
     };
