@@ -1,4 +1,4 @@
-import { Injectable } from '@nestjs/common';
+import { Injectable, Logger } from '@nestjs/common';
 import { channel, type Channel } from 'node:diagnostics_channel';
 import type { RecordId } from './storage/idempotency-store.interface.js';
 
@@ -65,6 +65,10 @@ const CHANNELS = Object.fromEntries(
  * on scrape, or subscribe with `onEvent` to forward each increment (e.g. to a prom-client Counter).
  * Each event is also published on its `node:diagnostics_channel` (see `idempotencyChannelName`), for
  * APMs and code outside Nest's container; nothing is built when no one subscribes.
+ *
+ * Observing never changes an outcome: a listener that throws is logged (once per listener) and the
+ * request goes on. (A diagnostics_channel subscriber that throws is Node's to report: it re-throws
+ * the error on the next tick, as for every channel, outside the request.)
  */
 @Injectable()
 export class IdempotencyMetrics {
@@ -73,15 +77,35 @@ export class IdempotencyMetrics {
     number
   >;
   private readonly listeners = new Set<IdempotencyEventListener>();
+  /** Listeners whose failure was logged already. */
+  private readonly failedListeners = new WeakSet<IdempotencyEventListener>();
 
   /** Counts `count` occurrences of `event` (about record `id`), tells the listeners and the channel. */
   record(event: IdempotencyEvent, count = 1, id?: RecordId): void {
     if (count <= 0) return;
     this.counts[event] += count;
-    for (const listener of this.listeners) listener(event, count);
+    for (const listener of this.listeners) {
+      try {
+        listener(event, count);
+      } catch (error) {
+        this.listenerFailed(listener, event, error);
+      }
+    }
     const published = CHANNELS[event];
     if (published.hasSubscribers)
       published.publish({ event, count, id } satisfies IdempotencyEventMessage);
+  }
+
+  private listenerFailed(listener: IdempotencyEventListener, event: string, error: unknown) {
+    if (this.failedListeners.has(listener)) return;
+    this.failedListeners.add(listener);
+    try {
+      new Logger('Idempotency').error(
+        `A metrics listener (onEvent) threw on '${event}': ${(error as Error)?.message ?? String(error)}. Ignored, here and from now on: the request's outcome does not depend on its metrics.`,
+      );
+    } catch {
+      // The app's logger threw too: nothing left to tell it with.
+    }
   }
 
   /** The counters as they stand. */

@@ -9,6 +9,7 @@ import { setImmediate as yieldToEventLoop } from 'node:timers/promises';
 import { RESOLVED_OPTIONS, type ResolvedModuleOptions } from './idempotency.options.js';
 import { IdempotencyStore } from './storage/idempotency-store.interface.js';
 import { IdempotencyMetrics } from './idempotency-metrics.js';
+import { timerDelay } from './utils/duration.js';
 
 /**
  * Deletes expired records in batches, every `purgeInterval`. Requests never wait for it: it runs
@@ -34,7 +35,7 @@ export class IdempotencyPurgeJob implements OnApplicationBootstrap, OnModuleDest
       this.purgeNow().catch((error: Error) =>
         this.logger.warn(`Purge of expired keys failed, retrying next interval: ${error.message}`),
       );
-    }, this.options.purgeIntervalMs);
+    }, timerDelay(this.options.purgeIntervalMs));
     this.timer.unref();
   }
 

@@ -1,12 +1,20 @@
-import { Inject, Injectable, Logger, type BeforeApplicationShutdown } from '@nestjs/common';
+import {
+  HttpException,
+  Inject,
+  Injectable,
+  Logger,
+  type BeforeApplicationShutdown,
+} from '@nestjs/common';
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   IdempotencyStore,
   type Lease,
+  type LeaseState,
   type RecordId,
   type RecordWatch,
   type StoredResponse,
+  type StoreTransaction,
 } from './storage/idempotency-store.interface.js';
 import { truncateKeyForLog } from './utils/idempotency-key.js';
 import type { ConcurrencyMode } from './interfaces/idempotency-options.interface.js';
@@ -17,6 +25,7 @@ import { IdempotencyTracing, type TracedStep } from './observability/idempotency
 import { openUnencrypted, UnreadableResponseError } from './security/response-sealer.js';
 import type { EntityManager } from 'typeorm';
 import { isConnectionFailure } from './storage/connection-failure.js';
+import { timerDelay } from './utils/duration.js';
 
 /** What to do with a request, decided by its key's record. */
 export type Decision =
@@ -117,6 +126,16 @@ const NOTIFIED_WAIT_RECHECK_MS = 1_000;
 const WRITE_RETRY_DELAYS_MS = [0, 50, 250, 1000];
 
 /**
+ * Renewals of one lease sent and neither answered nor given up on yet (each is given up on after
+ * `min(storeTimeout, lockTimeout / 3)`), beyond which a beat sends none: a store that answers
+ * nothing is not sent ever more statements.
+ */
+const MAX_PENDING_RENEWALS = 2;
+
+/** The store did not answer within `storeTimeout` (the operation itself may still finish later). */
+class StoreTimeoutError extends Error {}
+
+/**
  * The life of a key. Every transition is one conditional statement in the store, so concurrent
  * requests — in one process or many — agree on who owns a key.
  *
@@ -139,7 +158,7 @@ const WRITE_RETRY_DELAYS_MS = [0, 50, 250, 1000];
  */
 @Injectable()
 export class IdempotencyService implements BeforeApplicationShutdown {
-  private readonly logger = new Logger('Idempotency');
+  private readonly logger = quietLogger('Idempotency');
   /** Renewals of the handlers running in this process. */
   private readonly renewals = new Set<LeaseRenewal>();
 
@@ -199,7 +218,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
         const intervalMs = watch?.live
           ? Math.max(this.options.waitPollIntervalMs, NOTIFIED_WAIT_RECHECK_MS)
           : this.options.waitPollIntervalMs;
-        const delayMs = Math.min(intervalMs, remainingMs, decision.retryAfterMs);
+        const delayMs = timerDelay(Math.min(intervalMs, remainingMs, decision.retryAfterMs));
         await (watch ? watch.changed(delayMs) : sleep(delayMs));
       }
     } finally {
@@ -209,10 +228,12 @@ export class IdempotencyService implements BeforeApplicationShutdown {
 
   /**
    * Runs the handler of a claimed key (`run`, given the transaction's EntityManager in
-   * transactional mode) as the key's operation (see `IdempotencyContext`), renewing the claim while
-   * it runs, then stores what `capture` makes of its outcome or releases the key. Resolves to the
-   * handler's value or rejects with its error, as the handler did; in transactional mode it may
-   * also reject with `LeaseLostError` or `UnstoredResultError` (nothing was committed).
+   * transactional mode) as the key's operation (see `IdempotencyContext`), then stores what
+   * `capture` makes of its outcome or releases the key. The claim is renewed until its result is
+   * stored or the key released (retries included), so no duplicate takes the key over while a slow
+   * store is still writing the result. Resolves to the handler's value or rejects with its error,
+   * as the handler did; in transactional mode it may also reject with `LeaseLostError`,
+   * `UnstoredResultError` or `TransactionUnavailableError` (nothing was committed).
    */
   async execute(
     lease: Lease,
@@ -240,7 +261,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       if (route.transactional)
         return await this.executeInTransaction(lease, route, renewal, operation, capture);
       const outcome = await settled(operation());
-      renewal.stop();
+      renewal.settling = true;
       await this.settle(lease, capture(outcome), route.ttlMs, renewal);
       if (!outcome.ok) throw outcome.error;
       return outcome.value;
@@ -252,7 +273,10 @@ export class IdempotencyService implements BeforeApplicationShutdown {
   /**
    * The claim is committed already; the handler's writes and the completion share one transaction,
    * the completion (conditional on the lease) as its last statement. A handler that throws rolls
-   * its writes back, then its outcome is stored or released as in the plain mode.
+   * its writes back, then its outcome is stored or released as in the plain mode. The claim is
+   * renewed until the completion has run in the transaction (from then on the transaction holds the
+   * record's row: a claim waits for it to end), and through the storing or release that follows a
+   * rollback.
    */
   private async executeInTransaction(
     lease: Lease,
@@ -265,12 +289,15 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       throw new Error('nestjs-idempotency: this store has no transactional mode');
     /** The handler threw (its writes are rolled back): what it threw. */
     let failed: { readonly ok: false; readonly error: unknown } | undefined;
+    /** What the handler threw came from the transaction's own connection failing. */
+    let connectionLost = false;
     try {
       return await this.store.transaction(async (transaction) => {
         const outcome = await settled(operation(transaction.manager));
-        renewal.stop();
+        renewal.settling = true;
         if (!outcome.ok) {
           failed = { ok: false, error: outcome.error };
+          connectionLost = await this.lostItsConnection(transaction, outcome.error);
           throw outcome.error;
         }
         const response = capture(outcome);
@@ -281,6 +308,8 @@ export class IdempotencyService implements BeforeApplicationShutdown {
             this.sealed(lease, response),
             Date.now() + route.ttlMs,
           );
+          // The transaction holds the row now: a renewal would only wait for it to end.
+          renewal.stop();
           traced.outcome(stored ? 'stored' : 'lease-lost');
           if (!stored) throw new LeaseLostError(lease);
         });
@@ -288,12 +317,16 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       });
     } catch (error) {
       const handlerError = failed;
-      const cause = handlerError ? handlerError.error : error;
-      if (isConnectionFailure(cause)) {
+      // The transaction's own statements (BEGIN, the completion, COMMIT) are the store's; what the
+      // handler threw is its own answer unless its transaction's connection was found dead.
+      const connectionFailure = handlerError ? connectionLost : isConnectionFailure(error);
+      if (connectionFailure) {
+        const cause = handlerError ? handlerError.error : error;
         this.logger.warn(
           `The database connection of transactional key ${describe(lease)} failed while it ran (${(cause as Error).message}); nothing was committed, answered as the store being unavailable.`,
         );
-        await this.release(lease, renewal);
+        // If only the COMMIT's answer was lost, the record is completed: the release finds it so.
+        await this.releaseKey(lease, renewal, undefined, true);
         throw new TransactionUnavailableError(lease, cause);
       }
       if (handlerError) {
@@ -311,8 +344,25 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       // Not stored, or the transaction itself failed (BEGIN, the completion, COMMIT): whether or not
       // it committed, the release is right — it deletes only a record still in progress, which a
       // committed completion is not.
-      await this.release(lease);
+      await this.releaseKey(lease, renewal, undefined, !(error instanceof UnstoredResultError));
       throw error;
+    }
+  }
+
+  /**
+   * Whether a transactional handler's error comes from its transaction's connection having failed,
+   * rather than being the handler's own: an HttpException is the handler's answer whatever caused
+   * it (a payment gateway that refused the connection, say); any other error that looks like a
+   * network failure counts as the transaction's only if its connection no longer answers (any
+   * answer counts, PostgreSQL's refusal of statements in a failed transaction included).
+   */
+  private async lostItsConnection(transaction: StoreTransaction, error: unknown): Promise<boolean> {
+    if (error instanceof HttpException || !isConnectionFailure(error)) return false;
+    try {
+      await this.withinStoreTimeout(transaction.manager.query('SELECT 1'));
+      return false;
+    } catch (probe) {
+      return probe instanceof StoreTimeoutError || isConnectionFailure(probe);
     }
   }
 
@@ -335,37 +385,76 @@ export class IdempotencyService implements BeforeApplicationShutdown {
   }
 
   /**
-   * Renews the lease every `lockTimeout / 3` while its handler runs, one statement at a time (a
-   * beat that comes while the previous renewal is still running is skipped), until `stop()`, the
-   * renewal limit, app shutdown, or a renewal that finds the lease gone.
+   * Renews the lease every `lockTimeout / 3` until `stop()` (its result stored or its key released),
+   * the renewal limit, app shutdown, or a renewal that finds the lease gone. A renewal the store
+   * does not answer within `min(storeTimeout, lockTimeout / 3)` does not hold the next one back (at
+   * most two are left waiting). A lease the store could not renew for `lockTimeout` may have been
+   * taken over: that is logged, renewal goes on (one that lands while nobody took the key over
+   * holds it again), and the completion, conditional on the lease, finds out.
    */
   private renew(lease: Lease, route: ExecuteOptions): LeaseRenewal {
-    const renewal: LeaseRenewal = { stopped: false, lostReported: false, stop: () => undefined };
+    const renewal: LeaseRenewal = {
+      stopped: false,
+      settling: false,
+      lostReported: false,
+      stop: () => undefined,
+    };
     if (route.lockRenewalLimitMs <= 0 || route.lockTimeoutMs <= 0) {
       renewal.stopped = true;
       return renewal;
     }
+    const intervalMs = timerDelay(Math.max(1, Math.floor(route.lockTimeoutMs / 3)));
+    const patienceMs = Math.min(this.options.storeTimeoutMs, intervalMs);
     const startedAt = Date.now();
-    let renewing = false;
+    /** When the last renewal the store confirmed was sent (the claim, at first). */
+    let renewedAt = startedAt;
+    let pending = 0;
+    let lapseReported = false;
     const beat = () => {
-      if (renewing) return;
-      if (Date.now() - startedAt >= route.lockRenewalLimitMs) {
+      const now = Date.now();
+      // The limit is for a hung handler; one whose result is being stored is not hung.
+      if (!renewal.settling && now - startedAt >= route.lockRenewalLimitMs) {
         renewal.stop();
         this.logger.error(
           `Key ${describe(lease)} has run for lockRenewalLimit (${route.lockRenewalLimitMs} ms) and is presumed hung: its claim is no longer renewed, and a retry can take it over ${route.lockTimeoutMs} ms after the last renewal.`,
         );
         return;
       }
-      renewing = true;
-      this.store.renew(lease, Date.now() + route.lockTimeoutMs).then(
+      if (!lapseReported && now - renewedAt >= route.lockTimeoutMs) {
+        lapseReported = true;
+        this.logger.error(
+          `The claim on key ${describe(lease)} could not be renewed for lockTimeout (${route.lockTimeoutMs} ms): the store did not answer. A retry may take the key over and run the handler again; this request's result is stored only if its claim is still held. Still trying to renew it.`,
+        );
+      }
+      if (pending >= MAX_PENDING_RENEWALS) return;
+      pending++;
+      let waiting = true;
+      const done = () => {
+        if (waiting) pending--;
+        waiting = false;
+      };
+      const giveUp = setTimeout(done, patienceMs);
+      const renewing = Promise.resolve().then(() =>
+        this.store.renew(lease, now + route.lockTimeoutMs),
+      );
+      this.withinStoreTimeout(renewing).then(
         (renewed) => {
-          renewing = false;
-          if (renewed || renewal.stopped) return;
+          clearTimeout(giveUp);
+          done();
+          if (renewal.stopped) return;
+          if (renewed) {
+            renewedAt = Math.max(renewedAt, now);
+            lapseReported = false;
+            return;
+          }
+          // Its own completion or release may have ended the lease: the result of that tells.
+          if (renewal.settling) return;
           renewal.stop();
           this.reportLostLease(lease, renewal, 'its result will not be stored');
         },
         (error: unknown) => {
-          renewing = false;
+          clearTimeout(giveUp);
+          done();
           if (!renewal.stopped) {
             this.logger.warn(
               `Could not renew the claim on key ${describe(lease)}; trying again at the next beat: ${(error as Error).message}`,
@@ -374,7 +463,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
         },
       );
     };
-    const timer = setInterval(beat, Math.max(1, Math.floor(route.lockTimeoutMs / 3)));
+    const timer = setInterval(beat, intervalMs);
     timer.unref();
     renewal.stop = () => {
       renewal.stopped = true;
@@ -389,8 +478,9 @@ export class IdempotencyService implements BeforeApplicationShutdown {
    * Stores the handler's response under the lease (plain mode). A failed write is retried; if it
    * still fails the record stays in progress until its lock times out, and the next retry after
    * that runs the handler again — logged as an error (the transactional mode has no such case: its
-   * completion commits with the handler's writes). Never throws: the handler's response goes back
-   * to the client either way.
+   * completion commits with the handler's writes). A retry that finds the response stored already
+   * (an earlier attempt whose answer was lost) counts as done. Never throws: the handler's response
+   * goes back to the client either way.
    */
   async complete(
     lease: Lease,
@@ -401,24 +491,52 @@ export class IdempotencyService implements BeforeApplicationShutdown {
   ): Promise<void> {
     const sealed = this.sealed(lease, response);
     traced?.outcome('failed');
-    await this.writeWithRetry(lease, 'store the response of', async () => {
-      const stored = await this.withinStoreTimeout(
-        this.store.complete(lease, sealed, Date.now() + ttlMs),
-      );
+    await this.writeWithRetry(lease, 'store the response of', false, async (uncertain) => {
+      const stored =
+        (await this.withinStoreTimeout(this.store.complete(lease, sealed, Date.now() + ttlMs))) ||
+        (uncertain && (await this.leaseStateOf(lease)) === 'completed');
       traced?.outcome(stored ? 'stored' : 'lease-lost');
       if (!stored) this.reportLostLease(lease, renewal, 'its response was not stored');
     });
   }
 
   /** Gives the key up so a retry runs the handler again. Never throws (see `complete`). */
-  async release(lease: Lease, renewal?: LeaseRenewal, traced?: TracedStep): Promise<void> {
+  release(lease: Lease, renewal?: LeaseRenewal, traced?: TracedStep): Promise<void> {
+    return this.releaseKey(lease, renewal, traced, false);
+  }
+
+  /**
+   * `release`; `uncertain`: an earlier write may have ended the lease already (a COMMIT whose answer
+   * was lost), so finding the record gone or completed under this lease is not a lost lease.
+   */
+  private async releaseKey(
+    lease: Lease,
+    renewal: LeaseRenewal | undefined,
+    traced: TracedStep | undefined,
+    uncertain: boolean,
+  ): Promise<void> {
     traced?.outcome('failed');
-    await this.writeWithRetry(lease, 'release', async () => {
+    await this.writeWithRetry(lease, 'release', uncertain, async (retried) => {
       const released = await this.withinStoreTimeout(this.store.release(lease));
-      traced?.outcome(released ? 'released' : 'lease-lost');
-      if (released) this.metrics.record('released', 1, lease.id);
+      const state = released || !retried ? undefined : await this.leaseStateOf(lease);
+      traced?.outcome(released || state === 'absent' ? 'released' : 'lease-lost');
+      if (released || state === 'absent') this.metrics.record('released', 1, lease.id);
+      else if (state === 'completed')
+        this.logger.warn(
+          `Key ${describe(lease)} was completed by a transaction whose COMMIT's answer was lost; its response is stored, and a retry replays it.`,
+        );
       else this.reportLostLease(lease, renewal, 'it was not released');
     });
+  }
+
+  /**
+   * Where the lease stands, when the store can tell (`IdempotencyStore.leaseState`); `undefined`
+   * otherwise.
+   */
+  private async leaseStateOf(lease: Lease): Promise<LeaseState | undefined> {
+    return this.store.leaseState
+      ? await this.withinStoreTimeout(this.store.leaseState(lease))
+      : undefined;
   }
 
   /** The response as the store keeps it: sealed when encryption is on. */
@@ -482,11 +600,21 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     return { action: 'in-progress', retryAfterMs: Math.max(record.expiresAt - now, 0) };
   }
 
-  private async writeWithRetry(lease: Lease, what: string, write: () => Promise<void>) {
+  /**
+   * Runs `write` until it does not throw, at most once per `WRITE_RETRY_DELAYS_MS`. `write` is told
+   * whether an earlier write may have applied already without its answer reaching us: `uncertain`
+   * at first, and on every retry (the attempt before threw: a timeout, a lost connection).
+   */
+  private async writeWithRetry(
+    lease: Lease,
+    what: string,
+    uncertain: boolean,
+    write: (uncertain: boolean) => Promise<void>,
+  ) {
     for (const [attempt, delayMs] of WRITE_RETRY_DELAYS_MS.entries()) {
       if (delayMs > 0) await sleep(delayMs);
       try {
-        return await write();
+        return await write(uncertain || attempt > 0);
       } catch (error) {
         if (attempt === WRITE_RETRY_DELAYS_MS.length - 1) {
           this.logger.error(
@@ -502,8 +630,11 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(
-        () => reject(new Error(`store did not answer within ${this.options.storeTimeoutMs} ms`)),
-        this.options.storeTimeoutMs,
+        () =>
+          reject(
+            new StoreTimeoutError(`store did not answer within ${this.options.storeTimeoutMs} ms`),
+          ),
+        timerDelay(this.options.storeTimeoutMs),
       );
     });
     return Promise.race([operation, timeout]).finally(() => clearTimeout(timer));
@@ -523,6 +654,11 @@ export class IdempotencyService implements BeforeApplicationShutdown {
 /** The renewal of one running handler's lease. */
 interface LeaseRenewal {
   stopped: boolean;
+  /**
+   * The handler has settled and its result is being stored (or its key released): a renewal that
+   * finds the lease gone may have been overtaken by that very write, so it is not a lost lease.
+   */
+  settling: boolean;
   /** The loss of this lease was logged and counted already. */
   lostReported: boolean;
   stop(): void;
@@ -538,4 +674,27 @@ function settled(promise: Promise<unknown>): Promise<Outcome> {
 
 function describe({ id }: Pick<Lease, 'id'>): string {
   return `${truncateKeyForLog(id.key)} on ${id.endpoint}`;
+}
+
+/**
+ * A logger whose failures never change an outcome: a custom app logger that throws is ignored (and
+ * told about once, on stderr, as a process warning).
+ */
+function quietLogger(context: string): Pick<Logger, 'debug' | 'log' | 'warn' | 'error'> {
+  const logger = new Logger(context);
+  let warned = false;
+  const quiet =
+    (level: 'debug' | 'log' | 'warn' | 'error') =>
+    (message: string): void => {
+      try {
+        logger[level](message);
+      } catch (error) {
+        if (warned) return;
+        warned = true;
+        process.emitWarning(
+          `nestjs-idempotency: the app's logger threw (${(error as Error)?.message ?? String(error)}); its messages are dropped, requests go on.`,
+        );
+      }
+    };
+  return { debug: quiet('debug'), log: quiet('log'), warn: quiet('warn'), error: quiet('error') };
 }

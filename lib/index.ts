@@ -37,6 +37,7 @@ export {
   type ClaimRequest,
   type ClaimResult,
   type Lease,
+  type LeaseState,
   type RecordId,
   type RecordSnapshot,
   type RecordWatch,

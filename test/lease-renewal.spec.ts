@@ -1,11 +1,28 @@
-import { IdempotencyMetrics, type IdempotencyRecord } from '../lib/index.js';
+import { randomUUID } from 'node:crypto';
+import { DataSource, type DataSourceOptions } from 'typeorm';
+import {
+  IdempotencyMetrics,
+  IdempotencyRecord,
+  TypeOrmIdempotencyStore,
+  type ClaimResult,
+  type Lease,
+} from '../lib/index.js';
 import { recordsOf, stealClaim, waitUntilPast } from './fixtures/fixture-app.js';
-import { LeaseController, SHORT_LOCK_MS } from './fixtures/lease.controller.js';
+import {
+  createLedgerTable,
+  LeaseController,
+  LedgerEntry,
+  LedgerService,
+  ledgerOf,
+  SHORT_LOCK_MS,
+  TransactionalLeaseController,
+} from './fixtures/lease.controller.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { CapturedLog } from './support/captured-log.js';
-import { eachDatabase } from './support/databases.js';
+import { eachDatabase, type TestDatabase } from './support/databases.js';
 import { newKey, post } from './support/http.js';
 import { report, waitFor } from './support/reliability.js';
+import { TcpProxy } from './support/tcp-proxy.js';
 
 /** How long the tests hold a handler: more than three times its lockTimeout. */
 const HELD_MS = 4 * SHORT_LOCK_MS;
@@ -186,3 +203,202 @@ describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
     await own.dataSource.destroy();
   });
 });
+
+/** Databases reached over TCP (their options carry a URL): a proxy can stall their connections. */
+const serverDatabases = eachDatabase.filter(
+  ([, database]) => typeof (database.options() as { url?: unknown }).url === 'string',
+);
+
+/**
+ * The statements of the store, as the proxy sees them go by: their SQL (PostgreSQL's first use on
+ * a connection, its unprepared runs inside transactions, every MariaDB statement) or the name of
+ * the prepared statement (PostgreSQL's later uses).
+ */
+const COMPLETION = /SET state = 'completed'|nestjs_idempotency_complete|SET `state` = 'completed'/;
+const RENEWAL = /nestjs_idempotency_renew|GREATEST\(expires_at|SET `expires_at` = /;
+const BATCHED_CLAIM = /WITH input AS/;
+const BATCHED_COMPLETION = /WITH ORDINALITY AS i\(scope, endpoint, idempotency_key, lease_token/;
+
+describe.each(serverDatabases)(
+  'lease keeping over a stalled connection on %s',
+  (name, database) => {
+    let proxy: TcpProxy;
+    let fixture: ReliabilityApp;
+    /** Reads the table without the proxy. */
+    let direct: DataSource;
+    const log = new CapturedLog();
+    const lostLeases = () => fixture.app.get(IdempotencyMetrics).snapshot()['lease-lost'];
+
+    beforeAll(async () => {
+      const { url } = database.options() as { url: string };
+      const target = new URL(url);
+      proxy = await TcpProxy.start({ host: target.hostname, port: Number(target.port) });
+      const proxied: TestDatabase = {
+        ...database,
+        options: () => ({ ...database.options(), url: proxy.proxiedUrl(url) }) as DataSourceOptions,
+      };
+      fixture = await createReliabilityApp(
+        proxied,
+        // A stalled completion is given up on after 1 s and tried again (3 attempts in 2.3 s).
+        { storeTimeout: '1s' },
+        {
+          controllers: [LeaseController, TransactionalLeaseController],
+          providers: [LedgerService],
+          entities: [LedgerEntry],
+          logger: log,
+        },
+      );
+      await createLedgerTable(fixture.dataSource);
+      direct = new DataSource({
+        ...database.options(),
+        entities: [IdempotencyRecord, LedgerEntry],
+      });
+      await direct.initialize();
+    });
+    afterEach(() => proxy.releaseStalls());
+    afterAll(async () => {
+      await fixture?.close();
+      await proxy?.close();
+      await direct?.destroy();
+    });
+
+    /** Once the proxy stalls a statement: the key's lock as it stood then. */
+    async function lockWhenStalled(key: string, stalledBefore: number): Promise<number> {
+      await waitFor('a statement to stall', () =>
+        proxy.counts.stalled > stalledBefore ? true : undefined,
+      );
+      return Number((await recordsOf(direct, key))[0].expiresAt);
+    }
+
+    it('keeps renewing while a stalled completion is retried: a duplicate does not run the handler again', async () => {
+      const key = newKey();
+      const lostBefore = lostLeases();
+      fixture.gate.hold(key);
+      const first = post(fixture.baseUrl, '/lease/held', key).then((response) => response);
+      await fixture.gate.arrived(key);
+      // The handler returns; its first two completions stall, the third gets through ~2.3 s later.
+      const stalledBefore = proxy.counts.stalled;
+      proxy.stall(COMPLETION, 2);
+      fixture.gate.open(key);
+      const lock = await lockWhenStalled(key, stalledBefore);
+      // Well past the lock as it stood when the completion stalled.
+      await waitUntilPast(lock + SHORT_LOCK_MS);
+      const duplicate = await post(fixture.baseUrl, '/lease/held', key);
+      const original = await first;
+
+      expect(proxy.counts.stalled).toBe(stalledBefore + 2);
+      expect(original.status).toBe(201);
+      expect(duplicate.status).toBe(409);
+      expect(fixture.calls.count('held', key)).toBe(1);
+      const replay = await post(fixture.baseUrl, '/lease/held', key);
+      expect(replay.headers['idempotent-replayed']).toBe('true');
+      expect(replay.body).toEqual(original.body);
+      // The stalled attempts landing late find the response stored: no lease was lost.
+      proxy.releaseStalls();
+      expect(lostLeases()).toBe(lostBefore);
+    });
+
+    it('transactional: keeps renewing while the completion in the transaction is stalled: a duplicate gets 409, the handler runs once', async () => {
+      const key = newKey();
+      fixture.gate.hold(key);
+      const first = post(fixture.baseUrl, '/lease/tx', key, { amount: 4 }).then((r) => r);
+      await fixture.gate.arrived(key);
+      const stalledBefore = proxy.counts.stalled;
+      proxy.stall(COMPLETION, 1);
+      fixture.gate.open(key);
+      const lock = await lockWhenStalled(key, stalledBefore);
+      await waitUntilPast(lock + SHORT_LOCK_MS);
+      const duplicate = await post(fixture.baseUrl, '/lease/tx', key, { amount: 4 });
+      proxy.releaseStalls();
+      const original = await first;
+
+      expect(duplicate.status).toBe(409);
+      expect(original.status).toBe(201);
+      expect(fixture.calls.count('tx', key)).toBe(1);
+      expect(await ledgerOf(direct, key)).toHaveLength(1);
+      const replay = await post(fixture.baseUrl, '/lease/tx', key, { amount: 4 });
+      expect(replay.headers['idempotent-replayed']).toBe('true');
+      expect(replay.body).toEqual(original.body);
+    });
+
+    it('a renewal that never answers does not stop the next ones: the key stays claimed', async () => {
+      const key = newKey();
+      fixture.gate.hold(key);
+      const first = post(fixture.baseUrl, '/lease/held', key).then((response) => response);
+      await fixture.gate.arrived(key);
+      const stalledBefore = proxy.counts.stalled;
+      proxy.stall(RENEWAL, 1);
+      const lock = await lockWhenStalled(key, stalledBefore);
+      await waitUntilPast(lock + SHORT_LOCK_MS);
+      const duplicate = await post(fixture.baseUrl, '/lease/held', key);
+      fixture.gate.open(key);
+      const original = await first;
+
+      expect(duplicate.status).toBe(409);
+      expect(original.status).toBe(201);
+      expect(fixture.calls.count('held', key)).toBe(1);
+      expect(Number((await recordsOf(direct, key))[0].expiresAt)).toBeGreaterThan(lock);
+    });
+
+    it('a completion whose answer was lost after it committed counts as stored, not as a lost lease', async () => {
+      const key = newKey();
+      const lostBefore = lostLeases();
+      const droppedBefore = proxy.counts.repliesDropped;
+      proxy.dropReplyTo(COMPLETION);
+      const original = await post(fixture.baseUrl, '/lease/held', key);
+      expect(proxy.counts.repliesDropped).toBe(droppedBefore + 1);
+      expect(original.status).toBe(201);
+      const replay = await post(fixture.baseUrl, '/lease/held', key);
+      expect(replay.headers['idempotent-replayed']).toBe('true');
+      expect(replay.body).toEqual(original.body);
+      expect(lostLeases()).toBe(lostBefore);
+      expect(log.lines.filter((line) => line.text.includes('was taken over'))).toEqual([]);
+    });
+
+    (name.startsWith('postgres') || name.startsWith('pgbouncer') ? it : it.skip)(
+      'batched claims and completions whose answer was lost after they committed are recognised as their own',
+      async () => {
+        const store = new TypeOrmIdempotencyStore(fixture.dataSource, { waitNotifications: false });
+        const scope = `reply-lost-${randomUUID()}`;
+        const now = Date.now();
+        const requests = [newKey(), newKey()].map((key) => ({
+          id: { scope, endpoint: 'POST /batched', key },
+          fingerprint: 'fp',
+          token: randomUUID(),
+          now,
+          lockedUntil: now + 60_000,
+        }));
+        try {
+          let dropped = proxy.counts.repliesDropped;
+          proxy.dropReplyTo(BATCHED_CLAIM);
+          // Claimed in one turn of the event loop: one statement for both.
+          const claims: ClaimResult[] = await Promise.all(requests.map((r) => store.claim(r)));
+          expect(proxy.counts.repliesDropped).toBe(dropped + 1);
+          expect(claims.map((claim) => claim.claimed)).toEqual([true, true]);
+          const leases = claims.map((claim) => (claim as { lease: Lease }).lease);
+          expect(leases.map((lease) => lease.token)).toEqual(requests.map((r) => r.token));
+
+          dropped = proxy.counts.repliesDropped;
+          proxy.dropReplyTo(BATCHED_COMPLETION);
+          const response = {
+            status: 201,
+            headers: {},
+            body: '{}',
+            bodyEncoding: 'json',
+            isError: false,
+          } as const;
+          const stored = await Promise.all(
+            leases.map((lease) => store.complete(lease, response, now + 60_000)),
+          );
+          expect(proxy.counts.repliesDropped).toBe(dropped + 1);
+          expect(stored).toEqual([true, true]);
+          const records = await direct.getRepository(IdempotencyRecord).findBy({ scope });
+          expect(records.map((record) => record.state)).toEqual(['completed', 'completed']);
+        } finally {
+          await direct.getRepository(IdempotencyRecord).delete({ scope });
+          await store.close();
+        }
+      },
+    );
+  },
+);

@@ -48,6 +48,25 @@ describe.each(eachDatabase)('counters on %s', (_name, database) => {
     expect(seen).toEqual(['executed', 'replayed', 'mismatch', 'executed', 'released']);
   });
 
+  it('a listener that throws changes nothing: the request is answered, its key completed and replayed', async () => {
+    const key = newKey();
+    const unsubscribe = metrics.onEvent(() => {
+      throw new Error('metrics exporter is down');
+    });
+    try {
+      const first = await post(fixture.http, '/charges', key, { amount: 1 });
+      expect(first.status).toBe(201);
+      const retry = await post(fixture.http, '/charges', key, { amount: 1 });
+      expect(retry.status).toBe(201);
+      expect(retry.headers['idempotent-replayed']).toBe('true');
+      expect(retry.body).toEqual(first.body);
+      expect(fixture.calls.count('charges', key)).toBe(1);
+      await post(fixture.http, '/flaky', newKey(), { fail: 'crash' }).expect(500);
+    } finally {
+      unsubscribe();
+    }
+  });
+
   it('counts conflicts, takeovers of expired keys, and purged rows', async () => {
     let purged = 0;
     const key = newKey();

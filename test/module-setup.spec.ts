@@ -11,7 +11,9 @@ import {
   IdempotencyStore,
   type IdempotencyModuleOptions,
 } from '../lib/index.js';
+import { createFixtureApp, recordsOf, waitUntilPast } from './fixtures/fixture-app.js';
 import { eachDatabase } from './support/databases.js';
+import { newKey, post } from './support/http.js';
 
 let runs = 0;
 
@@ -173,5 +175,55 @@ describe.each(eachDatabase)('module setup on %s', (_name, database) => {
       /IdempotencyRecord is not an entity/,
     );
     if (dataSource.isInitialized) await dataSource.destroy();
+  });
+});
+
+describe.each(eachDatabase)('durations longer than a timer can wait, on %s', (_name, database) => {
+  const DAY_MS = 86_400_000;
+
+  it("works with storeTimeout, purgeInterval and waitTimeout of '30d', lockTimeout '90d' and ttl '365d'", async () => {
+    const fixture = await createFixtureApp(database, {
+      storeTimeout: '30d',
+      purgeInterval: '30d',
+      waitTimeout: '30d',
+      lockTimeout: '90d',
+      ttl: '365d',
+    });
+    try {
+      // A timer past 2^31 - 1 ms would fire after 1 ms: every claim would time out at once.
+      const key = newKey();
+      const before = Date.now();
+      fixture.gate.hold(key);
+      const pending = post(fixture.http, '/slow', key).then((response) => response);
+      await fixture.gate.arrived(key);
+      const [claimed] = await recordsOf(fixture.dataSource, key);
+      // ...the renewal (every lockTimeout / 3: 30 days) would renew the claim every millisecond...
+      const expired = newKey();
+      await post(fixture.http, '/short-ttl', expired).expect(201);
+      const [short] = await recordsOf(fixture.dataSource, expired);
+      await waitUntilPast(Number(short.expiresAt) + 100);
+      const [running] = await recordsOf(fixture.dataSource, key);
+      expect(Number(running.expiresAt)).toBe(Number(claimed.expiresAt));
+      expect(Number(claimed.expiresAt)).toBeGreaterThanOrEqual(before + 90 * DAY_MS);
+      // ...and the purge (every 30 days) would run every millisecond.
+      if (database.ownTablePerConnection)
+        expect(await recordsOf(fixture.dataSource, expired)).toHaveLength(1);
+      fixture.gate.open(key);
+      const first = await pending;
+      expect(first.status).toBe(201);
+      const [record] = await recordsOf(fixture.dataSource, key);
+      expect(Number(record.expiresAt)).toBeGreaterThanOrEqual(before + 365 * DAY_MS);
+      const replay = await post(fixture.http, '/slow', key);
+      expect(replay.headers['idempotent-replayed']).toBe('true');
+      expect(fixture.calls.count('slow', key)).toBe(1);
+    } finally {
+      await fixture.close();
+    }
+  });
+
+  it('refuses at startup a duration too long to be meant, naming the option', async () => {
+    await expect(createFixtureApp(database, { ttl: Number.MAX_SAFE_INTEGER })).rejects.toThrow(
+      /ttl must be at most 100 years/,
+    );
   });
 });

@@ -6,6 +6,7 @@ import {
   SimpleSpanProcessor,
   type ReadableSpan,
 } from '@opentelemetry/sdk-trace-base';
+import type { LoggerService } from '@nestjs/common';
 import { subscribe, unsubscribe } from 'node:diagnostics_channel';
 import {
   idempotencyChannelName,
@@ -154,5 +155,62 @@ describe('OpenTelemetry spans and diagnostics_channel events', () => {
       count: 1,
       id: { scope: '', endpoint: 'POST /slow', key },
     });
+  });
+});
+
+describe('observation that fails never changes an outcome', () => {
+  /** A span processor whose exporter is broken: it throws on every span. */
+  const throwing = {
+    onStart: () => {
+      throw new Error('span processor is broken');
+    },
+    onEnd: () => {
+      throw new Error('span processor is broken');
+    },
+    forceFlush: () => Promise.resolve(),
+    shutdown: () => Promise.resolve(),
+  };
+  const provider = new BasicTracerProvider({ spanProcessors: [throwing] });
+  /** Nest's own lines pass; the module's (context 'Idempotency') throw, as a broken transport would. */
+  const logger = Object.fromEntries(
+    (['log', 'error', 'warn', 'debug', 'verbose', 'fatal'] as const).map((level) => [
+      level,
+      (...args: unknown[]) => {
+        if (args.at(-1) === 'Idempotency') throw new Error('log transport is broken');
+      },
+    ]),
+  ) as unknown as LoggerService;
+  let fixture: FixtureApp;
+
+  beforeAll(async () => {
+    trace.setGlobalTracerProvider(provider);
+    fixture = await createFixtureApp(testDatabases[0], {}, 'express', { logger });
+  });
+  afterAll(async () => {
+    await fixture.close();
+    trace.disable();
+    await provider.shutdown();
+  });
+
+  it('a tracer that throws: the request is answered, stored once and replayed', async () => {
+    const key = newKey();
+    const first = await post(fixture.http, '/charges', key, { amount: 1 });
+    expect(first.status).toBe(201);
+    const retry = await post(fixture.http, '/charges', key, { amount: 1 });
+    expect(retry.headers['idempotent-replayed']).toBe('true');
+    expect(retry.body).toEqual(first.body);
+    expect(fixture.calls.count('charges', key)).toBe(1);
+  });
+
+  it("a logger that throws: a lost lease is still answered with the handler's response", async () => {
+    const key = newKey();
+    fixture.gate.hold(key);
+    const first = post(fixture.http, '/slow', key).then((response) => response);
+    await fixture.gate.arrived(key);
+    await stealClaim(fixture.dataSource, key);
+    fixture.gate.open(key);
+    const response = await first;
+    expect(response.status).toBe(201);
+    expect(response.body.id).toEqual(expect.any(String));
   });
 });

@@ -11,6 +11,7 @@ import {
   SHORT_LOCK_MS,
 } from './fixtures/lease.controller.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
+import { CapturedLog } from './support/captured-log.js';
 import { eachDatabase } from './support/databases.js';
 import { expectProblem, newKey, post } from './support/http.js';
 import { waitFor } from './support/reliability.js';
@@ -56,8 +57,13 @@ describe.each(transactionalDatabases)(
 
 describe.each(transactionalDatabases)('transactional mode on %s', (_name, database) => {
   let fixture: ReliabilityApp;
+  const log = new CapturedLog();
   beforeAll(async () => {
-    fixture = await createReliabilityApp(database, { maxResponseBytes: 10_000 }, settings);
+    fixture = await createReliabilityApp(
+      database,
+      { maxResponseBytes: 10_000 },
+      { ...settings, logger: log },
+    );
     await createLedgerTable(fixture.dataSource);
   });
   afterAll(() => fixture.close());
@@ -99,6 +105,30 @@ describe.each(transactionalDatabases)('transactional mode on %s', (_name, databa
     expect((await post(fixture.baseUrl, '/lease/tx-crash', key)).status).toBe(500);
     expect(fixture.calls.count('tx-crash', key)).toBe(2);
     expect(await ledgerOf(fixture.dataSource, key)).toHaveLength(0);
+  });
+
+  it('a handler’s own 503 after its gateway refused the connection is its answer, not the store’s: rolled back, released, nothing blamed on the database', async () => {
+    const key = newKey();
+    const first = await post(fixture.baseUrl, '/lease/tx-gateway-down', key);
+    expect(first.status).toBe(503);
+    expect(first.headers['content-type']).toMatch(/^application\/json/);
+    expect(first.body).toMatchObject({ message: 'the payment gateway is unreachable' });
+    expect(await ledgerOf(fixture.dataSource, key)).toHaveLength(0);
+    expect(await recordsOf(fixture.dataSource, key)).toHaveLength(0);
+    // Released by the policy (a 5xx is not stored): the retry runs the handler again.
+    expect((await post(fixture.baseUrl, '/lease/tx-gateway-down', key)).status).toBe(503);
+    expect(fixture.calls.count('tx-gateway-down', key)).toBe(2);
+    expect(log.lines.filter((line) => /database connection/.test(line.text))).toEqual([]);
+  });
+
+  it('a network error the handler lets through is its crash (500), as in the plain mode, not the store’s', async () => {
+    const key = newKey();
+    const first = await post(fixture.baseUrl, '/lease/tx-gateway-down', key, { raw: true });
+    expect(first.status).toBe(500);
+    expect(first.body.type).not.toBe('tag:nestjs-idempotency,2026:store-unavailable');
+    expect(await ledgerOf(fixture.dataSource, key)).toHaveLength(0);
+    expect(await recordsOf(fixture.dataSource, key)).toHaveLength(0);
+    expect(log.lines.filter((line) => /database connection/.test(line.text))).toEqual([]);
   });
 
   it('a result that cannot be stored (over maxResponseBytes) commits nothing: 500 result-not-stored, key released', async () => {

@@ -2,7 +2,6 @@ import { Logger } from '@nestjs/common';
 import type { RecordId } from '../storage/idempotency-store.interface.js';
 
 type OpenTelemetryApi = typeof import('@opentelemetry/api');
-type Span = import('@opentelemetry/api').Span;
 
 /** What a traced step may say about itself. */
 export interface TracedStep {
@@ -24,6 +23,7 @@ export type TracedStepName = 'claim' | 'run' | 'complete';
  */
 export class IdempotencyTracing {
   private readonly tracer;
+  private failureLogged = false;
 
   private constructor(private readonly api: OpenTelemetryApi | null) {
     this.tracer = api?.trace.getTracer('nestjs-idempotency');
@@ -42,7 +42,8 @@ export class IdempotencyTracing {
   /**
    * Runs `work` in the span `idempotency.<step>` of record `id`; with `active`, the span is the
    * active one inside `work`. A rejection marks the span as an error (with `idempotency.outcome`
-   * as `work` set it, or `error`).
+   * as `work` set it, or `error`). Tracing never changes what `work` does or returns: a tracer, a
+   * span processor or an exporter that throws is logged once, and the step goes on untraced.
    */
   async step<T>(
     step: TracedStepName,
@@ -52,35 +53,62 @@ export class IdempotencyTracing {
   ): Promise<T> {
     const { api, tracer } = this;
     if (!api || !tracer) return work(UNTRACED);
-    const span: Span = tracer.startSpan(`idempotency.${step}`, {
-      attributes: { 'idempotency.endpoint': id.endpoint, 'idempotency.key': id.key },
-    });
+    const span = this.quietly(() =>
+      tracer.startSpan(`idempotency.${step}`, {
+        attributes: { 'idempotency.endpoint': id.endpoint, 'idempotency.key': id.key },
+      }),
+    );
+    if (!span) return work(UNTRACED);
     // No tracer provider registered, or not sampled: nothing to record, nothing to make active.
-    if (!span.isRecording()) {
-      span.end();
+    if (!this.quietly(() => span.isRecording())) {
+      this.quietly(() => span.end());
       return work(UNTRACED);
     }
     let outcomeSet = false;
     const traced: TracedStep = {
       outcome: (outcome) => {
         outcomeSet = true;
-        span.setAttribute('idempotency.outcome', outcome);
+        this.quietly(() => span.setAttribute('idempotency.outcome', outcome));
       },
     };
     try {
-      return active
-        ? await api.context.with(api.trace.setSpan(api.context.active(), span), () => work(traced))
+      const activeContext = active
+        ? this.quietly(() => api.trace.setSpan(api.context.active(), span))
+        : undefined;
+      return activeContext
+        ? await api.context.with(activeContext, () => work(traced))
         : await work(traced);
     } catch (error) {
       if (!outcomeSet) traced.outcome('error');
-      span.recordException(error instanceof Error ? error : String(error));
-      span.setStatus({
-        code: api.SpanStatusCode.ERROR,
-        message: error instanceof Error ? error.message : undefined,
+      this.quietly(() => {
+        span.recordException(error instanceof Error ? error : String(error));
+        span.setStatus({
+          code: api.SpanStatusCode.ERROR,
+          message: error instanceof Error ? error.message : undefined,
+        });
       });
       throw error;
     } finally {
-      span.end();
+      this.quietly(() => span.end());
+    }
+  }
+
+  /** Runs a call into OpenTelemetry; if it throws, logs that once and returns `undefined`. */
+  private quietly<T>(call: () => T): T | undefined {
+    try {
+      return call();
+    } catch (error) {
+      if (!this.failureLogged) {
+        this.failureLogged = true;
+        try {
+          new Logger('Idempotency').error(
+            `OpenTelemetry threw while tracing a step (${(error as Error)?.message ?? String(error)}); ignored, here and from now on: tracing does not change a request's outcome.`,
+          );
+        } catch {
+          // The app's logger threw too.
+        }
+      }
+      return undefined;
     }
   }
 }

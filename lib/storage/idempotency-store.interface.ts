@@ -56,6 +56,17 @@ export interface Lease {
   readonly watched?: boolean;
 }
 
+/** Where a lease stands in the store (see `IdempotencyStore.leaseState`). */
+export type LeaseState =
+  /** The record is in progress under this lease. */
+  | 'held'
+  /** The record was completed under this lease. */
+  | 'completed'
+  /** There is no record: released (or expired and purged). */
+  | 'absent'
+  /** The record belongs to another lease: taken over. */
+  | 'taken';
+
 export interface ClaimRequest {
   readonly id: RecordId;
   readonly fingerprint: string;
@@ -92,6 +103,14 @@ export interface IdempotencyStore {
    * `lockedUntil`, epoch ms; `false` when the lease was lost (taken over, completed or released).
    */
   renew(lease: Lease, lockedUntil: number): Promise<boolean>;
+  /**
+   * Optional: reads where the lease stands. Asked only when a `complete` or `release` was tried
+   * again after an attempt whose answer never came (a timeout, a connection lost after the
+   * statement committed) and the retry changed nothing: a record completed under this lease (for
+   * `complete`), or gone (for `release`), means the earlier attempt did it. Without it, such a
+   * retry is logged and counted as a lost lease.
+   */
+  leaseState?(lease: Lease): Promise<LeaseState>;
   /**
    * Optional, for the transactional mode: runs `work` in one transaction of the store's database.
    * `work` runs the handler's writes through `transaction.manager` and ends with

@@ -272,6 +272,26 @@ export function storeContract(
     ),
 
     check(
+      'tells where a lease stands (leaseState, if the store has it): held, completed, gone, taken over',
+      async (s) => {
+        const leaseState = s.store.leaseState?.bind(s.store);
+        if (!leaseState) return;
+        const held = await s.leaseOf(s.id(), 'fp-a');
+        assert.equal(await leaseState(held), 'held');
+        assert.equal(await leaseState({ ...held, token: randomUUID() }), 'taken');
+        assert.equal(await s.store.complete(held, sampleResponse(), s.now + 10 * MINUTE), true);
+        assert.equal(await leaseState(held), 'completed');
+        const released = await s.leaseOf(s.id(), 'fp-a');
+        assert.equal(await s.store.release(released), true);
+        assert.equal(await leaseState(released), 'absent');
+        const abandoned = await s.leaseOf(s.id(), 'fp-a');
+        const takeover = await s.claim(abandoned.id, 'fp-a', s.now + MINUTE + 1);
+        assert.equal(takeover.claimed, true);
+        assert.equal(await leaseState(abandoned), 'taken');
+      },
+    ),
+
+    check(
       'purges expired records in batches of at most `limit`, and never a live one',
       async (s) => {
         const realNow = Date.now();

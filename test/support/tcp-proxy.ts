@@ -6,6 +6,16 @@ export type ProxyMode = 'up' | 'cut' | 'blackhole';
 interface Pair {
   readonly client: net.Socket;
   upstream?: net.Socket;
+  /** Stalled: what the client sent since, held back until `releaseStalls()`. */
+  held?: Buffer[];
+  /** The server's answer to the statement just sent is dropped, and the connection cut. */
+  dropReply?: boolean;
+}
+
+/** A statement to act on, by a pattern of its bytes, for at most `remaining` more matches. */
+interface Rule {
+  readonly pattern: RegExp;
+  remaining: number;
 }
 
 /**
@@ -15,13 +25,29 @@ interface Pair {
  *   direction, so queries hang; what was sent waits in the socket buffers;
  * - `restore()`: forwards again. After a blackhole the held bytes flow on, so queries sent during
  *   the outage reach the database late, as when a network partition heals.
+ *
+ * And, one statement at a time (matched by a pattern of the bytes the client sends: its SQL text,
+ * or the name of a prepared statement):
+ * - `stall(pattern)`: the connection that sends a matching statement stops forwarding it (and what
+ *   follows) until `releaseStalls()`, while every other connection works: a statement stuck on a
+ *   half-dead connection;
+ * - `dropReplyTo(pattern)`: the statement reaches the database and runs, and its answer is dropped
+ *   and the connection cut: a reply lost after the statement committed.
  */
 export class TcpProxy {
   private server: net.Server | undefined;
   private readonly pairs = new Set<Pair>();
   private mode: ProxyMode = 'up';
   /** Connections accepted, and destroyed by a cut, since the start. */
-  readonly counts = { accepted: 0, destroyedByCut: 0, heldByBlackhole: 0 };
+  readonly counts = {
+    accepted: 0,
+    destroyedByCut: 0,
+    heldByBlackhole: 0,
+    stalled: 0,
+    repliesDropped: 0,
+  };
+  private readonly stallRules: Rule[] = [];
+  private readonly dropRules: Rule[] = [];
 
   private constructor(
     private target: { host: string; port: number },
@@ -84,6 +110,27 @@ export class TcpProxy {
     }
   }
 
+  /** The next `times` statements matching `pattern` stall their connection (see the class). */
+  stall(pattern: RegExp, times = Infinity): void {
+    this.stallRules.push({ pattern, remaining: times });
+  }
+
+  /** Forwards what the stalled connections held back, and stops stalling. */
+  releaseStalls(): void {
+    this.stallRules.length = 0;
+    for (const pair of this.pairs) {
+      const held = pair.held;
+      if (!held) continue;
+      pair.held = undefined;
+      for (const chunk of held) pair.upstream?.write(chunk);
+    }
+  }
+
+  /** The answers to the next `times` statements matching `pattern` are lost (see the class). */
+  dropReplyTo(pattern: RegExp, times = 1): void {
+    this.dropRules.push({ pattern, remaining: times });
+  }
+
   async close(): Promise<void> {
     await this.cut();
   }
@@ -104,7 +151,7 @@ export class TcpProxy {
     this.counts.accepted++;
     const pair: Pair = { client };
     this.pairs.add(pair);
-    client.on('data', (chunk) => pair.upstream?.write(chunk));
+    client.on('data', (chunk: Buffer) => this.forward(pair, chunk));
     client.on('error', () => undefined);
     client.on('close', () => {
       this.pairs.delete(pair);
@@ -118,10 +165,42 @@ export class TcpProxy {
     this.connectUpstream(pair);
   }
 
+  /** Client to server, unless a rule stalls the connection or marks its answer to be dropped. */
+  private forward(pair: Pair, chunk: Buffer): void {
+    if (pair.held) {
+      pair.held.push(chunk);
+      return;
+    }
+    const text = chunk.toString('latin1');
+    const matching = (rules: Rule[]) => {
+      const rule = rules.find(
+        (candidate) => candidate.remaining > 0 && candidate.pattern.test(text),
+      );
+      if (rule) rule.remaining--;
+      return rule !== undefined;
+    };
+    if (matching(this.stallRules)) {
+      this.counts.stalled++;
+      pair.held = [chunk];
+      return;
+    }
+    if (matching(this.dropRules)) pair.dropReply = true;
+    pair.upstream?.write(chunk);
+  }
+
   private connectUpstream(pair: Pair): void {
     const upstream = net.connect(this.target);
     pair.upstream = upstream;
-    upstream.on('data', (chunk) => pair.client.write(chunk));
+    upstream.on('data', (chunk) => {
+      if (pair.dropReply) {
+        // The statement ran (a single statement commits before its answer is sent): lose the answer.
+        this.counts.repliesDropped++;
+        pair.client.destroy();
+        upstream.destroy();
+        return;
+      }
+      pair.client.write(chunk);
+    });
     upstream.on('error', () => undefined);
     upstream.on('close', () => pair.client.destroy());
   }

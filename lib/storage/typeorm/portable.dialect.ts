@@ -3,6 +3,7 @@ import type {
   ClaimRequest,
   ClaimResult,
   Lease,
+  LeaseState,
   RecordSnapshot,
   StoredResponse,
 } from '../idempotency-store.interface.js';
@@ -10,6 +11,7 @@ import { IdempotencyRecord } from './idempotency-record.entity.js';
 import {
   affectedRows,
   completeUnderLease,
+  leaseStateUnder,
   releaseUnderLease,
   renewUnderLease,
   type StoreDialect,
@@ -57,6 +59,10 @@ export class PortableDialect implements StoreDialect {
 
   renew(lease: Lease, lockedUntil: number): Promise<boolean> {
     return renewUnderLease(this.dataSource, lease, lockedUntil);
+  }
+
+  leaseState(lease: Lease): Promise<LeaseState> {
+    return leaseStateUnder(this.dataSource, lease);
   }
 
   async claim(request: ClaimRequest): Promise<ClaimResult> {

@@ -5,13 +5,14 @@ import {
   type ClaimRequest,
   type ClaimResult,
   type Lease,
+  type LeaseState,
   type RecordSnapshot,
   type StoredResponse,
 } from '../idempotency-store.interface.js';
 import { CHANGE_CHANNEL } from './postgres-change-listener.js';
 import { PreparedStatements } from './prepared-statements.js';
 import { StatementBatcher } from './statement-batcher.js';
-import type { StoreDialect } from './store-dialect.js';
+import { leaseStateOf, type StoreDialect } from './store-dialect.js';
 
 /** Raw row of the claim statement: the table's columns plus whether this call claimed it. */
 interface ClaimRow {
@@ -79,8 +80,10 @@ export class PostgresDialect implements StoreDialect {
     });
     this.completions = new StatementBatcher({
       keyOf: ({ lease }) => recordName(lease.id),
-      runOne: ({ lease, response, expiresAt }) =>
-        this.completeOn(undefined, lease, response, expiresAt, null),
+      runOne: ({ lease, response, expiresAt }, afterFailedBatch) =>
+        afterFailedBatch
+          ? this.completeAgain(lease, response, expiresAt)
+          : this.completeOn(undefined, lease, response, expiresAt, null),
       runMany: (completions) => this.completeMany(completions),
     });
   }
@@ -107,12 +110,32 @@ export class PostgresDialect implements StoreDialect {
     const results: (ClaimResult | undefined)[] = new Array(requests.length).fill(undefined);
     for (const row of rows) {
       const index = Number(row.ord) - 1;
-      const { id, token } = requests[index];
-      results[index] = row.claimed
-        ? { claimed: true, lease: { id, token }, takeover: !row.inserted }
-        : { claimed: false, record: toSnapshot(row) };
+      results[index] = claimResult(requests[index], row);
     }
     return results;
+  }
+
+  /**
+   * A completion run again after its batch failed: the batch may have committed before its answer
+   * was lost, so a record already completed under this lease counts as stored.
+   */
+  private async completeAgain(
+    lease: Lease,
+    response: StoredResponse,
+    expiresAt: number,
+  ): Promise<boolean> {
+    if (await this.completeOn(undefined, lease, response, expiresAt, null)) return true;
+    return (await this.leaseState(lease)) === 'completed';
+  }
+
+  async leaseState(lease: Lease): Promise<LeaseState> {
+    const { rows } = await this.statements.run<{ state: string; lease_token: string }>(
+      'lease_state',
+      this.sql.leaseState,
+      [lease.id.scope, lease.id.endpoint, lease.id.key],
+    );
+    const row = rows[0];
+    return leaseStateOf(lease, row ? { state: row.state, token: row.lease_token } : undefined);
   }
 
   /** Several completions in one statement: each is stored if its own lease is still held. */
@@ -143,10 +166,7 @@ export class PostgresDialect implements StoreDialect {
     for (let attempt = 1; attempt <= CLAIM_ATTEMPTS; attempt++) {
       const { rows } = await this.statements.run<ClaimRow>('claim', this.sql.claim, params);
       if (rows.length === 0) continue;
-      const row = rows[0];
-      return row.claimed
-        ? { claimed: true, lease: { id, token }, takeover: !row.inserted }
-        : { claimed: false, record: toSnapshot(row) };
+      return claimResult(request, rows[0]);
     }
     throw new Error('nestjs-idempotency: the claim kept racing with concurrent writers');
   }
@@ -337,6 +357,9 @@ function buildStatements(table: string) {
     completeAndNotify: `WITH changed AS (${completion} RETURNING 1)
       SELECT pg_notify('${CHANGE_CHANNEL}', $11) FROM changed`,
     release: `DELETE FROM ${table} WHERE ${underLease}`,
+    /** $1 scope, $2 endpoint, $3 key. */
+    leaseState: `SELECT state, lease_token FROM ${table}
+      WHERE scope = $1 AND endpoint = $2 AND idempotency_key = $3`,
     /** $1–$4 the lease, $5 locked until: never moves a lock back. */
     renew: `UPDATE ${table} SET expires_at = GREATEST(expires_at, $5::bigint) WHERE ${underLease}`,
     releaseAndNotify: `WITH changed AS (DELETE FROM ${table} WHERE ${underLease} RETURNING 1)
@@ -351,6 +374,18 @@ function buildStatements(table: string) {
         SELECT ctid FROM ${table} WHERE expires_at <= $1 LIMIT $2
       )) AND expires_at <= $1`,
   };
+}
+
+/**
+ * What a claim row says. A row in progress under the request's own token is its own claim, made by
+ * an earlier run of this very request whose answer was lost (a batch that committed, then lost its
+ * connection): claimed, not a conflict with itself.
+ */
+function claimResult({ id, token }: ClaimRequest, row: ClaimRow): ClaimResult {
+  if (row.claimed) return { claimed: true, lease: { id, token }, takeover: !row.inserted };
+  if (row.state === 'in_progress' && row.lease_token === token)
+    return { claimed: true, lease: { id, token }, takeover: false };
+  return { claimed: false, record: toSnapshot(row) };
 }
 
 function toSnapshot(row: ClaimRow): RecordSnapshot {

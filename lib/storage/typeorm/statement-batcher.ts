@@ -2,8 +2,12 @@
 export interface BatchRunner<Item, Result> {
   /** Identifies the row an item touches: a batch never holds two items of one row. */
   keyOf(item: Item): string;
-  /** One item, with the statement of one row. */
-  runOne(item: Item): Promise<Result>;
+  /**
+   * One item, with the statement of one row. `afterFailedBatch`: its batch failed, and may have
+   * been applied all the same (committed, then its answer lost with the connection): a statement
+   * that finds its own change already made counts it as done.
+   */
+  runOne(item: Item, afterFailedBatch: boolean): Promise<Result>;
   /**
    * Several items (distinct rows, ordered by key), with one statement. Per item, in order: its
    * result, or `undefined` when the statement could not decide it (it is then run alone).
@@ -27,7 +31,8 @@ interface Pending<Item, Result> {
  * Each item's outcome is its own row's, exactly as if it ran alone. Items of the same row go to
  * different batches (a statement may not change a row twice). A batch that fails (a deadlock
  * between two batches, a value the server refuses) is run again item by item, so one item's error
- * is reported to that item only.
+ * is reported to that item only. A batch whose answer was lost after it committed is run again
+ * the same way: each item then finds its own change made (see `runOne`).
  */
 export class StatementBatcher<Item, Result> {
   private pending: Pending<Item, Result>[] = [];
@@ -66,19 +71,19 @@ export class StatementBatcher<Item, Result> {
     }
     this.pending = later;
     if (later.length > 0) this.schedule();
-    if (batch.length === 1) return this.alone(batch[0]);
+    if (batch.length === 1) return this.alone(batch[0], false);
     // One order for every batch: two batches lock their rows in the same order.
     batch.sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0));
     this.runner.runMany(batch.map((entry) => entry.item)).then(
       (results) =>
         batch.forEach((entry, i) =>
-          results[i] === undefined ? this.alone(entry) : entry.resolve(results[i] as Result),
+          results[i] === undefined ? this.alone(entry, false) : entry.resolve(results[i] as Result),
         ),
-      () => batch.forEach((entry) => this.alone(entry)),
+      () => batch.forEach((entry) => this.alone(entry, true)),
     );
   }
 
-  private alone(entry: Pending<Item, Result>) {
-    this.runner.runOne(entry.item).then(entry.resolve, entry.reject);
+  private alone(entry: Pending<Item, Result>, afterFailedBatch: boolean) {
+    this.runner.runOne(entry.item, afterFailedBatch).then(entry.resolve, entry.reject);
   }
 }

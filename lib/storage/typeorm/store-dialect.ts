@@ -3,6 +3,7 @@ import type {
   ClaimRequest,
   ClaimResult,
   Lease,
+  LeaseState,
   StoredResponse,
 } from '../idempotency-store.interface.js';
 import { IdempotencyRecord } from './idempotency-record.entity.js';
@@ -32,6 +33,8 @@ export interface StoreDialect {
   release(lease: Lease, changeTag: string | null): Promise<boolean>;
   /** Extends the lock of a held lease. */
   renew(lease: Lease, lockedUntil: number): Promise<boolean>;
+  /** Where the lease stands (see `IdempotencyStore.leaseState`). */
+  leaseState(lease: Lease): Promise<LeaseState>;
   purgeExpired(now: number, limit: number): Promise<number>;
 }
 
@@ -86,6 +89,25 @@ export async function releaseUnderLease(dataSource: DataSource, lease: Lease): P
     .where(leaseCondition, leaseParameters(lease))
     .execute();
   return result.affected === 1;
+}
+
+/** Where the lease stands, from its record's state and token (`undefined`: no record). */
+export function leaseStateOf(
+  lease: Lease,
+  record: { state: string; token: string } | undefined,
+): LeaseState {
+  if (!record) return 'absent';
+  if (record.token !== lease.token) return 'taken';
+  return record.state === 'completed' ? 'completed' : 'held';
+}
+
+/** Reads where the lease stands (MySQL/MariaDB, SQLite). */
+export async function leaseStateUnder(dataSource: DataSource, lease: Lease): Promise<LeaseState> {
+  const row = await dataSource.getRepository(IdempotencyRecord).findOne({
+    select: { state: true, leaseToken: true },
+    where: { scope: lease.id.scope, endpoint: lease.id.endpoint, key: lease.id.key },
+  });
+  return leaseStateOf(lease, row ? { state: row.state, token: row.leaseToken } : undefined);
 }
 
 const leaseCondition =

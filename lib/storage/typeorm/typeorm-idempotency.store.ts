@@ -4,6 +4,7 @@ import type {
   ClaimResult,
   IdempotencyStore,
   Lease,
+  LeaseState,
   RecordId,
   RecordWatch,
   StoredResponse,
@@ -117,6 +118,10 @@ export class TypeOrmIdempotencyStore implements IdempotencyStore {
 
   renew(lease: Lease, lockedUntil: number): Promise<boolean> {
     return this.dialect.renew(lease, lockedUntil);
+  }
+
+  leaseState(lease: Lease): Promise<LeaseState> {
+    return this.dialect.leaseState(lease);
   }
 
   transaction<T>(work: (transaction: StoreTransaction) => Promise<T>): Promise<T> {
