@@ -147,6 +147,21 @@ describeOnRabbitMq('RabbitMQ, manual acknowledgement, consumers in the test proc
     expect(runs.get(`fanout:mail|${key}`)).toBe(2);
   }, 30_000);
 
+  it('two handlers of one event, a message without a key (required: false), one failing first: requeued once, then acked', async () => {
+    const rmq = await queueWith();
+    const marker = randomUUID();
+    rmq.publish('fanout-optional', { marker }, {});
+    await waitFor('the redelivery to be settled', () =>
+      settledWith(marker).length === 2 ? true : undefined,
+    );
+    expect(settledWith(marker).map((s) => s.settled.kind)).toEqual(['retry', 'done']);
+    expect(channelErrors()).toEqual([]);
+    expect(await rmq.leftOver()).toEqual({ queued: 0, deadLettered: 0 });
+    // Without a key nothing is idempotent: each ran on each delivery.
+    expect(runs.get(`optional:slow|${marker}`)).toBe(2);
+    expect(runs.get(`optional:crash|${marker}`)).toBe(2);
+  }, 30_000);
+
   it('a 404 on a route whose policy releases it is a refusal: dead-lettered once, not requeued in a loop', async () => {
     const rmq = await queueWith();
     const key = randomUUID();
@@ -293,7 +308,7 @@ describeOnRabbitMq('RabbitMQ, manual acknowledgement, consumers in the test proc
     ['blackhole', 'connections held, nothing answered: storeTimeout'],
   ] as const)(
     'the store is unreachable (%s: %s): the message is requeued, not dropped, and runs once when it is back',
-    async (outage) => {
+    async (outage, _description) => {
       const target = new URL(DATABASE_URL!);
       const proxy = await TcpProxy.start({ host: target.hostname, port: Number(target.port) });
       const proxied = new DataSource({
