@@ -50,6 +50,8 @@ export type SettledMessage =
  * `SettledMessage`): with manual acknowledgement, let the module acknowledge instead of the
  * handler, since the handler's own `ack` would come before the result is committed (a crash in
  * between would lose the message) and never comes for a duplicate the module answers itself.
+ * Called once per message, also when several handlers of its event acknowledge (then once the last
+ * of them has settled it).
  */
 export type MessageAcknowledgement = (context: unknown, settled: SettledMessage) => void;
 
