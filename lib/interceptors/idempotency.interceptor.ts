@@ -7,7 +7,7 @@ import {
   type NestInterceptor,
 } from '@nestjs/common';
 import { Reflector } from '@nestjs/core';
-import { lastValueFrom, Observable, tap } from 'rxjs';
+import { lastValueFrom, Observable, of } from 'rxjs';
 import { INTERCEPTORS_METADATA } from '@nestjs/common/constants.js';
 import {
   IDEMPOTENT_ROUTE_OPTIONS,
@@ -113,13 +113,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
         if (options.required) throw new IdempotencyRejectionError(rejection('key-missing'));
         if (settle === settlesNothing) return next.handle();
         // Run without idempotency, but settled all the same (else the message stays unacked).
-        return next.handle().pipe(
-          tap({
-            complete: () => settle(DONE),
-            error: (error: unknown) =>
-              settle(() => this.settledAfterError(transport, error, options)),
-          }),
-        );
+        return this.runSettled(transport, next, options, settle);
       }
       const operation = await transport.describe(context);
       if (!options.scoped) this.warnIfAuthenticated(context, operation.scopeSource);
@@ -169,6 +163,34 @@ export class IdempotencyInterceptor implements NestInterceptor {
         );
       }
     };
+  }
+
+  /**
+   * Runs the handler and settles the call by how it ended, then answers: like `execute`, one promise
+   * chain that ends even when Nest stops listening first (when one of several handlers of an event
+   * fails, Nest unsubscribes from the others).
+   */
+  private runSettled(
+    transport: IdempotencyTransport,
+    next: CallHandler,
+    options: ResolvedRouteOptions,
+    settle: Settle,
+  ): Observable<unknown> {
+    return new Observable<unknown>((subscriber) => {
+      (transport.result
+        ? transport.result(next.handle())
+        : lastValueFrom(next.handle(), { defaultValue: undefined })
+      ).then(
+        (value) => {
+          settle(DONE);
+          (transport.answer ? transport.answer(value) : of(value)).subscribe(subscriber);
+        },
+        (error: unknown) => {
+          settle(() => this.settledAfterError(transport, error, options));
+          subscriber.error(error);
+        },
+      );
+    });
   }
 
   private act(

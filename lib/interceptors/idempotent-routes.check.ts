@@ -23,6 +23,7 @@ import {
 } from '../idempotency.options.js';
 import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
 import { IdempotencyStore } from '../storage/idempotency-store.interface.js';
+import { RpcTransport } from '../transports/rpc.transport.js';
 
 /**
  * Refuses, at startup, `@Idempotent()` routes (controllers' handlers and GraphQL resolvers' fields)
@@ -30,7 +31,9 @@ import { IdempotencyStore } from '../storage/idempotency-store.interface.js';
  * handler that writes the response itself (`@Res()` / `@Next()` without `passthrough`) or streams
  * server-sent events. Left alone, such a route would look protected and run on every retry. Also
  * refuses transactional routes on a store that cannot run them (see `transactionsUnsupported`),
- * and warns about a ClassSerializerInterceptor that runs outside the idempotency interceptor.
+ * and warns about a ClassSerializerInterceptor that runs outside the idempotency interceptor. Tells
+ * the RPC transport which message handlers acknowledge (event handlers of one event settle
+ * together).
  */
 @Injectable()
 export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstrap {
@@ -47,11 +50,13 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
     private readonly scanner: MetadataScanner,
     @Inject(RESOLVED_OPTIONS) private readonly options: ResolvedModuleOptions,
     @Inject(IdempotencyStore) private readonly store: IdempotencyStore,
+    private readonly rpc: RpcTransport,
   ) {}
 
   onModuleInit(): void {
     const problems: string[] = [];
     const transactional: string[] = [];
+    const acknowledging: Function[] = [];
     // Controllers (HTTP routes, message handlers) and providers (GraphQL resolvers).
     const controllers = new Set(this.discovery.getControllers());
     const classes = [
@@ -79,11 +84,12 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
           : undefined;
         if (reason) problems.push(`${metatype.name}.${method}: ${reason}`);
         // As the interceptor reads them: the method's options over the class's, field by field.
-        if (resolveRouteOptionsFor(this.options, classOptions, handlerOptions).transactional) {
-          transactional.push(`${metatype.name}.${method}`);
-        }
+        const options = resolveRouteOptionsFor(this.options, classOptions, handlerOptions);
+        if (options.transactional) transactional.push(`${metatype.name}.${method}`);
+        if (options.acknowledge && controllers.has(wrapper)) acknowledging.push(handler);
       }
     }
+    this.rpc.acknowledgingHandlers(acknowledging);
     this.checkTransactional(transactional);
     if (problems.length > 0) {
       throw new Error(

@@ -7,7 +7,6 @@ import {
   type ResolvedRouteOptions,
 } from '../idempotency.options.js';
 import type { Outcome } from '../idempotency.service.js';
-import { RELEASING_CLIENT_STATUSES } from '../idempotency.constants.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import { canonicalJson } from '../utils/fingerprint.js';
 import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js';
@@ -38,8 +37,8 @@ export interface MessageScopeSource {
  * RpcException without a `statusCode`; or it was a duplicate of a completed message), `retry` (not
  * done, and it may succeed later: in progress elsewhere, the store unreachable, its claim lost, the
  * handler crashed or failed with a 5xx, 408 or 429), or `drop` (delivering it again cannot help:
- * another payload under its key, an invalid or missing key, a 4xx the sender must correct such as
- * a 400 from the ValidationPipe, a refusal by the `scope` resolver).
+ * another payload under its key, an invalid or missing key, a released 4xx other than 408 and 429
+ * such as a 400 from the ValidationPipe, a refusal by the `scope` resolver).
  */
 export type SettledMessage =
   | { readonly kind: 'done'; readonly replayed: boolean }
@@ -51,6 +50,8 @@ export type SettledMessage =
  * `SettledMessage`): with manual acknowledgement, let the module acknowledge instead of the
  * handler, since the handler's own `ack` would come before the result is committed (a crash in
  * between would lose the message) and never comes for a duplicate the module answers itself.
+ * Called once per message, also when several handlers of its event acknowledge (then once the last
+ * of them has settled it).
  */
 export type MessageAcknowledgement = (context: unknown, settled: SettledMessage) => void;
 
@@ -97,12 +98,34 @@ interface ErrorAnswer {
 const storeAlways = () => true;
 
 /**
- * The released statuses a redelivery of the same message cannot change (the sender must correct
- * it); the other released ones (408, 429, 5xx, and any the route's policy releases) may pass later.
+ * Whether a released status may pass when the same message is delivered again: a 5xx, 408 or 429.
+ * Any other (400, 401, 403, 422 by default, and a 404 or 409 a route's policy releases) is the
+ * handler refusing the message, which it would refuse again however often it came.
  */
-const SENDER_MUST_CORRECT = new Set(
-  RELEASING_CLIENT_STATUSES.filter((status) => status !== 408 && status !== 429),
-);
+const mayPassLater = (status: number) => status >= 500 || status === 408 || status === 429;
+
+/** The metadata key of the handler type `@EventPattern` records (`PatternHandler.EVENT`, 2). */
+const PATTERN_HANDLER_METADATA = 'microservices:handler_type';
+const EVENT_HANDLER = 2;
+
+/** Whether the handler is an `@EventPattern`'s: what it returns is sent to no one. */
+function isEventHandler(handler: Function): boolean {
+  return Reflect.getMetadata(PATTERN_HANDLER_METADATA, handler) === EVENT_HANDLER;
+}
+
+/**
+ * How a message that several handlers settled ends: retried if one of them may pass later (the
+ * others, done, replay it as a duplicate), else dropped if one refused it, else done.
+ */
+function together(settlements: readonly SettledMessage[]): SettledMessage {
+  return (
+    settlements.find((settled) => settled.kind === 'retry') ??
+    settlements.find((settled) => settled.kind === 'drop') ?? {
+      kind: 'done',
+      replayed: settlements.every((settled) => settled.kind === 'done' && settled.replayed),
+    }
+  );
+}
 
 /**
  * Microservice handlers (`@MessagePattern`, `@EventPattern`) on every transport. The key is the
@@ -127,6 +150,10 @@ export class RpcTransport implements IdempotencyTransport {
   private readonly endpoints = new WeakMap<Function, { controller: Function; endpoint: string }>();
   /** The handler of each endpoint: a second handler on one endpoint shares its keys (warned). */
   private readonly handlers = new Map<string, { controller: Function; handler: Function }>();
+  /** Event handlers that share their event with other acknowledging ones: how many settle it. */
+  private readonly sharedEvents = new Map<Function, number>();
+  /** A message's settlements so far, while other handlers of its event have yet to settle it. */
+  private readonly pendingSettlements = new WeakMap<object, SettledMessage[]>();
 
   constructor(@Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions) {}
 
@@ -167,7 +194,7 @@ export class RpcTransport implements IdempotencyTransport {
   }
 
   capture(
-    _context: ExecutionContext,
+    context: ExecutionContext,
     outcome: Outcome,
     options: ResolvedRouteOptions,
     id: RecordId,
@@ -175,7 +202,9 @@ export class RpcTransport implements IdempotencyTransport {
     const call = { key: id.key, endpoint: id.endpoint, headers: {} };
     const { maxResponseBytes } = this.moduleOptions;
     if (outcome.ok) {
-      const { value } = outcome;
+      // An event has no reply: what its handler returns is sent to no one, so it is not kept (nor
+      // can its size or form release the key of a message that was handled).
+      const value = isEventHandler(context.getHandler()) ? undefined : outcome.value;
       return value instanceof MessageReplies
         ? storedResult(
             { ...call, headers: SEVERAL_REPLIES, status: 200, value: value.values, isError: false },
@@ -202,9 +231,10 @@ export class RpcTransport implements IdempotencyTransport {
   /**
    * How a message whose handler (or `scope` resolver) threw ends, unless its outcome was stored
    * (then it is `done`): an answer — an RpcException without a `statusCode`, a status the policy
-   * stores — is `done`; a status the sender must correct (400, 401, 403, 422) fails again however
-   * often it is delivered: `drop` (with RabbitMQ, to the dead-letter exchange), so it cannot loop;
-   * a crash or any other released status (5xx, 408, 429) may succeed later: `retry`.
+   * stores — is `done`; a crash, a 5xx, 408 or 429 may succeed later: `retry`; any other status the
+   * policy releases (400, 401, 403, 422 by default; a 404 a policy of its own releases) is a
+   * refusal that fails again however often it is delivered: `drop` (with RabbitMQ, to the
+   * dead-letter exchange), so it cannot loop.
    */
   settledAfterError(error: unknown, options: ResolvedRouteOptions): SettledMessage {
     const answer = this.answerOf(error);
@@ -212,9 +242,9 @@ export class RpcTransport implements IdempotencyTransport {
     const { status } = answer;
     if (status === undefined || options.shouldStore(status))
       return { kind: 'done', replayed: false };
-    return SENDER_MUST_CORRECT.has(status)
-      ? { kind: 'drop', reason: `the handler refused the message (${status})` }
-      : { kind: 'retry', reason: `the handler failed (${status})` };
+    return mayPassLater(status)
+      ? { kind: 'retry', reason: `the handler failed (${status})` }
+      : { kind: 'drop', reason: `the handler refused the message (${status})` };
   }
 
   /** Every value the handler answered: Nest sends each to the caller, so each is stored. */
@@ -253,8 +283,48 @@ export class RpcTransport implements IdempotencyTransport {
     });
   }
 
+  /**
+   * Acknowledges the message. Nest runs every handler of an event for each of its messages, with
+   * one context: when several of them acknowledge, the message is settled once, when the last of
+   * them has (see `together`), since a second `ack` of one message makes RabbitMQ close the channel.
+   */
   settled(context: ExecutionContext, settled: SettledMessage, options: ResolvedRouteOptions): void {
-    options.acknowledge?.(context.switchToRpc().getContext(), settled);
+    const { acknowledge } = options;
+    if (!acknowledge) return;
+    const message: unknown = context.switchToRpc().getContext();
+    const handlers = this.sharedEvents.get(context.getHandler());
+    if (handlers === undefined || typeof message !== 'object' || message === null) {
+      acknowledge(message, settled);
+      return;
+    }
+    const settlements = [...(this.pendingSettlements.get(message) ?? []), settled];
+    if (settlements.length < handlers) {
+      this.pendingSettlements.set(message, settlements);
+      return;
+    }
+    this.pendingSettlements.delete(message);
+    acknowledge(message, together(settlements));
+  }
+
+  /**
+   * Told at startup of every `@Idempotent()` handler with an `acknowledge`: the event handlers
+   * among them that share an event settle its messages together (see `settled`). A handler of
+   * several patterns is left out (which of them a message matched is not known here).
+   */
+  acknowledgingHandlers(handlers: readonly Function[]): void {
+    const byEvent = new Map<string, number>();
+    const events = new Map<Function, string>();
+    for (const handler of handlers) {
+      const patterns = Reflect.getMetadata(PATTERN_METADATA, handler) as unknown[] | undefined;
+      if (!isEventHandler(handler) || patterns?.length !== 1) continue;
+      const event = patternOf(handler);
+      events.set(handler, event);
+      byEvent.set(event, (byEvent.get(event) ?? 0) + 1);
+    }
+    for (const [handler, event] of events) {
+      const count = byEvent.get(event)!;
+      if (count > 1) this.sharedEvents.set(handler, count);
+    }
   }
 
   /**
@@ -365,5 +435,7 @@ function header(headers: Record<string, unknown> | null | undefined, name: strin
 function text(value: unknown): string | undefined {
   const first = Array.isArray(value) ? value[0] : value;
   if (Buffer.isBuffer(first)) return first.toString('utf8') || undefined;
+  // An AMQP header is typed: an integer key arrives as a number (as a payload field may).
+  if (typeof first === 'number' && Number.isSafeInteger(first)) return String(first);
   return typeof first === 'string' && first !== '' ? first : undefined;
 }
