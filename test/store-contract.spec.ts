@@ -74,6 +74,7 @@ describe('the store contract against a broken store', () => {
       string,
       {
         fingerprint: string;
+        token: string;
         state: 'in_progress' | 'completed';
         expiresAt: number;
         response: StoredResponse | null;
@@ -86,6 +87,7 @@ describe('the store contract against a broken store', () => {
       if (existing && existing.expiresAt > request.now) return { claimed: false, record: existing };
       this.records.set(name, {
         fingerprint: request.fingerprint,
+        token: request.token,
         state: 'in_progress',
         expiresAt: request.lockedUntil,
         response: null,

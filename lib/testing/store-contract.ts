@@ -167,6 +167,33 @@ export function storeContract(
     }),
 
     check(
+      "reads a record back with the token of the claim that holds it, and keeps the completing claim's token",
+      async (s) => {
+        // Encrypted responses are bound to the claim that completed them (one token per lifetime
+        // of the key): a store that drops or replaces the token on completion makes them unreadable.
+        const id = s.id();
+        const first = await s.leaseOf(id, 'fp-a');
+        const held = await s.claim(id, 'fp-a');
+        assert.equal(!held.claimed && held.record.token, first.token);
+        const takeover = await s.claim(id, 'fp-a', s.now + MINUTE + 1);
+        assert.equal(takeover.claimed, true);
+        if (!takeover.claimed) return;
+        assert.notEqual(takeover.lease.token, first.token);
+        const response = sampleResponse();
+        assert.equal(await s.store.complete(takeover.lease, response, s.now + 10 * MINUTE), true);
+        const read = await s.claim(id, 'fp-a', s.now + 2 * MINUTE);
+        assert.equal(read.claimed, false);
+        if (read.claimed) return;
+        assert.equal(read.record.state, 'completed');
+        assert.equal(
+          read.record.token,
+          takeover.lease.token,
+          'a completed record must keep the token of the claim that completed it',
+        );
+      },
+    ),
+
+    check(
       'fences the lease: complete, renew and release with another token do nothing',
       async (s) => {
         const id = s.id();

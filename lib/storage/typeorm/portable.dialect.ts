@@ -120,6 +120,7 @@ function toSnapshot(row: IdempotencyRecord): RecordSnapshot {
   return {
     state: row.state,
     fingerprint: row.fingerprint,
+    token: row.leaseToken,
     expiresAt: row.expiresAt,
     response:
       row.state === 'completed' && row.responseStatus !== null
