@@ -1,5 +1,6 @@
 import { Redis } from 'ioredis';
-import { DataSource } from 'typeorm';
+import { randomUUID } from 'node:crypto';
+import { DataSource, type DataSourceOptions } from 'typeorm';
 import {
   IdempotencyRecord,
   RedisIdempotencyStore,
@@ -15,24 +16,38 @@ import { ensureIdempotencyTable } from '../lib/storage/typeorm/idempotency-data-
 import { storeContract } from '../lib/testing/index.js';
 import { eachDatabase } from './support/databases.js';
 
-/** The kit against the TypeORM store on each of `databases`, built with `options`. */
+/**
+ * The kit against the TypeORM store on each of `databases`, built with `options`, on a DataSource
+ * with `dataSourceOptions` added. A DataSource given an `entityPrefix` has a table of its own,
+ * dropped at the end.
+ */
 function typeormContract(
   title: string,
   databases: typeof eachDatabase,
   options: TypeOrmIdempotencyStoreOptions = {},
+  dataSourceOptions: () => Partial<DataSourceOptions> = () => ({}),
 ) {
   describe.each(databases)(title, (_name, database) => {
     let dataSource: DataSource;
     let store: TypeOrmIdempotencyStore;
     beforeAll(async () => {
-      dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
+      dataSource = new DataSource({
+        ...database.options(),
+        ...dataSourceOptions(),
+        entities: [IdempotencyRecord],
+      } as DataSourceOptions);
       await dataSource.initialize();
       await ensureIdempotencyTable(dataSource);
       store = new TypeOrmIdempotencyStore(dataSource, options);
     });
     afterAll(async () => {
-      await store.close();
-      await dataSource.destroy();
+      await store?.close();
+      if (dataSource?.isInitialized && dataSource.options.entityPrefix) {
+        const runner = dataSource.createQueryRunner();
+        await runner.dropTable(dataSource.getMetadata(IdempotencyRecord).tablePath, true);
+        await runner.release();
+      }
+      await dataSource?.destroy();
     });
 
     for (const check of storeContract(() => store)) it(check.name, () => check.run());
@@ -45,6 +60,14 @@ typeormContract(
   'the store contract, TypeORM store on %s without batched statements',
   eachDatabase.filter(([name]) => name === 'pglite' || name === 'postgres'),
   { batchStatements: false },
+);
+
+// A table of its own through `entityPrefix`: the migration creates the table the store queries.
+typeormContract(
+  'the store contract, TypeORM store on %s with an entityPrefix',
+  eachDatabase,
+  {},
+  () => ({ entityPrefix: `p${randomUUID().slice(0, 8)}_` }),
 );
 
 const redisUrl = process.env.REDIS_URL;

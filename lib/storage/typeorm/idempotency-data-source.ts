@@ -1,7 +1,7 @@
 import { Logger } from '@nestjs/common';
 import { DataSource, type DataSourceOptions } from 'typeorm';
 import { CreateIdempotencyRecords1763900000000 } from './create-idempotency-records.migration.js';
-import { IDEMPOTENCY_RECORDS_TABLE, IdempotencyRecord } from './idempotency-record.entity.js';
+import { IdempotencyRecord, recordsTablePath } from './idempotency-record.entity.js';
 import { pgliteDriver } from './pglite-driver.js';
 
 /** The connection the store uses, and whether the module opened it (and so must close it). */
@@ -43,7 +43,7 @@ export async function ensureIdempotencyTable(dataSource: DataSource): Promise<vo
   try {
     await new CreateIdempotencyRecords1763900000000().up(runner);
   } catch (error) {
-    if (!(await runner.hasTable(IDEMPOTENCY_RECORDS_TABLE))) throw error;
+    if (!(await runner.hasTable(recordsTablePath(dataSource)))) throw error;
     new Logger('Idempotency').debug(`Table created concurrently: ${(error as Error).message}`);
   } finally {
     await runner.release();

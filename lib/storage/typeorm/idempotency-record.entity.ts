@@ -1,7 +1,10 @@
-import { Column, Entity, Index, PrimaryColumn } from 'typeorm';
+import { Column, Entity, Index, PrimaryColumn, type DataSource } from 'typeorm';
 import type { BodyEncoding, RecordState } from '../idempotency-store.interface.js';
 
-/** Table name, shared by the entity, the migration and the store's hand-written SQL. */
+/**
+ * Table name of the entity. A DataSource may change it (`entityPrefix`, a naming strategy's
+ * `tableName`, a `schema`): the migrations and the store use {@link recordsTablePath}.
+ */
 export const IDEMPOTENCY_RECORDS_TABLE = 'idempotency_records';
 
 /** bigint arrives from pg as a string (it may exceed 2^53); epoch milliseconds never do. */
@@ -65,4 +68,15 @@ export class IdempotencyRecord {
 
   @Column({ name: 'response_is_error', type: 'boolean', default: false })
   responseIsError!: boolean;
+}
+
+/**
+ * The records table's path in `dataSource` (`schema.table` where a schema applies): the entity's,
+ * with the DataSource's `entityPrefix`, naming strategy and schema; the default name when the
+ * entity is not registered in it.
+ */
+export function recordsTablePath(dataSource: DataSource): string {
+  return dataSource.hasMetadata(IdempotencyRecord)
+    ? dataSource.getMetadata(IdempotencyRecord).tablePath
+    : IDEMPOTENCY_RECORDS_TABLE;
 }
