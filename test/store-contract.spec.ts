@@ -70,6 +70,78 @@ typeormContract(
   () => ({ entityPrefix: `p${randomUUID().slice(0, 8)}_` }),
 );
 
+// `synchronize: true` must leave the table to the migrations: TypeORM would otherwise create it
+// first with its own idea of the columns (MySQL: case-insensitive keys, 64 KiB bodies).
+typeormContract(
+  'the store contract, TypeORM store on %s with synchronize: true',
+  eachDatabase,
+  {},
+  () => ({ entityPrefix: `s${randomUUID().slice(0, 8)}_`, synchronize: true }),
+);
+
+// PGlite is left out: each of its DataSources here is a new in-memory database.
+const persistent = eachDatabase.filter(([name]) => name !== 'pglite');
+describe.each(persistent)('a DataSource with synchronize: true on %s', (_name, database) => {
+  const entityPrefix = `r${randomUUID().slice(0, 8)}_`;
+  const open = async (options: DataSourceOptions) => {
+    const dataSource = new DataSource(options);
+    await dataSource.initialize();
+    await ensureIdempotencyTable(dataSource);
+    return dataSource;
+  };
+
+  it('keeps the stored responses of a table the migration created', async () => {
+    const options = {
+      ...database.options(),
+      entityPrefix,
+      entities: [IdempotencyRecord],
+    } as DataSourceOptions;
+    let dataSource = await open(options);
+    try {
+      const store = new TypeOrmIdempotencyStore(dataSource);
+      const now = Date.now();
+      const id = { scope: '', endpoint: 'POST /sync', key: randomUUID() };
+      const claim = await store.claim({
+        id,
+        fingerprint: 'fp',
+        token: randomUUID(),
+        now,
+        lockedUntil: now + 60_000,
+      });
+      if (!claim.claimed) throw new Error('not claimed');
+      const response: StoredResponse = {
+        status: 201,
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ id: randomUUID() }),
+        bodyEncoding: 'json',
+        isError: false,
+      };
+      expect(await store.complete(claim.lease, response, now + 60_000)).toBe(true);
+      await store.close();
+      await dataSource.destroy();
+
+      // The same database (SQLite: the same file), now with an app DataSource that synchronizes.
+      dataSource = await open({ ...options, synchronize: true });
+      const again = new TypeOrmIdempotencyStore(dataSource);
+      const read = await again.claim({
+        id,
+        fingerprint: 'fp',
+        token: randomUUID(),
+        now,
+        lockedUntil: now + 60_000,
+      });
+      await again.close();
+      expect(read.claimed).toBe(false);
+      expect(!read.claimed && read.record.response).toEqual(response);
+    } finally {
+      const runner = dataSource.createQueryRunner();
+      await runner.dropTable(dataSource.getMetadata(IdempotencyRecord).tablePath, true);
+      await runner.release();
+      await dataSource.destroy();
+    }
+  });
+});
+
 const redisUrl = process.env.REDIS_URL;
 (redisUrl ? describe : describe.skip)('the store contract, Redis store', () => {
   let redis: Redis;

@@ -19,8 +19,13 @@ const epochMillis = {
  *
  * Times are epoch milliseconds in `bigint` columns: the same type and comparison on every database,
  * and no time-zone conversion between the app and the driver.
+ *
+ * The table belongs to the module's migrations, not to TypeORM's schema synchronisation: a
+ * DataSource with `synchronize: true` (or `migration:generate`) leaves it alone. Synchronising it
+ * from these decorators would differ from the migrations where databases differ (MySQL: a binary
+ * collation for the id, `longtext` bodies) and drop the stored bodies to "fix" them.
  */
-@Entity({ name: IDEMPOTENCY_RECORDS_TABLE })
+@Entity({ name: IDEMPOTENCY_RECORDS_TABLE, synchronize: false })
 @Index('idx_idempotency_records_expires_at', ['expiresAt'])
 export class IdempotencyRecord {
   /** The caller, from the scope resolver ('' when keys are shared by all callers). */
