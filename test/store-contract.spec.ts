@@ -2,13 +2,16 @@ import { Redis } from 'ioredis';
 import { randomUUID } from 'node:crypto';
 import { DataSource, type DataSourceOptions } from 'typeorm';
 import {
+  CreateIdempotencyRecords1763900000000,
   IdempotencyRecord,
+  IdempotencyRecordsExactIds1767000000000,
   RedisIdempotencyStore,
   TypeOrmIdempotencyStore,
   type ClaimRequest,
   type ClaimResult,
   type IdempotencyStore,
   type Lease,
+  type RecordId,
   type StoredResponse,
   type TypeOrmIdempotencyStoreOptions,
 } from '../lib/index.js';
@@ -142,6 +145,81 @@ describe.each(persistent)('a DataSource with synchronize: true on %s', (_name, d
   });
 });
 
+const mariadb = eachDatabase.find(([name]) => name === 'mariadb')?.[1];
+(mariadb ? describe : describe.skip)('the id collation upgrade on MariaDB', () => {
+  const database = mariadb!;
+  it('upgrades a table made by the first migration: rows kept, ids then compared exactly', async () => {
+    // A table of its own, as the first migration made it (utf8mb4_bin: PAD SPACE).
+    const dataSource = new DataSource({
+      ...database.options(),
+      entityPrefix: `u${randomUUID().slice(0, 8)}_`,
+      entities: [IdempotencyRecord],
+    } as DataSourceOptions);
+    await dataSource.initialize();
+    const runner = dataSource.createQueryRunner();
+    const table = dataSource.getMetadata(IdempotencyRecord).tablePath;
+    const collations = async () =>
+      (
+        (await runner.query(
+          `SELECT COLUMN_NAME AS name, COLLATION_NAME AS collation FROM information_schema.COLUMNS
+            WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME IN ('scope', 'endpoint', 'idempotency_key')
+            ORDER BY COLUMN_NAME`,
+          [table],
+        )) as { name: string; collation: string }[]
+      ).map(({ name, collation }) => `${name} ${collation}`);
+    try {
+      await new CreateIdempotencyRecords1763900000000().up(runner);
+      expect(await collations()).toEqual([
+        'endpoint utf8mb4_bin',
+        'idempotency_key utf8mb4_bin',
+        'scope utf8mb4_bin',
+      ]);
+      const store = new TypeOrmIdempotencyStore(dataSource);
+      const now = Date.now();
+      const claim = (id: RecordId, fingerprint = 'fp-a') =>
+        store.claim({ id, fingerprint, token: randomUUID(), now, lockedUntil: now + 60_000 });
+      const id: RecordId = { scope: 'tenant-a', endpoint: 'POST /charges', key: 'k1' };
+      const first = await claim(id);
+      if (!first.claimed) throw new Error('not claimed');
+      const response: StoredResponse = {
+        status: 201,
+        headers: {},
+        body: JSON.stringify({ owner: 'tenant-a' }),
+        bodyEncoding: 'json',
+        isError: false,
+      };
+      expect(await store.complete(first.lease, response, now + 60_000)).toBe(true);
+      // The defect on the old table: another tenant's scope, padded, reads tenant-a's record.
+      const padded = await claim({ ...id, scope: 'tenant-a ' });
+      expect(!padded.claimed && padded.record.response).toEqual(response);
+
+      await new IdempotencyRecordsExactIds1767000000000().up(runner);
+      expect(await collations()).toEqual([
+        'endpoint utf8mb4_nopad_bin',
+        'idempotency_key utf8mb4_nopad_bin',
+        'scope utf8mb4_nopad_bin',
+      ]);
+      // Running it again changes nothing.
+      await new IdempotencyRecordsExactIds1767000000000().up(runner);
+      const kept = await claim(id);
+      expect(!kept.claimed && kept.record.response).toEqual(response);
+      for (const other of [
+        { ...id, scope: 'tenant-a ' },
+        { ...id, key: 'k1 ' },
+        { ...id, endpoint: 'POST /charges ' },
+      ]) {
+        const result = await claim(other, 'fp-b');
+        expect(result.claimed && !result.takeover).toBe(true);
+      }
+      await store.close();
+    } finally {
+      await runner.dropTable(table, true);
+      await runner.release();
+      await dataSource.destroy();
+    }
+  });
+});
+
 const redisUrl = process.env.REDIS_URL;
 (redisUrl ? describe : describe.skip)('the store contract, Redis store', () => {
   let redis: Redis;
@@ -161,10 +239,16 @@ const redisUrl = process.env.REDIS_URL;
 
 /**
  * The kit must catch broken stores: a naive in-memory store that reads, yields, then writes (so
- * concurrent claims can all win) and never checks the lease token.
+ * concurrent claims can all win) and never checks the lease token; and variants of it that name
+ * records ambiguously or forget the completing claim's token.
  */
 describe('the store contract against a broken store', () => {
   class CarelessStore implements IdempotencyStore {
+    constructor(
+      private readonly nameOf: (id: RecordId) => string = (id) => JSON.stringify(id),
+      private readonly completedToken?: string,
+    ) {}
+
     private readonly records = new Map<
       string,
       {
@@ -176,7 +260,7 @@ describe('the store contract against a broken store', () => {
       }
     >();
     async claim(request: ClaimRequest): Promise<ClaimResult> {
-      const name = JSON.stringify(request.id);
+      const name = this.nameOf(request.id);
       const existing = this.records.get(name);
       await new Promise((resolve) => setImmediate(resolve));
       if (existing && existing.expiresAt > request.now) return { claimed: false, record: existing };
@@ -194,8 +278,10 @@ describe('the store contract against a broken store', () => {
       };
     }
     async complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
-      this.records.set(JSON.stringify(lease.id), {
-        ...this.records.get(JSON.stringify(lease.id))!,
+      const record = this.records.get(this.nameOf(lease.id))!;
+      this.records.set(this.nameOf(lease.id), {
+        ...record,
+        token: this.completedToken ?? record.token,
         state: 'completed',
         response,
         expiresAt,
@@ -203,7 +289,7 @@ describe('the store contract against a broken store', () => {
       return true;
     }
     async release(lease: Lease): Promise<boolean> {
-      return this.records.delete(JSON.stringify(lease.id));
+      return this.records.delete(this.nameOf(lease.id));
     }
     async renew(): Promise<boolean> {
       return true;
@@ -223,5 +309,29 @@ describe('the store contract against a broken store', () => {
     const check = checks.find((candidate) => candidate.name.includes(part));
     expect(check).toBeDefined();
     await expect(check!.run()).rejects.toThrow();
+  });
+
+  it.each([
+    [
+      'joins the parts of an id with a separator',
+      (id: RecordId) => `${id.scope}:${id.endpoint}:${id.key}`,
+    ],
+    [
+      'ignores trailing spaces',
+      (id: RecordId) => JSON.stringify(Object.values(id).map((part) => part.trimEnd())),
+    ],
+    ['ignores case', (id: RecordId) => JSON.stringify(id).toLowerCase()],
+  ])('fails the id check of a store that %s', async (_case, nameOf) => {
+    const check = storeContract(() => new CarelessStore(nameOf)).find((candidate) =>
+      candidate.name.includes('where a separator falls'),
+    );
+    await expect(check!.run()).rejects.toThrow(/another id/);
+  });
+
+  it("fails the token check of a store that forgets the completing claim's token", async () => {
+    const check = storeContract(() => new CarelessStore(undefined, '')).find((candidate) =>
+      candidate.name.includes("keeps the completing claim's token"),
+    );
+    await expect(check!.run()).rejects.toThrow(/token of the claim that completed it/);
   });
 });

@@ -365,6 +365,63 @@ export function storeContract(
       },
     ),
 
+    check(
+      'keeps ids apart that differ only by leading or trailing spaces, case, Unicode normalisation or where a separator falls',
+      async (s) => {
+        // A collation that pads with spaces (MySQL's utf8mb4_bin) or folds case, or a store that
+        // joins the parts with a separator, reads one id's record for another: another caller's.
+        const base: RecordId = { ...s.id(), scope: 'tenant-a' };
+        const ids: RecordId[] = [base, { ...base, scope: '' }, { ...base, scope: ' ' }];
+        for (const part of ['scope', 'endpoint', 'key'] as const) {
+          const value = base[part];
+          const otherCase =
+            value.toUpperCase() === value ? value.toLowerCase() : value.toUpperCase();
+          for (const variant of [
+            `${value} `,
+            `${value}  `,
+            ` ${value}`,
+            `${value}\t`,
+            `${value}\u00a0`,
+            otherCase,
+            `${value}\u00e9`, // é, composed (NFC)
+            `${value}e\u0301`, // é, decomposed (NFD)
+          ])
+            ids.push({ ...base, [part]: variant });
+        }
+        for (const separator of ['', ' ', ':', '|', '/', ',', '","', '"', '\\', '\n']) {
+          ids.push(
+            { ...base, scope: `${base.scope}${separator}x` },
+            { ...base, endpoint: `x${separator}${base.endpoint}` },
+            { ...base, endpoint: `${base.endpoint}${separator}y` },
+            { ...base, key: `y${separator}${base.key}` },
+          );
+        }
+        const names = ids.map((id) => JSON.stringify(id));
+        assert.equal(new Set(names).size, ids.length, 'the check itself repeats an id');
+        const leases: Lease[] = [];
+        for (const [i, id] of ids.entries()) {
+          const claim = await s.claim(id, `fp-${i}`);
+          assert.equal(
+            claim.claimed && !claim.takeover,
+            true,
+            `${names[i]} was not new: it found the record of another id`,
+          );
+          if (claim.claimed) leases.push(claim.lease);
+        }
+        for (const [i, lease] of leases.entries()) {
+          const response = { ...sampleResponse(), body: JSON.stringify({ id: names[i] }) };
+          assert.equal(await s.store.complete(lease, response, s.now + MINUTE), true);
+        }
+        for (const [i, id] of ids.entries()) {
+          const read = await s.claim(id, `fp-${i}`);
+          assert.equal(read.claimed, false);
+          if (read.claimed) continue;
+          assert.equal(read.record.fingerprint, `fp-${i}`, `${names[i]} read another id's record`);
+          assert.equal(read.record.response?.body, JSON.stringify({ id: names[i] }));
+        }
+      },
+    ),
+
     check('handles keys, scopes and endpoints of 255 characters, in any script', async (s) => {
       const unicode = 'ключ-鍵-مفتاح-🔑-';
       const id: RecordId = {
