@@ -220,6 +220,14 @@ const mariadb = eachDatabase.find(([name]) => name === 'mariadb')?.[1];
   });
 });
 
+describe('the TypeORM store on a DataSource', () => {
+  it('that is not initialised yet: refused with a message that says so', async () => {
+    const [, database] = eachDatabase[0];
+    const dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
+    expect(() => new TypeOrmIdempotencyStore(dataSource)).toThrow(/not initialised yet/);
+  });
+});
+
 const redisUrl = process.env.REDIS_URL;
 (redisUrl ? describe : describe.skip)('the store contract, Redis store', () => {
   let redis: Redis;
