@@ -25,6 +25,9 @@ export interface RedisClient {
 
 /** What the store needs of its subscriber connection. */
 export interface RedisSubscriber {
+  /** ioredis's connection status: `'wait'` for a `lazyConnect` client not connected yet. */
+  readonly status?: string;
+  connect?(): Promise<unknown>;
   on(event: 'message', listener: (channel: string, message: string) => void): unknown;
   on(event: 'ready' | 'close', listener: () => void): unknown;
   on(event: 'error', listener: (error: Error) => void): unknown;
@@ -276,6 +279,9 @@ export class RedisIdempotencyStore implements IdempotencyStore {
     subscriber.on('error', (error: Error) =>
       this.logger.debug(`Redis subscriber: ${error.message}`),
     );
+    // A duplicate of a `lazyConnect` client is lazy too: nothing would ever connect it (it
+    // subscribes once ready), and waiters would poll for good. ioredis reconnects it from then on.
+    if (subscriber.status === 'wait') subscriber.connect?.().catch(() => undefined);
   }
 
   /** Token, and the channel and tag to notify: only for a watched lease. */
