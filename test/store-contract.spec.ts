@@ -48,6 +48,9 @@ function typeormContract(
       if (dataSource?.isInitialized && dataSource.options.entityPrefix) {
         const runner = dataSource.createQueryRunner();
         await runner.dropTable(dataSource.getMetadata(IdempotencyRecord).tablePath, true);
+        const cache = dataSource.options.cache;
+        if (typeof cache === 'object' && cache.tableName)
+          await runner.dropTable(cache.tableName, true);
         await runner.release();
       }
       await dataSource?.destroy();
@@ -84,6 +87,22 @@ typeormContract(
 
 // PGlite is left out: each of its DataSources here is a new in-memory database.
 const persistent = eachDatabase.filter(([name]) => name !== 'pglite');
+// TypeORM's query cache on for every read (its table made by synchronize): the store's reads of
+// its records must not come from it.
+typeormContract(
+  "the store contract, TypeORM store on %s with TypeORM's query cache always on",
+  eachDatabase,
+  {},
+  () => {
+    const entityPrefix = `q${randomUUID().slice(0, 8)}_`;
+    return {
+      entityPrefix,
+      synchronize: true,
+      cache: { alwaysEnabled: true, duration: 60_000, tableName: `${entityPrefix}query_cache` },
+    };
+  },
+);
+
 describe.each(persistent)('a DataSource with synchronize: true on %s', (_name, database) => {
   const entityPrefix = `r${randomUUID().slice(0, 8)}_`;
   const open = async (options: DataSourceOptions) => {

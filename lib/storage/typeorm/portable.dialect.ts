@@ -78,9 +78,12 @@ export class PortableDialect implements StoreDialect {
         })
         .orIgnore()
         .execute();
-      const row = await this.dataSource
-        .getRepository(IdempotencyRecord)
-        .findOneBy({ scope: id.scope, endpoint: id.endpoint, key: id.key });
+      // Never from TypeORM's query cache (`cache: { alwaysEnabled: true }`): a cached row would be
+      // another claim's, so this claim would answer with a record that is no longer there.
+      const row = await this.dataSource.getRepository(IdempotencyRecord).findOne({
+        where: { scope: id.scope, endpoint: id.endpoint, key: id.key },
+        cache: false,
+      });
       if (!row) continue; // released between the insert and the read
       if (row.leaseToken === token) return { claimed: true, lease, takeover: false };
       const dead =
