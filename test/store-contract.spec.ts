@@ -239,6 +239,59 @@ const mariadb = eachDatabase.find(([name]) => name === 'mariadb')?.[1];
   });
 });
 
+/**
+ * MySQL/MariaDB with TypeORM's `replication`: reads go to a replica by default. The replica here is
+ * one that has not caught up at all (a database of its own, with an empty table): the store must
+ * read its records on the primary.
+ */
+(mariadb ? describe : describe.skip)(
+  'the store contract, TypeORM store on MariaDB with a lagging replica',
+  () => {
+    const url = (mariadb?.options() as { url: string } | undefined)?.url ?? '';
+    const replicaDatabase = `replica_${randomUUID().slice(0, 8)}`;
+    const replicaUrl = url.replace(/\/[^/]*$/, `/${replicaDatabase}`);
+    const entityPrefix = `l${randomUUID().slice(0, 8)}_`;
+    let dataSource: DataSource;
+    let store: TypeOrmIdempotencyStore;
+    beforeAll(async () => {
+      const replica = new DataSource({ type: 'mariadb', url, entities: [IdempotencyRecord] });
+      await replica.initialize();
+      await replica.query(`CREATE DATABASE ${replicaDatabase}`);
+      await replica.destroy();
+      const stale = new DataSource({
+        type: 'mariadb',
+        url: replicaUrl,
+        entityPrefix,
+        entities: [IdempotencyRecord],
+      });
+      await stale.initialize();
+      await ensureIdempotencyTable(stale);
+      await stale.destroy();
+      dataSource = new DataSource({
+        type: 'mariadb',
+        replication: { master: { url }, slaves: [{ url: replicaUrl }] },
+        entityPrefix,
+        entities: [IdempotencyRecord],
+      });
+      await dataSource.initialize();
+      await ensureIdempotencyTable(dataSource);
+      store = new TypeOrmIdempotencyStore(dataSource);
+    });
+    afterAll(async () => {
+      await store?.close();
+      if (dataSource?.isInitialized) {
+        const runner = dataSource.createQueryRunner();
+        await runner.dropTable(dataSource.getMetadata(IdempotencyRecord).tablePath, true);
+        await runner.query(`DROP DATABASE IF EXISTS ${replicaDatabase}`);
+        await runner.release();
+        await dataSource.destroy();
+      }
+    });
+
+    for (const check of storeContract(() => store)) it(check.name, () => check.run());
+  },
+);
+
 describe('the TypeORM store on a DataSource', () => {
   it('that is not initialised yet: refused with a message that says so', async () => {
     const [, database] = eachDatabase[0];

@@ -3,6 +3,7 @@ import type {
   ClaimRequest,
   ClaimResult,
   Lease,
+  RecordId,
   RecordSnapshot,
   StoredResponse,
 } from '../idempotency-store.interface.js';
@@ -78,12 +79,7 @@ export class PortableDialect implements StoreDialect {
         })
         .orIgnore()
         .execute();
-      // Never from TypeORM's query cache (`cache: { alwaysEnabled: true }`): a cached row would be
-      // another claim's, so this claim would answer with a record that is no longer there.
-      const row = await this.dataSource.getRepository(IdempotencyRecord).findOne({
-        where: { scope: id.scope, endpoint: id.endpoint, key: id.key },
-        cache: false,
-      });
+      const row = await this.readRow(id);
       if (!row) continue; // released between the insert and the read
       if (row.leaseToken === token) return { claimed: true, lease, takeover: false };
       const dead =
@@ -112,6 +108,24 @@ export class PortableDialect implements StoreDialect {
       if (takeover.affected === 1) return { claimed: true, lease, takeover: true };
     }
     throw new Error('nestjs-idempotency: the claim kept racing with concurrent writers');
+  }
+
+  /**
+   * The row of `id`, read on the primary (with TypeORM's `replication`, reads go to a replica by
+   * default, which may not have the insert just made) and never from TypeORM's query cache
+   * (`cache: { alwaysEnabled: true }`): a replica's or a cached row is another claim's, and this
+   * claim would answer with a record that is no longer there.
+   */
+  private async readRow(id: RecordId): Promise<IdempotencyRecord | null> {
+    const runner = this.dataSource.createQueryRunner('master');
+    try {
+      return await runner.manager.getRepository(IdempotencyRecord).findOne({
+        where: { scope: id.scope, endpoint: id.endpoint, key: id.key },
+        cache: false,
+      });
+    } finally {
+      await runner.release();
+    }
   }
 
   purgeExpired(now: number, limit: number): Promise<number> {
