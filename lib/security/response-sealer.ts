@@ -31,9 +31,9 @@ export interface IdempotencyEncryptionOptions {
   readonly acceptUnsealed?: boolean;
   /**
    * Replay responses sealed by earlier versions of the module (envelope `v1`), whose authenticated
-   * data does not include the payload's fingerprint or the claim that completed them. By default they are
-   * refused like a tampered response (500, the handler is not run again): set this for one TTL
-   * after upgrading, then remove it.
+   * data does not include the payload's fingerprint or the claim that completed them. By default
+   * they are refused like a tampered response (500, the handler is not run again): set this for
+   * one TTL after upgrading, then remove it.
    * @default false
    */
   readonly acceptV1Envelopes?: boolean;

@@ -22,16 +22,17 @@ interface ColumnRow {
 }
 
 /**
- * MySQL/MariaDB: makes the id columns (scope, endpoint, idempotency_key) compare exactly. The first
- * migration gave them `utf8mb4_bin`, a PAD SPACE collation: `'k1 '` equals `'k1'` there, so a key or
- * a scope with trailing spaces read the record of the one without (another caller's, for a scope).
- * They get a NO PAD binary collation, picked by what the server has (`utf8mb4_nopad_bin` on
- * MariaDB, `utf8mb4_0900_bin` on MySQL 8); a server with neither (MySQL 5.7) is refused. A
+ * MySQL/MariaDB: makes the id columns (scope, endpoint, idempotency_key) compare exactly. The
+ * first migration gave them `utf8mb4_bin`, a PAD SPACE collation: `'k1 '` equals `'k1'` there, so
+ * a key or a scope with trailing spaces read the record of the one without (another caller's, for
+ * a scope). They get a NO PAD binary collation, picked by what the server has (`utf8mb4_nopad_bin`
+ * on MariaDB, `utf8mb4_0900_bin` on MySQL 8); a server with neither (MySQL 5.7) is refused. A
  * `response_body` that is not `longtext` (a table TypeORM's synchronisation created) becomes one.
  *
- * Rows are kept (no two of them can differ only by trailing spaces: the old key refused that). The
- * `ALTER TABLE` rebuilds the table, blocking its writes meanwhile; run once, later runs find the
- * columns right and do nothing. Nothing to do on PostgreSQL and SQLite, whose comparisons are exact.
+ * Rows are kept (no two of them can differ only by trailing spaces or case: the old key refused
+ * that). The `ALTER TABLE` rebuilds the table, blocking its writes meanwhile; later runs find the
+ * columns right and do nothing. Nothing to do on PostgreSQL and SQLite, whose comparisons are
+ * exact already.
  */
 export class IdempotencyRecordsExactIds1767000000000 implements MigrationInterface {
   name = 'IdempotencyRecordsExactIds1767000000000';
