@@ -12,6 +12,7 @@ import {
   type Lease,
   type LeaseState,
   type RecordId,
+  type RecordSnapshot,
   type RecordWatch,
   type StoredResponse,
   type StoreTransaction,
@@ -541,7 +542,13 @@ export class IdempotencyService implements BeforeApplicationShutdown {
 
   /** The response as the store keeps it: sealed when encryption is on. */
   private sealed(lease: Lease, response: StoredResponse): StoredResponse {
-    return this.options.sealer ? this.options.sealer.seal(lease.id, response) : response;
+    if (!this.options.sealer) return response;
+    if (lease.fingerprint === undefined)
+      throw new TypeError(
+        'nestjs-idempotency: a lease to seal a response under has no fingerprint',
+      );
+    const { id, fingerprint, token } = lease;
+    return this.options.sealer.seal({ id, fingerprint, token }, response);
   }
 
   /**
@@ -549,9 +556,18 @@ export class IdempotencyService implements BeforeApplicationShutdown {
    * be: sealed under keys that are not configured, tampered with, copied from another record, or
    * sealed while encryption is off (and unsealed while it is on, unless `acceptUnsealed`).
    */
-  private opened(id: RecordId, stored: StoredResponse): StoredResponse | undefined {
+  private opened(
+    id: RecordId,
+    record: RecordSnapshot,
+    stored: StoredResponse,
+  ): StoredResponse | undefined {
     try {
-      return this.options.sealer ? this.options.sealer.open(id, stored) : openUnencrypted(stored);
+      return this.options.sealer
+        ? this.options.sealer.open(
+            { id, fingerprint: record.fingerprint, token: record.token },
+            stored,
+          )
+        : openUnencrypted(stored);
     } catch (error) {
       if (!(error instanceof UnreadableResponseError)) throw error;
       this.logger.error(
@@ -580,15 +596,19 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     if (claim.claimed) {
       if (claim.takeover) this.metrics.record('expired', 1, request.id);
       // In wait mode duplicates may wait on this key: its completion or release must wake them.
-      const lease =
-        request.concurrency === 'wait' ? { ...claim.lease, watched: true } : claim.lease;
+      // The fingerprint goes with the lease: an encrypted response is bound to it.
+      const lease: Lease = {
+        ...claim.lease,
+        fingerprint: request.fingerprint,
+        ...(request.concurrency === 'wait' && { watched: true }),
+      };
       return { action: 'execute', lease };
     }
     const { record } = claim;
     // The payload is checked first: another payload is a 422 whether the key is done or running.
     if (record.fingerprint !== request.fingerprint) return { action: 'mismatch' };
     if (record.state === 'completed' && record.response) {
-      const response = this.opened(request.id, record.response);
+      const response = this.opened(request.id, record, record.response);
       if (!response) return { action: 'unreadable' };
       this.options.replayCache?.set(request.id, {
         fingerprint: record.fingerprint,

@@ -57,6 +57,7 @@ export {
   IDEMPOTENCY_RECORDS_TABLE,
 } from './storage/typeorm/idempotency-record.entity.js';
 export { CreateIdempotencyRecords1763900000000 } from './storage/typeorm/create-idempotency-records.migration.js';
+export { IdempotencyRecordsExactIds1767000000000 } from './storage/typeorm/idempotency-records-exact-ids.migration.js';
 export {
   TypeOrmIdempotencyStore,
   type TypeOrmIdempotencyStoreOptions,

@@ -1,3 +1,6 @@
+import { randomUUID } from 'node:crypto';
+import { DataSource, type Logger } from 'typeorm';
+import { IdempotencyRecord, TypeOrmIdempotencyStore, type RecordId } from '../lib/index.js';
 import { createFixtureApp, recordsOf, type FixtureApp } from './fixtures/fixture-app.js';
 import {
   createLedgerTable,
@@ -64,6 +67,95 @@ describeOnPostgres('prepared statements', (url) => {
     expect((await recordsOf(fixture.dataSource, key)).map((r) => r.state)).toEqual(['completed']);
     // Nothing was prepared again: the store runs its statements unprepared from then on.
     expect(await preparedOnTheConnection()).toEqual([]);
+  });
+});
+
+/**
+ * The store runs its prepared statements on the `pg` client itself, past TypeORM's query runner:
+ * what TypeORM logs of its own queries must still reach the DataSource's logger.
+ */
+describeOnPostgres("prepared statements and the DataSource's logger", (url) => {
+  const slowMs = 50;
+  const logged: { slow: { ms: number; query: string }[]; failed: string[] } = {
+    slow: [],
+    failed: [],
+  };
+  const logger: Logger = {
+    logQuery: () => undefined,
+    logQueryError: (_error, query) => void logged.failed.push(query),
+    logQuerySlow: (ms, query) => void logged.slow.push({ ms, query }),
+    logSchemaBuild: () => undefined,
+    logMigration: () => undefined,
+    log: () => undefined,
+  };
+  let dataSource: DataSource;
+  let store: TypeOrmIdempotencyStore;
+  beforeAll(async () => {
+    dataSource = new DataSource({
+      type: 'postgres',
+      url,
+      entities: [IdempotencyRecord],
+      maxQueryExecutionTime: slowMs,
+      logger,
+    });
+    await dataSource.initialize();
+    store = new TypeOrmIdempotencyStore(dataSource, { batchStatements: false });
+  });
+  afterAll(async () => {
+    await store.close();
+    await dataSource.destroy();
+  });
+
+  const claim = (id: RecordId) => {
+    const now = Date.now();
+    return store.claim({
+      id,
+      fingerprint: 'fp',
+      token: randomUUID(),
+      now,
+      lockedUntil: now + 60_000,
+    });
+  };
+
+  it('reports a statement slower than maxQueryExecutionTime', async () => {
+    const id: RecordId = { scope: '', endpoint: 'POST /slow', key: newKey() };
+    const claimed = await claim(id);
+    if (!claimed.claimed) throw new Error('not claimed');
+    // Another session holds the row: the completion waits for it, past maxQueryExecutionTime.
+    const holder = dataSource.createQueryRunner();
+    await holder.startTransaction();
+    const [{ pid }] = await holder.query('SELECT pg_backend_pid() AS pid');
+    await holder.query(`SELECT 1 FROM idempotency_records WHERE idempotency_key = $1 FOR UPDATE`, [
+      id.key,
+    ]);
+    const startedAt = Date.now();
+    const completion = store.complete(
+      claimed.lease,
+      { status: 201, headers: {}, body: null, bodyEncoding: 'json', isError: false },
+      Date.now() + 60_000,
+    );
+    await waitFor('the completion to wait for the row lock', async () => {
+      const [row] = await dataSource.query(
+        'SELECT count(*)::int AS waiting FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))',
+        [pid],
+      );
+      return row.waiting > 0 && Date.now() - startedAt > slowMs * 2 ? true : undefined;
+    });
+    await holder.commitTransaction();
+    await holder.release();
+    expect(await completion).toBe(true);
+    expect(logged.slow.map(({ query }) => query)).toEqual([
+      expect.stringMatching(/^UPDATE .*idempotency_records/),
+    ]);
+    expect(logged.slow[0].ms).toBeGreaterThan(slowMs);
+  });
+
+  it('reports a statement that fails', async () => {
+    // PostgreSQL refuses a NUL in text: the claim fails, and the failure is logged.
+    await expect(
+      claim({ scope: '', endpoint: 'POST /failing', key: `nul\0${newKey()}` }),
+    ).rejects.toThrow();
+    expect(logged.failed).toEqual([expect.stringMatching(/^WITH live AS/)]);
   });
 });
 

@@ -30,12 +30,16 @@ async function bootRedisApp(
   url: string,
   prefix: string,
   options: Partial<IdempotencyModuleOptions> = {},
+  clientOptions: RedisOptions = storeClientOptions,
 ): Promise<RedisApp> {
-  const redis = new Redis(url, storeClientOptions);
-  await new Promise<void>((resolve, reject) => {
-    redis.once('ready', resolve);
-    redis.once('error', reject);
-  });
+  const redis = new Redis(url, clientOptions);
+  // A lazyConnect client connects on its first command.
+  if (!clientOptions.lazyConnect) {
+    await new Promise<void>((resolve, reject) => {
+      redis.once('ready', resolve);
+      redis.once('error', reject);
+    });
+  }
   const store = new RedisIdempotencyStore(redis, { prefix });
   @Module({
     imports: [IdempotencyModule.forRoot({ store, ...options })],
@@ -199,4 +203,38 @@ async function waitForSubscriber(channel: string): Promise<void> {
     ).toBe('true');
     expect(fixture.calls.count('charges', key)).toBe(1);
   }, 30_000);
+});
+
+(redisUrl ? describe : describe.skip)('the Redis store on a lazyConnect client', () => {
+  const prefix = `lazy-${randomUUID()}:`;
+  let first: RedisApp;
+  let second: RedisApp;
+  beforeAll(async () => {
+    const options = { waitPollInterval: '30s' as const };
+    const lazy = { lazyConnect: true };
+    first = await bootRedisApp(redisUrl!, prefix, options, lazy);
+    second = await bootRedisApp(redisUrl!, prefix, options, lazy);
+  });
+  afterAll(async () => {
+    await first?.close();
+    await second?.close();
+  });
+
+  it('wakes a waiter through pub/sub: its subscriber connects too', async () => {
+    const key = newKey();
+    first.gate.hold(key);
+    const running = post(first.http, '/slow-wait', key).then((response) => response);
+    await first.gate.arrived(key);
+    const waiting = post(second.http, '/slow-wait', key).then((response) => response);
+    try {
+      await waitForSubscriber(`${prefix}changes`);
+    } finally {
+      first.gate.open(key);
+    }
+    const [original, woken] = await Promise.all([running, waiting]);
+    expect(woken.status).toBe(201);
+    expect(woken.headers['idempotent-replayed']).toBe('true');
+    expect(woken.body).toEqual(original.body);
+    expect(first.calls.count('slow-wait', key) + second.calls.count('slow-wait', key)).toBe(1);
+  });
 });

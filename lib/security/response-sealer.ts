@@ -1,6 +1,16 @@
 import { createCipheriv, createDecipheriv, createHash, randomBytes } from 'node:crypto';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 
+/**
+ * What a sealed response is bound to: its record, the fingerprint of the payload it answers, and
+ * the lease token of the claim that completed it (one per lifetime of the key).
+ */
+export interface SealedRecord {
+  readonly id: RecordId;
+  readonly fingerprint: string;
+  readonly token: string;
+}
+
 /** A 256-bit key: 32 bytes, or their base64 (44 characters) or hex (64 characters). */
 export type EncryptionKey = Buffer | string;
 
@@ -19,12 +29,22 @@ export interface IdempotencyEncryptionOptions {
    * @default false
    */
   readonly acceptUnsealed?: boolean;
+  /**
+   * Replay responses sealed by earlier versions of the module (envelope `v1`), whose authenticated
+   * data does not include the payload's fingerprint or the claim that completed them. By default
+   * they are refused like a tampered response (500, the handler is not run again): set this for
+   * one TTL after upgrading, then remove it.
+   * @default false
+   */
+  readonly acceptV1Envelopes?: boolean;
 }
 
 /** The `bodyEncoding` of a sealed response: its body is the envelope, its headers are empty. */
 export const SEALED_ENCODING = 'sealed';
 
-const ENVELOPE_VERSION = 'v1';
+const ENVELOPE_VERSION = 'v2';
+/** The envelope of earlier versions: its authenticated data is the record's id and status only. */
+const V1_ENVELOPE = 'v1';
 const IV_BYTES = 12;
 const TAG_BYTES = 16;
 
@@ -39,14 +59,17 @@ interface SealingKey {
 
 /**
  * Seals stored responses with AES-256-GCM (node:crypto) and opens them again. The envelope is
- * `v1.<key id>.<iv>.<ciphertext>.<tag>` (base64url parts); the plaintext is the response's headers,
- * body and body encoding. The record's identity (scope, endpoint, key) and the response's status
- * and error flag are authenticated data: a sealed response copied under another key, or with its
- * status changed, does not open.
+ * `v2.<key id>.<iv>.<ciphertext>.<tag>` (base64url parts); the plaintext is the response's headers,
+ * body and body encoding. The authenticated data is the record's identity (scope, endpoint, key),
+ * the fingerprint of the payload it answers, the lease token of the claim that completed it, and
+ * the response's status and error flag: a sealed response copied under another key, into an
+ * earlier or later lifetime of the same key, or beside a changed fingerprint or status, does not
+ * open.
  */
 export class ResponseSealer {
   private readonly keys: readonly SealingKey[];
   private readonly acceptUnsealed: boolean;
+  private readonly acceptV1: boolean;
 
   constructor(options: IdempotencyEncryptionOptions) {
     if (!Array.isArray(options.keys) || options.keys.length === 0) {
@@ -57,13 +80,14 @@ export class ResponseSealer {
       return { id: createHash('sha256').update(secret).digest('hex').slice(0, 16), secret };
     });
     this.acceptUnsealed = options.acceptUnsealed ?? false;
+    this.acceptV1 = options.acceptV1Envelopes ?? false;
   }
 
-  seal(id: RecordId, response: StoredResponse): StoredResponse {
+  seal(record: SealedRecord, response: StoredResponse): StoredResponse {
     const key = this.keys[0];
     const iv = randomBytes(IV_BYTES);
     const cipher = createCipheriv('aes-256-gcm', key.secret, iv);
-    cipher.setAAD(associatedData(id, response));
+    cipher.setAAD(associatedData(ENVELOPE_VERSION, record, response));
     const plaintext = JSON.stringify({
       h: response.headers,
       b: response.body,
@@ -87,7 +111,7 @@ export class ResponseSealer {
   }
 
   /** The response as it was before sealing; throws `UnreadableResponseError` when it cannot be. */
-  open(id: RecordId, stored: StoredResponse): StoredResponse {
+  open(record: SealedRecord, stored: StoredResponse): StoredResponse {
     if (stored.bodyEncoding !== SEALED_ENCODING) {
       if (this.acceptUnsealed) return stored;
       throw new UnreadableResponseError(
@@ -95,9 +119,13 @@ export class ResponseSealer {
       );
     }
     const parts = (stored.body ?? '').split('.');
-    if (parts.length !== 5 || parts[0] !== ENVELOPE_VERSION)
+    if (parts.length !== 5 || (parts[0] !== ENVELOPE_VERSION && parts[0] !== V1_ENVELOPE))
       throw new UnreadableResponseError('its envelope is malformed');
-    const [, keyId, iv, ciphertext, tag] = parts;
+    const [version, keyId, iv, ciphertext, tag] = parts;
+    if (version === V1_ENVELOPE && !this.acceptV1)
+      throw new UnreadableResponseError(
+        'it was sealed by an earlier version of the module, whose envelope (v1) does not authenticate the payload it answers (set encryption.acceptV1Envelopes for one TTL to replay such responses)',
+      );
     const key = this.keys.find((candidate) => candidate.id === keyId);
     if (!key)
       throw new UnreadableResponseError(
@@ -108,7 +136,7 @@ export class ResponseSealer {
       const decipher = createDecipheriv('aes-256-gcm', key.secret, Buffer.from(iv, 'base64url'), {
         authTagLength: TAG_BYTES,
       });
-      decipher.setAAD(associatedData(id, stored));
+      decipher.setAAD(associatedData(version, record, stored));
       decipher.setAuthTag(Buffer.from(tag, 'base64url'));
       plaintext = Buffer.concat([
         decipher.update(Buffer.from(ciphertext, 'base64url')),
@@ -139,20 +167,26 @@ export function openUnencrypted(stored: StoredResponse): StoredResponse {
   return stored;
 }
 
+/** The authenticated data of an envelope of `version`. */
 function associatedData(
-  id: RecordId,
+  version: string,
+  { id, fingerprint, token }: SealedRecord,
   response: Pick<StoredResponse, 'status' | 'isError'>,
 ): Buffer {
-  return Buffer.from(
-    JSON.stringify([
-      'nestjs-idempotency/v1',
-      id.scope,
-      id.endpoint,
-      id.key,
-      response.status,
-      response.isError,
-    ]),
-  );
+  const parts =
+    version === V1_ENVELOPE
+      ? ['nestjs-idempotency/v1', id.scope, id.endpoint, id.key, response.status, response.isError]
+      : [
+          'nestjs-idempotency/v2',
+          id.scope,
+          id.endpoint,
+          id.key,
+          fingerprint,
+          token,
+          response.status,
+          response.isError,
+        ];
+  return Buffer.from(JSON.stringify(parts));
 }
 
 function toSecret(key: EncryptionKey, index: number): Buffer {

@@ -39,6 +39,11 @@ export type RecordState = 'in_progress' | 'completed';
 export interface RecordSnapshot {
   readonly state: RecordState;
   readonly fingerprint: string;
+  /**
+   * The lease token of the claim that holds the record (in progress) or completed it: a completed
+   * record keeps it, since an encrypted response is bound to it (one token per lifetime of a key).
+   */
+  readonly token: string;
   /** Until then an in-progress record is locked, and a completed one replays. */
   readonly expiresAt: number;
   readonly response: StoredResponse | null;
@@ -54,6 +59,11 @@ export interface Lease {
    * so no wake-up is sent.
    */
   readonly watched?: boolean;
+  /**
+   * The fingerprint of the payload the claim was made for. The module sets it on the leases it
+   * hands out (an encrypted response is bound to it); a store need not.
+   */
+  readonly fingerprint?: string;
 }
 
 /** Where a lease stands in the store (see `IdempotencyStore.leaseState`). */

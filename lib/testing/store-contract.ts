@@ -167,6 +167,33 @@ export function storeContract(
     }),
 
     check(
+      "reads a record back with the token of the claim that holds it, and keeps the completing claim's token",
+      async (s) => {
+        // Encrypted responses are bound to the claim that completed them (one token per lifetime
+        // of the key): a store that drops or replaces the token on completion makes them unreadable.
+        const id = s.id();
+        const first = await s.leaseOf(id, 'fp-a');
+        const held = await s.claim(id, 'fp-a');
+        assert.equal(!held.claimed && held.record.token, first.token);
+        const takeover = await s.claim(id, 'fp-a', s.now + MINUTE + 1);
+        assert.equal(takeover.claimed, true);
+        if (!takeover.claimed) return;
+        assert.notEqual(takeover.lease.token, first.token);
+        const response = sampleResponse();
+        assert.equal(await s.store.complete(takeover.lease, response, s.now + 10 * MINUTE), true);
+        const read = await s.claim(id, 'fp-a', s.now + 2 * MINUTE);
+        assert.equal(read.claimed, false);
+        if (read.claimed) return;
+        assert.equal(read.record.state, 'completed');
+        assert.equal(
+          read.record.token,
+          takeover.lease.token,
+          'a completed record must keep the token of the claim that completed it',
+        );
+      },
+    ),
+
+    check(
       'fences the lease: complete, renew and release with another token do nothing',
       async (s) => {
         const id = s.id();
@@ -355,6 +382,63 @@ export function storeContract(
             true,
             `${JSON.stringify(id)} was not new`,
           );
+      },
+    ),
+
+    check(
+      'keeps ids apart that differ only by leading or trailing spaces, case, Unicode normalisation or where a separator falls',
+      async (s) => {
+        // A collation that pads with spaces (MySQL's utf8mb4_bin) or folds case, or a store that
+        // joins the parts with a separator, reads one id's record for another: another caller's.
+        const base: RecordId = { ...s.id(), scope: 'tenant-a' };
+        const ids: RecordId[] = [base, { ...base, scope: '' }, { ...base, scope: ' ' }];
+        for (const part of ['scope', 'endpoint', 'key'] as const) {
+          const value = base[part];
+          const otherCase =
+            value.toUpperCase() === value ? value.toLowerCase() : value.toUpperCase();
+          for (const variant of [
+            `${value} `,
+            `${value}  `,
+            ` ${value}`,
+            `${value}\t`,
+            `${value}\u00a0`,
+            otherCase,
+            `${value}\u00e9`, // é, composed (NFC)
+            `${value}e\u0301`, // é, decomposed (NFD)
+          ])
+            ids.push({ ...base, [part]: variant });
+        }
+        for (const separator of ['', ' ', ':', '|', '/', ',', '","', '"', '\\', '\n']) {
+          ids.push(
+            { ...base, scope: `${base.scope}${separator}x` },
+            { ...base, endpoint: `x${separator}${base.endpoint}` },
+            { ...base, endpoint: `${base.endpoint}${separator}y` },
+            { ...base, key: `y${separator}${base.key}` },
+          );
+        }
+        const names = ids.map((id) => JSON.stringify(id));
+        assert.equal(new Set(names).size, ids.length, 'the check itself repeats an id');
+        const leases: Lease[] = [];
+        for (const [i, id] of ids.entries()) {
+          const claim = await s.claim(id, `fp-${i}`);
+          assert.equal(
+            claim.claimed && !claim.takeover,
+            true,
+            `${names[i]} was not new: it found the record of another id`,
+          );
+          if (claim.claimed) leases.push(claim.lease);
+        }
+        for (const [i, lease] of leases.entries()) {
+          const response = { ...sampleResponse(), body: JSON.stringify({ id: names[i] }) };
+          assert.equal(await s.store.complete(lease, response, s.now + MINUTE), true);
+        }
+        for (const [i, id] of ids.entries()) {
+          const read = await s.claim(id, `fp-${i}`);
+          assert.equal(read.claimed, false);
+          if (read.claimed) continue;
+          assert.equal(read.record.fingerprint, `fp-${i}`, `${names[i]} read another id's record`);
+          assert.equal(read.record.response?.body, JSON.stringify({ id: names[i] }));
+        }
       },
     ),
 

@@ -25,6 +25,9 @@ export interface RedisClient {
 
 /** What the store needs of its subscriber connection. */
 export interface RedisSubscriber {
+  /** ioredis's connection status: `'wait'` for a `lazyConnect` client not connected yet. */
+  readonly status?: string;
+  connect?(): Promise<unknown>;
   on(event: 'message', listener: (channel: string, message: string) => void): unknown;
   on(event: 'ready' | 'close', listener: () => void): unknown;
   on(event: 'error', listener: (error: Error) => void): unknown;
@@ -56,16 +59,17 @@ export interface RedisIdempotencyStoreOptions {
 }
 
 /**
- * Hash fields: s state, f fingerprint, t lease token, x expires at (ms), and the response:
+ * Hash fields: s state, f fingerprint, t lease token (kept once completed: an encrypted response is
+ * bound to it), x expires at (ms), and the response:
  * c status, h headers (JSON), b body (absent: no body), e body encoding, r is error ('1'/'0').
  * Every script reads the record and writes it in one step (scripts run atomically).
  */
 const CLAIM = `
-local r = redis.call('HMGET', KEYS[1], 's', 'f', 'x', 'c', 'h', 'b', 'e', 'r')
+local r = redis.call('HMGET', KEYS[1], 's', 'f', 'x', 'c', 'h', 'b', 'e', 'r', 't')
 local takeover = 0
 if r[1] then
   local dead = tonumber(r[3]) <= tonumber(ARGV[3]) and (r[1] == 'completed' or r[2] == ARGV[1])
-  if not dead then return {0, r[1], r[2], r[3], r[4] or '', r[5] or '', r[6] or '', r[7] or '', r[8] or '', r[6] and '1' or '0'} end
+  if not dead then return {0, r[1], r[2], r[3], r[4] or '', r[5] or '', r[6] or '', r[7] or '', r[8] or '', r[6] and '1' or '0', r[9] or ''} end
   takeover = 1
   redis.call('DEL', KEYS[1])
 end
@@ -164,12 +168,14 @@ export class RedisIdempotencyStore implements IdempotencyStore {
       encoding,
       isError,
       hasBody,
+      recordToken,
     ] = reply as string[];
     return {
       claimed: false,
       record: {
         state: state as RecordState,
         fingerprint: recordFingerprint,
+        token: recordToken,
         expiresAt: Number(expiresAt),
         response:
           state === 'completed'
@@ -273,6 +279,9 @@ export class RedisIdempotencyStore implements IdempotencyStore {
     subscriber.on('error', (error: Error) =>
       this.logger.debug(`Redis subscriber: ${error.message}`),
     );
+    // A duplicate of a `lazyConnect` client is lazy too: nothing would ever connect it (it
+    // subscribes once ready), and waiters would poll for good. ioredis reconnects it from then on.
+    if (subscriber.status === 'wait') subscriber.connect?.().catch(() => undefined);
   }
 
   /** Token, and the channel and tag to notify: only for a watched lease. */

@@ -1,10 +1,20 @@
 import { Table, TableIndex, type MigrationInterface, type QueryRunner } from 'typeorm';
-import { IDEMPOTENCY_RECORDS_TABLE } from './idempotency-record.entity.js';
+import { IDEMPOTENCY_RECORDS_TABLE, recordsTablePath } from './idempotency-record.entity.js';
 
 const EXPIRES_AT_INDEX = 'idx_idempotency_records_expires_at';
 
 /**
- * Creates the `idempotency_records` table and its purge index. Safe to run more than once and from
+ * The purge index's name: its own per table name (index names are unique per schema in
+ * PostgreSQL, per database in SQLite), the historical one for the default table.
+ */
+function expiresAtIndexName(tablePath: string): string {
+  const table = tablePath.split('.').pop()!;
+  return table === IDEMPOTENCY_RECORDS_TABLE ? EXPIRES_AT_INDEX : `idx_${table}_expires_at`;
+}
+
+/**
+ * Creates the `idempotency_records` table (under the name the DataSource gives the entity: with its
+ * `entityPrefix`, in its `schema`) and its purge index. Safe to run more than once and from
  * several processes at once (every step is "if not exists"), so the module can run it on each
  * startup and you can also list it among your own TypeORM migrations.
  */
@@ -12,6 +22,8 @@ export class CreateIdempotencyRecords1763900000000 implements MigrationInterface
   name = 'CreateIdempotencyRecords1763900000000';
 
   async up(queryRunner: QueryRunner): Promise<void> {
+    const tablePath = recordsTablePath(queryRunner.connection);
+    const indexName = expiresAtIndexName(tablePath);
     // MySQL's TEXT holds 64 KiB; a stored response may be larger (maxResponseBytes, 1 MiB).
     const driverType = queryRunner.connection.driver.options.type;
     const isMysql = driverType === 'mysql' || driverType === 'mariadb';
@@ -20,7 +32,7 @@ export class CreateIdempotencyRecords1763900000000 implements MigrationInterface
     const exact = isMysql ? { collation: 'utf8mb4_bin' } : {};
     await queryRunner.createTable(
       new Table({
-        name: IDEMPOTENCY_RECORDS_TABLE,
+        name: tablePath,
         columns: [
           { name: 'scope', type: 'varchar', length: '255', isPrimary: true, ...exact },
           { name: 'endpoint', type: 'varchar', length: '255', isPrimary: true, ...exact },
@@ -39,16 +51,16 @@ export class CreateIdempotencyRecords1763900000000 implements MigrationInterface
       }),
       true,
     );
-    const table = await queryRunner.getTable(IDEMPOTENCY_RECORDS_TABLE);
-    if (!table?.indices.some((index) => index.name === EXPIRES_AT_INDEX)) {
+    const table = await queryRunner.getTable(tablePath);
+    if (!table?.indices.some((index) => index.name === indexName)) {
       await queryRunner.createIndex(
-        IDEMPOTENCY_RECORDS_TABLE,
-        new TableIndex({ name: EXPIRES_AT_INDEX, columnNames: ['expires_at'] }),
+        tablePath,
+        new TableIndex({ name: indexName, columnNames: ['expires_at'] }),
       );
     }
   }
 
   async down(queryRunner: QueryRunner): Promise<void> {
-    await queryRunner.dropTable(IDEMPOTENCY_RECORDS_TABLE, true);
+    await queryRunner.dropTable(recordsTablePath(queryRunner.connection), true);
   }
 }

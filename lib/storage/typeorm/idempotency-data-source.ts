@@ -1,7 +1,8 @@
 import { Logger } from '@nestjs/common';
 import { DataSource, type DataSourceOptions } from 'typeorm';
 import { CreateIdempotencyRecords1763900000000 } from './create-idempotency-records.migration.js';
-import { IDEMPOTENCY_RECORDS_TABLE, IdempotencyRecord } from './idempotency-record.entity.js';
+import { IdempotencyRecordsExactIds1767000000000 } from './idempotency-records-exact-ids.migration.js';
+import { IdempotencyRecord, recordsTablePath } from './idempotency-record.entity.js';
 import { pgliteDriver } from './pglite-driver.js';
 
 /** The connection the store uses, and whether the module opened it (and so must close it). */
@@ -35,16 +36,20 @@ export async function openIdempotencyConnection(
 }
 
 /**
- * Runs the table migration. Several processes may start at once: if one loses the race to create
- * the table, the table exists and that is all that matters.
+ * Runs the table migrations. Several processes may start at once: if one loses the race to create
+ * the table, the table exists and that is all that matters. The upgrades after it are safe to run
+ * at once (each finds what it changes already changed, or waits for the other's ALTER).
  */
 export async function ensureIdempotencyTable(dataSource: DataSource): Promise<void> {
   const runner = dataSource.createQueryRunner();
   try {
-    await new CreateIdempotencyRecords1763900000000().up(runner);
-  } catch (error) {
-    if (!(await runner.hasTable(IDEMPOTENCY_RECORDS_TABLE))) throw error;
-    new Logger('Idempotency').debug(`Table created concurrently: ${(error as Error).message}`);
+    try {
+      await new CreateIdempotencyRecords1763900000000().up(runner);
+    } catch (error) {
+      if (!(await runner.hasTable(recordsTablePath(dataSource)))) throw error;
+      new Logger('Idempotency').debug(`Table created concurrently: ${(error as Error).message}`);
+    }
+    await new IdempotencyRecordsExactIds1767000000000().up(runner);
   } finally {
     await runner.release();
   }

@@ -1,7 +1,10 @@
-import { Column, Entity, Index, PrimaryColumn } from 'typeorm';
+import { Column, Entity, Index, PrimaryColumn, type DataSource } from 'typeorm';
 import type { BodyEncoding, RecordState } from '../idempotency-store.interface.js';
 
-/** Table name, shared by the entity, the migration and the store's hand-written SQL. */
+/**
+ * Table name of the entity. A DataSource may change it (`entityPrefix`, a naming strategy's
+ * `tableName`, a `schema`): the migrations and the store use {@link recordsTablePath}.
+ */
 export const IDEMPOTENCY_RECORDS_TABLE = 'idempotency_records';
 
 /** bigint arrives from pg as a string (it may exceed 2^53); epoch milliseconds never do. */
@@ -16,8 +19,13 @@ const epochMillis = {
  *
  * Times are epoch milliseconds in `bigint` columns: the same type and comparison on every database,
  * and no time-zone conversion between the app and the driver.
+ *
+ * The table belongs to the module's migrations, not to TypeORM's schema synchronisation: a
+ * DataSource with `synchronize: true` (or `migration:generate`) leaves it alone. Synchronising it
+ * from these decorators would differ from the migrations where databases differ (MySQL: a binary
+ * collation for the id, `longtext` bodies) and drop the stored bodies to "fix" them.
  */
-@Entity({ name: IDEMPOTENCY_RECORDS_TABLE })
+@Entity({ name: IDEMPOTENCY_RECORDS_TABLE, synchronize: false })
 @Index('idx_idempotency_records_expires_at', ['expiresAt'])
 export class IdempotencyRecord {
   /** The caller, from the scope resolver ('' when keys are shared by all callers). */
@@ -65,4 +73,15 @@ export class IdempotencyRecord {
 
   @Column({ name: 'response_is_error', type: 'boolean', default: false })
   responseIsError!: boolean;
+}
+
+/**
+ * The records table's path in `dataSource` (`schema.table` where a schema applies): the entity's,
+ * with the DataSource's `entityPrefix`, naming strategy and schema; the default name when the
+ * entity is not registered in it.
+ */
+export function recordsTablePath(dataSource: DataSource): string {
+  return dataSource.hasMetadata(IdempotencyRecord)
+    ? dataSource.getMetadata(IdempotencyRecord).tablePath
+    : IDEMPOTENCY_RECORDS_TABLE;
 }

@@ -4,6 +4,7 @@ import type {
   ClaimResult,
   Lease,
   LeaseState,
+  RecordId,
   RecordSnapshot,
   StoredResponse,
 } from '../idempotency-store.interface.js';
@@ -84,9 +85,7 @@ export class PortableDialect implements StoreDialect {
         })
         .orIgnore()
         .execute();
-      const row = await this.dataSource
-        .getRepository(IdempotencyRecord)
-        .findOneBy({ scope: id.scope, endpoint: id.endpoint, key: id.key });
+      const row = await this.readRow(id);
       if (!row) continue; // released between the insert and the read
       if (row.leaseToken === token) return { claimed: true, lease, takeover: false };
       const dead =
@@ -117,6 +116,24 @@ export class PortableDialect implements StoreDialect {
     throw new Error('nestjs-idempotency: the claim kept racing with concurrent writers');
   }
 
+  /**
+   * The row of `id`, read on the primary (with TypeORM's `replication`, reads go to a replica by
+   * default, which may not have the insert just made) and never from TypeORM's query cache
+   * (`cache: { alwaysEnabled: true }`): a replica's or a cached row is another claim's, and this
+   * claim would answer with a record that is no longer there.
+   */
+  private async readRow(id: RecordId): Promise<IdempotencyRecord | null> {
+    const runner = this.dataSource.createQueryRunner('master');
+    try {
+      return await runner.manager.getRepository(IdempotencyRecord).findOne({
+        where: { scope: id.scope, endpoint: id.endpoint, key: id.key },
+        cache: false,
+      });
+    } finally {
+      await runner.release();
+    }
+  }
+
   purgeExpired(now: number, limit: number): Promise<number> {
     return affectedRows(this.dataSource, this.purgeSql, [now, limit]);
   }
@@ -126,6 +143,7 @@ function toSnapshot(row: IdempotencyRecord): RecordSnapshot {
   return {
     state: row.state,
     fingerprint: row.fingerprint,
+    token: row.leaseToken,
     expiresAt: row.expiresAt,
     response:
       row.state === 'completed' && row.responseStatus !== null

@@ -392,6 +392,7 @@ function toSnapshot(row: ClaimRow): RecordSnapshot {
   return {
     state: row.state,
     fingerprint: row.fingerprint,
+    token: row.lease_token,
     expiresAt: Number(row.expires_at),
     response:
       row.state === 'completed' && row.response_status !== null

@@ -139,11 +139,41 @@ export class PreparedStatements {
     const client = (await runner.connect()) as PgClient;
     this.dataSource.logger.logQuery(text, values, runner);
     try {
-      return asResult<Row>(await client.query({ name: this.sqlNameOf(name, text), text, values }));
+      return await this.logged<Row>(runner, text, values, () =>
+        client.query({ name: this.sqlNameOf(name, text), text, values }),
+      );
     } catch (error) {
       if (!this.refused(error)) throw error;
-      return asResult<Row>(await client.query(text, values));
+      return this.logged<Row>(runner, text, values, () => client.query(text, values));
     }
+  }
+
+  /**
+   * Runs a statement on the `pg` client itself, reporting to the DataSource's logger what TypeORM
+   * reports of its own queries: a statement slower than `maxQueryExecutionTime`, and a failure
+   * (but for a refused prepared statement, which is run again unprepared).
+   */
+  private async logged<Row>(
+    runner: QueryRunner,
+    text: string,
+    values: unknown[],
+    query: () => Promise<PgResult>,
+  ): Promise<StatementResult<Row>> {
+    const logger = this.dataSource.logger;
+    const startedAt = Date.now();
+    let result: PgResult;
+    try {
+      result = await query();
+    } catch (error) {
+      if (!REFUSALS.has(errorCode(error) ?? ''))
+        logger.logQueryError(error as Error, text, values, runner);
+      throw error;
+    }
+    const elapsedMs = Date.now() - startedAt;
+    const slowMs = (this.dataSource.options as { maxQueryExecutionTime?: number })
+      .maxQueryExecutionTime;
+    if (slowMs && elapsedMs > slowMs) logger.logQuerySlow(elapsedMs, text, values, runner);
+    return asResult<Row>(result);
   }
 
   /**

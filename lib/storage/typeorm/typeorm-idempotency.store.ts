@@ -81,6 +81,13 @@ export class TypeOrmIdempotencyStore implements IdempotencyStore {
     options: TypeOrmIdempotencyStoreOptions = {},
   ) {
     this.transactionRunner = options.transactionRunner ?? ((work) => dataSource.transaction(work));
+    if (!dataSource.isInitialized) {
+      // Its entities are known only once it is: the check below would blame the entity list.
+      throw new Error(
+        'nestjs-idempotency: the DataSource given to TypeOrmIdempotencyStore is not initialised yet. ' +
+          'Await `dataSource.initialize()` before building the store (IdempotencyModule does so for a DataSource given as `dataSource`).',
+      );
+    }
     if (!dataSource.hasMetadata(IdempotencyRecord)) {
       throw new Error(
         'nestjs-idempotency: IdempotencyRecord is not an entity of the DataSource given to IdempotencyModule. ' +
