@@ -12,7 +12,7 @@ import { IdempotencyRecord } from './idempotency-record.entity.js';
 import {
   affectedRows,
   completeUnderLease,
-  leaseStateUnder,
+  leaseStateOf,
   releaseUnderLease,
   renewUnderLease,
   type StoreDialect,
@@ -62,8 +62,9 @@ export class PortableDialect implements StoreDialect {
     return renewUnderLease(this.dataSource, lease, lockedUntil);
   }
 
-  leaseState(lease: Lease): Promise<LeaseState> {
-    return leaseStateUnder(this.dataSource, lease);
+  async leaseState(lease: Lease): Promise<LeaseState> {
+    const row = await this.readRow(lease.id);
+    return leaseStateOf(lease, row ? { state: row.state, token: row.leaseToken } : undefined);
   }
 
   async claim(request: ClaimRequest): Promise<ClaimResult> {

@@ -101,15 +101,6 @@ export function leaseStateOf(
   return record.state === 'completed' ? 'completed' : 'held';
 }
 
-/** Reads where the lease stands (MySQL/MariaDB, SQLite). */
-export async function leaseStateUnder(dataSource: DataSource, lease: Lease): Promise<LeaseState> {
-  const row = await dataSource.getRepository(IdempotencyRecord).findOne({
-    select: { state: true, leaseToken: true },
-    where: { scope: lease.id.scope, endpoint: lease.id.endpoint, key: lease.id.key },
-  });
-  return leaseStateOf(lease, row ? { state: row.state, token: row.leaseToken } : undefined);
-}
-
 const leaseCondition =
   'scope = :scope AND endpoint = :endpoint AND idempotency_key = :key AND lease_token = :token AND state = :inProgress';
 
