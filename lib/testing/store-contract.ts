@@ -213,6 +213,17 @@ export function storeContract(
       assert.equal(await s.store.complete(lease, sampleResponse(), s.now + 10 * MINUTE), true);
     }),
 
+    check('never moves a lock back: a renewal that lands after a later one leaves it', async (s) => {
+      // A renewal stalled on its connection while the next ones went through, landing last.
+      const id = s.id();
+      const lease = await s.leaseOf(id, 'fp-a');
+      assert.equal(await s.store.renew(lease, s.now + 3 * MINUTE), true);
+      assert.equal(await s.store.renew(lease, s.now + 2 * MINUTE), true, 'the lease is still held');
+      const read = await s.claim(id, 'fp-a', s.now + 2 * MINUTE + 1);
+      assert.equal(read.claimed, false, 'the lock must hold until the end the later renewal set');
+      assert.equal(!read.claimed && read.record.expiresAt, s.now + 3 * MINUTE);
+    }),
+
     check(
       'takes an abandoned claim over for the same payload once its lock ended, and fences the old lease off',
       async (s) => {

@@ -1,0 +1,114 @@
+import { Controller, Headers, Post } from '@nestjs/common';
+import { randomUUID } from 'node:crypto';
+import { DataSource, type DataSourceOptions } from 'typeorm';
+import { Idempotent, IdempotencyMetrics, IdempotencyRecord } from '../lib/index.js';
+import { recordsOf, waitUntilPast } from './fixtures/fixture-app.js';
+import { CallLog, HandlerGate } from './fixtures/handler-probes.js';
+import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
+import { CapturedLog } from './support/captured-log.js';
+import { eachDatabase, type TestDatabase } from './support/databases.js';
+import { newKey, post } from './support/http.js';
+import { waitFor } from './support/reliability.js';
+import { TcpProxy } from './support/tcp-proxy.js';
+
+/** The lock of the routes here: renewed every 500 ms. */
+const LOCK_MS = 1_500;
+
+@Controller('review')
+class ReviewController {
+  constructor(
+    private readonly calls: CallLog,
+    private readonly gate: HandlerGate,
+  ) {}
+
+  @Post('held')
+  @Idempotent({ lockTimeout: LOCK_MS })
+  async held(@Headers('idempotency-key') key: string) {
+    this.calls.record('held', key);
+    await this.gate.pass(key);
+    return { id: randomUUID() };
+  }
+}
+
+/** The key's lock (or TTL) as the table holds it. */
+async function lockOf(dataSource: DataSource, key: string): Promise<number> {
+  return Number((await recordsOf(dataSource, key))[0].expiresAt);
+}
+
+/** Databases reached over TCP (their options carry a URL): a proxy can stall their connections. */
+const serverDatabases = eachDatabase.filter(
+  ([, database]) => typeof (database.options() as { url?: unknown }).url === 'string',
+);
+
+/** A renewal as the proxy sees it go by (see lease-renewal.spec.ts). */
+const RENEWAL = /nestjs_idempotency_renew|GREATEST\(expires_at|SET `expires_at` = /;
+
+describe.each(serverDatabases)('lease keeping under review on %s', (_name, database) => {
+  let proxy: TcpProxy;
+  let fixture: ReliabilityApp;
+  /** Reads the table without the proxy. */
+  let direct: DataSource;
+  const log = new CapturedLog();
+
+  beforeAll(async () => {
+    const { url } = database.options() as { url: string };
+    const target = new URL(url);
+    proxy = await TcpProxy.start({ host: target.hostname, port: Number(target.port) });
+    const proxied: TestDatabase = {
+      ...database,
+      options: () => ({ ...database.options(), url: proxy.proxiedUrl(url) }) as DataSourceOptions,
+    };
+    fixture = await createReliabilityApp(
+      proxied,
+      { storeTimeout: 300 },
+      { controllers: [ReviewController], logger: log },
+    );
+    direct = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
+    await direct.initialize();
+  });
+  afterEach(() => proxy.releaseStalls());
+  afterAll(async () => {
+    await fixture?.close();
+    await proxy?.close();
+    await direct?.destroy();
+  });
+
+  it('a renewal that lands late, after later ones, never moves the lock back under a running handler', async () => {
+    const key = newKey();
+    fixture.gate.hold(key);
+    const first = post(fixture.baseUrl, '/review/held', key).then((response) => response);
+    await fixture.gate.arrived(key);
+    // The first renewal stalls on its connection; the next ones, on other connections, go through.
+    const stalledBefore = proxy.counts.stalled;
+    proxy.stall(RENEWAL, 1);
+    await waitFor('a renewal to stall', () =>
+      proxy.counts.stalled > stalledBefore ? true : undefined,
+    );
+    // The stalled renewal asked for a lock until at most now + lockTimeout: let that pass.
+    await waitUntilPast(Date.now() + LOCK_MS + 100);
+    // Right after a later renewal extended the lock, the stalled one reaches the database.
+    const before = await lockOf(direct, key);
+    await waitFor('the next renewal', async () =>
+      (await lockOf(direct, key)) > before ? true : undefined,
+    );
+    const renewed = await lockOf(direct, key);
+    proxy.releaseStalls();
+    // Until the next beat (500 ms later), the lock is whatever the late renewal left.
+    let lowest = renewed;
+    const until = Date.now() + 300;
+    while (Date.now() < until) {
+      lowest = Math.min(lowest, await lockOf(direct, key));
+      if (lowest < Date.now()) break;
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    const duplicate = await post(fixture.baseUrl, '/review/held', key);
+    fixture.gate.open(key);
+    const original = await first;
+
+    expect(duplicate.status).toBe(409);
+    expect(original.status).toBe(201);
+    expect(fixture.calls.count('held', key)).toBe(1);
+    expect(lowest).toBeGreaterThanOrEqual(renewed);
+    expect(fixture.app.get(IdempotencyMetrics).snapshot()['lease-lost']).toBe(0);
+  });
+});
