@@ -3,7 +3,7 @@ import {
   Inject,
   Injectable,
   Logger,
-  type BeforeApplicationShutdown,
+  type OnApplicationShutdown,
 } from '@nestjs/common';
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -157,7 +157,7 @@ class StoreTimeoutError extends Error {}
  * `complete` match nothing, and the transaction rolls back.
  */
 @Injectable()
-export class IdempotencyService implements BeforeApplicationShutdown {
+export class IdempotencyService implements OnApplicationShutdown {
   private readonly logger = quietLogger('Idempotency');
   /** Renewals of the handlers running in this process. */
   private readonly renewals = new Set<LeaseRenewal>();
@@ -366,8 +366,13 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     }
   }
 
-  /** Stops every renewal: a process going down must not keep its keys locked. */
-  beforeApplicationShutdown(): void {
+  /**
+   * Stops every renewal once the app has closed: a process going down must not keep its keys
+   * locked. Not before: Nest closes the HTTP server after `beforeApplicationShutdown` and waits
+   * for the requests in flight, whose handlers still run and store their results; a lock left to
+   * run out meanwhile would let another instance run the same handler a second time.
+   */
+  onApplicationShutdown(): void {
     for (const renewal of this.renewals) renewal.stop();
   }
 
@@ -386,9 +391,10 @@ export class IdempotencyService implements BeforeApplicationShutdown {
 
   /**
    * Renews the lease every `lockTimeout / 3` until `stop()` (its result stored or its key released),
-   * the renewal limit, app shutdown, or a renewal that finds the lease gone. A renewal the store
-   * does not answer within `min(storeTimeout, lockTimeout / 3)` does not hold the next one back (at
-   * most two are left waiting). A lease the store could not renew for `lockTimeout` may have been
+   * the renewal limit, the app's close (once Nest has drained the requests in flight), or a renewal
+   * that finds the lease gone. A renewal the store does not answer within
+   * `min(storeTimeout, lockTimeout / 3)` does not hold the next one back (at most two are left
+   * waiting). A lease the store could not renew for `lockTimeout` may have been
    * taken over: that is logged, renewal goes on (one that lands while nobody took the key over
    * holds it again), and the completion, conditional on the lease, finds out.
    */

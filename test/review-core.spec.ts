@@ -1,7 +1,12 @@
 import { Controller, Headers, Post } from '@nestjs/common';
 import { randomUUID } from 'node:crypto';
 import { DataSource, type DataSourceOptions } from 'typeorm';
-import { Idempotent, IdempotencyMetrics, IdempotencyRecord } from '../lib/index.js';
+import {
+  Idempotent,
+  IdempotencyMetrics,
+  IdempotencyModule,
+  IdempotencyRecord,
+} from '../lib/index.js';
 import { recordsOf, waitUntilPast } from './fixtures/fixture-app.js';
 import { CallLog, HandlerGate } from './fixtures/handler-probes.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
@@ -43,7 +48,13 @@ const serverDatabases = eachDatabase.filter(
 /** A renewal as the proxy sees it go by (see lease-renewal.spec.ts). */
 const RENEWAL = /nestjs_idempotency_renew|GREATEST\(expires_at|SET `expires_at` = /;
 
-describe.each(serverDatabases)('lease keeping under review on %s', (_name, database) => {
+/** `describe.each` over the server databases; skipped, saying so, when no URL is set. */
+const describeOnServers =
+  serverDatabases.length > 0
+    ? describe.each(serverDatabases)
+    : describe.skip.each([['no server database (set DATABASE_URL or MARIADB_URL)', undefined!]]);
+
+describeOnServers('lease keeping under review on %s', (_name, database: TestDatabase) => {
   let proxy: TcpProxy;
   let fixture: ReliabilityApp;
   /** Reads the table without the proxy. */
@@ -110,5 +121,52 @@ describe.each(serverDatabases)('lease keeping under review on %s', (_name, datab
     expect(fixture.calls.count('held', key)).toBe(1);
     expect(lowest).toBeGreaterThanOrEqual(renewed);
     expect(fixture.app.get(IdempotencyMetrics).snapshot()['lease-lost']).toBe(0);
+  });
+});
+
+describe.each(eachDatabase)('shutdown under review on %s', (_name, database) => {
+  /** Two instances of one app on one database, as behind a load balancer. */
+  let closing: ReliabilityApp;
+  let other: ReliabilityApp;
+
+  beforeAll(async () => {
+    closing = await createReliabilityApp(database, {}, { controllers: [ReviewController] });
+    other = await createReliabilityApp(
+      database,
+      {},
+      {
+        controllers: [ReviewController],
+        idempotencyModule: () =>
+          IdempotencyModule.forRoot({ dataSource: closing.dataSource, purgeInterval: false }),
+      },
+    );
+  });
+  afterAll(async () => {
+    await other?.app.close();
+    await other?.dataSource.destroy();
+    await closing?.close();
+  });
+
+  it('a handler still running when app.close() is called keeps its key while Nest drains it: a duplicate on another instance gets 409, the handler runs once', async () => {
+    const key = newKey();
+    closing.gate.hold(key);
+    const first = post(closing.baseUrl, '/review/held', key).then((response) => response);
+    await closing.gate.arrived(key);
+    // A rolling deploy: SIGTERM, Nest closes the app and waits for the request in flight.
+    const closed = closing.app.close();
+    await waitUntilPast(Date.now() + 2 * LOCK_MS);
+    const duplicate = await post(other.baseUrl, '/review/held', key);
+    closing.gate.open(key);
+    const original = await first;
+    await closed;
+
+    expect(duplicate.status).toBe(409);
+    expect(original.status).toBe(201);
+    const runs = () => closing.calls.count('held', key) + other.calls.count('held', key);
+    expect(runs()).toBe(1);
+    const replay = await post(other.baseUrl, '/review/held', key);
+    expect(replay.headers['idempotent-replayed']).toBe('true');
+    expect(replay.body).toEqual(original.body);
+    expect(runs()).toBe(1);
   });
 });
