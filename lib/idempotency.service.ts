@@ -9,6 +9,8 @@ import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   IdempotencyStore,
+  type ClaimRequest,
+  type ClaimResult,
   type Lease,
   type LeaseState,
   type RecordId,
@@ -574,20 +576,27 @@ export class IdempotencyService implements OnApplicationShutdown {
       return cached.fingerprint === request.fingerprint
         ? { action: 'replay', response: cached.response }
         : { action: 'mismatch' };
-    const claim = await this.withinStoreTimeout(
-      this.store.claim({
-        id: request.id,
-        fingerprint: request.fingerprint,
-        token: randomUUID(),
-        now,
-        lockedUntil: now + request.lockTimeoutMs,
-      }),
-    );
+    // In wait mode duplicates may wait on this key: its completion or release must wake them.
+    const watched = request.concurrency === 'wait';
+    const claimRequest: ClaimRequest = {
+      id: request.id,
+      fingerprint: request.fingerprint,
+      token: randomUUID(),
+      now,
+      lockedUntil: now + request.lockTimeoutMs,
+    };
+    let claim: ClaimResult;
+    try {
+      claim = await this.claimWithin(claimRequest, watched);
+    } catch (error) {
+      // Its connection died, maybe after the claim committed: once more, with the same token (a
+      // claim that finds its own token counts as claimed), or the key stays locked for lockTimeout.
+      if (!isConnectionFailure(error)) throw error;
+      claim = await this.claimWithin(claimRequest, watched);
+    }
     if (claim.claimed) {
       if (claim.takeover) this.metrics.record('expired', 1, request.id);
-      // In wait mode duplicates may wait on this key: its completion or release must wake them.
-      const lease =
-        request.concurrency === 'wait' ? { ...claim.lease, watched: true } : claim.lease;
+      const lease = watched ? { ...claim.lease, watched: true } : claim.lease;
       return { action: 'execute', lease };
     }
     const { record } = claim;
@@ -604,6 +613,36 @@ export class IdempotencyService implements OnApplicationShutdown {
       return { action: 'replay', response };
     }
     return { action: 'in-progress', retryAfterMs: Math.max(record.expiresAt - now, 0) };
+  }
+
+  /**
+   * The claim, within `storeTimeout`. A claim the store answers later, once its request was refused
+   * (503), is released as soon as it lands: nobody runs it, and it would lock the key against the
+   * client's retry for lockTimeout.
+   */
+  private async claimWithin(request: ClaimRequest, watched: boolean): Promise<ClaimResult> {
+    const claiming = this.store.claim(request);
+    try {
+      return await this.withinStoreTimeout(claiming);
+    } catch (error) {
+      if (error instanceof StoreTimeoutError) {
+        claiming.then(
+          (late) => {
+            if (!late.claimed) return;
+            const lease = watched ? { ...late.lease, watched: true } : late.lease;
+            this.store.release(lease).then(
+              () =>
+                this.logger.debug(
+                  `The claim on key ${describe(lease)} landed after its request was refused (the store did not answer within storeTimeout); released.`,
+                ),
+              () => undefined,
+            );
+          },
+          () => undefined,
+        );
+      }
+      throw error;
+    }
   }
 
   /**

@@ -47,6 +47,8 @@ const serverDatabases = eachDatabase.filter(
 
 /** A renewal as the proxy sees it go by (see lease-renewal.spec.ts). */
 const RENEWAL = /nestjs_idempotency_renew|GREATEST\(expires_at|SET `expires_at` = /;
+/** A claim: PostgreSQL's (prepared, first use, batched) and MariaDB's insert. */
+const CLAIM = /nestjs_idempotency_claim_|WITH live AS|WITH input AS|INSERT\s+IGNORE\s+INTO/;
 
 /** `describe.each` over the server databases; skipped, saying so, when no URL is set. */
 const describeOnServers =
@@ -121,6 +123,39 @@ describeOnServers('lease keeping under review on %s', (_name, database: TestData
     expect(fixture.calls.count('held', key)).toBe(1);
     expect(lowest).toBeGreaterThanOrEqual(renewed);
     expect(fixture.app.get(IdempotencyMetrics).snapshot()['lease-lost']).toBe(0);
+  });
+
+  it('a claim that lands after its request got 503 (storeTimeout) does not lock the key: the retry runs at once', async () => {
+    const key = newKey();
+    const stalledBefore = proxy.counts.stalled;
+    proxy.stall(CLAIM, 1);
+    const first = await post(fixture.baseUrl, '/review/held', key);
+    expect(proxy.counts.stalled).toBe(stalledBefore + 1);
+    expect(first.status).toBe(503);
+    expect(fixture.calls.count('held', key)).toBe(0);
+    // The network heals: the claim reaches the database and commits, with nobody to run it.
+    proxy.releaseStalls();
+    await waitFor('the late claim to be released', () =>
+      log.lines.some((line) => /landed after its request was refused/.test(line.text))
+        ? true
+        : undefined,
+    );
+    const retry = await post(fixture.baseUrl, '/review/held', key);
+    expect(retry.status).toBe(201);
+    expect(fixture.calls.count('held', key)).toBe(1);
+  });
+
+  it('a lone claim whose answer was lost after it committed is recognised as its own: the request runs', async () => {
+    const key = newKey();
+    const droppedBefore = proxy.counts.repliesDropped;
+    proxy.dropReplyTo(CLAIM);
+    const first = await post(fixture.baseUrl, '/review/held', key);
+    expect(proxy.counts.repliesDropped).toBe(droppedBefore + 1);
+    expect(first.status).toBe(201);
+    expect(fixture.calls.count('held', key)).toBe(1);
+    const replay = await post(fixture.baseUrl, '/review/held', key);
+    expect(replay.headers['idempotent-replayed']).toBe('true');
+    expect(replay.body).toEqual(first.body);
   });
 });
 
