@@ -1,10 +1,4 @@
-import {
-  HttpException,
-  Inject,
-  Injectable,
-  Logger,
-  type OnApplicationShutdown,
-} from '@nestjs/common';
+import { HttpException, Inject, Injectable, type OnApplicationShutdown } from '@nestjs/common';
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
@@ -28,6 +22,7 @@ import { openUnencrypted, UnreadableResponseError } from './security/response-se
 import type { EntityManager } from 'typeorm';
 import { isConnectionFailure } from './storage/connection-failure.js';
 import { timerDelay } from './utils/duration.js';
+import { quietLogger } from './utils/quiet-logger.js';
 
 /** What to do with a request, decided by its key's record. */
 export type Decision =
@@ -719,27 +714,4 @@ function settled(promise: Promise<unknown>): Promise<Outcome> {
 
 function describe({ id }: Pick<Lease, 'id'>): string {
   return `${truncateKeyForLog(id.key)} on ${id.endpoint}`;
-}
-
-/**
- * A logger whose failures never change an outcome: a custom app logger that throws is ignored (and
- * told about once, on stderr, as a process warning).
- */
-function quietLogger(context: string): Pick<Logger, 'debug' | 'log' | 'warn' | 'error'> {
-  const logger = new Logger(context);
-  let warned = false;
-  const quiet =
-    (level: 'debug' | 'log' | 'warn' | 'error') =>
-    (message: string): void => {
-      try {
-        logger[level](message);
-      } catch (error) {
-        if (warned) return;
-        warned = true;
-        process.emitWarning(
-          `nestjs-idempotency: the app's logger threw (${(error as Error)?.message ?? String(error)}); its messages are dropped, requests go on.`,
-        );
-      }
-    };
-  return { debug: quiet('debug'), log: quiet('log'), warn: quiet('warn'), error: quiet('error') };
 }
