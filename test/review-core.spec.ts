@@ -1,18 +1,21 @@
 import { Controller, Headers, Post } from '@nestjs/common';
+import { createServer } from 'node:net';
 import { randomUUID } from 'node:crypto';
-import { DataSource, type DataSourceOptions } from 'typeorm';
+import { DataSource, EntityManager, type DataSourceOptions } from 'typeorm';
 import {
   Idempotent,
   IdempotencyMetrics,
   IdempotencyModule,
   IdempotencyRecord,
+  IdempotentTransaction,
 } from '../lib/index.js';
 import { recordsOf, waitUntilPast } from './fixtures/fixture-app.js';
 import { CallLog, HandlerGate } from './fixtures/handler-probes.js';
+import { createLedgerTable, LedgerEntry, ledgerOf } from './fixtures/lease.controller.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { CapturedLog } from './support/captured-log.js';
 import { eachDatabase, type TestDatabase } from './support/databases.js';
-import { newKey, post } from './support/http.js';
+import { expectProblem, newKey, post } from './support/http.js';
 import { waitFor } from './support/reliability.js';
 import { TcpProxy } from './support/tcp-proxy.js';
 
@@ -205,3 +208,140 @@ describe.each(eachDatabase)('shutdown under review on %s', (_name, database) => 
     expect(runs()).toBe(1);
   });
 });
+
+/** How a transactional handler's statement fails, by database. */
+function mysqlLike(manager: EntityManager): boolean {
+  const type = manager.connection.options.type;
+  return type === 'mysql' || type === 'mariadb';
+}
+
+/** A port nothing listens on: connecting to it is refused (ECONNREFUSED). */
+async function closedPort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address() as { port: number };
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/** Transactional handlers that write a ledger row, then fail in one way or another. */
+@Controller('review-tx')
+class ReviewTransactionalController {
+  constructor(private readonly calls: CallLog) {}
+
+  /** Its own connection dies under it (the server terminates the session). */
+  @Post('killed')
+  @Idempotent({ transactional: true })
+  async killed(
+    @Headers('idempotency-key') key: string,
+    @IdempotentTransaction() manager: EntityManager,
+  ) {
+    this.calls.record('killed', key);
+    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+    if (this.calls.count('killed', key) === 1) {
+      await manager.query(
+        mysqlLike(manager)
+          ? 'KILL CONNECTION CONNECTION_ID()'
+          : 'SELECT pg_terminate_backend(pg_backend_pid())',
+      );
+    }
+    return { ok: true };
+  }
+
+  /** A statement of its own runs past the server's statement timeout (PostgreSQL 57014). */
+  @Post('statement-timeout')
+  @Idempotent({ transactional: true })
+  async statementTimeout(
+    @Headers('idempotency-key') key: string,
+    @IdempotentTransaction() manager: EntityManager,
+  ) {
+    this.calls.record('statement-timeout', key);
+    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+    if (mysqlLike(manager)) {
+      await manager.query('SET STATEMENT max_statement_time = 0.05 FOR SELECT SLEEP(1) FROM DUAL');
+    } else {
+      await manager.query("SET LOCAL statement_timeout = '50ms'");
+      await manager.query('SELECT pg_sleep(1)');
+    }
+    return { ok: true };
+  }
+
+  /** Lets a refused connection to its gateway through, a network error that is not the database's. */
+  @Post('gateway-down')
+  @Idempotent({ transactional: true })
+  async gatewayDown(
+    @Headers('idempotency-key') key: string,
+    @IdempotentTransaction() manager: EntityManager,
+  ) {
+    this.calls.record('gateway-down', key);
+    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+    await fetch(`http://127.0.0.1:${await closedPort()}/charges`, { method: 'POST' });
+    return { ok: true };
+  }
+}
+
+const serverTransactional = serverDatabases.filter(([, database]) => database.transactions);
+const describeTransactionalOnServers =
+  serverTransactional.length > 0
+    ? describe.each(serverTransactional)
+    : describe.skip.each([['no server database (set DATABASE_URL or MARIADB_URL)', undefined!]]);
+
+describeTransactionalOnServers(
+  'transactional errors under review on %s',
+  (_name, database: TestDatabase) => {
+    let fixture: ReliabilityApp;
+    /** One connection in the pool: the one the transaction holds. */
+    let tight: ReliabilityApp;
+    const extra = database.options().type === 'postgres' ? { max: 1 } : { connectionLimit: 1 };
+
+    beforeAll(async () => {
+      const settings = { controllers: [ReviewTransactionalController], entities: [LedgerEntry] };
+      fixture = await createReliabilityApp(database, { storeTimeout: '2s' }, settings);
+      await createLedgerTable(fixture.dataSource);
+      tight = await createReliabilityApp(
+        { ...database, options: () => ({ ...database.options(), extra }) as DataSourceOptions },
+        { storeTimeout: '2s' },
+        settings,
+      );
+    });
+    afterAll(async () => {
+      await fixture?.close();
+      await tight?.close();
+    });
+
+    it('its own connection killed under it: 503 store-unavailable, nothing committed, the retry runs once', async () => {
+      const key = newKey();
+      expectProblem(
+        await post(fixture.baseUrl, '/review-tx/killed', key),
+        503,
+        'store-unavailable',
+      );
+      expect(await ledgerOf(fixture.dataSource, key)).toHaveLength(0);
+      const retry = await post(fixture.baseUrl, '/review-tx/killed', key);
+      expect(retry.status).toBe(201);
+      expect(fixture.calls.count('killed', key)).toBe(2);
+      expect(await ledgerOf(fixture.dataSource, key)).toHaveLength(1);
+    });
+
+    it('its own statement past the statement timeout is its crash (500), rolled back and released', async () => {
+      const key = newKey();
+      const first = await post(fixture.baseUrl, '/review-tx/statement-timeout', key);
+      expect(first.status).toBe(500);
+      expect(first.body.type).not.toBe('tag:nestjs-idempotency,2026:store-unavailable');
+      expect(await ledgerOf(fixture.dataSource, key)).toHaveLength(0);
+      expect(await recordsOf(fixture.dataSource, key)).toHaveLength(0);
+    });
+
+    it('with every connection of the pool taken by its transaction, a network error it lets through is judged at once on that connection (500, not a wait for a second one)', async () => {
+      const key = newKey();
+      const started = Date.now();
+      const first = await post(tight.baseUrl, '/review-tx/gateway-down', key);
+      expect(first.status).toBe(500);
+      expect(Date.now() - started).toBeLessThan(2_000);
+      expect(await ledgerOf(tight.dataSource, key)).toHaveLength(0);
+      expect(await recordsOf(tight.dataSource, key)).toHaveLength(0);
+      expect((await post(tight.baseUrl, '/review-tx/gateway-down', key)).status).toBe(500);
+      expect(tight.calls.count('gateway-down', key)).toBe(2);
+    });
+  },
+);
