@@ -408,22 +408,25 @@ export class IdempotencyService implements OnApplicationShutdown {
     }
     const intervalMs = timerDelay(Math.max(1, Math.floor(route.lockTimeoutMs / 3)));
     const patienceMs = Math.min(this.options.storeTimeoutMs, intervalMs);
-    const startedAt = Date.now();
+    // How long the handler ran is measured on the monotonic clock: a step of the wall clock (NTP,
+    // a VM resumed) is no time spent. Locks are wall-clock times, as every process reads them.
+    const startedAt = performance.now();
     /** When the last renewal the store confirmed was sent (the claim, at first). */
     let renewedAt = startedAt;
     let pending = 0;
     let lapseReported = false;
     const beat = () => {
       const now = Date.now();
+      const elapsed = performance.now();
       // The limit is for a hung handler; one whose result is being stored is not hung.
-      if (!renewal.settling && now - startedAt >= route.lockRenewalLimitMs) {
+      if (!renewal.settling && elapsed - startedAt >= route.lockRenewalLimitMs) {
         renewal.stop();
         this.logger.error(
           `Key ${describe(lease)} has run for lockRenewalLimit (${route.lockRenewalLimitMs} ms) and is presumed hung: its claim is no longer renewed, and a retry can take it over ${route.lockTimeoutMs} ms after the last renewal.`,
         );
         return;
       }
-      if (!lapseReported && now - renewedAt >= route.lockTimeoutMs) {
+      if (!lapseReported && elapsed - renewedAt >= route.lockTimeoutMs) {
         lapseReported = true;
         this.logger.error(
           `The claim on key ${describe(lease)} could not be renewed for lockTimeout (${route.lockTimeoutMs} ms): the store did not answer. A retry may take the key over and run the handler again; this request's result is stored only if its claim is still held. Still trying to renew it.`,
@@ -446,7 +449,7 @@ export class IdempotencyService implements OnApplicationShutdown {
           done();
           if (renewal.stopped) return;
           if (renewed) {
-            renewedAt = Math.max(renewedAt, now);
+            renewedAt = Math.max(renewedAt, elapsed);
             lapseReported = false;
             return;
           }

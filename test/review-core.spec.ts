@@ -1,3 +1,4 @@
+import { jest } from '@jest/globals';
 import { Controller, Headers, Post } from '@nestjs/common';
 import { createServer } from 'node:net';
 import { randomUUID } from 'node:crypto';
@@ -14,6 +15,7 @@ import { CallLog, HandlerGate } from './fixtures/handler-probes.js';
 import { createLedgerTable, LedgerEntry, ledgerOf } from './fixtures/lease.controller.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { CapturedLog } from './support/captured-log.js';
+import { freezeClockAt, setClock } from './support/clock.js';
 import { eachDatabase, type TestDatabase } from './support/databases.js';
 import { expectProblem, newKey, post } from './support/http.js';
 import { waitFor } from './support/reliability.js';
@@ -162,6 +164,40 @@ describeOnServers('lease keeping under review on %s', (_name, database: TestData
   });
 });
 
+describe.each(eachDatabase)('the wall clock under review on %s', (_name, database) => {
+  let fixture: ReliabilityApp;
+  const log = new CapturedLog();
+
+  beforeAll(async () => {
+    fixture = await createReliabilityApp(
+      database,
+      {},
+      { controllers: [ReviewController], logger: log },
+    );
+  });
+  afterEach(() => jest.useRealTimers());
+  afterAll(() => fixture?.close());
+
+  it('a step of the wall clock past lockRenewalLimit (NTP, a VM resumed) does not stop the renewal of a handler that has run for a second', async () => {
+    const key = newKey();
+    freezeClockAt(Date.now());
+    fixture.gate.hold(key);
+    const first = post(fixture.baseUrl, '/review/held', key).then((response) => response);
+    await fixture.gate.arrived(key);
+    setClock(Date.now() + 20 * 60_000);
+    // Two beats of the renewal (every lockTimeout / 3, on real timers) under the new time.
+    await new Promise((resolve) => setTimeout(resolve, (2 * LOCK_MS) / 3 + 200));
+    const duplicate = await post(fixture.baseUrl, '/review/held', key);
+    fixture.gate.open(key);
+    const original = await first;
+
+    expect(duplicate.status).toBe(409);
+    expect(original.status).toBe(201);
+    expect(fixture.calls.count('held', key)).toBe(1);
+    expect(log.lines.filter((line) => /presumed hung/.test(line.text))).toEqual([]);
+  });
+});
+
 describe.each(eachDatabase)('shutdown under review on %s', (_name, database) => {
   /** Two instances of one app on one database, as behind a load balancer. */
   let closing: ReliabilityApp;
@@ -292,12 +328,12 @@ describeTransactionalOnServers(
     let fixture: ReliabilityApp;
     /** One connection in the pool: the one the transaction holds. */
     let tight: ReliabilityApp;
-    const extra = database.options().type === 'postgres' ? { max: 1 } : { connectionLimit: 1 };
 
     beforeAll(async () => {
       const settings = { controllers: [ReviewTransactionalController], entities: [LedgerEntry] };
       fixture = await createReliabilityApp(database, { storeTimeout: '2s' }, settings);
       await createLedgerTable(fixture.dataSource);
+      const extra = database.options().type === 'postgres' ? { max: 1 } : { connectionLimit: 1 };
       tight = await createReliabilityApp(
         { ...database, options: () => ({ ...database.options(), extra }) as DataSourceOptions },
         { storeTimeout: '2s' },
