@@ -1,5 +1,5 @@
 import { jest } from '@jest/globals';
-import { Controller, Headers, Post } from '@nestjs/common';
+import { Controller, Headers, HttpException, Post } from '@nestjs/common';
 import { createServer } from 'node:net';
 import { randomUUID } from 'node:crypto';
 import { DataSource, EntityManager, type DataSourceOptions } from 'typeorm';
@@ -9,10 +9,21 @@ import {
   IdempotencyModule,
   IdempotencyRecord,
   IdempotentTransaction,
+  TypeOrmIdempotencyStore,
+  type ClaimRequest,
+  type IdempotencyStore,
+  type Lease,
+  type StoredResponse,
 } from '../lib/index.js';
+import { ensureIdempotencyTable } from '../lib/storage/typeorm/idempotency-data-source.js';
 import { recordsOf, waitUntilPast } from './fixtures/fixture-app.js';
 import { CallLog, HandlerGate } from './fixtures/handler-probes.js';
-import { createLedgerTable, LedgerEntry, ledgerOf } from './fixtures/lease.controller.js';
+import {
+  createLedgerTable,
+  LeaseController,
+  LedgerEntry,
+  ledgerOf,
+} from './fixtures/lease.controller.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { CapturedLog } from './support/captured-log.js';
 import { freezeClockAt, setClock } from './support/clock.js';
@@ -36,6 +47,15 @@ class ReviewController {
   async held(@Headers('idempotency-key') key: string) {
     this.calls.record('held', key);
     await this.gate.pass(key);
+    return { id: randomUUID() };
+  }
+
+  /** Its first run answers 503 (released), the next ones 201; renewed every 100 ms. */
+  @Post('fails-once')
+  @Idempotent({ lockTimeout: 300 })
+  failsOnce(@Headers('idempotency-key') key: string) {
+    this.calls.record('fails-once', key);
+    if (this.calls.count('fails-once', key) === 1) throw new HttpException('upstream down', 503);
     return { id: randomUUID() };
   }
 }
@@ -163,6 +183,109 @@ describeOnServers('lease keeping under review on %s', (_name, database: TestData
     expect(replay.body).toEqual(first.body);
   });
 });
+
+/**
+ * The real TypeORM store, except that the answer to the next completion or release is lost after
+ * it committed (as when the connection is cut right then), and only after a while: long enough for
+ * the renewal to beat several times and find the lease ended.
+ */
+class AnswerLosingStore implements IdempotencyStore {
+  lose: 'complete' | 'release' | undefined;
+  /** Renewals that found the lease no longer held. */
+  renewalsFoundEnded = 0;
+
+  constructor(private readonly inner: TypeOrmIdempotencyStore) {}
+
+  claim(request: ClaimRequest) {
+    return this.inner.claim(request);
+  }
+  complete(lease: Lease, response: StoredResponse, expiresAt: number) {
+    return this.lost('complete', this.inner.complete(lease, response, expiresAt));
+  }
+  release(lease: Lease) {
+    return this.lost('release', this.inner.release(lease));
+  }
+  async renew(lease: Lease, lockedUntil: number) {
+    const renewed = await this.inner.renew(lease, lockedUntil);
+    if (!renewed) this.renewalsFoundEnded++;
+    return renewed;
+  }
+  leaseState(lease: Lease) {
+    return this.inner.leaseState(lease);
+  }
+  purgeExpired(now: number, limit: number) {
+    return this.inner.purgeExpired(now, limit);
+  }
+
+  private async lost(what: 'complete' | 'release', write: Promise<boolean>) {
+    const done = await write;
+    if (this.lose !== what) return done;
+    this.lose = undefined;
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    throw Object.assign(new Error('Connection terminated unexpectedly'), { code: 'ECONNRESET' });
+  }
+}
+
+describe.each(eachDatabase)(
+  'a write whose answer is lost under review on %s',
+  (_name, database) => {
+    let fixture: ReliabilityApp;
+    let store: AnswerLosingStore;
+    const log = new CapturedLog();
+    const lostLeases = () => fixture.app.get(IdempotencyMetrics).snapshot()['lease-lost'];
+
+    beforeAll(async () => {
+      fixture = await createReliabilityApp(
+        database,
+        {},
+        {
+          controllers: [LeaseController, ReviewController],
+          logger: log,
+          idempotencyModule: (dataSource) =>
+            IdempotencyModule.forRootAsync({
+              useFactory: async () => {
+                await ensureIdempotencyTable(dataSource);
+                store = new AnswerLosingStore(new TypeOrmIdempotencyStore(dataSource));
+                return { store, purgeInterval: false };
+              },
+            }),
+        },
+      );
+    });
+    afterAll(() => fixture?.close());
+
+    it('a completion that committed, its answer lost while the renewal found the lease ended: stored, replayed, no lease lost', async () => {
+      const key = newKey();
+      const endedBefore = store.renewalsFoundEnded;
+      store.lose = 'complete';
+      const original = await post(fixture.baseUrl, '/lease/held', key);
+      expect(original.status).toBe(201);
+      // The renewal (every 100 ms) beat during the 400 ms the answer was missing.
+      expect(store.renewalsFoundEnded).toBeGreaterThan(endedBefore);
+      const replay = await post(fixture.baseUrl, '/lease/held', key);
+      expect(replay.headers['idempotent-replayed']).toBe('true');
+      expect(replay.body).toEqual(original.body);
+      expect(fixture.calls.count('held', key)).toBe(1);
+      expect(lostLeases()).toBe(0);
+      expect(log.lines.filter((line) => /taken over/.test(line.text))).toEqual([]);
+    });
+
+    it('a release that committed, its answer lost while the renewal found the record gone: released, the retry runs, no lease lost', async () => {
+      const key = newKey();
+      const endedBefore = store.renewalsFoundEnded;
+      store.lose = 'release';
+      // A 5xx is released.
+      const first = await post(fixture.baseUrl, '/review/fails-once', key);
+      expect(first.status).toBe(503);
+      expect(store.renewalsFoundEnded).toBeGreaterThan(endedBefore);
+      expect(await recordsOf(fixture.dataSource, key)).toEqual([]);
+      const retry = await post(fixture.baseUrl, '/review/fails-once', key);
+      expect(retry.status).toBe(201);
+      expect(fixture.calls.count('fails-once', key)).toBe(2);
+      expect(lostLeases()).toBe(0);
+    });
+  },
+);
 
 describe.each(eachDatabase)('the wall clock under review on %s', (_name, database) => {
   let fixture: ReliabilityApp;
