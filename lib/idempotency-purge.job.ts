@@ -1,7 +1,6 @@
 import {
   Inject,
   Injectable,
-  Logger,
   type OnApplicationBootstrap,
   type OnModuleDestroy,
 } from '@nestjs/common';
@@ -10,6 +9,7 @@ import { RESOLVED_OPTIONS, type ResolvedModuleOptions } from './idempotency.opti
 import { IdempotencyStore } from './storage/idempotency-store.interface.js';
 import { IdempotencyMetrics } from './idempotency-metrics.js';
 import { timerDelay } from './utils/duration.js';
+import { quietLogger } from './utils/quiet-logger.js';
 
 /**
  * Deletes expired records in batches, every `purgeInterval`. Requests never wait for it: it runs
@@ -18,7 +18,7 @@ import { timerDelay } from './utils/duration.js';
  */
 @Injectable()
 export class IdempotencyPurgeJob implements OnApplicationBootstrap, OnModuleDestroy {
-  private readonly logger = new Logger('Idempotency');
+  private readonly logger = quietLogger('Idempotency');
   private timer: NodeJS.Timeout | undefined;
   private running: Promise<number> | undefined;
   private stopped = false;

@@ -1,14 +1,10 @@
-import {
-  HttpException,
-  Inject,
-  Injectable,
-  Logger,
-  type BeforeApplicationShutdown,
-} from '@nestjs/common';
+import { HttpException, Inject, Injectable, type OnApplicationShutdown } from '@nestjs/common';
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import {
   IdempotencyStore,
+  type ClaimRequest,
+  type ClaimResult,
   type Lease,
   type LeaseState,
   type RecordId,
@@ -27,6 +23,7 @@ import { openUnencrypted, UnreadableResponseError } from './security/response-se
 import type { EntityManager } from 'typeorm';
 import { isConnectionFailure } from './storage/connection-failure.js';
 import { timerDelay } from './utils/duration.js';
+import { quietLogger } from './utils/quiet-logger.js';
 
 /** What to do with a request, decided by its key's record. */
 export type Decision =
@@ -158,7 +155,7 @@ class StoreTimeoutError extends Error {}
  * `complete` match nothing, and the transaction rolls back.
  */
 @Injectable()
-export class IdempotencyService implements BeforeApplicationShutdown {
+export class IdempotencyService implements OnApplicationShutdown {
   private readonly logger = quietLogger('Idempotency');
   /** Renewals of the handlers running in this process. */
   private readonly renewals = new Set<LeaseRenewal>();
@@ -367,8 +364,13 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     }
   }
 
-  /** Stops every renewal: a process going down must not keep its keys locked. */
-  beforeApplicationShutdown(): void {
+  /**
+   * Stops every renewal once the app has closed: a process going down must not keep its keys
+   * locked. Not before: Nest closes the HTTP server after `beforeApplicationShutdown` and waits
+   * for the requests in flight, whose handlers still run and store their results; a lock left to
+   * run out meanwhile would let another instance run the same handler a second time.
+   */
+  onApplicationShutdown(): void {
     for (const renewal of this.renewals) renewal.stop();
   }
 
@@ -387,9 +389,10 @@ export class IdempotencyService implements BeforeApplicationShutdown {
 
   /**
    * Renews the lease every `lockTimeout / 3` until `stop()` (its result stored or its key released),
-   * the renewal limit, app shutdown, or a renewal that finds the lease gone. A renewal the store
-   * does not answer within `min(storeTimeout, lockTimeout / 3)` does not hold the next one back (at
-   * most two are left waiting). A lease the store could not renew for `lockTimeout` may have been
+   * the renewal limit, the app's close (once Nest has drained the requests in flight), or a renewal
+   * that finds the lease gone. A renewal the store does not answer within
+   * `min(storeTimeout, lockTimeout / 3)` does not hold the next one back (at most two are left
+   * waiting). A lease the store could not renew for `lockTimeout` may have been
    * taken over: that is logged, renewal goes on (one that lands while nobody took the key over
    * holds it again), and the completion, conditional on the lease, finds out.
    */
@@ -406,22 +409,25 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     }
     const intervalMs = timerDelay(Math.max(1, Math.floor(route.lockTimeoutMs / 3)));
     const patienceMs = Math.min(this.options.storeTimeoutMs, intervalMs);
-    const startedAt = Date.now();
+    // How long the handler ran is measured on the monotonic clock: a step of the wall clock (NTP,
+    // a VM resumed) is no time spent. Locks are wall-clock times, as every process reads them.
+    const startedAt = performance.now();
     /** When the last renewal the store confirmed was sent (the claim, at first). */
     let renewedAt = startedAt;
     let pending = 0;
     let lapseReported = false;
     const beat = () => {
       const now = Date.now();
+      const elapsed = performance.now();
       // The limit is for a hung handler; one whose result is being stored is not hung.
-      if (!renewal.settling && now - startedAt >= route.lockRenewalLimitMs) {
+      if (!renewal.settling && elapsed - startedAt >= route.lockRenewalLimitMs) {
         renewal.stop();
         this.logger.error(
           `Key ${describe(lease)} has run for lockRenewalLimit (${route.lockRenewalLimitMs} ms) and is presumed hung: its claim is no longer renewed, and a retry can take it over ${route.lockTimeoutMs} ms after the last renewal.`,
         );
         return;
       }
-      if (!lapseReported && now - renewedAt >= route.lockTimeoutMs) {
+      if (!lapseReported && elapsed - renewedAt >= route.lockTimeoutMs) {
         lapseReported = true;
         this.logger.error(
           `The claim on key ${describe(lease)} could not be renewed for lockTimeout (${route.lockTimeoutMs} ms): the store did not answer. A retry may take the key over and run the handler again; this request's result is stored only if its claim is still held. Still trying to renew it.`,
@@ -444,7 +450,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
           done();
           if (renewal.stopped) return;
           if (renewed) {
-            renewedAt = Math.max(renewedAt, now);
+            renewedAt = Math.max(renewedAt, elapsed);
             lapseReported = false;
             return;
           }
@@ -584,15 +590,24 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       return cached.fingerprint === request.fingerprint
         ? { action: 'replay', response: cached.response }
         : { action: 'mismatch' };
-    const claim = await this.withinStoreTimeout(
-      this.store.claim({
-        id: request.id,
-        fingerprint: request.fingerprint,
-        token: randomUUID(),
-        now,
-        lockedUntil: now + request.lockTimeoutMs,
-      }),
-    );
+    // In wait mode duplicates may wait on this key: its completion or release must wake them.
+    const watched = request.concurrency === 'wait';
+    const claimRequest: ClaimRequest = {
+      id: request.id,
+      fingerprint: request.fingerprint,
+      token: randomUUID(),
+      now,
+      lockedUntil: now + request.lockTimeoutMs,
+    };
+    let claim: ClaimResult;
+    try {
+      claim = await this.claimWithin(claimRequest, watched);
+    } catch (error) {
+      // Its connection died, maybe after the claim committed: once more, with the same token (a
+      // claim that finds its own token counts as claimed), or the key stays locked for lockTimeout.
+      if (!isConnectionFailure(error)) throw error;
+      claim = await this.claimWithin(claimRequest, watched);
+    }
     if (claim.claimed) {
       if (claim.takeover) this.metrics.record('expired', 1, request.id);
       // In wait mode duplicates may wait on this key: its completion or release must wake them.
@@ -600,7 +615,7 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       const lease: Lease = {
         ...claim.lease,
         fingerprint: request.fingerprint,
-        ...(request.concurrency === 'wait' && { watched: true }),
+        ...(watched && { watched: true }),
       };
       return { action: 'execute', lease };
     }
@@ -618,6 +633,36 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       return { action: 'replay', response };
     }
     return { action: 'in-progress', retryAfterMs: Math.max(record.expiresAt - now, 0) };
+  }
+
+  /**
+   * The claim, within `storeTimeout`. A claim the store answers later, once its request was refused
+   * (503), is released as soon as it lands: nobody runs it, and it would lock the key against the
+   * client's retry for lockTimeout.
+   */
+  private async claimWithin(request: ClaimRequest, watched: boolean): Promise<ClaimResult> {
+    const claiming = this.store.claim(request);
+    try {
+      return await this.withinStoreTimeout(claiming);
+    } catch (error) {
+      if (error instanceof StoreTimeoutError) {
+        claiming.then(
+          (late) => {
+            if (!late.claimed) return;
+            const lease = watched ? { ...late.lease, watched: true } : late.lease;
+            this.store.release(lease).then(
+              () =>
+                this.logger.debug(
+                  `The claim on key ${describe(lease)} landed after its request was refused (the store did not answer within storeTimeout); released.`,
+                ),
+              () => undefined,
+            );
+          },
+          () => undefined,
+        );
+      }
+      throw error;
+    }
   }
 
   /**
@@ -694,27 +739,4 @@ function settled(promise: Promise<unknown>): Promise<Outcome> {
 
 function describe({ id }: Pick<Lease, 'id'>): string {
   return `${truncateKeyForLog(id.key)} on ${id.endpoint}`;
-}
-
-/**
- * A logger whose failures never change an outcome: a custom app logger that throws is ignored (and
- * told about once, on stderr, as a process warning).
- */
-function quietLogger(context: string): Pick<Logger, 'debug' | 'log' | 'warn' | 'error'> {
-  const logger = new Logger(context);
-  let warned = false;
-  const quiet =
-    (level: 'debug' | 'log' | 'warn' | 'error') =>
-    (message: string): void => {
-      try {
-        logger[level](message);
-      } catch (error) {
-        if (warned) return;
-        warned = true;
-        process.emitWarning(
-          `nestjs-idempotency: the app's logger threw (${(error as Error)?.message ?? String(error)}); its messages are dropped, requests go on.`,
-        );
-      }
-    };
-  return { debug: quiet('debug'), log: quiet('log'), warn: quiet('warn'), error: quiet('error') };
 }

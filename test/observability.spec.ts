@@ -12,8 +12,15 @@ import {
   idempotencyChannelName,
   type IdempotencyEvent,
   type IdempotencyEventMessage,
+  type IdempotencyStore,
 } from '../lib/index.js';
-import { createFixtureApp, stealClaim, type FixtureApp } from './fixtures/fixture-app.js';
+import {
+  createFixtureApp,
+  recordsOf,
+  stealClaim,
+  waitUntilPast,
+  type FixtureApp,
+} from './fixtures/fixture-app.js';
 import { testDatabases } from './support/databases.js';
 import { expectProblem, newKey, post } from './support/http.js';
 
@@ -184,7 +191,9 @@ describe('observation that fails never changes an outcome', () => {
 
   beforeAll(async () => {
     trace.setGlobalTracerProvider(provider);
-    fixture = await createFixtureApp(testDatabases[0], {}, 'express', { logger });
+    fixture = await createFixtureApp(testDatabases[0], { maxResponseBytes: 10_000 }, 'express', {
+      logger,
+    });
   });
   afterAll(async () => {
     await fixture.close();
@@ -212,5 +221,47 @@ describe('observation that fails never changes an outcome', () => {
     const response = await first;
     expect(response.status).toBe(201);
     expect(response.body.id).toEqual(expect.any(String));
+  });
+
+  it('a logger that throws: a response over maxResponseBytes is still sent, and its key released', async () => {
+    const key = newKey();
+    const first = await post(fixture.http, '/big', key, { bytes: 20_000 });
+    expect(first.status).toBe(201);
+    expect(first.body.padding).toHaveLength(20_000);
+    const retry = await post(fixture.http, '/big', key, { bytes: 20_000 });
+    expect(retry.status).toBe(201);
+    expect(retry.headers['idempotent-replayed']).toBeUndefined();
+    expect(fixture.calls.count('big', key)).toBe(2);
+  });
+
+  it('a logger that throws: purgeNow() still purges and resolves (its log line is dropped)', async () => {
+    const key = newKey();
+    expect((await post(fixture.http, '/short-ttl', key)).status).toBe(201);
+    await waitUntilPast(Number((await recordsOf(fixture.dataSource, key))[0].expiresAt));
+    expect(await fixture.purgeJob.purgeNow()).toBeGreaterThanOrEqual(1);
+    expect(await recordsOf(fixture.dataSource, key)).toEqual([]);
+  });
+
+  it('a logger that throws: a store that cannot be reached is still a 503, the handler not run', async () => {
+    const down = () => Promise.reject(new Error('connect ECONNREFUSED 127.0.0.1:5432'));
+    const store: IdempotencyStore = {
+      claim: down,
+      complete: down,
+      release: down,
+      renew: down,
+      purgeExpired: down,
+    };
+    const outage = await createFixtureApp(testDatabases[0], { store }, 'express', { logger });
+    try {
+      const key = newKey();
+      expectProblem(
+        await post(outage.http, '/charges', key, { amount: 1 }),
+        503,
+        'store-unavailable',
+      );
+      expect(outage.calls.count('charges', key)).toBe(0);
+    } finally {
+      await outage.close();
+    }
   });
 });

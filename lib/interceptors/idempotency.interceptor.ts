@@ -1,7 +1,6 @@
 import {
   Inject,
   Injectable,
-  Logger,
   type CallHandler,
   type ExecutionContext,
   type NestInterceptor,
@@ -48,6 +47,7 @@ import {
   RpcTransport,
   type SettledMessage,
 } from '../transports/rpc.transport.js';
+import { quietLogger } from '../utils/quiet-logger.js';
 
 /**
  * A route's resolved options, and whether the interceptor is listed on it more than once. Per
@@ -82,7 +82,7 @@ const warnedUnscoped = new WeakSet<Function>();
  */
 @Injectable()
 export class IdempotencyInterceptor implements NestInterceptor {
-  private readonly logger = new Logger('Idempotency');
+  private readonly logger = quietLogger('Idempotency');
   private readonly routes = new WeakMap<Function, WeakMap<Function, Route>>();
   private readonly transports: Readonly<Record<string, IdempotencyTransport>>;
 

@@ -11,6 +11,8 @@ describe('isConnectionFailure', () => {
       withCode('08006'),
       withCode('25006'),
       withCode('PROTOCOL_CONNECTION_LOST'),
+      // MariaDB's "Connection was killed" as mysql2 reports it: a number, no code.
+      Object.assign(new Error('Connection was killed'), { errno: 1927 }),
       new Error('Connection terminated unexpectedly'),
       // TypeORM's QueryFailedError keeps the driver's error.
       Object.assign(new Error('query failed'), { driverError: withCode('57P01') }),

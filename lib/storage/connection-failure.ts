@@ -6,8 +6,14 @@
  */
 export function isConnectionFailure(error: unknown): boolean {
   for (let candidate = error, depth = 0; candidate && depth < 4; depth++) {
-    const { code, message } = candidate as { code?: unknown; message?: unknown };
+    const { code, errno, message } = candidate as {
+      code?: unknown;
+      errno?: unknown;
+      message?: unknown;
+    };
     if (typeof code === 'string' && FAILURE_CODES.test(code)) return true;
+    // MariaDB's ER_CONNECTION_KILLED, which mysql2 reports by number only (no `code`).
+    if (errno === 1927 && code === undefined) return true;
     if (typeof message === 'string' && FAILURE_MESSAGES.test(message)) return true;
     const next = candidate as { driverError?: unknown; cause?: unknown };
     candidate = next.driverError ?? next.cause;

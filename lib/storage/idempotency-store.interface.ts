@@ -110,7 +110,9 @@ export interface IdempotencyStore {
   release(lease: Lease): Promise<boolean>;
   /**
    * Extends the lock of a lease that is still held (an in-progress record with this token) to
-   * `lockedUntil`, epoch ms; `false` when the lease was lost (taken over, completed or released).
+   * `lockedUntil`, epoch ms, never moving it back (a renewal delayed in transit may land after a
+   * later one; it still counts as held); `false` when the lease was lost (taken over, completed or
+   * released).
    */
   renew(lease: Lease, lockedUntil: number): Promise<boolean>;
   /**

@@ -241,6 +241,24 @@ export function storeContract(
     }),
 
     check(
+      'never moves a lock back: a renewal that lands after a later one leaves it',
+      async (s) => {
+        // A renewal stalled on its connection while the next ones went through, landing last.
+        const id = s.id();
+        const lease = await s.leaseOf(id, 'fp-a');
+        assert.equal(await s.store.renew(lease, s.now + 3 * MINUTE), true);
+        assert.equal(
+          await s.store.renew(lease, s.now + 2 * MINUTE),
+          true,
+          'the lease is still held',
+        );
+        const read = await s.claim(id, 'fp-a', s.now + 2 * MINUTE + 1);
+        assert.equal(read.claimed, false, 'the lock must hold until the end the later renewal set');
+        assert.equal(!read.claimed && read.record.expiresAt, s.now + 3 * MINUTE);
+      },
+    ),
+
+    check(
       'takes an abandoned claim over for the same payload once its lock ended, and fences the old lease off',
       async (s) => {
         const id = s.id();
@@ -286,15 +304,24 @@ export function storeContract(
     }),
 
     check(
-      'releases a held key, so the next claim is a new one; a second release does nothing',
+      'releases a held key, so the next claim is a new one; a second release, or a late renewal or completion of the old lease, does nothing',
       async (s) => {
         const id = s.id();
         const lease = await s.leaseOf(id, 'fp-a');
         assert.equal(await s.store.release(lease), true);
         assert.equal(await s.store.release(lease), false);
+        // A late renewal of the released lease brings nothing back.
+        assert.equal(await s.store.renew(lease, s.now + 5 * MINUTE), false);
         const again = await s.claim(id, 'fp-b');
         assert.equal(again.claimed, true);
         assert.equal(again.claimed && again.takeover, false);
+        // Nor does any late write of it touch the new claim.
+        assert.equal(await s.store.renew(lease, s.now + 5 * MINUTE), false);
+        assert.equal(await s.store.complete(lease, sampleResponse(), s.now + 10 * MINUTE), false);
+        assert.equal(await s.store.release(lease), false);
+        const read = await s.claim(id, 'fp-b');
+        assert.equal(!read.claimed && read.record.state, 'in_progress');
+        assert.equal(!read.claimed && read.record.expiresAt, s.now + MINUTE);
       },
     ),
 

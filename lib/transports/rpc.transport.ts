@@ -1,4 +1,4 @@
-import { HttpException, Inject, Injectable, Logger, type ExecutionContext } from '@nestjs/common';
+import { HttpException, Inject, Injectable, type ExecutionContext } from '@nestjs/common';
 import { from, lastValueFrom, of, toArray, type Observable } from 'rxjs';
 import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import {
@@ -14,6 +14,7 @@ import { decodeBody } from '../utils/response-body.js';
 import { boundedColumnValue } from './http-exchange.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
 import { storedResult } from './stored-result.js';
+import { quietLogger } from '../utils/quiet-logger.js';
 
 type Microservices = typeof import('@nestjs/microservices');
 
@@ -145,7 +146,7 @@ function together(settlements: readonly SettledMessage[]): SettledMessage {
 export class RpcTransport implements IdempotencyTransport {
   readonly type = 'rpc';
   readonly defaultConcurrency = 'wait';
-  private readonly logger = new Logger('Idempotency');
+  private readonly logger = quietLogger('Idempotency');
   /** Each handler's endpoint, with the class it was computed for (a method may be inherited). */
   private readonly endpoints = new WeakMap<Function, { controller: Function; endpoint: string }>();
   /** The handler of each endpoint: a second handler on one endpoint shares its keys (warned). */

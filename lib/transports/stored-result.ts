@@ -1,9 +1,10 @@
-import { Logger, StreamableFile } from '@nestjs/common';
+import { StreamableFile } from '@nestjs/common';
 import type { StoredResponse } from '../storage/idempotency-store.interface.js';
 import { truncateKeyForLog } from '../utils/idempotency-key.js';
 import { encodeBody } from '../utils/response-body.js';
+import { quietLogger } from '../utils/quiet-logger.js';
 
-const logger = new Logger('Idempotency');
+const logger = quietLogger('Idempotency');
 
 /** A result a transport wants stored: status (or its equivalent), headers, value. */
 export interface ResultToStore {

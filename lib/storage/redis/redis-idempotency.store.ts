@@ -1,4 +1,3 @@
-import { Logger } from '@nestjs/common';
 import { createHash } from 'node:crypto';
 import type {
   BodyEncoding,
@@ -12,6 +11,7 @@ import type {
   StoredResponse,
 } from '../idempotency-store.interface.js';
 import { RecordWatches } from '../record-watches.js';
+import { quietLogger } from '../../utils/quiet-logger.js';
 
 /**
  * What the store needs of an ioredis 5 client (`Redis` or `Cluster`); typed here so the package
@@ -123,7 +123,7 @@ interface Scripts {
  * no transactional mode: the handler's writes live elsewhere.
  */
 export class RedisIdempotencyStore implements IdempotencyStore {
-  private readonly logger = new Logger('Idempotency');
+  private readonly logger = quietLogger('Idempotency');
   private readonly prefix: string;
   private readonly graceMs: number;
   private readonly channel: string;

@@ -1,4 +1,3 @@
-import { Logger } from '@nestjs/common';
 import { createHash, randomUUID } from 'node:crypto';
 import type { DataSource } from 'typeorm';
 import type { RecordId, RecordWatch } from '../idempotency-store.interface.js';
@@ -10,6 +9,7 @@ import {
   type ClientConstructor,
   type ListeningClient,
 } from './pg-connections.js';
+import { quietLogger } from '../../utils/quiet-logger.js';
 
 /**
  * The NOTIFY channel of every records table: the payload (`changeTag`) says which record of which
@@ -63,7 +63,7 @@ export interface ChangeListenerOptions {
  * once: nothing that happened while nobody listened goes unseen.
  */
 export class PostgresChangeListener {
-  private readonly logger = new Logger('Idempotency');
+  private readonly logger = quietLogger('Idempotency');
   private readonly watches = new RecordWatches(() => this.listening);
   private client: ListeningClient | null = null;
   private listening = false;

@@ -1,7 +1,7 @@
-import { Logger } from '@nestjs/common';
 import { createHash } from 'node:crypto';
 import type { DataSource, QueryRunner } from 'typeorm';
 import { sessionsPersist } from './pg-connections.js';
+import { quietLogger } from '../../utils/quiet-logger.js';
 
 /** What a statement returned: its rows, and how many rows it changed. */
 export interface StatementResult<Row> {
@@ -43,7 +43,7 @@ type Mode = 'protocol' | 'sql' | 'plain';
  * prepared statement once they run as ordinary statements.
  */
 export class PreparedStatements {
-  private readonly logger = new Logger('Idempotency');
+  private readonly logger = quietLogger('Idempotency');
   private mode: Mode;
   private readonly sqlNames = new Map<string, string>();
   /** SQL-level statements this store has prepared (or found prepared) in the session. */

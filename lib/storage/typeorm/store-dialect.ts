@@ -65,17 +65,22 @@ export async function completeUnderLease(
   return result.affected === 1;
 }
 
-/** Extends the lock of a lease that is still held. */
+/**
+ * Extends the lock of a lease that is still held, never moving it back: a renewal that lands late
+ * (stalled on its connection while later ones went through) must not shorten the lock they set.
+ */
 export async function renewUnderLease(
   dataSource: DataSource,
   lease: Lease,
   lockedUntil: number,
 ): Promise<boolean> {
+  // SQLite's two-argument MAX is its GREATEST.
+  const greatest = dataSource.driver.options.type === 'better-sqlite3' ? 'MAX' : 'GREATEST';
   const result = await dataSource
     .createQueryBuilder()
     .update(IdempotencyRecord)
-    .set({ expiresAt: lockedUntil })
-    .where(leaseCondition, leaseParameters(lease))
+    .set({ expiresAt: () => `${greatest}(expires_at, :lockedUntil)` })
+    .where(leaseCondition, { ...leaseParameters(lease), lockedUntil })
     .execute();
   return result.affected === 1;
 }
