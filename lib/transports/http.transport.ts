@@ -77,16 +77,22 @@ export class HttpTransport implements IdempotencyTransport {
     const request = http.getRequest();
     const response = http.getResponse<PlatformResponse>();
     this.headersBefore.set(response, headerSnapshot(response));
+    const handler = context.getHandler();
     const operation = (body: unknown, files?: FileFingerprint[]): OperationDescription => ({
-      endpoint: endpointOf(request),
+      endpoint: endpointOf(request, handler),
       scopeSource: request,
-      fingerprint: { method: operationMethodOf(request), url: urlOf(request), body, files },
+      fingerprint: {
+        method: operationMethodOf(request, handler),
+        url: urlOf(request),
+        body,
+        files,
+      },
     });
     const unread = unreadBody(request);
     if (unread) return readAhead(unread).then((body) => operation(body));
     const files = uploadedFiles(request);
     if (files.length === 0) return operation(request.body);
-    const route = `${context.getClass().name}.${context.getHandler().name}`;
+    const route = `${context.getClass().name}.${handler.name}`;
     return fingerprintsOf(files, route).then((digests) => operation(request.body, digests));
   }
 
@@ -112,7 +118,10 @@ export class HttpTransport implements IdempotencyTransport {
     }
     const error = outcome.error;
     if (!(error instanceof HttpException)) return null;
-    const entry = this.exceptions.entryFor(error);
+    const entry = this.exceptions.entryFor(error, {
+      handler: context.getHandler(),
+      controller: context.getClass(),
+    });
     return resultStorer(
       { key, endpoint, headers: entry ? { ...headers, [EXCEPTION_ENTRY]: entry } : headers },
       shouldStore,
