@@ -23,12 +23,13 @@ import {
 import { APP_FILTER } from '@nestjs/core';
 import { FastifyAdapter } from '@nestjs/platform-fastify';
 import { Test } from '@nestjs/testing';
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
+import net, { type AddressInfo } from 'node:net';
 import request from 'supertest';
 import { DataSource } from 'typeorm';
 import { Idempotent, IdempotencyModule, IdempotencyRecord } from '../lib/index.js';
 import { eachTarget, type HttpPlatform, type TestDatabase } from './support/databases.js';
-import { newKey, post } from './support/http.js';
+import { expectProblem, newKey, post } from './support/http.js';
 
 const KEY = 'idempotency-key';
 
@@ -159,10 +160,17 @@ class DocsController {
     return { url: `https://example.com/orders/${randomUUID()}` };
   }
 
-  @Post('text')
-  text(@Headers(KEY) key: string, @Req() request: any) {
-    ran('text', key);
-    return { id: randomUUID(), body: String(request.body ?? '') };
+  /** Reads the body itself (`application/octet-stream`: no parser reads it before). */
+  @Post('raw')
+  async raw(@Headers(KEY) key: string, @Req() request: any) {
+    const hash = createHash('sha256');
+    let bytes = 0;
+    for await (const chunk of (request.raw ?? request) as AsyncIterable<Buffer>) {
+      hash.update(chunk);
+      bytes += chunk.length;
+    }
+    ran('raw', key);
+    return { id: randomUUID(), bytes, sha256: hash.digest('hex') };
   }
 }
 
@@ -171,11 +179,21 @@ function setHeader(response: any, name: string, value: string): void {
   else response.setHeader(name, value);
 }
 
+/** Requests that reached the app, by key: a test waits for its request to be in. */
+const arrivals = new Map<string, (request: NodeJS.ReadableStream) => void>();
+const arrival = (key: string) =>
+  new Promise<NodeJS.ReadableStream>((resolve) => arrivals.set(key, resolve));
+
 /** Sets `Cache-Control: no-store` on every response, as API middleware does. */
 @Injectable()
 class NoStoreMiddleware implements NestMiddleware {
-  use(_request: unknown, response: { setHeader(n: string, v: string): void }, next: () => void) {
+  use(
+    request: NodeJS.ReadableStream & { headers: Record<string, string> },
+    response: { setHeader(n: string, v: string): void },
+    next: () => void,
+  ) {
     response.setHeader('Cache-Control', 'no-store');
+    arrivals.get(request.headers[KEY])?.(request);
     next();
   }
 }
@@ -183,6 +201,7 @@ class NoStoreMiddleware implements NestMiddleware {
 interface App {
   readonly app: INestApplication;
   readonly http: any;
+  readonly port: number;
   close(): Promise<void>;
 }
 
@@ -209,9 +228,19 @@ async function boot(platform: HttpPlatform, dataSource: DataSource): Promise<App
     platform === 'fastify'
       ? moduleRef.createNestApplication(new FastifyAdapter(), { logger: false })
       : moduleRef.createNestApplication({ logger: false });
-  await app.init();
-  if (platform === 'fastify') await app.getHttpAdapter().getInstance().ready();
-  return { app, http: app.getHttpServer(), close: () => app.close() };
+  if (platform === 'fastify') {
+    // As a plugin that leaves the body to the handler (@fastify/multipart) registers it.
+    app
+      .getHttpAdapter()
+      .getInstance()
+      .addContentTypeParser(
+        'application/octet-stream',
+        (_request: unknown, _payload: unknown, done: Function) => done(null, undefined),
+      );
+  }
+  await app.listen(0, '127.0.0.1');
+  const http = app.getHttpServer();
+  return { app, http, port: (http.address() as AddressInfo).port, close: () => app.close() };
 }
 
 function sharedDataSource(database: TestDatabase) {
@@ -311,6 +340,71 @@ describe.each(eachTarget)('review of the HTTP transport on %s', (_name, { databa
       expect(retry.headers['idempotent-replayed']).toBe('true');
       expect(retry.body).toEqual(first.body);
       expect(runsOf('batch', key)).toBe(1);
+    });
+
+    describe('a body no parser read, which the handler reads itself', () => {
+      const sha256 = (bytes: Buffer) => createHash('sha256').update(bytes).digest('hex');
+      const head = (key: string, length: number) =>
+        `POST /docs/raw HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n` +
+        `Content-Type: application/octet-stream\r\nContent-Length: ${length}\r\nIdempotency-Key: ${key}\r\n\r\n`;
+      const send = (key: string, body: Buffer) =>
+        request(app.http)
+          .post('/docs/raw')
+          .set('Idempotency-Key', key)
+          .set('Content-Type', 'application/octet-stream')
+          .send(body);
+
+      it('reads a body that arrives slowly, in pieces, and replays it for the same bytes sent at once', async () => {
+        const key = newKey();
+        const body = Buffer.from('a body that arrives in three pieces');
+        const socket = net.connect({ host: '127.0.0.1', port: app.port });
+        const answer = new Promise<string>((resolve, reject) => {
+          const chunks: Buffer[] = [];
+          socket.on('data', (chunk: Buffer) => chunks.push(chunk));
+          socket.on('end', () => resolve(Buffer.concat(chunks).toString()));
+          socket.on('error', reject);
+        });
+        const arrived = arrival(key);
+        socket.write(head(key, body.length) + body.subarray(0, 5).toString());
+        await arrived;
+        socket.write(body.subarray(5, 20));
+        await new Promise((resolve) => setImmediate(resolve));
+        socket.write(body.subarray(20));
+        const first = await answer;
+        expect(first).toMatch(/^HTTP\/1\.1 201/);
+        expect(first).toContain(`"sha256":"${sha256(body)}"`);
+        const retry = await send(key, body).expect(201);
+        expect(retry.headers['idempotent-replayed']).toBe('true');
+        expect(retry.body).toMatchObject({ bytes: body.length, sha256: sha256(body) });
+        expect(runsOf('raw', key)).toBe(1);
+      });
+
+      it('leaves no trace of a body whose client went away before sending it all', async () => {
+        const key = newKey();
+        const socket = net.connect({ host: '127.0.0.1', port: app.port });
+        socket.on('error', () => undefined);
+        const arrived = arrival(key);
+        socket.write(head(key, 100_000) + 'x'.repeat(1000));
+        const served = await arrived;
+        const closed = new Promise((resolve) => served.once('close', resolve));
+        socket.destroy();
+        await closed;
+        await new Promise((resolve) => setImmediate(resolve));
+        const body = Buffer.from('the whole body, sent again');
+        const retry = await send(key, body).expect(201);
+        expect(retry.headers['idempotent-replayed']).toBeUndefined();
+        expect(retry.body).toMatchObject({ bytes: body.length, sha256: sha256(body) });
+        expect(runsOf('raw', key)).toBe(1);
+      });
+
+      it('answers 400 body-unreadable for one over 10 MiB, without running the handler', async () => {
+        const key = newKey();
+        const refused = await send(key, Buffer.alloc(10 * 1024 * 1024 + 1, 'x'));
+        expectProblem(refused, 400, 'body-unreadable');
+        expect(runsOf('raw', key)).toBe(0);
+        const accepted = await send(key, Buffer.from('small')).expect(201);
+        expect(accepted.body).toMatchObject({ bytes: 5 });
+      });
     });
 
     it('replays a @Redirect() to the URL the handler chose', async () => {
