@@ -18,8 +18,14 @@ import {
   type INestApplication,
   type MiddlewareConsumer,
   type NestMiddleware,
+  RequestTimeoutException,
+  UseInterceptors,
+  type CallHandler,
+  type ExecutionContext,
+  type NestInterceptor,
   type Type,
 } from '@nestjs/common';
+import { catchError, throwError, timeout, TimeoutError, type Observable } from 'rxjs';
 import { APP_FILTER } from '@nestjs/core';
 import { FastifyAdapter } from '@nestjs/platform-fastify';
 import { Test } from '@nestjs/testing';
@@ -29,7 +35,9 @@ import request from 'supertest';
 import { DataSource } from 'typeorm';
 import { Idempotent, IdempotencyModule, IdempotencyRecord } from '../lib/index.js';
 import { eachTarget, type HttpPlatform, type TestDatabase } from './support/databases.js';
+import { recordsOf } from './fixtures/fixture-app.js';
 import { expectProblem, newKey, post } from './support/http.js';
+import { waitFor } from './support/reliability.js';
 
 const KEY = 'idempotency-key';
 
@@ -198,6 +206,36 @@ class NoStoreMiddleware implements NestMiddleware {
   }
 }
 
+/** Handlers held until the test opens them, by key. */
+const gates = new Map<string, () => void>();
+const held = (key: string) => new Promise<void>((resolve) => gates.set(key, resolve));
+
+/** Nest's documented timeout interceptor: a handler slower than 50 ms answers 408. */
+@Injectable()
+class TimeoutInterceptor implements NestInterceptor {
+  intercept(_context: ExecutionContext, next: CallHandler): Observable<unknown> {
+    return next.handle().pipe(
+      timeout(50),
+      catchError((error: unknown) =>
+        throwError(() => (error instanceof TimeoutError ? new RequestTimeoutException() : error)),
+      ),
+    );
+  }
+}
+
+/** The timeout interceptor on the controller: it runs around the method's @Idempotent(). */
+@Controller('slow')
+@UseInterceptors(TimeoutInterceptor)
+class SlowController {
+  @Post()
+  @Idempotent()
+  async create(@Headers(KEY) key: string) {
+    await held(key);
+    ran('slow', key);
+    return { id: randomUUID() };
+  }
+}
+
 interface App {
   readonly app: INestApplication;
   readonly http: any;
@@ -210,6 +248,7 @@ const controllers: Type[] = [
   PlainPaymentsController,
   DatedPaymentsController,
   DocsController,
+  SlowController,
 ];
 
 async function boot(platform: HttpPlatform, dataSource: DataSource): Promise<App> {
@@ -255,6 +294,24 @@ function sharedDataSource(database: TestDatabase) {
 
 describe.each(eachTarget)('review of the HTTP transport on %s', (_name, { database, platform }) => {
   const shared = sharedDataSource(database);
+
+  it('a timeout interceptor around @Idempotent(): the handler finishes once, and the retry gets its result', async () => {
+    const app = await boot(platform, shared.dataSource);
+    try {
+      const key = newKey();
+      await post(app.http, '/slow', key).expect(408);
+      (await waitFor('the handler to be held', () => gates.get(key)))();
+      await waitFor('the record completed', async () =>
+        (await recordsOf(shared.dataSource, key))[0]?.state === 'completed' ? true : undefined,
+      );
+      const retry = await post(app.http, '/slow', key).expect(201);
+      expect(retry.headers['idempotent-replayed']).toBe('true');
+      expect(retry.body).toEqual({ id: expect.any(String) });
+      expect(runsOf('slow', key)).toBe(1);
+    } finally {
+      await app.close();
+    }
+  });
 
   it("base controller: each subclass's filters shape its replays, after a restart", async () => {
     const filtered = newKey();

@@ -27,7 +27,7 @@ export interface PlatformRequest {
 /** What is read and patched of a response: Express's `Response` or Fastify's `FastifyReply`. */
 export interface PlatformResponse {
   statusCode?: unknown;
-  readonly raw?: { readonly statusCode?: unknown };
+  readonly raw?: { readonly statusCode?: unknown; readonly headersSent?: unknown };
   getHeaders?: () => Record<string, unknown>;
   [member: string]: unknown;
 }
@@ -88,6 +88,11 @@ function pathOf(request: PlatformRequest): string {
  */
 export function boundedColumnValue(value: string): string {
   return value.length <= 255 ? value : `sha256:${createHash('sha256').update(value).digest('hex')}`;
+}
+
+/** Whether the response's status and headers have gone out (Express's, or Fastify's raw one). */
+export function headersSent(response: PlatformResponse): boolean {
+  return Boolean(response.raw?.headersSent ?? response.headersSent);
 }
 
 export function statusOf(response: PlatformResponse): number {
