@@ -1,4 +1,8 @@
-import { DEFAULTS, RELEASING_CLIENT_STATUSES } from './idempotency.constants.js';
+import {
+  DEFAULTS,
+  IDEMPOTENT_ROUTE_OPTIONS,
+  RELEASING_CLIENT_STATUSES,
+} from './idempotency.constants.js';
 import type {
   ConcurrencyMode,
   IdempotencyModuleOptions,
@@ -121,6 +125,25 @@ export function resolveRouteOptionsFor(
   handler: IdempotencyRouteOptions | undefined,
 ): ResolvedRouteOptions {
   return resolveRouteOptions(resolveRouteOptions(module, controller ?? {}), handler ?? {});
+}
+
+/**
+ * A controller's `@Idempotent()` options, merged down its class chain field by field: a subclass's
+ * over its base class's (a subclass that sets only `ttl` keeps its base's `scope`). Unset where
+ * no class of the chain has `@Idempotent()`.
+ */
+export function controllerRouteOptions(controller: Function): IdempotencyRouteOptions | undefined {
+  let merged: IdempotencyRouteOptions | undefined;
+  for (
+    let type: unknown = controller;
+    typeof type === 'function' && type !== Function.prototype;
+    type = Object.getPrototypeOf(type)
+  ) {
+    const own = Reflect.getOwnMetadata(IDEMPOTENT_ROUTE_OPTIONS, type) as
+      IdempotencyRouteOptions | undefined;
+    if (own) merged = merged ? { ...withoutUndefined(own), ...withoutUndefined(merged) } : own;
+  }
+  return merged;
 }
 
 /** Overlays a route's `@Idempotent()` options on resolved ones. */

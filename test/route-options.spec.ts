@@ -90,6 +90,21 @@ class PlainController extends CrudController {
   protected readonly name = 'plain';
 }
 
+/** A base that keys every route per tenant, for two days; its own handler. */
+@Idempotent({ ttl: '2d', scope: (request) => String(request.headers['x-tenant'] ?? '') })
+abstract class TenantScopedController {
+  @Post()
+  create(@Body() body: { key?: string }) {
+    ran('short-tenants.create', body.key);
+    return { id: randomUUID() };
+  }
+}
+
+/** Its subclass's own @Idempotent() sets only a shorter ttl: the base's scope still applies. */
+@Controller('short-tenants')
+@Idempotent({ ttl: '1h' })
+class ShortTenantController extends TenantScopedController {}
+
 /** Transactional from its class; the method sets another field only. */
 @Controller('ledger')
 @Idempotent({ transactional: true })
@@ -111,7 +126,12 @@ interface App {
 async function boot(
   database: TestDatabase,
   platform: HttpPlatform,
-  controllers: Type[] = [PlainController, LenientController, TenantController],
+  controllers: Type[] = [
+    PlainController,
+    LenientController,
+    TenantController,
+    ShortTenantController,
+  ],
 ): Promise<App> {
   const dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
   await dataSource.initialize();
@@ -250,6 +270,21 @@ describe.each(eachTarget)('route options on %s', (_name, { database, platform })
       await send('/tenants/short', key, 't2').expect(201);
       expect(runsOf('tenants.short', key)).toBe(2);
       expectTtl(await keptFor(key, 'POST /tenants/short'), 5 * MINUTE);
+    });
+
+    it("merges a subclass's @Idempotent() over its base class's: the base's scope, the subclass's ttl", async () => {
+      const key = newKey();
+      const first = await send('/short-tenants', key, 't1').expect(201);
+      const other = await send('/short-tenants', key, 't2').expect(201);
+      expect(other.headers['idempotent-replayed']).toBeUndefined();
+      expect(other.body.id).not.toBe(first.body.id);
+      expect(runsOf('short-tenants.create', key)).toBe(2);
+      expect((await recordsOf(app.dataSource, key)).map((r) => r.scope).sort()).toEqual([
+        't1',
+        't2',
+      ]);
+      const kept = (await recordsOf(app.dataSource, key)).map((r) => r.expiresAt - r.createdAt);
+      for (const ttl of kept) expectTtl(ttl, HOUR);
     });
 
     it("falls back on the module's ttl where neither the method nor the class sets one", async () => {

@@ -13,6 +13,7 @@ import {
   IN_PROGRESS_RETRY_AFTER_SECONDS,
 } from '../idempotency.constants.js';
 import {
+  controllerRouteOptions,
   RESOLVED_OPTIONS,
   resolveRouteOptionsFor,
   type ResolvedModuleOptions,
@@ -367,8 +368,6 @@ export class IdempotencyInterceptor implements NestInterceptor {
     if (!routes) this.routes.set(controller, (routes = new WeakMap()));
     let route = routes.get(handler);
     if (!route) {
-      const options = (target: Function) =>
-        this.reflector.get<IdempotencyRouteOptions | undefined>(IDEMPOTENT_ROUTE_OPTIONS, target);
       const listed = (target: object) =>
         (
           (Reflect.getMetadata(INTERCEPTORS_METADATA, target) as unknown[] | undefined) ?? []
@@ -377,7 +376,14 @@ export class IdempotencyInterceptor implements NestInterceptor {
             interceptor === IdempotencyInterceptor || interceptor instanceof IdempotencyInterceptor,
         ).length;
       route = {
-        options: resolveRouteOptionsFor(this.moduleOptions, options(controller), options(handler)),
+        options: resolveRouteOptionsFor(
+          this.moduleOptions,
+          controllerRouteOptions(controller),
+          this.reflector.get<IdempotencyRouteOptions | undefined>(
+            IDEMPOTENT_ROUTE_OPTIONS,
+            handler,
+          ),
+        ),
         twice: listed(controller) + listed(handler) > 1,
       };
       routes.set(handler, route);

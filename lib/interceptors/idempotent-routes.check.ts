@@ -17,6 +17,7 @@ import { ApplicationConfig, DiscoveryService, MetadataScanner } from '@nestjs/co
 import { IdempotencyInterceptor } from './idempotency.interceptor.js';
 import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
 import {
+  controllerRouteOptions,
   RESOLVED_OPTIONS,
   resolveRouteOptionsFor,
   type ResolvedModuleOptions,
@@ -67,10 +68,7 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
       const { instance, metatype } = wrapper;
       if (!instance || !metatype || typeof metatype !== 'function') continue;
       const prototype = Object.getPrototypeOf(instance);
-      const classOptions: IdempotencyRouteOptions | undefined = Reflect.getMetadata(
-        IDEMPOTENT_ROUTE_OPTIONS,
-        metatype,
-      );
+      const classOptions = controllerRouteOptions(metatype);
       for (const method of this.scanner.getAllMethodNames(prototype)) {
         const handler = prototype[method];
         const handlerOptions: IdempotencyRouteOptions | undefined = Reflect.getMetadata(

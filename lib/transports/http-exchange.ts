@@ -1,3 +1,5 @@
+import { RequestMethod } from '@nestjs/common';
+import { METHOD_METADATA } from '@nestjs/common/constants.js';
 import { createHash } from 'node:crypto';
 import { IDEMPOTENCY_KEY_HEADER, UNSTORED_RESPONSE_HEADERS } from '../idempotency.constants.js';
 
@@ -25,7 +27,7 @@ export interface PlatformRequest {
 /** What is read and patched of a response: Express's `Response` or Fastify's `FastifyReply`. */
 export interface PlatformResponse {
   statusCode?: unknown;
-  readonly raw?: { readonly statusCode?: unknown };
+  readonly raw?: { readonly statusCode?: unknown; readonly headersSent?: unknown };
   getHeaders?: () => Record<string, unknown>;
   [member: string]: unknown;
 }
@@ -47,23 +49,28 @@ export function keyFieldLines(request: PlatformRequest): string[] {
 }
 
 /**
- * The request's method as an operation: upper-case, and a HEAD is its GET (the platforms serve a
- * HEAD with the GET route's handler, and its answer is the GET's without the body), so a HEAD
- * with a GET's key is answered from the GET's record instead of running the handler again.
+ * The request's method as an operation: upper-case, and a HEAD served by a GET route's handler is
+ * its GET (the platforms serve it so, and its answer is the GET's without the body), so a HEAD
+ * with a GET's key is answered from the GET's record instead of running the handler again. A HEAD
+ * with a `@Head()` handler of its own is its own operation.
+ *
+ * @param handler the route's handler, whose `@Get()`/`@Head()` tells which route serves the HEAD
  */
-export function operationMethodOf(request: PlatformRequest): string {
+export function operationMethodOf(request: PlatformRequest, handler?: Function): string {
   const method = String(request.method).toUpperCase();
-  return method === 'HEAD' ? 'GET' : method;
+  if (method !== 'HEAD') return method;
+  const routeMethod: unknown = handler && Reflect.getMetadata(METHOD_METADATA, handler);
+  return routeMethod === RequestMethod.HEAD ? method : 'GET';
 }
 
 /** `METHOD /route/:pattern`: keys are per endpoint, whatever the path parameters. */
-export function endpointOf(request: PlatformRequest): string {
+export function endpointOf(request: PlatformRequest, handler?: Function): string {
   const pattern: unknown =
     request.route?.path !== undefined
       ? `${String(request.baseUrl ?? '')}${String(request.route.path)}`
       : (request.routeOptions?.url ?? request.routerPath);
   const path = typeof pattern === 'string' ? pattern : pathOf(request);
-  return boundedColumnValue(`${operationMethodOf(request)} ${path}`);
+  return boundedColumnValue(`${operationMethodOf(request, handler)} ${path}`);
 }
 
 /** The URL as sent, path and query: part of the fingerprint, so `/accounts/1` ≠ `/accounts/2`. */
@@ -81,6 +88,11 @@ function pathOf(request: PlatformRequest): string {
  */
 export function boundedColumnValue(value: string): string {
   return value.length <= 255 ? value : `sha256:${createHash('sha256').update(value).digest('hex')}`;
+}
+
+/** Whether the response's status and headers have gone out (Express's, or Fastify's raw one). */
+export function headersSent(response: PlatformResponse): boolean {
+  return Boolean(response.raw?.headersSent ?? response.headersSent);
 }
 
 export function statusOf(response: PlatformResponse): number {
@@ -102,37 +114,59 @@ export function headerSnapshot(response: PlatformResponse): HeaderSnapshot {
 }
 
 /**
+ * The entry of stored headers that names those the handler set over a value they had before it
+ * (`Cache-Control` that a middleware set, `Vary` that CORS set): a replay sets these over the
+ * retry's own, as the first answer had them. Not a header, never sent by a replay.
+ */
+export const REPLACED_HEADERS_ENTRY = 'nestjs-idempotency-replaced-headers';
+
+/**
  * The response headers worth replaying: those the handler (and what runs inside the interceptor)
  * set or changed since `before` — its Content-Type, Location, own headers. Not those of the
  * request's middleware, guards, CORS or outer interceptors (a request id, a rate-limit count, an
- * allowed origin), which the retry gets afresh, nor `Set-Cookie` and hop-by-hop headers.
+ * allowed origin), which the retry gets afresh, nor `Set-Cookie` and hop-by-hop headers. Those it
+ * changed from a value set before are named in the `REPLACED_HEADERS_ENTRY` entry.
  */
 export function storableHeaders(
   response: PlatformResponse,
   before: HeaderSnapshot = {},
 ): Record<string, string | string[]> {
   const stored: Record<string, string | string[]> = {};
+  const replaced: string[] = [];
   for (const [name, value] of Object.entries(headerSnapshot(response))) {
-    if (UNSTORED_RESPONSE_HEADERS.has(name) || sameValue(before[name], value)) continue;
+    if (
+      UNSTORED_RESPONSE_HEADERS.has(name) ||
+      name === REPLACED_HEADERS_ENTRY ||
+      sameValue(before[name], value)
+    )
+      continue;
     stored[name] = value;
+    if (before[name] !== undefined) replaced.push(name);
   }
+  if (replaced.length > 0) stored[REPLACED_HEADERS_ENTRY] = replaced.join(',');
   return stored;
 }
 
 /**
- * The stored headers a replay sets: each one the current response does not have yet. What the
- * retry's middleware and guards set (its request id, its rate-limit count, its CORS origin) is the
- * retry's own, also against a record stored with such headers by an earlier version.
+ * The stored headers a replay sets: each one the current response does not have yet, and those
+ * the handler set over an earlier value. What the retry's middleware and guards set (its request
+ * id, its rate-limit count, its CORS origin) is the retry's own, also against a record stored with
+ * such headers by an earlier version.
  */
 export function replayableHeaders(
   response: PlatformResponse,
   stored: Readonly<Record<string, string | string[]>>,
 ): [string, string | string[]][] {
   const current = headerSnapshot(response);
-  return Object.entries(stored).filter(
-    ([name]) =>
-      !UNSTORED_RESPONSE_HEADERS.has(name.toLowerCase()) && !(name.toLowerCase() in current),
-  );
+  const replaced = new Set(String(stored[REPLACED_HEADERS_ENTRY] ?? '').split(','));
+  return Object.entries(stored).filter(([name]) => {
+    const lower = name.toLowerCase();
+    return (
+      lower !== REPLACED_HEADERS_ENTRY &&
+      !UNSTORED_RESPONSE_HEADERS.has(lower) &&
+      (!(lower in current) || replaced.has(lower))
+    );
+  });
 }
 
 function headerValue(value: unknown): string | string[] {

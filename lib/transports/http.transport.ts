@@ -16,6 +16,7 @@ import { decodeBody } from '../utils/response-body.js';
 import {
   endpointOf,
   headerSnapshot,
+  headersSent,
   keyFieldLines,
   operationMethodOf,
   replayableHeaders,
@@ -43,8 +44,14 @@ export class HttpTransport implements IdempotencyTransport {
   readonly type = 'http';
   readonly defaultConcurrency = 'reject';
 
-  /** Each response's headers when the interceptor started: what the handler sets comes after. */
-  private readonly headersBefore = new WeakMap<PlatformResponse, HeaderSnapshot>();
+  /**
+   * Each response's headers and status when the interceptor started: what the handler sets comes
+   * after; the status is the route's (`@HttpCode`, 201 for POST), which Nest sets before.
+   */
+  private readonly before = new WeakMap<
+    PlatformResponse,
+    { readonly headers: HeaderSnapshot; readonly status: number }
+  >();
   private readonly exceptions: ReplayedExceptions;
 
   constructor(
@@ -76,17 +83,23 @@ export class HttpTransport implements IdempotencyTransport {
     const http = context.switchToHttp();
     const request = http.getRequest();
     const response = http.getResponse<PlatformResponse>();
-    this.headersBefore.set(response, headerSnapshot(response));
+    this.before.set(response, { headers: headerSnapshot(response), status: statusOf(response) });
+    const handler = context.getHandler();
     const operation = (body: unknown, files?: FileFingerprint[]): OperationDescription => ({
-      endpoint: endpointOf(request),
+      endpoint: endpointOf(request, handler),
       scopeSource: request,
-      fingerprint: { method: operationMethodOf(request), url: urlOf(request), body, files },
+      fingerprint: {
+        method: operationMethodOf(request, handler),
+        url: urlOf(request),
+        body,
+        files,
+      },
     });
     const unread = unreadBody(request);
     if (unread) return readAhead(unread).then((body) => operation(body));
     const files = uploadedFiles(request);
     if (files.length === 0) return operation(request.body);
-    const route = `${context.getClass().name}.${context.getHandler().name}`;
+    const route = `${context.getClass().name}.${handler.name}`;
     return fingerprintsOf(files, route).then((digests) => operation(request.body, digests));
   }
 
@@ -98,21 +111,29 @@ export class HttpTransport implements IdempotencyTransport {
     id: RecordId,
   ): StoredResponse | null {
     const response = context.switchToHttp().getResponse<PlatformResponse>();
-    const headers = storableHeaders(response, this.headersBefore.get(response));
+    const before = this.before.get(response);
+    // Answered already, by an interceptor or filter around this one (a timeout interceptor's 408)
+    // while the handler ran on: the response's status and headers are that answer's. The handler's
+    // outcome is stored with the route's status, so the client's retry gets it.
+    const answered = headersSent(response);
+    const headers = answered ? {} : storableHeaders(response, before?.headers);
     delete headers[EXCEPTION_ENTRY];
     const { key, endpoint } = id;
     const { shouldStore } = options;
     const { maxResponseBytes } = this.moduleOptions;
     if (outcome.ok) {
       return resultStorer({ key, endpoint, headers }, shouldStore, maxResponseBytes)(
-        statusOf(response),
+        answered ? (before?.status ?? 200) : statusOf(response),
         outcome.value,
         false,
       );
     }
     const error = outcome.error;
     if (!(error instanceof HttpException)) return null;
-    const entry = this.exceptions.entryFor(error);
+    const entry = this.exceptions.entryFor(error, {
+      handler: context.getHandler(),
+      controller: context.getClass(),
+    });
     return resultStorer(
       { key, endpoint, headers: entry ? { ...headers, [EXCEPTION_ENTRY]: entry } : headers },
       shouldStore,

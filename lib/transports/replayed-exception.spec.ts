@@ -1,5 +1,5 @@
 import { Catch, HttpException, NotFoundException, UseFilters } from '@nestjs/common';
-import { ReplayedExceptions } from './replayed-exception.js';
+import { MAX_EXCEPTION_FIELDS_CHARS, ReplayedExceptions } from './replayed-exception.js';
 
 class PaymentRequiredException extends HttpException {
   constructor(readonly reason: string) {
@@ -84,6 +84,68 @@ describe('ReplayedExceptions', () => {
     expect(exceptions.replayed(plain, Controller, entry, {}, 402)).toBeInstanceOf(
       PaymentRequiredException,
     );
+  });
+
+  it('gives a Date field back as a Date', () => {
+    class ExpiredException extends HttpException {
+      constructor(readonly expiredAt: Date) {
+        super('expired', 402);
+      }
+    }
+    const at = new Date('2026-01-02T03:04:05.000Z');
+    const exception = afterRestart(new ExpiredException(at)).replayed(plain) as ExpiredException;
+    expect(exception.expiredAt).toBeInstanceOf(Date);
+    expect(exception.expiredAt.toISOString()).toBe(at.toISOString());
+  });
+
+  it("does not name a class whose name the route's filters give to another class", () => {
+    const namesake = () =>
+      class PaymentRequiredException extends HttpException {
+        constructor() {
+          super('another module', 402);
+        }
+      };
+    const Other = namesake();
+    const exceptions = new ReplayedExceptions(() => []);
+    const route = { handler: pay, controller: Controller };
+    const entry = exceptions.entryFor(new Other(), route);
+    const exception = exceptions.replayed(pay, Controller, entry, 'another module', 402);
+    expect(exception).not.toBeInstanceOf(PaymentRequiredException);
+    // Its own class, where no filter names another one.
+    expect(exceptions.entryFor(new Other(), { handler: plain, controller: Controller })).toMatch(
+      /PaymentRequiredException/,
+    );
+  });
+
+  it('keeps the filters of each controller that shares a base class’s handler', () => {
+    @UseFilters(PaymentRequiredFilter)
+    class Filtered extends Controller {}
+    const { entry } = afterRestart(new PaymentRequiredException('x'));
+    const exceptions = new ReplayedExceptions(() => []);
+    expect(exceptions.replayed(plain, Controller, entry, {}, 402)).not.toBeInstanceOf(
+      PaymentRequiredException,
+    );
+    expect(exceptions.replayed(plain, Filtered, entry, {}, 402)).toBeInstanceOf(
+      PaymentRequiredException,
+    );
+  });
+
+  it('leaves out fields past the bound, keeping the class and the small fields', () => {
+    class BatchException extends HttpException {
+      constructor(
+        readonly batch: string,
+        readonly lines: string[],
+      ) {
+        super('refused', 409);
+      }
+    }
+    const lines = Array.from({ length: 10_000 }, (_, i) => `line ${i}`);
+    const { entry, replayed } = afterRestart(new BatchException('b-1', lines));
+    expect(entry!.length).toBeLessThan(MAX_EXCEPTION_FIELDS_CHARS + 1024);
+    const exception = replayed(plain) as BatchException;
+    expect(exception.batch).toBe('b-1');
+    expect(exception.lines).toBeUndefined();
+    expect(exception.name).toBe('BatchException');
   });
 
   it('keeps the entry ASCII, and reads its fields back', () => {

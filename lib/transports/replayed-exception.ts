@@ -1,5 +1,5 @@
 import * as common from '@nestjs/common';
-import { HttpException } from '@nestjs/common';
+import { HttpException, Logger } from '@nestjs/common';
 import { EXCEPTION_FILTERS_METADATA, FILTER_CATCH_EXCEPTIONS } from '@nestjs/common/constants.js';
 
 /**
@@ -10,11 +10,28 @@ export const EXCEPTION_ENTRY = 'nestjs-idempotency-exception';
 
 type HttpExceptionClass = abstract new (...args: never[]) => HttpException;
 
-/** What the entry holds: the class and its parents below HttpException, the instance's fields. */
+/**
+ * What the entry holds: the class and its parents below HttpException, the instance's fields, and
+ * which of those fields were Dates (their JSON is a string; a filter may call `toISOString()`).
+ */
 interface StoredException {
   readonly classes: readonly string[];
   readonly fields: Readonly<Record<string, unknown>>;
+  readonly dates?: readonly string[];
 }
+
+/** The route a stored error was thrown on: its handler and controller. */
+export interface ExceptionRoute {
+  readonly handler: Function;
+  readonly controller: Function;
+}
+
+/**
+ * The most characters of fields an entry keeps. Stored headers share one column, which holds
+ * 64 KiB on MySQL/MariaDB (sealed, a third more): a larger entry would fail every completion and
+ * leave the key locked until a retry ran the handler again. Fields past it are left out (logged).
+ */
+export const MAX_EXCEPTION_FIELDS_CHARS = 16 * 1024;
 
 /** Own fields that HttpException's constructor sets again from the body and status. */
 const REBUILT_FIELDS = new Set(['response', 'status', 'options', 'cause', 'errorCode']);
@@ -31,37 +48,66 @@ let builtIns: Map<string, HttpExceptionClass> | undefined;
  */
 export class ReplayedExceptions {
   private readonly captured = new Map<string, HttpExceptionClass>();
-  private readonly caughtByRoute = new WeakMap<Function, Map<string, HttpExceptionClass>>();
+  /** Per controller and handler: controllers sharing a base class's handler have their own filters. */
+  private readonly caughtByRoute = new WeakMap<
+    Function,
+    WeakMap<Function, Map<string, HttpExceptionClass>>
+  >();
 
   /** @param globalFilters the app's filters (`useGlobalFilters`, `APP_FILTER`), once it runs. */
   constructor(private readonly globalFilters: () => readonly unknown[]) {}
 
-  /** The entry for a thrown exception; `undefined` for a plain HttpException (nothing to restore). */
-  entryFor(exception: HttpException): string | undefined {
+  /**
+   * The entry for a thrown exception; `undefined` for a plain HttpException (nothing to restore).
+   * A class whose name the route's filters give to another class (two `NotAllowedException`s of
+   * two modules, an app's own `ConflictException`) is not named: a replay would reach the other
+   * class's filter, which the first answer did not.
+   */
+  entryFor(exception: HttpException, route?: ExceptionRoute): string | undefined {
+    const caught = route ? this.caughtBy(route.handler, route.controller) : undefined;
     const classes: string[] = [];
     for (
       let type = exception.constructor as HttpExceptionClass;
       type !== HttpException && type.prototype instanceof HttpException;
       type = Object.getPrototypeOf(type) as HttpExceptionClass
     ) {
+      const namesake = caught?.get(type.name);
+      if (namesake !== undefined && namesake !== type) continue;
       classes.push(type.name);
       if (!this.captured.has(type.name)) this.captured.set(type.name, type);
     }
     if (classes.length === 0) return undefined;
     const fields: Record<string, unknown> = {};
+    const dates: string[] = [];
+    const tooLarge: string[] = [];
+    let room = MAX_EXCEPTION_FIELDS_CHARS;
     for (const [name, value] of Object.entries(exception)) {
       if (REBUILT_FIELDS.has(name)) continue;
+      let json: string | undefined;
       try {
-        if (JSON.stringify(value) !== undefined) fields[name] = value;
+        json = JSON.stringify(value);
       } catch {
         // Not serialisable (a cycle, a BigInt): left out.
       }
+      if (json === undefined) continue;
+      const size = ascii(JSON.stringify(name)).length + ascii(json).length + 2;
+      if (size > room) {
+        tooLarge.push(name);
+        continue;
+      }
+      room -= size;
+      fields[name] = value;
+      if (value instanceof Date && !Number.isNaN(value.getTime())) dates.push(name);
     }
+    if (tooLarge.length > 0) {
+      new Logger('Idempotency').warn(
+        `The stored ${classes[0]} of ${route ? `${route.controller.name}.${route.handler.name}` : 'a route'} leaves out its field(s) ${tooLarge.join(', ')} (over ${MAX_EXCEPTION_FIELDS_CHARS / 1024} KiB of fields): its replays are thrown without them. Its body is stored whole.`,
+      );
+    }
+    const stored: StoredException =
+      dates.length > 0 ? { classes, fields, dates } : { classes, fields };
     // ASCII, so that a version that sends the entry as a header can.
-    return JSON.stringify({ classes, fields } satisfies StoredException).replace(
-      /[\u007f-\uffff]/g,
-      (char) => `\\u${char.charCodeAt(0).toString(16).padStart(4, '0')}`,
-    );
+    return ascii(JSON.stringify(stored));
   }
 
   /** The exception a replay throws: of the stored class when it is known here, with its fields. */
@@ -80,10 +126,11 @@ export class ReplayedExceptions {
       caught.get(name) ?? this.captured.get(name) ?? nestExceptions().get(name);
     const type = stored.classes.map(known).find((found) => found !== undefined);
     if (type) Object.setPrototypeOf(exception, type.prototype);
+    const dates = new Set(stored.dates);
     for (const [name, value] of Object.entries(stored.fields)) {
       if (REBUILT_FIELDS.has(name) || name === '__proto__') continue;
       Object.defineProperty(exception, name, {
-        value,
+        value: dates.has(name) && typeof value === 'string' ? new Date(value) : value,
         writable: true,
         enumerable: true,
         configurable: true,
@@ -94,7 +141,9 @@ export class ReplayedExceptions {
 
   /** The HttpException classes the route's filters (method, controller) and the app's catch. */
   private caughtBy(handler: Function, controller: Function): Map<string, HttpExceptionClass> {
-    let caught = this.caughtByRoute.get(handler);
+    let routes = this.caughtByRoute.get(controller);
+    if (!routes) this.caughtByRoute.set(controller, (routes = new WeakMap()));
+    let caught = routes.get(handler);
     if (!caught) {
       caught = new Map();
       const filters = [
@@ -111,10 +160,18 @@ export class ReplayedExceptions {
             caught.set(candidate.name, candidate);
         }
       }
-      this.caughtByRoute.set(handler, caught);
+      routes.set(handler, caught);
     }
     return caught;
   }
+}
+
+/** JSON text with every non-ASCII character escaped (`\u00e9`): the same JSON value. */
+function ascii(json: string): string {
+  return json.replace(
+    /[\u007f-\uffff]/g,
+    (char) => `\\u${char.charCodeAt(0).toString(16).padStart(4, '0')}`,
+  );
 }
 
 function parseEntry(entry: string): StoredException | undefined {
@@ -125,6 +182,9 @@ function parseEntry(entry: string): StoredException | undefined {
     return {
       classes: parsed.classes.filter((name) => typeof name === 'string'),
       fields: parsed.fields,
+      dates: Array.isArray(parsed.dates)
+        ? parsed.dates.filter((name) => typeof name === 'string')
+        : undefined,
     };
   } catch {
     return undefined;
