@@ -51,7 +51,8 @@ import {
 import { FastifyAdapter } from '@nestjs/platform-fastify';
 import { Test } from '@nestjs/testing';
 import { GraphQLError } from 'graphql';
-import { createServer } from 'node:net';
+import { JsonSocket } from '@nestjs/microservices/helpers/index.js';
+import { createServer, type Socket } from 'node:net';
 import { firstValueFrom } from 'rxjs';
 import {
   Idempotent,
@@ -409,6 +410,18 @@ const GRAPHQL_FIELDS: Record<RouteName, string> = { main: 'modelMain', crashy: '
 /** The mutation field of a route. */
 export const graphqlFieldOf = (route: RouteName) => GRAPHQL_FIELDS[route];
 
+/**
+ * Nest's TCP framing with Nagle's algorithm off: without it every small request and reply waits
+ * for the peer's delayed ACK (tens of milliseconds each), which would make the RPC runs several
+ * times slower than the HTTP ones. Nothing the module sees changes.
+ */
+class NoDelayJsonSocket extends JsonSocket {
+  constructor(socket: Socket) {
+    socket.setNoDelay(true);
+    super(socket);
+  }
+}
+
 /** A free TCP port of 127.0.0.1. */
 function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -467,13 +480,13 @@ export async function createModelApp(
     const port = await freePort();
     const app: INestMicroservice = moduleRef.createNestMicroservice({
       transport: Transport.TCP,
-      options: { host: '127.0.0.1', port },
+      options: { host: '127.0.0.1', port, socketClass: NoDelayJsonSocket },
       logger,
     });
     await app.listen();
     const client: ClientProxy = ClientProxyFactory.create({
       transport: Transport.TCP,
-      options: { host: '127.0.0.1', port },
+      options: { host: '127.0.0.1', port, socketClass: NoDelayJsonSocket },
     });
     await client.connect();
     return {
