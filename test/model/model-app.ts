@@ -5,7 +5,9 @@
  * - `main`: the lease is renewed while the handler runs (every lockTimeout / 3), and a replayed
  *   2xx has the status 200 (`replayStatus`);
  * - `crashy`: `lockRenewalLimit: 0`, a process that stopped renewing its claim (a crash, a frozen
- *   event loop): a handler held there is abandoned, and a retry past `lockTimeout` takes it over.
+ *   event loop): a handler held there is abandoned, and a retry past `lockTimeout` takes it over;
+ * - `waiting`: `concurrency: 'wait'`, duplicates in flight wait for the first request's result;
+ *   its lock (ten TTLs) outlasts every clock jump of a sequence that someone waits through.
  *
  * Every handler goes through `ModelHandlers.run`, which counts its runs per record and produces the
  * outcome the test planned for that run (a value, an error of some kind, or "hold": block until
@@ -21,6 +23,9 @@ import {
   Injectable,
   Module,
   Post,
+  type CallHandler,
+  type ExecutionContext,
+  type NestInterceptor,
   type DynamicModule,
   type INestApplication,
   type INestMicroservice,
@@ -48,6 +53,7 @@ import {
   Transport,
   type ClientProxy,
 } from '@nestjs/microservices';
+import { APP_INTERCEPTOR } from '@nestjs/core';
 import { FastifyAdapter } from '@nestjs/platform-fastify';
 import { Test } from '@nestjs/testing';
 import { GraphQLError } from 'graphql';
@@ -65,8 +71,7 @@ import {
 import { HttpClient, jsonOf, type Exchange } from '../support/http-client.js';
 
 /** The two operations of every transport (see the file's comment). */
-export type RouteName = 'main' | 'crashy';
-export const ROUTES: readonly RouteName[] = ['main', 'crashy'];
+export type RouteName = 'main' | 'crashy' | 'waiting';
 
 /** What a handler run does, planned by the test. Some exist on one transport only. */
 export type Outcome =
@@ -143,6 +148,27 @@ export class ModelHandlers {
     return this.counts.get(record) ?? 0;
   }
 
+  private readonly arrivals = new Map<string, number>();
+  private arrivalListeners = new Set<() => void>();
+
+  /** How many requests for the record reached the app's interceptors (see ArrivalInterceptor). */
+  arrived(record: string): number {
+    return this.arrivals.get(record) ?? 0;
+  }
+
+  /** Resolves once `count` requests for the record have arrived. */
+  async whenArrived(record: string, count: number): Promise<void> {
+    while (this.arrived(record) < count)
+      await new Promise<void>((resolve) => this.arrivalListeners.add(resolve));
+  }
+
+  arrive(record: string): void {
+    this.arrivals.set(record, this.arrived(record) + 1);
+    const listeners = this.arrivalListeners;
+    this.arrivalListeners = new Set();
+    for (const listener of listeners) listener();
+  }
+
   async run(record: string, p: unknown): Promise<unknown> {
     const run = (this.counts.get(record) ?? 0) + 1;
     this.counts.set(record, run);
@@ -184,6 +210,37 @@ function produce(outcome: Outcome, run: number, p: unknown): unknown {
 }
 
 /**
+ * Counts each request as it reaches the app's interceptors (a global one runs before
+ * `@Idempotent()`'s), so a test knows a duplicate has begun to wait: the module fixes a waiter's
+ * deadline before its first read of the store, in the same turn of the event loop.
+ */
+@Injectable()
+class ArrivalInterceptor implements NestInterceptor {
+  constructor(private readonly handlers: ModelHandlers) {}
+
+  intercept(context: ExecutionContext, next: CallHandler) {
+    const record = recordOfCall(context);
+    if (record !== undefined) this.handlers.arrive(record);
+    return next.handle();
+  }
+}
+
+function recordOfCall(context: ExecutionContext): string | undefined {
+  const type = context.getType<string>();
+  if (type === 'rpc') {
+    const record = (context.switchToRpc().getData() as RpcPayload | undefined)?.record;
+    return typeof record === 'string' ? record : undefined;
+  }
+  const request = (
+    type === 'graphql'
+      ? (context.getArgs()[2] as GraphQLContext | undefined)?.req
+      : context.switchToHttp().getRequest()
+  ) as { headers?: Record<string, unknown> } | undefined;
+  const header = request?.headers?.['x-model-record'];
+  return typeof header === 'string' ? decodeURIComponent(header) : undefined;
+}
+
+/**
  * Scopes travel as `encodeURIComponent(scope)` (so a trailing space survives a header), and `#42`
  * stands for the number 42 (a resolver that returns a user id as a number).
  */
@@ -207,6 +264,13 @@ const scope = (source: unknown) => {
 
 export const LOCK_TIMEOUT_MS = 300;
 export const TTL_MS = 3_600_000;
+/** The `waiting` route's lockTimeout: never renewed within a test (every 3h20 of real time). */
+const WAITING_LOCK_TIMEOUT_MS = 10 * TTL_MS;
+export const WAIT_TIMEOUT_MS = 10_000;
+
+/** The lockTimeout of each route. */
+export const lockTimeoutOf = (route: RouteName) =>
+  route === 'waiting' ? WAITING_LOCK_TIMEOUT_MS : LOCK_TIMEOUT_MS;
 
 /**
  * How the module settled each message (RPC routes' `acknowledge`), in order: `done`,
@@ -231,6 +295,12 @@ const ROUTE_OPTIONS: Record<RouteName, IdempotencyRouteOptions> = {
     replayStatus: MAIN_REPLAY_STATUS,
   },
   crashy: { lockTimeout: LOCK_TIMEOUT_MS, lockRenewalLimit: 0, concurrency: 'reject', scope },
+  waiting: {
+    lockTimeout: WAITING_LOCK_TIMEOUT_MS,
+    concurrency: 'wait',
+    waitTimeout: WAIT_TIMEOUT_MS,
+    scope,
+  },
 };
 
 type HttpBody = { p?: unknown };
@@ -250,6 +320,13 @@ class ModelHttpController {
   @Idempotent(ROUTE_OPTIONS.crashy)
   @Header('X-Model', 'handler')
   crashy(@Body() body: HttpBody, @Headers('x-model-record') record: string) {
+    return this.handlers.run(decodeURIComponent(record), body.p);
+  }
+
+  @Post('waiting')
+  @Idempotent(ROUTE_OPTIONS.waiting)
+  @Header('X-Model', 'handler')
+  waiting(@Body() body: HttpBody, @Headers('x-model-record') record: string) {
     return this.handlers.run(decodeURIComponent(record), body.p);
   }
 }
@@ -276,6 +353,10 @@ class MainRouteController extends ModelRouteController {}
 @Controller('model/crashy')
 @Idempotent(ROUTE_OPTIONS.crashy)
 class CrashyRouteController extends ModelRouteController {}
+
+@Controller('model/waiting')
+@Idempotent(ROUTE_OPTIONS.waiting)
+class WaitingRouteController extends ModelRouteController {}
 
 /** Echoes the request's x-request-tag on its response: a header each response has of its own. */
 class RequestTagMiddleware implements NestMiddleware {
@@ -333,6 +414,16 @@ class ModelResolver {
   ) {
     return this.handlers.run(recordHeader(context), p);
   }
+
+  @Mutation(() => ModelResult)
+  @Idempotent(ROUTE_OPTIONS.waiting)
+  modelWaiting(
+    @Args('p', { type: () => Int }) p: number,
+    @Context() context: GraphQLContext,
+    @Args('idempotencyKey', { type: () => String, nullable: true }) _key?: string,
+  ) {
+    return this.handlers.run(recordHeader(context), p);
+  }
 }
 
 function recordHeader(context: GraphQLContext): string {
@@ -354,6 +445,12 @@ class ModelRpcController {
   @MessagePattern('model.crashy')
   @Idempotent({ ...ROUTE_OPTIONS.crashy, acknowledge })
   crashy(@Payload() data: RpcPayload) {
+    return this.handlers.run(String(data.record), data.p);
+  }
+
+  @MessagePattern('model.waiting')
+  @Idempotent({ ...ROUTE_OPTIONS.waiting, acknowledge })
+  waiting(@Payload() data: RpcPayload) {
     return this.handlers.run(String(data.record), data.p);
   }
 }
@@ -405,7 +502,11 @@ function takeSettled(): string[] {
   return settledMessages.splice(0);
 }
 
-const GRAPHQL_FIELDS: Record<RouteName, string> = { main: 'modelMain', crashy: 'modelCrashy' };
+const GRAPHQL_FIELDS: Record<RouteName, string> = {
+  main: 'modelMain',
+  crashy: 'modelCrashy',
+  waiting: 'modelWaiting',
+};
 
 /** The mutation field of a route. */
 export const graphqlFieldOf = (route: RouteName) => GRAPHQL_FIELDS[route];
@@ -445,7 +546,7 @@ export async function createModelApp(
 ): Promise<ModelApp> {
   const graphql = transport === 'graphql';
   const httpControllers = settings.baseClassControllers
-    ? [MainRouteController, CrashyRouteController]
+    ? [MainRouteController, CrashyRouteController, WaitingRouteController]
     : [ModelHttpController];
   const imports: DynamicModule[] = [IdempotencyModule.forRoot(options)];
   if (graphql) {
@@ -461,7 +562,11 @@ export async function createModelApp(
   @Module({
     imports,
     controllers: transport === 'rpc-tcp' ? [ModelRpcController] : graphql ? [] : httpControllers,
-    providers: graphql ? [ModelHandlers, ModelResolver] : [ModelHandlers],
+    providers: [
+      ModelHandlers,
+      { provide: APP_INTERCEPTOR, useClass: ArrivalInterceptor },
+      ...(graphql ? [ModelResolver] : []),
+    ],
   })
   class ModelModule implements NestModule {
     configure(consumer: MiddlewareConsumer) {
@@ -523,7 +628,7 @@ export async function createModelApp(
       : moduleRef.createNestApplication({ logger });
   await app.listen(0, '127.0.0.1');
   const address = app.getHttpServer().address() as { port: number };
-  const client = new HttpClient(`http://127.0.0.1:${address.port}`, 16);
+  const client = new HttpClient(`http://127.0.0.1:${address.port}`, 64);
   const commonHeaders = (request: WireRequest): Record<string, string> => ({
     'x-scope': wireScope(request.scope),
     'x-model-record': encodeURIComponent(request.record),

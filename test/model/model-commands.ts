@@ -12,13 +12,14 @@ import { setClock } from '../support/clock.js';
 import {
   Hold,
   LOCK_TIMEOUT_MS,
+  lockTimeoutOf,
   TTL_MS,
+  WAIT_TIMEOUT_MS,
   type ModelApp,
   type Outcome,
   type RawAnswer,
   type RouteName,
   type TransportName,
-  type WireRequest,
 } from './model-app.js';
 import {
   expectedRejection,
@@ -27,6 +28,7 @@ import {
   observe,
   outcomesOf,
   storedStatus,
+  type Observation,
 } from './model-renderings.js';
 import type { ModelStore } from './model-stores.js';
 import {
@@ -35,6 +37,8 @@ import {
   type Prediction,
   type RecordRef,
   type ReferenceModel,
+  type Resolution,
+  type RunResult,
 } from './reference-model.js';
 
 /**
@@ -89,13 +93,66 @@ function storedScope(scope: ScopeChoice): string {
   return text.length <= 255 ? text : `sha256:${createHash('sha256').update(text).digest('hex')}`;
 }
 
+/**
+ * The answers still to come for one record: held requests and waiting duplicates. Each step takes
+ * the answers it predicts; an answer nobody predicted stays behind and is reported.
+ */
+class AnswerPool {
+  private readonly entries: { answer?: RawAnswer; taken: boolean }[] = [];
+  private listeners = new Set<() => void>();
+
+  add(answer: Promise<RawAnswer>): void {
+    const entry: { answer?: RawAnswer; taken: boolean } = { taken: false };
+    this.entries.push(entry);
+    void answer.then((value) => {
+      entry.answer = value;
+      const listeners = this.listeners;
+      this.listeners = new Set();
+      for (const listener of listeners) listener();
+    });
+  }
+
+  private ready() {
+    return this.entries.filter((entry) => entry.answer && !entry.taken);
+  }
+
+  /** Resolves once `count` answers are there (not taken yet). */
+  async arrived(count: number): Promise<void> {
+    while (this.ready().length < count)
+      await new Promise<void>((resolve) => this.listeners.add(resolve));
+  }
+
+  /** The first `count` answers to arrive, once they have. */
+  async take(count: number, what: string): Promise<RawAnswer[]> {
+    if (count === 0) return [];
+    await within(this.arrived(count), 10_000, what);
+    return this.ready()
+      .slice(0, count)
+      .map((entry) => {
+        entry.taken = true;
+        return entry.answer!;
+      });
+  }
+
+  /** Answers that came though no step expected them. */
+  strays(): RawAnswer[] {
+    return this.ready().map((entry) => entry.answer!);
+  }
+
+  /** Requests still without an answer. */
+  pending(): number {
+    return this.entries.filter((entry) => !entry.answer).length;
+  }
+}
+
 /** The real side of one run: the app, its store, and the requests in flight. */
 export class RealSystem {
-  /** Held executions (as the model names them): their hold and the answer still to come. */
-  readonly inFlight = new Map<Execution, { hold: Hold; answer: Promise<RawAnswer> }>();
-  private readonly holds: Hold[] = [];
+  /** The holds of the executions held in their handler (as the model names them). */
+  readonly holds = new Map<Execution, Hold>();
+  private readonly allHolds: Hold[] = [];
   /** Every answer of the run, awaited before the next run starts (its settlements are its own). */
   private readonly answers: Promise<unknown>[] = [];
+  private readonly pools = new Map<string, AnswerPool>();
   private requests = 0;
   readonly history: string[] = [];
 
@@ -115,9 +172,37 @@ export class RealSystem {
     return { scope: ref.scope, endpoint: this.app.endpointOf(ref.route), key: ref.key };
   }
 
+  /** The answers to come of a record (`no key`: of requests without a key, answered at once). */
+  poolOf(record: string): AnswerPool {
+    let pool = this.pools.get(record);
+    if (!pool) this.pools.set(record, (pool = new AnswerPool()));
+    return pool;
+  }
+
   track(hold: Hold | undefined, answers: Promise<unknown>[]): void {
-    if (hold) this.holds.push(hold);
+    if (hold) this.allHolds.push(hold);
     this.answers.push(...answers);
+  }
+
+  /** Fails if an answer came that no step predicted (a waiter that stopped waiting, say). */
+  checkNoStrays(what: string): void {
+    for (const [record, pool] of this.pools) {
+      const strays = pool.strays();
+      if (strays.length > 0)
+        throw new Error(
+          `${what}: ${strays.length} answer(s) for ${record} that the model did not expect: ${JSON.stringify(strays.map(observe))}`,
+        );
+    }
+  }
+
+  /** Fails if a request is still without an answer (after the drain, every request has one). */
+  checkAllAnswered(what: string): void {
+    for (const [record, pool] of this.pools) {
+      if (pool.pending() > 0)
+        throw new Error(
+          `${what}: ${pool.pending()} request(s) for ${record} still without an answer`,
+        );
+    }
   }
 
   /**
@@ -125,7 +210,7 @@ export class RealSystem {
    * still be on their way), so that nothing of this run reaches the next one.
    */
   async cleanUp(): Promise<void> {
-    for (const hold of this.holds) hold.release('ok');
+    for (const hold of this.allHolds) hold.release('ok');
     await within(Promise.allSettled(this.answers), 20_000, 'the answers of the run').catch(
       () => undefined,
     );
@@ -153,13 +238,60 @@ function same(actual: unknown, expected: unknown, what: string): void {
   }
 }
 
-/** What the client is predicted to see for a prediction that is not a (new) execution. */
-function expectedFor(real: RealSystem, route: RouteName, prediction: Prediction) {
+/** An answer the model predicts: its normal form, and how its message is settled (RPC). */
+interface ExpectedAnswer {
+  readonly observation: Observation;
+  readonly settlement: string;
+}
+
+/** The answer to a request that the model decided at once (not an execution, not a wait). */
+function expectedAnswer(
+  real: RealSystem,
+  route: RouteName,
+  prediction: Prediction,
+): ExpectedAnswer {
+  const { transport } = real.target;
   if (prediction.kind === 'rejected')
-    return expectedRejection(real.target.transport, route, prediction.code);
+    return {
+      observation: expectedRejection(transport, route, prediction.code),
+      settlement: prediction.code === 'request-in-progress' ? 'retry' : 'drop',
+    };
   if (prediction.kind === 'replays')
-    return expectedResult(real.target.transport, route, prediction.result, true);
-  throw new Error('an execution has no answer before it finishes');
+    return {
+      observation: expectedResult(transport, route, prediction.result, true),
+      settlement: 'done replayed',
+    };
+  throw new Error(`a prediction of kind ${prediction.kind} is answered later`);
+}
+
+/** The answer to an execution that finished, with or without its lease. */
+function finishedAnswer(
+  real: RealSystem,
+  route: RouteName,
+  result: RunResult,
+  ownedLease: boolean,
+): ExpectedAnswer {
+  const lostClaimDone = real.target.knownBroken.lostClaimSettledDone;
+  return {
+    observation: expectedResult(real.target.transport, route, result, false),
+    settlement: (ownedLease || lostClaimDone) && isStored(result.outcome) ? 'done' : 'retry',
+  };
+}
+
+/** The answers of waits that ended (see Resolution). */
+function resolvedAnswers(real: RealSystem, resolutions: readonly Resolution[]): ExpectedAnswer[] {
+  return resolutions.map(({ waiter, answer }) => {
+    const { route } = waiter.ref;
+    if (answer.kind === 'rejected')
+      return expectedAnswer(real, route, { kind: 'rejected', code: answer.code });
+    if (answer.kind === 'replays')
+      return expectedAnswer(real, route, {
+        kind: 'replays',
+        result: answer.result,
+        fromCache: false,
+      });
+    return finishedAnswer(real, route, answer.result, true);
+  });
 }
 
 function describePrediction(prediction: Prediction): string {
@@ -170,44 +302,51 @@ function describePrediction(prediction: Prediction): string {
       return `replay of run ${prediction.result.run} (${prediction.result.outcome})${prediction.fromCache ? ' from the cache' : ''}`;
     case 'executes':
       return `run ${prediction.execution.run}${prediction.takeover ? ' (takeover)' : ''}`;
+    case 'waits':
+      return 'waits';
   }
 }
 
-/** Compares one answer with its expected normal form (and, on HTTP, its own middleware header). */
-function checkAnswer(
+function describeResolutions(resolutions: readonly Resolution[]): string {
+  if (resolutions.length === 0) return '';
+  const ends = resolutions.map(({ answer }) =>
+    answer.kind === 'rejected'
+      ? '409 (waitTimeout)'
+      : answer.kind === 'ran'
+        ? `ran (run ${answer.result.run})`
+        : `replay of run ${answer.result.run}`,
+  );
+  return `; waiters: ${ends.join(', ')}`;
+}
+
+const byJson = (a: unknown, b: unknown) => (JSON.stringify(a) < JSON.stringify(b) ? -1 : 1);
+
+/**
+ * Compares answers with the expected ones, in any order (copies of one request are
+ * indistinguishable), and, on HTTP, each answer's own middleware header.
+ */
+function checkAnswers(
   real: RealSystem,
-  answer: RawAnswer,
-  expected: Record<string, unknown>,
-  replayed: boolean,
+  answers: readonly RawAnswer[],
+  expected: readonly ExpectedAnswer[],
   what: string,
-): void {
-  same(observe(answer), expected, `${what}: the answer`);
-  if (answer.kind === 'http' && !answer.exchange.error) {
-    if (replayed && real.target.knownBroken.replayOverwritesMiddlewareHeaders) return;
+): string[] {
+  same(
+    answers.map(observe).sort(byJson),
+    expected.map((answer) => answer.observation).sort(byJson),
+    `${what}: the answer${expected.length === 1 ? '' : 's'}`,
+  );
+  for (const answer of answers) {
+    if (answer.kind !== 'http' || answer.exchange.error) continue;
+    const replayed = answer.exchange.headers['idempotent-replayed'] === 'true';
+    if (replayed && real.target.knownBroken.replayOverwritesMiddlewareHeaders) continue;
     same(
       answer.exchange.headers['x-request-tag'],
       answer.tag,
       `${what}: the header the request's middleware set (X-Request-Tag)`,
     );
   }
-}
-
-/**
- * How the module should settle a message (RPC `acknowledge`, README "Microservice handlers"):
- * done once its result is stored or it replays one; retry when it may succeed later (in progress,
- * the handler failed and its key was released, its claim lost); drop when it never can (another
- * payload under its key, no key).
- */
-function settlementOf(prediction: Prediction): string {
-  if (prediction.kind === 'replays') return 'done replayed';
-  if (prediction.kind === 'rejected')
-    return prediction.code === 'request-in-progress' ? 'retry' : 'drop';
-  throw new Error('an execution is settled when it finishes');
-}
-
-function settlementOfFinish(real: RealSystem, ownedLease: boolean, outcome: Outcome): string {
-  const lostClaimDone = real.target.knownBroken.lostClaimSettledDone;
-  return (ownedLease || lostClaimDone) && isStored(outcome) ? 'done' : 'retry';
+  return expected.map((answer) => answer.settlement);
 }
 
 /** RPC: the messages settled since the last check, against the expected ones (in any order). */
@@ -219,6 +358,25 @@ function checkSettled(real: RealSystem, expected: string[], what: string): void 
     [...expected].sort(),
     `${what}: how the messages were settled (acknowledge)`,
   );
+}
+
+/** Takes the answers of the waits that ended and checks them, record by record. */
+async function checkResolutions(
+  real: RealSystem,
+  resolutions: readonly Resolution[],
+  what: string,
+): Promise<string[]> {
+  const byRecord = new Map<string, Resolution[]>();
+  for (const resolution of resolutions) {
+    const name = recordName(resolution.waiter.ref);
+    byRecord.set(name, [...(byRecord.get(name) ?? []), resolution]);
+  }
+  const settlements: string[] = [];
+  for (const [name, ended] of byRecord) {
+    const answers = await real.poolOf(name).take(ended.length, `answers of the waiters of ${name}`);
+    settlements.push(...checkAnswers(real, answers, resolvedAnswers(real, ended), what));
+  }
+  return settlements;
 }
 
 /** Handler runs and the row of each record, against the model. */
@@ -273,12 +431,14 @@ class SendCommand implements Command {
   async run(model: ReferenceModel, real: RealSystem): Promise<void> {
     const flight = this.start(model, real);
     checkSettled(real, await flight.settled, flight.what);
+    real.checkNoStrays(flight.what);
     if (flight.ref) await checkRecords(model, real, [flight.ref]);
   }
 
   /**
-   * Predicts and sends; `settled` resolves once every answer came (or, for a held execution, the
-   * handler is waiting) and was checked, to the settlements the messages should have had.
+   * Predicts and sends; `settled` resolves once every answer due now came and was checked (a held
+   * execution is then waiting in its handler; waiters wait), to how those messages should have
+   * been settled.
    */
   start(
     model: ReferenceModel,
@@ -295,37 +455,32 @@ class SendCommand implements Command {
           : keyText;
     const ref: RecordRef | undefined =
       keyText === undefined ? undefined : { route, scope: storedScope(this.scope), key: keyText };
-    const record = ref ? recordName(ref) : 'no key';
-    const requests: WireRequest[] = Array.from({ length: this.copies }, () => ({
-      route,
-      key: wireKey,
-      scope: this.scope,
-      p,
-      record,
-      tag: real.nextTag(),
-      spelling: this.spelling,
-    }));
-    const predictions: Prediction[] = requests.map(() =>
+    const record = ref ? recordName(ref) : `no key ${real.nextTag()}`;
+    const predictions: Prediction[] = Array.from({ length: this.copies }, () =>
       ref ? model.begin(ref, p) : { kind: 'rejected', code: 'key-missing' },
     );
     const hold = this.plan === 'hold' ? new Hold() : undefined;
     const plan = hold ?? (this.plan as Outcome);
     real.app.handlers.plan(record, plan);
-    const settledAnswers: (RawAnswer | undefined)[] = [];
-    const answers = requests.map((request, index) =>
-      real.app.send(request).then((answer) => (settledAnswers[index] = answer)),
-    );
+    const arrivals = real.app.handlers.arrived(record) + this.copies;
+    const pool = real.poolOf(record);
+    const answers = predictions.map(() => {
+      const answer = real.app.send({
+        route,
+        key: wireKey,
+        scope: this.scope,
+        p,
+        record,
+        tag: real.nextTag(),
+        spelling: this.spelling,
+      });
+      pool.add(answer);
+      return answer;
+    });
     real.track(hold, answers);
     const what = `${this.toString()} → predicted ${predictions.map(describePrediction).join(', ')}`;
     real.history.push(what);
-    const settled = this.answered(model, real, {
-      requests,
-      predictions,
-      hold,
-      answers,
-      settledAnswers,
-      what,
-    });
+    const settled = this.answered(model, real, { record, predictions, hold, pool, arrivals, what });
     return {
       ref,
       what,
@@ -337,89 +492,69 @@ class SendCommand implements Command {
     model: ReferenceModel,
     real: RealSystem,
     sent: {
-      requests: WireRequest[];
+      record: string;
       predictions: Prediction[];
       hold: Hold | undefined;
-      answers: Promise<RawAnswer>[];
-      settledAnswers: (RawAnswer | undefined)[];
+      pool: AnswerPool;
+      /** The requests for the record that will have arrived once these have. */
+      arrivals: number;
       what: string;
     },
   ): Promise<string[]> {
     const { route } = this;
-    const { requests, predictions, hold, answers, settledAnswers, what } = sent;
-    {
-      const execution = predictions.find((prediction) => prediction.kind === 'executes');
-      const others = predictions.filter((prediction) => prediction.kind !== 'executes');
-      if (execution && hold) {
-        // One copy runs and blocks in the handler; the others are answered.
-        const arrived = hold.arrived.then(() => 'arrived' as const);
-        const allAnswered = Promise.all(answers).then(() => 'answered' as const);
-        const first = await within(
-          Promise.race([arrived, allAnswered]),
-          10_000,
-          'handler run or answer',
-        );
-        if (first === 'answered')
-          throw new Error(
-            `${what}: the handler did not run; answers ${JSON.stringify(settledAnswers.map((a) => a && observe(a)))}`,
-          );
-        await within(
-          waitForCount(answers, this.copies - 1),
-          10_000,
-          `answers of the ${this.copies - 1} duplicates`,
-        );
-        const heldIndex = requests.findIndex((_, index) => settledAnswers[index] === undefined);
-        real.inFlight.set(execution.execution, { hold, answer: answers[heldIndex] });
-        model.held.push(execution.execution);
-        model.startedBy.set(execution.execution, this);
-        for (const [index, answer] of settledAnswers.entries()) {
-          if (index === heldIndex) continue;
-          checkAnswer(
-            real,
-            answer!,
-            expectedFor(real, route, others[0]),
-            others[0].kind === 'replays',
-            what,
-          );
-        }
-        return others.map(settlementOf);
+    const { record, predictions, hold, pool, arrivals, what } = sent;
+    const expected: ExpectedAnswer[] = [];
+    let held: Execution | undefined;
+    for (const prediction of predictions) {
+      if (prediction.kind === 'waits') continue;
+      if (prediction.kind !== 'executes') {
+        expected.push(expectedAnswer(real, route, prediction));
+      } else if (hold) {
+        held = prediction.execution;
       } else {
-        const race = hold
-          ? Promise.race([
-              hold.arrived.then(() => {
-                throw new Error(`${what}: the handler ran (and was held)`);
-              }),
-              Promise.all(answers),
-            ])
-          : Promise.all(answers);
-        const got = await within(race, 10_000, 'answers');
-        const settlements: string[] = [];
-        for (const [index, prediction] of predictions.entries()) {
-          if (prediction.kind === 'executes') {
-            settlements.push(
-              settlementOfFinish(
-                real,
-                model.holdsLease(prediction.execution),
-                this.plan as Outcome,
-              ),
-            );
-            const result = model.finish(prediction.execution, this.plan as Outcome);
-            const expected = expectedResult(real.target.transport, route, result, false);
-            checkAnswer(real, got[index], expected, false, what);
-          } else {
-            settlements.push(settlementOf(prediction));
-            checkAnswer(
-              real,
-              got[index],
-              expectedFor(real, route, prediction),
-              prediction.kind === 'replays',
-              what,
-            );
-          }
-        }
-        return settlements;
+        const { execution } = prediction;
+        const owned = model.holdsLease(execution);
+        const result = model.finish(execution, this.plan as Outcome);
+        expected.push(finishedAnswer(real, route, result, owned));
       }
     }
+    // One answer more than predicted means the handler did not run, or a waiter did not wait.
+    const tooMany = pool.arrived(expected.length + 1).then(() => 'answered' as const);
+    if (held) {
+      const first = await within(
+        Promise.race([hold!.arrived.then(() => 'arrived' as const), tooMany]),
+        10_000,
+        'the handler run (held) or the answers',
+      );
+      if (first === 'answered')
+        throw new Error(
+          `${what}: the handler did not run; answers ${JSON.stringify(pool.strays().map(observe))}`,
+        );
+      real.holds.set(held, hold!);
+      model.held.push(held);
+      model.startedBy.set(held, this);
+    } else if (hold) {
+      void hold.arrived.then(() => real.history.push(`${what}: the handler ran (and was held)`));
+    }
+    const taken = pool.take(expected.length, `${what}: the answers`);
+    const answers = await (hold && !held
+      ? Promise.race([
+          taken,
+          hold.arrived.then(() => {
+            throw new Error(`${what}: the handler ran (and was held)`);
+          }),
+        ])
+      : taken);
+    if (predictions.some((prediction) => prediction.kind === 'waits')) {
+      // The waiters' deadlines are fixed once they arrive: only then may the clock move on.
+      await within(
+        real.app.handlers.whenArrived(record, arrivals),
+        10_000,
+        `${what}: the arrival of the waiting requests`,
+      );
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    return checkAnswers(real, answers, expected, what);
   }
 
   toString(): string {
@@ -461,6 +596,7 @@ class ParallelCommand implements Command {
     if (failed) throw failed.reason;
     const settlements = ended.map((end) => (end as PromiseFulfilledResult<string[]>).value);
     checkSettled(real, settlements.flat(), this.toString());
+    real.checkNoStrays(this.toString());
     const refs = flights.flatMap((flight) => (flight.ref ? [flight.ref] : []));
     await checkRecords(model, real, refs);
   }
@@ -538,18 +674,6 @@ function baseKey(key: Exclude<KeyChoice, 'none'>): string {
   }
 }
 
-/** Resolves once `count` of `promises` have settled. */
-function waitForCount(promises: Promise<unknown>[], count: number): Promise<void> {
-  if (count <= 0) return Promise.resolve();
-  return new Promise((resolve) => {
-    let settled = 0;
-    for (const promise of promises)
-      void promise.finally(() => {
-        if (++settled === count) resolve();
-      });
-  });
-}
-
 /** A held handler ends with an outcome; its client gets that result (stored or not). */
 class FinishCommand implements Command {
   constructor(
@@ -565,15 +689,19 @@ class FinishCommand implements Command {
     const execution = model.held[this.index % model.held.length];
     const owner = model.holdsLease(execution);
     const result = model.finish(execution, this.outcome);
-    const what = `${this.toString()}: run ${execution.run} of ${recordName(execution.ref)}${owner ? '' : ' (its lease is gone: nothing stored)'}`;
+    const resolutions = model.takeResolutions();
+    const what = `${this.toString()}: run ${execution.run} of ${recordName(execution.ref)}${owner ? '' : ' (its lease is gone: nothing stored)'}${describeResolutions(resolutions)}`;
     real.history.push(what);
-    const inFlight = real.inFlight.get(execution)!;
-    real.inFlight.delete(execution);
-    inFlight.hold.release(this.outcome);
-    const answer = await within(inFlight.answer, 10_000, 'answer of the finished handler');
-    const expected = expectedResult(real.target.transport, execution.ref.route, result, false);
-    checkAnswer(real, answer, expected, false, what);
-    checkSettled(real, [settlementOfFinish(real, owner, this.outcome)], what);
+    real.holds.get(execution)!.release(this.outcome);
+    real.holds.delete(execution);
+    const name = recordName(execution.ref);
+    const expected = [
+      finishedAnswer(real, execution.ref.route, result, owner),
+      ...resolvedAnswers(real, resolutions),
+    ];
+    const answers = await real.poolOf(name).take(expected.length, `${what}: the answers`);
+    checkSettled(real, checkAnswers(real, answers, expected, what), what);
+    real.checkNoStrays(what);
     await checkRecords(model, real, [execution.ref]);
   }
 
@@ -604,7 +732,7 @@ class CrashCommand implements Command {
   }
 
   check(model: ReferenceModel): boolean {
-    return this.abandoned(model).length > 0;
+    return this.abandoned(model).length > 0 && !model.lapsesAWaitedLock(LOCK_TIMEOUT_MS);
   }
 
   async run(model: ReferenceModel, real: RealSystem): Promise<void> {
@@ -631,21 +759,28 @@ class CrashCommand implements Command {
   }
 }
 
-/** The clock jumps; held handlers of the renewing route renew their lease (waited for). */
+/**
+ * The clock jumps; held handlers of the renewing route renew their lease (waited for); waiters
+ * whose waitTimeout ended get 409. Not while it would end a lock that someone waits on: in real
+ * time a waiter would then race the renewal for the key, which no clock of ours can order.
+ */
 class AdvanceCommand implements Command {
   constructor(readonly ms: number) {}
 
-  check(): boolean {
-    return true;
+  check(model: ReferenceModel): boolean {
+    return !model.lapsesAWaitedLock(this.ms);
   }
 
   async run(model: ReferenceModel, real: RealSystem): Promise<void> {
     const renewing = model.advance(this.ms);
+    const resolutions = model.takeResolutions();
     setClock(model.now);
-    real.history.push(`${this.toString()}: ${renewing.length} lease(s) to renew`);
+    const what = `${this.toString()}: ${renewing.length} lease(s) to renew${describeResolutions(resolutions)}`;
+    real.history.push(what);
+    checkSettled(real, await checkResolutions(real, resolutions, what), what);
     for (const execution of renewing) {
       const id = real.idOf(execution.ref);
-      const target = model.now + LOCK_TIMEOUT_MS;
+      const target = model.now + lockTimeoutOf(execution.ref.route);
       await within(
         (async () => {
           while ((await real.store.row(id))?.expiresAt !== target)
@@ -655,6 +790,7 @@ class AdvanceCommand implements Command {
         `renewal of the lease of ${recordName(execution.ref)} to ${target}`,
       );
     }
+    real.checkNoStrays(what);
     await checkRecords(model, real, model.touched.values());
   }
 
@@ -662,6 +798,7 @@ class AdvanceCommand implements Command {
     const names: Record<number, string> = {
       [LOCK_TIMEOUT_MS / 2]: 'half the lockTimeout',
       [LOCK_TIMEOUT_MS]: 'the lockTimeout',
+      [WAIT_TIMEOUT_MS]: 'the waitTimeout',
       [TTL_MS]: 'the TTL',
     };
     return `advance(${this.ms} ms: ${names[this.ms] ?? ''})`;
@@ -680,8 +817,12 @@ class ForgetCommand implements Command {
     const existing = model.existing();
     const ref = existing[this.index % existing.length];
     model.forget(ref);
-    real.history.push(`${this.toString()}: ${recordName(ref)}`);
+    const resolutions = model.takeResolutions();
+    const what = `${this.toString()}: ${recordName(ref)}${describeResolutions(resolutions)}`;
+    real.history.push(what);
     await real.store.forget(real.idOf(ref));
+    checkSettled(real, await checkResolutions(real, resolutions, what), what);
+    real.checkNoStrays(what);
     await checkRecords(model, real, [ref]);
   }
 
@@ -717,6 +858,7 @@ class PurgeCommand implements Command {
 /** After the commands: every held handler finishes with `ok`, then every record is checked. */
 export async function drain(model: ReferenceModel, real: RealSystem): Promise<void> {
   while (model.held.length > 0) await new FinishCommand(0, 'ok').run(model, real);
+  real.checkAllAnswered('after every held handler finished');
   await checkRecords(model, real, model.touched.values());
 }
 
@@ -765,7 +907,7 @@ export function commandsOf(target: ModelTarget) {
   const spelling = weighted([0, 3], [1, 1]);
   const send = fc
     .record({
-      route: weighted<RouteName>(['main', 3], ['crashy', 2]),
+      route: weighted<RouteName>(['main', 3], ['crashy', 2], ['waiting', 2]),
       key: weighted(...keys),
       scope: weighted(...scopes),
       p: weighted([1, 3], [2, 1]),
@@ -797,7 +939,7 @@ export function commandsOf(target: ModelTarget) {
     .record({ index: fc.nat(3), outcome: fc.constantFrom(...outcomes) })
     .map(({ index, outcome }) => new FinishCommand(index, outcome));
   const advance = fc
-    .constantFrom(LOCK_TIMEOUT_MS / 2, LOCK_TIMEOUT_MS, TTL_MS)
+    .constantFrom(LOCK_TIMEOUT_MS / 2, LOCK_TIMEOUT_MS, WAIT_TIMEOUT_MS, TTL_MS)
     .map((ms) => new AdvanceCommand(ms));
   const forget = fc.nat(3).map((index) => new ForgetCommand(index));
   const crash = fc
