@@ -1,27 +1,35 @@
 /**
- * Model-based suite: random sequences of requests, held handlers, crashes, clock jumps and rows
- * deleted by hand, run against the real module on every transport × store and compared, after
- * every step, with a small reference model of a key's life (test/model/reference-model.ts).
+ * Model-based suite: random sequences of requests, duplicates in flight, handler outcomes of every
+ * kind, crashes, clock jumps, rows deleted by hand and purges, run against the real module on every
+ * transport × store and compared after every step with a small reference model of a key's life
+ * (test/model/reference-model.ts; the commands are in test/model/model-commands.ts).
  *
  * - Transports: HTTP on Express and on Fastify, GraphQL (Apollo, code first, on Express), RPC
  *   (the TCP microservice, in process). Stores: PGlite, SQLite, PostgreSQL (DATABASE_URL),
- *   MariaDB (MARIADB_URL), Redis (REDIS_URL); those whose URL is unset are skipped.
+ *   MariaDB (MARIADB_URL), each SQL server in a database of its own, and Redis (REDIS_URL);
+ *   those whose URL is unset are skipped.
  * - One app per transport × store, reused by every sequence; each sequence has keys of its own.
- * - The clock is frozen (only `Date`, see support/clock.ts) and moved by the sequences; a crash is
- *   a handler held on the `crashy` route (`lockRenewalLimit: 0`: nothing renews its claim) while
- *   the clock passes its lockTimeout. Handlers held on the `main` route renew: after each clock
- *   jump the test waits until the renewal has reached the store.
- * - Compared: every answer (status, body, `Idempotent-Replayed` and the handler's and middleware's
- *   headers; GraphQL data and `extensions.code`; RPC reply or error), the handler runs per record,
- *   and the record's row (state, expires_at, response status).
+ * - Three operations per app: `main` (renewed lease, replayStatus 200), `crashy`
+ *   (`lockRenewalLimit: 0`) and `waiting` (`concurrency: 'wait'`). A handler can be held until a
+ *   later step finishes it with an outcome, so what is in flight is always known.
+ * - The clock is frozen (only `Date`, see support/clock.ts) and moved by the sequences. A crash is
+ *   a handler held on `crashy` (nothing renews its claim) while the clock passes its lockTimeout,
+ *   then a retry. Handlers held on `main` renew: after each jump the test waits until the renewal
+ *   has reached the store.
+ * - Compared: every answer (status, body, `Idempotent-Replayed`, the handler's and a middleware's
+ *   headers; GraphQL data and `extensions.code`; RPC reply or error, and how the message was
+ *   settled through `acknowledge`), the handler runs per record, and each record's row (state,
+ *   expires_at, response status).
  *
  * Run more:     MODEL_RUNS=200 NODE_OPTIONS=--experimental-vm-modules npx jest test/model.spec.ts
- * Replay:       a failure prints its seed, path and replayPath, e.g.
+ * Replay:       a failure prints the minimal sequence, what each step predicted, and the line that
+ *               replays it, e.g.
  *               MODEL_SEED=-1234 MODEL_PATH="3:1:0" MODEL_REPLAY_PATH="Cd" \
- *               NODE_OPTIONS=--experimental-vm-modules npx jest test/model.spec.ts -t 'graphql on pglite'
- *               (MODEL_SEED alone regenerates the same sequences; with MODEL_PATH the failing one.)
+ *               NODE_OPTIONS=--experimental-vm-modules npx jest test/model.spec.ts -t 'model: graphql on pglite'
+ *               (MODEL_SEED alone generates the same sequences again; MODEL_PATH and
+ *               MODEL_REPLAY_PATH go straight to the shrunk one.)
  * More steps:   MODEL_COMMANDS=25 (default: up to 15 per sequence).
- * Known broken: MODEL_INCLUDE_BROKEN=graphqlDateReplay,numericScope (or all) generates them anyway.
+ * Known broken: MODEL_INCLUDE_BROKEN=graphqlDateReplay,numericScope (or `all`) generates them anyway.
  * Logs:         MODEL_LOG=1 shows the app's logs.
  */
 import { jest } from '@jest/globals';
@@ -76,7 +84,7 @@ function withIncluded(switches: KnownBroken): KnownBroken {
 const TRANSPORTS: readonly TransportName[] = ['http-express', 'http-fastify', 'graphql', 'rpc-tcp'];
 
 /** Sequences per transport × store, and commands per sequence. */
-const RUNS = Number(process.env.MODEL_RUNS ?? 25);
+const RUNS = Number(process.env.MODEL_RUNS ?? 30);
 const MAX_COMMANDS = Number(process.env.MODEL_COMMANDS ?? 15);
 const SEED = process.env.MODEL_SEED === undefined ? undefined : Number(process.env.MODEL_SEED);
 const PATH = process.env.MODEL_PATH;

@@ -602,6 +602,7 @@ class ParallelCommand implements Command {
   }
 
   toString(): string {
+    if (this.sends.length === 1) return this.sends[0].toString();
     return `parallel(${this.sends.map(String).join(', ')})`;
   }
 }
@@ -943,7 +944,7 @@ export function commandsOf(target: ModelTarget) {
     .map((ms) => new AdvanceCommand(ms));
   const forget = fc.nat(3).map((index) => new ForgetCommand(index));
   const crash = fc
-    .record({ index: fc.nat(3), otherPayload: weighted([false, 3], [true, 1]), plan, copies })
+    .record({ index: fc.nat(3), otherPayload: weighted([false, 3], [true, 2]), plan, copies })
     .map(
       ({ index, otherPayload, plan, copies }) =>
         new CrashCommand(index, otherPayload, copies > 1 ? 'hold' : plan, copies),

@@ -343,9 +343,11 @@ export class ReferenceModel {
     return purged;
   }
 
-  /** Records that exist now (for `forget` to pick from). */
+  /** Records that exist now (for `forget` to pick from), the completed ones first. */
   existing(): RecordRef[] {
-    return [...this.touched.values()].filter((ref) => this.records.has(recordName(ref)));
+    const existing = [...this.touched.values()].filter((ref) => this.records.has(recordName(ref)));
+    const completed = (ref: RecordRef) => this.records.get(recordName(ref))?.state === 'completed';
+    return [...existing.filter(completed), ...existing.filter((ref) => !completed(ref))];
   }
 
   runs(ref: RecordRef): number {
