@@ -55,18 +55,18 @@ import { modelStores, type ModelStore } from './model/model-stores.js';
 import { ReferenceModel } from './model/reference-model.js';
 
 /**
- * Known defects (being fixed on other branches): `true` leaves the feature out of the generated
- * sequences (or, for #8, out of the comparison), so this suite passes on the unfixed code. Set one
- * to `false` once its fix is merged: the suite then covers it on every transport × store.
+ * Known defects: `true` leaves the feature out of the generated sequences (or, for #8, out of the
+ * comparison). The defects of issue 20 are fixed, so their switches are `false` and the suite covers
+ * them on every transport × store; `true` marks one still open.
  */
 const KNOWN_BROKEN: KnownBroken = withIncluded({
-  graphqlDateReplay: true, // #1
-  graphqlCodeOnlyError: true, // #2
-  rpcExceptionWithoutStatus: true, // #3
-  numericScope: true, // #6
-  routeOptionsPerInheritedHandler: true, // #5
-  replayOverwritesMiddlewareHeaders: true, // #8
-  mariadbTrailingSpace: true, // #11
+  graphqlDateReplay: false, // #1
+  graphqlCodeOnlyError: false, // #2
+  rpcExceptionWithoutStatus: false, // #3
+  numericScope: false, // #6
+  routeOptionsPerInheritedHandler: false, // #5
+  replayOverwritesMiddlewareHeaders: false, // #8
+  mariadbTrailingSpace: false, // #11
   lostClaimSettledDone: true, // new: see KnownBroken.lostClaimSettledDone
 });
 

@@ -599,7 +599,7 @@ export async function createModelApp(
       handlers,
       takeSettled,
       purgeNow,
-      endpointOf: (route) => `RPC ModelRpcController.${route}`,
+      endpointOf: (route) => `RPC ModelRpcController.${route} model.${route}`,
       async send(request) {
         const members: [string, unknown][] = [
           ['p', request.p],

@@ -264,6 +264,11 @@ function expectedAnswer(
   throw new Error(`a prediction of kind ${prediction.kind} is answered later`);
 }
 
+/** A 4xx the default policy releases and a redelivery of the same message cannot change. */
+function isReleasedRefusal(outcome: RunResult['outcome']): boolean {
+  return outcome === 'http400' || outcome === 'http422';
+}
+
 /** The answer to an execution that finished, with or without its lease. */
 function finishedAnswer(
   real: RealSystem,
@@ -274,7 +279,13 @@ function finishedAnswer(
   const lostClaimDone = real.target.knownBroken.lostClaimSettledDone;
   return {
     observation: expectedResult(real.target.transport, route, result, false),
-    settlement: (ownedLease || lostClaimDone) && isStored(result.outcome) ? 'done' : 'retry',
+    // README "Manual acknowledgement": a released refusal a redelivery cannot change (400, 422)
+    // is dropped; a stored result is done; a crash, a 5xx or a lost claim is retried.
+    settlement: isReleasedRefusal(result.outcome)
+      ? 'drop'
+      : (ownedLease || lostClaimDone) && isStored(result.outcome)
+        ? 'done'
+        : 'retry',
   };
 }
 
