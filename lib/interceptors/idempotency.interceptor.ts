@@ -152,7 +152,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
               transport.settled?.(context, { kind: 'done', replayed: false }, options);
               return value;
             })
-            .catch((error: unknown) => {
+            .catch(async (error: unknown) => {
               const code =
                 error instanceof LeaseLostError
                   ? 'lease-lost'
@@ -165,7 +165,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
               if (transport.settled) {
                 transport.settled(
                   context,
-                  this.settledAfterFailure(
+                  await this.settledAfterFailure(
                     transport,
                     context,
                     error,
@@ -207,16 +207,16 @@ export class IdempotencyInterceptor implements NestInterceptor {
    * stored error: an HttpException or RpcException the handler chose is its result), or to be
    * retried (a crash released the key, so a redelivery runs the handler again).
    */
-  private settledAfterFailure(
+  private async settledAfterFailure(
     transport: IdempotencyTransport,
     context: ExecutionContext,
     error: unknown,
     refusal: IdempotencyRejection | undefined,
     options: ResolvedRouteOptions,
     id: RecordId,
-  ): SettledMessage {
+  ): Promise<SettledMessage> {
     if (refusal) return settledBy(refusal);
-    const stored = transport.capture(context, { ok: false, error }, options, id) !== null;
+    const stored = (await transport.capture(context, { ok: false, error }, options, id)) !== null;
     return stored
       ? { kind: 'done', replayed: false }
       : { kind: 'retry', reason: 'the handler failed' };

@@ -6,6 +6,7 @@ import {
   IntrinsicException,
   type ExecutionContext,
 } from '@nestjs/common';
+import { ApplicationConfig } from '@nestjs/core';
 import { of, type Observable } from 'rxjs';
 import { graphqlCodeOf, type IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import {
@@ -26,6 +27,7 @@ import {
 } from './graphql-values.js';
 import { boundedColumnValue, keyFieldLines } from './http-exchange.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
+import { EXCEPTION_ENTRY, ReplayedExceptions } from './replayed-exception.js';
 import { resultStorer } from './stored-result.js';
 
 /** The argument of a mutation that carries the key; without it, the Idempotency-Key header. */
@@ -99,7 +101,14 @@ export class GraphQLTransport implements IdempotencyTransport {
   readonly type = 'graphql';
   readonly defaultConcurrency = 'reject';
 
-  constructor(@Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions) {}
+  private readonly exceptions: ReplayedExceptions;
+
+  constructor(
+    @Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions,
+    config: ApplicationConfig,
+  ) {
+    this.exceptions = new ReplayedExceptions(() => config.getGlobalFilters());
+  }
 
   applies(context: ExecutionContext): boolean {
     const info = argsOf(context)[3];
@@ -146,25 +155,34 @@ export class GraphQLTransport implements IdempotencyTransport {
     outcome: Outcome,
     options: ResolvedRouteOptions,
     id: RecordId,
-  ): StoredResponse | null {
-    const store = resultStorer(
-      { key: id.key, endpoint: id.endpoint, headers: {} },
-      options.shouldStore,
-      this.moduleOptions.maxResponseBytes,
-    );
+  ): StoredResponse | null | Promise<StoredResponse | null> {
+    const store = (status: number, value: unknown, isError: boolean, headers = {}) =>
+      resultStorer(
+        { key: id.key, endpoint: id.endpoint, headers },
+        options.shouldStore,
+        this.moduleOptions.maxResponseBytes,
+      )(status, value, isError);
     if (outcome.ok) {
       const [, , graphqlContext, info] = argsOf(context);
-      const value = storedFieldValue(
+      return storedFieldValue(
         outcome.value,
         info?.returnType,
         info?.schema,
         graphqlContext,
         info,
-      );
-      return store(200, value, false);
+      ).then((value) => store(200, value, false));
     }
     const { error } = outcome;
-    if (error instanceof HttpException) return store(error.getStatus(), error.getResponse(), true);
+    if (error instanceof HttpException) {
+      // Its class, so the filters that caught it catch its replay (`@Catch(OutOfStockException)`).
+      const entry = this.exceptions.entryFor(error);
+      return store(
+        error.getStatus(),
+        error.getResponse(),
+        true,
+        entry ? { [EXCEPTION_ENTRY]: entry } : {},
+      );
+    }
     const extensions = (error as { extensions?: unknown } | null)?.extensions;
     const code = (extensions as { code?: unknown } | undefined)?.code;
     // A GraphQL error with a code of its own (BAD_USER_INPUT, a business code) is an answer the
@@ -185,7 +203,13 @@ export class GraphQLTransport implements IdempotencyTransport {
     const graphqlError = (body as Partial<StoredGraphQLError> | null)?.graphqlError;
     if (graphqlError)
       throw new IdempotencyGraphQLError(graphqlError.message, graphqlError.extensions);
-    throw new HttpException(body as string | object, stored.status);
+    throw this.exceptions.replayed(
+      context.getHandler(),
+      context.getClass(),
+      stored.headers[EXCEPTION_ENTRY],
+      body,
+      stored.status,
+    );
   }
 
   reject(_context: ExecutionContext, rejection: IdempotencyRejection): Error {
