@@ -395,15 +395,24 @@ class ValueCapture {
     const inside: Ancestors = { value, at, up: ancestors };
     const fields = selected ? this.selectedFields(selected, type.name!) : undefined;
     const source = value as Record<string, unknown>;
-    const jsonOfItsOwn = typeof source.toJSON === 'function';
+    // A JSON of its own (a Mongoose document's, without its virtuals): what it writes is stored.
+    const json: unknown =
+      typeof source.toJSON === 'function' ? (source.toJSON as () => unknown)() : undefined;
     for (const [name, field] of Object.entries(type.getFields?.() ?? {})) {
       if (!(name in source)) continue;
       const child = source[name];
       if (child === (Object.prototype as Record<string, unknown>)[name]) continue;
       const childAt = [...at, name];
-      // A getter (on the class): graphql reads it, JSON leaves it out.
-      if (child !== undefined && !jsonOfItsOwn && !isEnumerableOwn(source, name))
-        this.patches.push({ at: childAt, copy: child });
+      // What graphql reads and JSON leaves out (a getter on the class) or writes otherwise.
+      const leftOut =
+        json === undefined
+          ? !isEnumerableOwn(source, name)
+          : typeof json !== 'object' ||
+            json === null ||
+            !isEnumerableOwn(json, name) ||
+            isThenable(child) ||
+            !sameJson((json as Record<string, unknown>)[name], child);
+      if (child !== undefined && leftOut) this.patches.push({ at: childAt, copy: child });
       const childSelected: Selected = fields ? (fields.get(name) ?? NOT_SELECTED) : selected;
       this.value(field.type, child, childAt, inside, childSelected);
     }
