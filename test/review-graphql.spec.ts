@@ -13,7 +13,11 @@ import { GraphQLError } from 'graphql';
 import { createHash, randomUUID } from 'node:crypto';
 import { Idempotent } from '../lib/index.js';
 import { CallLog } from './fixtures/handler-probes.js';
-import { AccountsResolver, EmailScalar } from './fixtures/graphql-review.resolver.js';
+import {
+  AccountMutationsResolver,
+  AccountsResolver,
+  EmailScalar,
+} from './fixtures/graphql-review.resolver.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { testDatabases } from './support/databases.js';
 import { CapturedLog } from './support/captured-log.js';
@@ -249,6 +253,27 @@ describe.each(['express', 'fastify'] as const)('GraphQL as apps write it, on %s'
       expect(answer.text).not.toMatch(/INTERNAL_SERVER_ERROR|stacktrace/);
     }
     expect(log.lines.slice(logged).filter((line) => line.level === 'error')).toEqual([]);
+  });
+});
+
+describe('GraphQL resolvers at startup, as apps write them', () => {
+  it('refuses @Idempotent() on a @ResolveField() (a namespaced mutation), which it could never protect', async () => {
+    const sqlite = testDatabases.find((database) => database.name === 'sqlite')!;
+    await expect(
+      createReliabilityApp(
+        sqlite,
+        {},
+        {
+          imports: () => [
+            GraphQLModule.forRoot<ApolloDriverConfig>({
+              driver: ApolloDriver,
+              autoSchemaFile: true,
+            }),
+          ],
+          providers: [AccountsResolver, AccountMutationsResolver, EmailScalar],
+        },
+      ),
+    ).rejects.toThrow(/AccountMutationsResolver\.open: it is a @ResolveField\(\)/);
   });
 });
 
