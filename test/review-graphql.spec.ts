@@ -234,6 +234,20 @@ describe.each(['express', 'fastify'] as const)('GraphQL as apps write it, on %s'
     expect(fixture.calls.count('reopenAccount', undefined)).toBe(1);
   });
 
+  it('replays a business error carrying extensions.http (status, a header Map) with the status and body of the first answer', async () => {
+    const key = randomUUID();
+    const query =
+      'mutation C($key: String) { chargeAccount(withHeader: true, idempotencyKey: $key) { id } }';
+    const first = await client.send('/graphql', { body: { query, variables: { key } } });
+    const again = await client.send('/graphql', { body: { query, variables: { key } } });
+    expect(jsonOf(first).errors[0].extensions.code).toBe('CARD_DECLINED');
+    expect({ status: again.status, text: again.text }).toEqual({
+      status: first.status,
+      text: first.text,
+    });
+    expect(fixture.calls.count('chargeAccount', key)).toBe(1);
+  });
+
   it('answers refusals with HTTP 200 and a code, logging nothing at error level', async () => {
     const logged = log.lines.length;
     const tooLong = await graphql(

@@ -190,7 +190,10 @@ export class GraphQLTransport implements IdempotencyTransport {
     if (error instanceof Error && typeof code === 'string' && code !== 'INTERNAL_SERVER_ERROR') {
       const status = graphqlErrorStatus(code, extensions as { http?: { status?: unknown } });
       const stored: StoredGraphQLError = {
-        graphqlError: { message: error.message, extensions: extensions as Record<string, unknown> },
+        graphqlError: {
+          message: error.message,
+          extensions: storedExtensions(extensions as Record<string, unknown>),
+        },
       };
       return store(status, stored, true);
     }
@@ -202,7 +205,10 @@ export class GraphQLTransport implements IdempotencyTransport {
     if (!stored.isError) return of(replayedFieldValue(body, argsOf(context)[3]?.schema));
     const graphqlError = (body as Partial<StoredGraphQLError> | null)?.graphqlError;
     if (graphqlError)
-      throw new IdempotencyGraphQLError(graphqlError.message, graphqlError.extensions);
+      throw new IdempotencyGraphQLError(
+        graphqlError.message,
+        replayedExtensions(graphqlError.extensions),
+      );
     throw this.exceptions.replayed(
       context.getHandler(),
       context.getClass(),
@@ -257,6 +263,29 @@ function graphqlErrorStatus(code: string, extensions: { http?: { status?: unknow
     GRAPHQL_CLIENT_ERROR_STATUSES.get(code) ??
     (typeof named === 'number' && named >= 400 ? named : GRAPHQL_BUSINESS_ERROR_STATUS)
   );
+}
+
+/**
+ * An error's extensions as stored: Apollo's `http.headers` (a Map, whose JSON is `{}`) as its
+ * entries. Apollo takes `http` out of the response only when its headers are a Map.
+ */
+function storedExtensions(extensions: Record<string, unknown>): Record<string, unknown> {
+  const http = extensions.http as { headers?: unknown } | undefined;
+  if (!(http?.headers instanceof Map)) return extensions;
+  return { ...extensions, http: { ...http, headers: [...http.headers.entries()] } };
+}
+
+/** The extensions to throw again: `http.headers` a Map again (from its entries, or a record). */
+function replayedExtensions(extensions: Record<string, unknown>): Record<string, unknown> {
+  const http = extensions?.http as { headers?: unknown } | undefined;
+  const headers = http?.headers;
+  if (typeof headers !== 'object' || headers === null) return extensions;
+  try {
+    const entries = Array.isArray(headers) ? headers : Object.entries(headers);
+    return { ...extensions, http: { ...http, headers: new Map(entries as [string, string][]) } };
+  } catch {
+    return extensions;
+  }
 }
 
 function argsOf(context: ExecutionContext): ResolverArgs {
