@@ -242,8 +242,10 @@ export class IdempotencyService implements BeforeApplicationShutdown {
       if (route.transactional)
         return await this.executeInTransaction(lease, route, renewal, operation, capture);
       const outcome = await settled(operation());
+      // The claim is renewed until the result is captured (GraphQL awaits its lazy fields).
+      const response = await capture(outcome);
       renewal.stop();
-      await this.settle(lease, await capture(outcome), route.ttlMs, renewal);
+      await this.settle(lease, response, route.ttlMs, renewal);
       if (!outcome.ok) throw outcome.error;
       return outcome.value;
     } finally {
@@ -270,12 +272,13 @@ export class IdempotencyService implements BeforeApplicationShutdown {
     try {
       return await this.store.transaction(async (transaction) => {
         const outcome = await settled(operation(transaction.manager));
-        renewal.stop();
         if (!outcome.ok) {
+          renewal.stop();
           failed = { ok: false, error: outcome.error };
           throw outcome.error;
         }
         const response = await capture(outcome);
+        renewal.stop();
         if (!response) throw new UnstoredResultError(lease);
         await this.tracing.step('complete', lease.id, async (traced) => {
           const stored = await transaction.complete(

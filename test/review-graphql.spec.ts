@@ -17,6 +17,8 @@ import {
   AccountMutationsResolver,
   AccountsResolver,
   EmailScalar,
+  LedgerResolver,
+  SHORT_LOCK_MS,
 } from './fixtures/graphql-review.resolver.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { testDatabases } from './support/databases.js';
@@ -55,7 +57,7 @@ describe.each(['express', 'fastify'] as const)('GraphQL as apps write it, on %s'
                 : (request: unknown) => ({ req: request }),
           }),
         ],
-        providers: [AccountsResolver, EmailScalar],
+        providers: [AccountsResolver, EmailScalar, LedgerResolver],
       },
     );
     client = new HttpClient(fixture.baseUrl, 4);
@@ -142,6 +144,26 @@ describe.each(['express', 'fastify'] as const)('GraphQL as apps write it, on %s'
     expect(first.body.errors).toBeUndefined();
     expect(again.text).toBe(first.text);
     expect(runs).toBe(1);
+  });
+
+  it('keeps its claim while a lazy relation loads, longer than its lock timeout: retries are refused, it runs once', async () => {
+    const key = randomUUID();
+    const query =
+      'mutation L($key: String) { openSlowAccount(idempotencyKey: $key) { id tags { name } } }';
+    fixture.gate.hold(key);
+    const first = graphql(query, { key });
+    await fixture.gate.arrived(key);
+    const codes: unknown[] = [];
+    for (const until = Date.now() + 4 * SHORT_LOCK_MS; Date.now() < until;) {
+      codes.push(codeOf((await graphql(query, { key })).body));
+      await new Promise((resolve) => setTimeout(resolve, SHORT_LOCK_MS / 3));
+    }
+    fixture.gate.open(key);
+    const answer = await first;
+    expect(new Set(codes)).toEqual(new Set(['IDEMPOTENCY_REQUEST_IN_PROGRESS']));
+    expect(answer.body.data?.openSlowAccount.tags).toEqual([{ name: 'slow' }]);
+    expect((await graphql(query, { key })).text).toBe(answer.text);
+    expect(fixture.calls.count('openSlowAccount', key)).toBe(1);
   });
 
   it('stores a result whose relations point back at their owner, and replays it: the mutation runs once', async () => {
@@ -246,6 +268,16 @@ describe.each(['express', 'fastify'] as const)('GraphQL as apps write it, on %s'
       text: first.text,
     });
     expect(fixture.calls.count('chargeAccount', key)).toBe(1);
+  });
+
+  it('leaves the queries of a resolver class marked @Idempotent() alone, and protects its mutations', async () => {
+    const before = fixture.calls.count('ledgerSize', undefined);
+    expect((await graphql('{ ledgerSize }')).body).toEqual({ data: { ledgerSize: 7 } });
+    expect((await graphql('{ ledgerSize }')).body).toEqual({ data: { ledgerSize: 7 } });
+    expect(fixture.calls.count('ledgerSize', undefined)).toBe(before + 2);
+    const { first, again, runs } = await twice('postEntry');
+    expect(again.text).toBe(first.text);
+    expect(runs).toBe(1);
   });
 
   it('answers refusals with HTTP 200 and a code, logging nothing at error level', async () => {
