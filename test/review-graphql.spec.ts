@@ -295,7 +295,17 @@ describe.each(['express', 'fastify'] as const)('GraphQL as apps write it, on %s'
       { key: '' },
     );
     expect(codeOf(empty.body)).toBe('IDEMPOTENCY_KEY_INVALID');
-    for (const answer of [tooLong, missing, empty]) {
+    // A JSON argument nested too deeply to fingerprint: refused, the resolver never ran.
+    let deep: unknown = 'leaf';
+    for (let level = 0; level < 1500; level++) deep = { deeper: deep };
+    const deepKey = randomUUID();
+    const unreadable = await graphql(
+      'mutation A($note: JSON!, $key: String) { annotate(note: $note, idempotencyKey: $key) }',
+      { note: deep, key: deepKey },
+    );
+    expect(codeOf(unreadable.body)).toBe('IDEMPOTENCY_BODY_UNREADABLE');
+    expect(fixture.calls.count('annotate', deepKey)).toBe(0);
+    for (const answer of [tooLong, missing, empty, unreadable]) {
       expect(answer.text).not.toMatch(/INTERNAL_SERVER_ERROR|stacktrace/);
     }
     expect(log.lines.slice(logged).filter((line) => line.level === 'error')).toEqual([]);
