@@ -82,14 +82,26 @@ export async function storedFieldValue(
     const root = new StorageCopy(capture.resolved);
     let tree = root.copy(value, [], undefined, '');
     if (capture.patches.length === 0 && !root.changed) return value;
-    let builtIns = root.builtIns;
-    let cycles = root.cycles;
+    // A note (a Date, a cycle) that a later patch replaces, at its path or above: not revived.
+    const lastPatchAt = new Map<string, number>();
+    capture.patches.forEach((patch, index) => lastPatchAt.set(pathKey(patchPath(patch)), index));
+    const replaced = (at: Path, since: number) => {
+      for (let length = 0; length <= at.length; length++) {
+        const index = lastPatchAt.get(pathKey(at.slice(0, length)));
+        if (index !== undefined && index > since) return true;
+      }
+      return false;
+    };
+    const builtIns: BuiltInRevival[] = [];
+    const cycles: Cycle[] = [];
+    const keepNotes = (copy: StorageCopy, since: number) => {
+      builtIns.push(...copy.builtIns.filter((note) => !replaced(note.at, since)));
+      cycles.push(...copy.cycles.filter((note) => !replaced(note.at, since)));
+    };
+    keepNotes(root, -1);
     const revive: Revival[] = [];
-    for (const patch of capture.patches) {
-      const at = 'typename' in patch ? [...patch.at, '__typename'] : patch.at;
-      // What the patch replaces no longer needs reviving: the patch says what it is.
-      builtIns = builtIns.filter((note) => !isWithin(note.at, at));
-      cycles = cycles.filter((note) => !isWithin(note.at, at));
+    capture.patches.forEach((patch, index) => {
+      const at = patchPath(patch);
       let replacement: unknown;
       if ('typename' in patch) replacement = patch.typename;
       else if ('type' in patch) {
@@ -98,11 +110,10 @@ export async function storedFieldValue(
       } else {
         const copy = new StorageCopy(capture.resolved);
         replacement = copy.copy(patch.copy, at, undefined, '') ?? null;
-        builtIns = [...builtIns, ...copy.builtIns];
-        cycles = [...cycles, ...copy.cycles];
+        keepNotes(copy, index);
       }
       tree = withValueAt(tree, at, () => replacement);
-    }
+    });
     const typed: TypedValue = {
       value: tree,
       revive,
@@ -588,9 +599,13 @@ function jsonPrimitive(value: unknown): unknown {
   return undefined;
 }
 
-/** Whether `path` is `at` or below it. */
-function isWithin(path: Path, at: Path): boolean {
-  return at.length <= path.length && at.every((step, index) => path[index] === step);
+/** Where a patch writes: its path, or the `__typename` below it. */
+function patchPath(patch: Patch): Path {
+  return 'typename' in patch ? [...patch.at, '__typename'] : patch.at;
+}
+
+function pathKey(at: Path): string {
+  return JSON.stringify(at);
 }
 
 function valueAt(tree: unknown, at: Path): unknown {
