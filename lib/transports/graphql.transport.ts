@@ -107,7 +107,10 @@ export class GraphQLTransport implements IdempotencyTransport {
     @Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions,
     config: ApplicationConfig,
   ) {
-    this.exceptions = new ReplayedExceptions(() => config.getGlobalFilters());
+    this.exceptions = new ReplayedExceptions(() => [
+      ...config.getGlobalFilters(),
+      ...config.getGlobalRequestFilters().map((wrapper) => wrapper.metatype),
+    ]);
   }
 
   applies(context: ExecutionContext): boolean {
