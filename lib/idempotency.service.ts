@@ -58,7 +58,9 @@ export type Outcome =
  * outcome is not stored and the key must be released (a crash, a status the policy does not keep,
  * a response too large or a stream). Must not throw.
  */
-export type CaptureOutcome = (outcome: Outcome) => StoredResponse | null;
+export type CaptureOutcome = (
+  outcome: Outcome,
+) => StoredResponse | null | Promise<StoredResponse | null>;
 
 /** What `execute` needs of the route's options. */
 export interface ExecuteOptions {
@@ -260,7 +262,8 @@ export class IdempotencyService implements OnApplicationShutdown {
         return await this.executeInTransaction(lease, route, renewal, operation, capture);
       const outcome = await settled(operation());
       renewal.settling = true;
-      await this.settle(lease, capture(outcome), route.ttlMs, renewal);
+      // Renewed until the result is stored, its capture included (GraphQL awaits lazy fields).
+      await this.settle(lease, await capture(outcome), route.ttlMs, renewal);
       if (!outcome.ok) throw outcome.error;
       return outcome.value;
     } finally {
@@ -298,7 +301,7 @@ export class IdempotencyService implements OnApplicationShutdown {
           connectionLost = await this.lostItsConnection(transaction, outcome.error);
           throw outcome.error;
         }
-        const response = capture(outcome);
+        const response = await capture(outcome);
         if (!response) throw new UnstoredResultError(lease);
         await this.tracing.step('complete', lease.id, async (traced) => {
           const stored = await transaction.complete(
@@ -328,7 +331,7 @@ export class IdempotencyService implements OnApplicationShutdown {
         throw new TransactionUnavailableError(lease, cause);
       }
       if (handlerError) {
-        await this.settle(lease, capture(handlerError), route.ttlMs, renewal);
+        await this.settle(lease, await capture(handlerError), route.ttlMs, renewal);
         throw handlerError.error;
       }
       if (error instanceof LeaseLostError) {

@@ -26,11 +26,15 @@ import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.
 import { IdempotencyStore } from '../storage/idempotency-store.interface.js';
 import { RpcTransport } from '../transports/rpc.transport.js';
 
+/** What @nestjs/graphql's `@ResolveField()` sets on its method (the package is never imported). */
+const GRAPHQL_RESOLVE_FIELD_METADATA = 'graphql:resolve_property';
+
 /**
  * Refuses, at startup, `@Idempotent()` routes (controllers' handlers and GraphQL resolvers' fields)
  * whose response the interceptor can never see: a
  * handler that writes the response itself (`@Res()` / `@Next()` without `passthrough`) or streams
- * server-sent events. Left alone, such a route would look protected and run on every retry. Also
+ * server-sent events, a GraphQL field below the root of a mutation (`@ResolveField()`). Left alone,
+ * such a route would look protected and run on every retry. Also
  * refuses transactional routes on a store that cannot run them (see `transactionsUnsupported`),
  * and warns about a ClassSerializerInterceptor that runs outside the idempotency interceptor. Tells
  * the RPC transport which message handlers acknowledge (event handlers of one event settle
@@ -79,7 +83,9 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
         this.routes.push({ name: `${metatype.name}.${method}`, controller: metatype, handler });
         const reason = controllers.has(wrapper)
           ? unsupportedReason(metatype, method, handler)
-          : undefined;
+          : handlerOptions && Reflect.getMetadata(GRAPHQL_RESOLVE_FIELD_METADATA, handler) === true
+            ? 'it is a @ResolveField(), and only root mutation fields are protected (a namespaced mutation, `mutation { accounts { open } }`, runs on every retry)'
+            : undefined;
         if (reason) problems.push(`${metatype.name}.${method}: ${reason}`);
         // As the interceptor reads them: the method's options over the class's, field by field.
         const options = resolveRouteOptionsFor(this.options, classOptions, handlerOptions);
@@ -91,7 +97,7 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
     this.checkTransactional(transactional);
     if (problems.length > 0) {
       throw new Error(
-        `nestjs-idempotency: @Idempotent() cannot protect these routes, because their response never passes through it:\n  ${problems.join('\n  ')}\nReturn the value instead (or use @Res({ passthrough: true })), or remove @Idempotent().`,
+        `nestjs-idempotency: @Idempotent() cannot protect these routes, because their response never passes through it:\n  ${problems.join('\n  ')}\nReturn the value instead (or use @Res({ passthrough: true })), mark the root mutation field, or remove @Idempotent().`,
       );
     }
   }

@@ -6,6 +6,7 @@ import {
   IntrinsicException,
   type ExecutionContext,
 } from '@nestjs/common';
+import { ApplicationConfig } from '@nestjs/core';
 import { of, type Observable } from 'rxjs';
 import { graphqlCodeOf, type IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import {
@@ -26,6 +27,7 @@ import {
 } from './graphql-values.js';
 import { boundedColumnValue, keyFieldLines } from './http-exchange.js';
 import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
+import { EXCEPTION_ENTRY, ReplayedExceptions } from './replayed-exception.js';
 import { resultStorer } from './stored-result.js';
 
 /** The argument of a mutation that carries the key; without it, the Idempotency-Key header. */
@@ -99,7 +101,17 @@ export class GraphQLTransport implements IdempotencyTransport {
   readonly type = 'graphql';
   readonly defaultConcurrency = 'reject';
 
-  constructor(@Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions) {}
+  private readonly exceptions: ReplayedExceptions;
+
+  constructor(
+    @Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions,
+    config: ApplicationConfig,
+  ) {
+    this.exceptions = new ReplayedExceptions(() => [
+      ...config.getGlobalFilters(),
+      ...config.getGlobalRequestFilters().map((wrapper) => wrapper.metatype),
+    ]);
+  }
 
   applies(context: ExecutionContext): boolean {
     const info = argsOf(context)[3];
@@ -146,25 +158,34 @@ export class GraphQLTransport implements IdempotencyTransport {
     outcome: Outcome,
     options: ResolvedRouteOptions,
     id: RecordId,
-  ): StoredResponse | null {
-    const store = resultStorer(
-      { key: id.key, endpoint: id.endpoint, headers: {} },
-      options.shouldStore,
-      this.moduleOptions.maxResponseBytes,
-    );
+  ): StoredResponse | null | Promise<StoredResponse | null> {
+    const store = (status: number, value: unknown, isError: boolean, headers = {}) =>
+      resultStorer(
+        { key: id.key, endpoint: id.endpoint, headers },
+        options.shouldStore,
+        this.moduleOptions.maxResponseBytes,
+      )(status, value, isError);
     if (outcome.ok) {
       const [, , graphqlContext, info] = argsOf(context);
-      const value = storedFieldValue(
+      return storedFieldValue(
         outcome.value,
         info?.returnType,
         info?.schema,
         graphqlContext,
         info,
-      );
-      return store(200, value, false);
+      ).then((value) => store(200, value, false));
     }
     const { error } = outcome;
-    if (error instanceof HttpException) return store(error.getStatus(), error.getResponse(), true);
+    if (error instanceof HttpException) {
+      // Its class, so the filters that caught it catch its replay (`@Catch(OutOfStockException)`).
+      const entry = this.exceptions.entryFor(error);
+      return store(
+        error.getStatus(),
+        error.getResponse(),
+        true,
+        entry ? { [EXCEPTION_ENTRY]: entry } : {},
+      );
+    }
     const extensions = (error as { extensions?: unknown } | null)?.extensions;
     const code = (extensions as { code?: unknown } | undefined)?.code;
     // A GraphQL error with a code of its own (BAD_USER_INPUT, a business code) is an answer the
@@ -172,7 +193,10 @@ export class GraphQLTransport implements IdempotencyTransport {
     if (error instanceof Error && typeof code === 'string' && code !== 'INTERNAL_SERVER_ERROR') {
       const status = graphqlErrorStatus(code, extensions as { http?: { status?: unknown } });
       const stored: StoredGraphQLError = {
-        graphqlError: { message: error.message, extensions: extensions as Record<string, unknown> },
+        graphqlError: {
+          message: error.message,
+          extensions: storedExtensions(extensions as Record<string, unknown>),
+        },
       };
       return store(status, stored, true);
     }
@@ -184,8 +208,17 @@ export class GraphQLTransport implements IdempotencyTransport {
     if (!stored.isError) return of(replayedFieldValue(body, argsOf(context)[3]?.schema));
     const graphqlError = (body as Partial<StoredGraphQLError> | null)?.graphqlError;
     if (graphqlError)
-      throw new IdempotencyGraphQLError(graphqlError.message, graphqlError.extensions);
-    throw new HttpException(body as string | object, stored.status);
+      throw new IdempotencyGraphQLError(
+        graphqlError.message,
+        replayedExtensions(graphqlError.extensions),
+      );
+    throw this.exceptions.replayed(
+      context.getHandler(),
+      context.getClass(),
+      stored.headers[EXCEPTION_ENTRY],
+      body,
+      stored.status,
+    );
   }
 
   reject(_context: ExecutionContext, rejection: IdempotencyRejection): Error {
@@ -233,6 +266,29 @@ function graphqlErrorStatus(code: string, extensions: { http?: { status?: unknow
     GRAPHQL_CLIENT_ERROR_STATUSES.get(code) ??
     (typeof named === 'number' && named >= 400 ? named : GRAPHQL_BUSINESS_ERROR_STATUS)
   );
+}
+
+/**
+ * An error's extensions as stored: Apollo's `http.headers` (a Map, whose JSON is `{}`) as its
+ * entries. Apollo takes `http` out of the response only when its headers are a Map.
+ */
+function storedExtensions(extensions: Record<string, unknown>): Record<string, unknown> {
+  const http = extensions.http as { headers?: unknown } | undefined;
+  if (!(http?.headers instanceof Map)) return extensions;
+  return { ...extensions, http: { ...http, headers: [...http.headers.entries()] } };
+}
+
+/** The extensions to throw again: `http.headers` a Map again (from its entries, or a record). */
+function replayedExtensions(extensions: Record<string, unknown>): Record<string, unknown> {
+  const http = extensions?.http as { headers?: unknown } | undefined;
+  const headers = http?.headers;
+  if (typeof headers !== 'object' || headers === null) return extensions;
+  try {
+    const entries = Array.isArray(headers) ? headers : Object.entries(headers);
+    return { ...extensions, http: { ...http, headers: new Map(entries as [string, string][]) } };
+  } catch {
+    return extensions;
+  }
 }
 
 function argsOf(context: ExecutionContext): ResolverArgs {

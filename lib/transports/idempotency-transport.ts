@@ -44,14 +44,15 @@ export interface IdempotencyTransport {
   describe(context: ExecutionContext): OperationDescription | Promise<OperationDescription>;
   /**
    * The response to store for the handler's outcome, or `null` when it is not stored (the key is
-   * then released): a crash, a status the policy does not keep, too large, a stream. Never throws.
+   * then released): a crash, a status the policy does not keep, too large, a stream. Never throws
+   * (nor rejects: a promise when the value must be read first, as GraphQL's lazy fields).
    */
   capture(
     context: ExecutionContext,
     outcome: Outcome,
     options: ResolvedRouteOptions,
     id: RecordId,
-  ): StoredResponse | null;
+  ): StoredResponse | null | Promise<StoredResponse | null>;
   /** Answers with a stored response, as the first call was answered. */
   replay(
     context: ExecutionContext,
