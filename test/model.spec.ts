@@ -167,8 +167,13 @@ describe.each(combinations)('model: %s on %s', (transport, _storeName, storeTarg
     const details = await fc.check(property, { numRuns: RUNS, seed: SEED, path: PATH });
     if (details.failed) {
       const replayPath = /replayPath="([^"]*)"/.exec(String(details.counterexample?.[0]))?.[1];
+      // What else shapes the sequences must be set the same way to replay them.
+      const shaping = ['MODEL_COMMANDS', 'MODEL_INCLUDE_BROKEN']
+        .filter((name) => process.env[name])
+        .map((name) => `${name}=${process.env[name]} `)
+        .join('');
       throw new Error(
-        `${fc.defaultReportMessage(details)}\n\n${String((details.errorInstance as Error | undefined)?.message ?? details.errorInstance)}\n\nReplay: MODEL_SEED=${details.seed} MODEL_PATH="${details.counterexamplePath}"` +
+        `${fc.defaultReportMessage(details)}\n\n${String((details.errorInstance as Error | undefined)?.message ?? details.errorInstance)}\n\nReplay: ${shaping}MODEL_SEED=${details.seed} MODEL_PATH="${details.counterexamplePath}"` +
           `${replayPath ? ` MODEL_REPLAY_PATH="${replayPath}"` : ''} NODE_OPTIONS=--experimental-vm-modules ` +
           `npx jest test/model.spec.ts -t 'model: ${transport} on ${storeTarget.name}'`,
       );
