@@ -21,7 +21,7 @@ import { runAsOperation } from './idempotency.context.js';
 import { IdempotencyTracing, type TracedStep } from './observability/idempotency-tracing.js';
 import { openUnencrypted, UnreadableResponseError } from './security/response-sealer.js';
 import type { EntityManager } from 'typeorm';
-import { isConnectionFailure } from './storage/connection-failure.js';
+import { isConnectionFailure, isDatabaseConnectionFailure } from './storage/connection-failure.js';
 import { timerDelay } from './utils/duration.js';
 import { quietLogger } from './utils/quiet-logger.js';
 
@@ -359,6 +359,7 @@ export class IdempotencyService implements OnApplicationShutdown {
    */
   private async lostItsConnection(transaction: StoreTransaction, error: unknown): Promise<boolean> {
     if (error instanceof HttpException || !isConnectionFailure(error)) return false;
+    if (isDatabaseConnectionFailure(error)) return true;
     try {
       await this.withinStoreTimeout(transaction.manager.query('SELECT 1'));
       return false;

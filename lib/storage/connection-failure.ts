@@ -5,13 +5,27 @@
  * finds the stored response. Looks through TypeORM's `driverError` and `cause`.
  */
 export function isConnectionFailure(error: unknown): boolean {
+  return findFailure(error, FAILURE_CODES);
+}
+
+/**
+ * A connection failure that only a database client reports (PostgreSQL's and MySQL's codes, pg's
+ * messages), not a bare socket error that any client (an HTTP call to a gateway) could raise: a
+ * transaction that met one has lost its connection, whatever a later probe on the pool finds (behind
+ * PgBouncer the probe may get a new server connection).
+ */
+export function isDatabaseConnectionFailure(error: unknown): boolean {
+  return findFailure(error, DATABASE_FAILURE_CODES);
+}
+
+function findFailure(error: unknown, codes: RegExp): boolean {
   for (let candidate = error, depth = 0; candidate && depth < 4; depth++) {
     const { code, errno, message } = candidate as {
       code?: unknown;
       errno?: unknown;
       message?: unknown;
     };
-    if (typeof code === 'string' && FAILURE_CODES.test(code)) return true;
+    if (typeof code === 'string' && codes.test(code)) return true;
     // MariaDB's ER_CONNECTION_KILLED, which mysql2 reports by number only (no `code`).
     if (errno === 1927 && code === undefined) return true;
     if (typeof message === 'string' && FAILURE_MESSAGES.test(message)) return true;
@@ -28,6 +42,10 @@ export function isConnectionFailure(error: unknown): boolean {
  */
 const FAILURE_CODES =
   /^(?:ECONNRESET|ECONNREFUSED|EPIPE|ETIMEDOUT|EHOSTUNREACH|ENETUNREACH|EAI_AGAIN|08[0-9A-Z]{3}|57P0[123]|25006|PROTOCOL_CONNECTION_LOST|ER_SERVER_SHUTDOWN|ER_CONNECTION_KILLED)$/;
+
+/** FAILURE_CODES less Node's socket errors. */
+const DATABASE_FAILURE_CODES =
+  /^(?:08[0-9A-Z]{3}|57P0[123]|25006|PROTOCOL_CONNECTION_LOST|ER_SERVER_SHUTDOWN|ER_CONNECTION_KILLED)$/;
 
 /** pg reports a dropped connection without a code. */
 const FAILURE_MESSAGES =
