@@ -50,24 +50,25 @@ onRedis('review: Redis store', () => {
     redis.disconnect();
   });
 
-  // DEFECT: the service retries a claim whose connection died with the same token ("a claim that
-  // finds its own token counts as claimed"); the SQL dialects honour that, Redis's CLAIM script does
-  // not: the retry answers "in progress" against itself (409, key locked for lockTimeout).
-  it.skip('a claim retried with its own token counts as claimed (Redis)', async () => {
+  // Was a defect: the service retries a claim whose connection died with the same token ("a claim
+  // that finds its own token counts as claimed"); Redis's CLAIM script answered "in progress"
+  // against itself (409, key locked for lockTimeout).
+  it('a claim retried with its own token counts as claimed (Redis)', async () => {
     const claim = request(id());
     expect((await store.claim(claim)).claimed).toBe(true);
     expect((await store.claim(claim)).claimed).toBe(true);
   });
 
-  // DEFECT (gap): no leaseState on Redis, so a complete() retried after a lost answer is
-  // logged and counted as a lost lease although the response was stored.
-  it.skip('has leaseState, so a retried completion whose first answer was lost is recognised', async () => {
+  // Was a gap: no leaseState on Redis, so a complete() retried after a lost answer was logged and
+  // counted as a lost lease although the response was stored.
+  it('has leaseState, so a retried completion whose first answer was lost is recognised', async () => {
     const claim = request(id());
     const result = await store.claim(claim);
     if (!result.claimed) throw new Error('not claimed');
     expect(await store.complete(result.lease, response, Date.now() + 60_000)).toBe(true);
     expect(await store.complete(result.lease, response, Date.now() + 60_000)).toBe(false);
-    expect(typeof store.leaseState).toBe('function');
+    expect(await store.leaseState!(result.lease)).toBe('completed');
+    expect(await store.leaseState!({ ...result.lease, token: 'another' })).toBe('taken');
   });
 
   it('works with a client keyPrefix plus the store prefix: keys, replay and wake-ups', async () => {

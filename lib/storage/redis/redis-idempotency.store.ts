@@ -5,6 +5,7 @@ import type {
   ClaimResult,
   IdempotencyStore,
   Lease,
+  LeaseState,
   RecordId,
   RecordState,
   RecordWatch,
@@ -67,6 +68,8 @@ export interface RedisIdempotencyStoreOptions {
 const CLAIM = `
 local r = redis.call('HMGET', KEYS[1], 's', 'f', 'x', 'c', 'h', 'b', 'e', 'r', 't')
 local takeover = 0
+-- This claim's own token: an earlier attempt of it landed (its answer was lost).
+if r[1] == 'in_progress' and r[9] == ARGV[2] then return {1, 0} end
 if r[1] then
   local dead = tonumber(r[3]) <= tonumber(ARGV[3]) and (r[1] == 'completed' or r[2] == ARGV[1])
   if not dead then return {0, r[1], r[2], r[3], r[4] or '', r[5] or '', r[6] or '', r[7] or '', r[8] or '', r[6] and '1' or '0', r[9] or ''} end
@@ -76,6 +79,14 @@ end
 redis.call('HSET', KEYS[1], 's', 'in_progress', 'f', ARGV[1], 't', ARGV[2], 'x', ARGV[4])
 redis.call('PEXPIREAT', KEYS[1], tonumber(ARGV[4]) + tonumber(ARGV[5]))
 return {1, takeover}`;
+
+/** Where a lease stands: absent, taken (another token), completed or held. */
+const LEASE_STATE = `
+local r = redis.call('HMGET', KEYS[1], 's', 't')
+if not r[1] then return 'absent' end
+if r[2] ~= ARGV[1] then return 'taken' end
+if r[1] == 'completed' then return 'completed' end
+return 'held'`;
 
 const UNDER_LEASE = `
 local held = redis.call('HMGET', KEYS[1], 's', 't', 'x')
@@ -108,6 +119,7 @@ interface Scripts {
   idempotencyComplete(key: string, ...args: (string | number)[]): Promise<number>;
   idempotencyRelease(key: string, ...args: (string | number)[]): Promise<number>;
   idempotencyRenew(key: string, ...args: (string | number)[]): Promise<number>;
+  idempotencyLeaseState(key: string, token: string): Promise<LeaseState>;
 }
 
 /**
@@ -145,6 +157,8 @@ export class RedisIdempotencyStore implements IdempotencyStore {
       redis.defineCommand('idempotencyRelease', { numberOfKeys: 1, lua: RELEASE });
       redis.defineCommand('idempotencyRenew', { numberOfKeys: 1, lua: RENEW });
     }
+    if (!this.redis.idempotencyLeaseState)
+      redis.defineCommand('idempotencyLeaseState', { numberOfKeys: 1, lua: LEASE_STATE });
   }
 
   async claim({ id, fingerprint, token, now, lockedUntil }: ClaimRequest): Promise<ClaimResult> {
@@ -212,6 +226,10 @@ export class RedisIdempotencyStore implements IdempotencyStore {
       (await this.redis.idempotencyRelease(this.keyOf(lease.id), ...this.leaseArguments(lease))) ===
       1
     );
+  }
+
+  leaseState(lease: Lease): Promise<LeaseState> {
+    return this.redis.idempotencyLeaseState(this.keyOf(lease.id), lease.token);
   }
 
   async renew(lease: Lease, lockedUntil: number): Promise<boolean> {
