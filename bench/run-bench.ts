@@ -202,6 +202,7 @@ if (backgroundBusy !== null && backgroundBusy > 0.25) {
     `[bench] note: the machine was ${Math.round(backgroundBusy * 100)} % busy before the bench started; see the "other" CPU column`,
   );
 }
+await (await import('./charts.js')).writeCharts();
 log(`done; wrote bench/results.md and bench/results.json`);
 // The PGlite worker thread of the growth phase can keep the event loop alive.
 process.exit(0);
