@@ -32,8 +32,11 @@ export type IdempotencyEvent =
  * but `purged`).
  */
 export interface IdempotencyEventMessage {
+  /** What happened. */
   readonly event: IdempotencyEvent;
+  /** How many times (rows, for `purged`; 1 for the others). */
   readonly count: number;
+  /** The record's scope, endpoint and key; absent for `purged`. */
   readonly id?: RecordId;
 }
 
@@ -42,6 +45,10 @@ export function idempotencyChannelName(event: IdempotencyEvent): string {
   return `nestjs-idempotency:${event}`;
 }
 
+/**
+ * A listener of {@link IdempotencyMetrics.onEvent}: called with each event and how many times it
+ * happened. A listener that throws is logged once and ignored; it never changes a request's outcome.
+ */
 export type IdempotencyEventListener = (event: IdempotencyEvent, count: number) => void;
 
 const EVENTS: readonly IdempotencyEvent[] = [

@@ -29,6 +29,7 @@ export class IdempotencyPurgeJob implements OnApplicationBootstrap, OnModuleDest
     private readonly metrics: IdempotencyMetrics,
   ) {}
 
+  /** Starts the purge timer (every `purgeInterval`, default `'1m'`), unless `purgeInterval` is `false` or `0`. */
   onApplicationBootstrap(): void {
     if (this.options.purgeIntervalMs <= 0) return;
     this.timer = setInterval(() => {
@@ -39,6 +40,7 @@ export class IdempotencyPurgeJob implements OnApplicationBootstrap, OnModuleDest
     this.timer.unref();
   }
 
+  /** Stops the timer and waits for a purge that is running to finish. */
   async onModuleDestroy(): Promise<void> {
     this.stopped = true;
     clearInterval(this.timer);

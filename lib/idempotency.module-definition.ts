@@ -6,12 +6,19 @@ import type { IdempotencyModuleOptions } from './interfaces/idempotency-options.
  * The module is always global: `@Idempotent()` attaches the interceptor in whatever module the
  * controller lives, and the interceptor needs this module's providers there.
  */
+const definition = new ConfigurableModuleBuilder<IdempotencyModuleOptions>()
+  .setClassMethodName('forRoot')
+  .setExtras({}, (module) => ({ ...module, global: true }))
+  .build();
+
 export const {
   ConfigurableModuleClass: ConfigurableIdempotencyModule,
-  MODULE_OPTIONS_TOKEN: IDEMPOTENCY_MODULE_OPTIONS,
   OPTIONS_TYPE,
   ASYNC_OPTIONS_TYPE,
-} = new ConfigurableModuleBuilder<IdempotencyModuleOptions>()
-  .setClassMethodName('forRoot')
-  .setExtras({}, (definition) => ({ ...definition, global: true }))
-  .build();
+} = definition;
+
+/**
+ * The injection token of the module's options as given to `forRoot` (or made by `forRootAsync`'s
+ * factory), before defaults are applied: `@Inject(IDEMPOTENCY_MODULE_OPTIONS)`.
+ */
+export const IDEMPOTENCY_MODULE_OPTIONS = definition.MODULE_OPTIONS_TOKEN;

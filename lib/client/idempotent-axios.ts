@@ -8,19 +8,27 @@ import { isStream, type IdempotentRetryOptions } from './retry-policy.js';
  * config and response types are the instance's own (`AxiosRequestConfig`, `AxiosResponse`).
  */
 export interface AxiosLike {
+  /** Sends one request (axios's own `request(config)`); called once per attempt. */
   request(config: never): Promise<AxiosResponseLike>;
 }
 
 /** The parts of a request config this client reads and sets; the rest goes to axios as given. */
 export interface AxiosRequestLike {
+  /** The request's headers: `Idempotency-Key` is added to them (an existing one is the key). */
   headers?: object;
+  /** Aborts the operation: the attempt in flight and every later one. */
   signal?: unknown;
+  /** The body: must be replayable (a stream is refused before any attempt). */
   data?: unknown;
 }
 
+/** The parts of an axios response this client reads: its status and headers (`Retry-After`, `Idempotent-Replayed`). */
 export interface AxiosResponseLike<T = unknown> {
+  /** The response body, as axios parsed it. */
   data: T;
+  /** The HTTP status. */
   status: number;
+  /** The response headers (axios's `AxiosHeaders` or a plain object). */
   headers: unknown;
 }
 

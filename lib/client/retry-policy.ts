@@ -49,10 +49,13 @@ export interface IdempotentRetryOptions {
 /** Why an attempt is retried: a network error, its own timeout, or a retryable status. */
 export type RetryReason = 'network' | 'timeout' | number;
 
+/** What `onRetry` is told before each retry. */
 export interface RetryEvent {
+  /** The operation's `Idempotency-Key`, the same on every attempt. */
   readonly key: string;
   /** The attempt that failed, 1-based. */
   readonly attempt: number;
+  /** Why the attempt failed: `'network'`, `'timeout'`, or the status it answered. */
   readonly reason: RetryReason;
   /** The wait before the next attempt, jitter and `Retry-After` included. */
   readonly delayMs: number;

@@ -8,8 +8,10 @@ import { isDeepStrictEqual } from 'node:util';
  * the `nestjs-idempotency-check` command (cli.ts).
  */
 
+/** The draft the checks follow, named in every report: `draft-ietf-httpapi-idempotency-key-header-06`. */
 export const DRAFT = 'draft-ietf-httpapi-idempotency-key-header-06';
 
+/** What to check: the endpoint, the request it accepts, and how to send it. */
 export interface ConformanceOptions {
   /** The endpoint, e.g. `http://localhost:3000/payments`. */
   readonly url: string;
@@ -38,23 +40,34 @@ export interface ConformanceOptions {
   readonly timeoutMs?: number;
 }
 
+/** A check's verdict: `skip` when it cannot tell (e.g. a replay that looks like a new execution). */
 export type CheckStatus = 'pass' | 'fail' | 'skip';
 
+/** One check of the report. */
 export interface CheckResult {
+  /** A stable identifier of the check, for scripts reading `--json`. */
   readonly id: string;
   /** The draft's section, e.g. `2.7`. */
   readonly section: string;
+  /** What the check expects, in a sentence. */
   readonly title: string;
+  /** Its verdict. */
   readonly status: CheckStatus;
   /** What was seen, in a sentence. */
   readonly detail: string;
 }
 
+/** What `checkConformance` found. */
 export interface ConformanceReport {
+  /** The draft checked against ({@link DRAFT}). */
   readonly draft: string;
+  /** The method the checks sent. */
   readonly method: string;
+  /** The endpoint checked. */
   readonly url: string;
+  /** Every check, in the order run. */
   readonly checks: readonly CheckResult[];
+  /** No check failed (skipped ones do not count against it). */
   readonly passed: boolean;
 }
 

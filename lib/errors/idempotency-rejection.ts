@@ -18,10 +18,13 @@ export type RejectionCode =
 
 /** A rejection before a transport renders it. */
 export interface IdempotencyRejection {
+  /** Which rejection it is, the same on every transport (`key-reused`, `request-in-progress`, …). */
   readonly code: RejectionCode;
   /** The HTTP status this rejection stands for (409, 422, …); RPC and GraphQL carry it too. */
   readonly status: number;
+  /** A short summary, the same for every rejection of its code. */
   readonly title: string;
+  /** What went wrong with this request, for a human reader. */
   readonly detail: string;
   /** When a retry may succeed (409, 503): seconds. */
   readonly retryAfterSeconds?: number;
@@ -108,6 +111,7 @@ export function rejection(
 
 /** Thrown inside the module to stop a call with a rejection; the transport renders it. */
 export class IdempotencyRejectionError extends Error {
+  /** @param rejection The rejection to render. */
   constructor(readonly rejection: IdempotencyRejection) {
     super(rejection.title);
   }

@@ -5,11 +5,15 @@ import { rejection, type IdempotencyRejection } from './idempotency-rejection.js
 export interface ProblemDetails {
   /** A `tag:` URI (RFC 4151): a stable identifier that is not meant to be fetched. */
   readonly type: string;
+  /** A short summary of the problem, the same for every occurrence of its type. */
   readonly title: string;
+  /** The HTTP status code of the response. */
   readonly status: number;
+  /** What went wrong with this request, for a human reader. */
   readonly detail: string;
 }
 
+/** The media type of every error response of this module (RFC 9457): `application/problem+json`. */
 export const PROBLEM_CONTENT_TYPE = 'application/problem+json';
 const PROBLEM_TYPE_BASE = 'tag:nestjs-idempotency,2026:';
 
@@ -23,6 +27,7 @@ export abstract class IdempotencyException extends HttpException {
   /** Headers to send with the problem (besides its Content-Type): `Retry-After` when a retry may succeed. */
   readonly headers: Readonly<Record<string, string>>;
 
+  /** @param rejection The rejection this exception renders: its code, status, text and retry delay. */
   protected constructor(readonly rejection: IdempotencyRejection) {
     const problem: ProblemDetails = {
       type: PROBLEM_TYPE_BASE + rejection.code,

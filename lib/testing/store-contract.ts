@@ -25,7 +25,9 @@ export interface StoreContractOptions {
 
 /** One check of the contract: a name for the test runner, and the check (rejects on failure). */
 export interface StoreCheck {
+  /** The check's name, for `it(check.name, …)` or `test(check.name, …)`. */
   readonly name: string;
+  /** Runs the check against the store; rejects with what the store got wrong. */
   run(): Promise<void>;
 }
 
