@@ -112,6 +112,7 @@ export class KeyStateMachine {
    * the store propagate: without a decision the handler must not run.
    */
   begin(request: BeginRequest): Promise<Decision> {
+    if (!this.events.tracing) return this.decideWaiting(request);
     return this.events.step('claim', request.id, async (traced) => {
       try {
         const decision = await this.decideWaiting(request);
