@@ -2,15 +2,9 @@ import { createParamDecorator, Injectable } from '@nestjs/common';
 import { AsyncLocalStorage } from 'node:async_hooks';
 import { createHash } from 'node:crypto';
 import type { EntityManager } from 'typeorm';
-import type { RecordId } from './storage/idempotency-store.interface.js';
+import type { IdempotentOperation } from './core/types.js';
 
-/** The idempotent operation a handler is running for: what `IdempotencyContext` tells it. */
-export interface IdempotentOperation extends RecordId {
-  /** The fingerprint of the payload the key is bound to. */
-  readonly fingerprint: string;
-  /** The transaction of a transactional route; `undefined` on other routes. */
-  readonly entityManager: EntityManager | undefined;
-}
+export type { IdempotentOperation };
 
 const running = new AsyncLocalStorage<IdempotentOperation>();
 

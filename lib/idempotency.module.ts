@@ -21,6 +21,8 @@ import { IdempotencyService } from './idempotency.service.js';
 import { IdempotencyContext } from './idempotency.context.js';
 import { IdempotencyMetrics } from './idempotency-metrics.js';
 import { IdempotencyTracing } from './observability/idempotency-tracing.js';
+import { observedKeyEvents } from './observability/key-event-observers.js';
+import { KeyEvents } from './core/key-events.js';
 import { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
 import { IdempotentRoutesCheck } from './interceptors/idempotent-routes.check.js';
 import { GraphQLTransport } from './transports/graphql.transport.js';
@@ -78,6 +80,12 @@ const providers: Provider[] = [
     inject: [IDEMPOTENCY_MODULE_OPTIONS, RESOLVED_OPTIONS, IDEMPOTENCY_CONNECTION],
   },
   { provide: IdempotencyTracing, useFactory: () => IdempotencyTracing.load() },
+  // The key's events, observed by the metrics, the logs and (when a tracer is active) the spans.
+  {
+    provide: KeyEvents,
+    useFactory: observedKeyEvents,
+    inject: [IdempotencyMetrics, IdempotencyTracing],
+  },
   IdempotencyService,
   IdempotencyContext,
   IdempotencyMetrics,

@@ -3,15 +3,14 @@ import {
   IDEMPOTENT_ROUTE_OPTIONS,
   RELEASING_CLIENT_STATUSES,
 } from './idempotency.constants.js';
+import type { ConcurrencyMode, MessageAcknowledgement } from './core/types.js';
 import type {
-  ConcurrencyMode,
   IdempotencyModuleOptions,
   IdempotencyRouteOptions,
   ScopeResolver,
   StoreStatusPolicy,
 } from './interfaces/idempotency-options.interface.js';
 import { toMilliseconds } from './utils/duration.js';
-import type { MessageAcknowledgement } from './transports/rpc.transport.js';
 import { ResponseSealer } from './security/response-sealer.js';
 import { ReplayCache } from './replay-cache.js';
 

@@ -2,15 +2,14 @@ import type { DataSource, DataSourceOptions } from 'typeorm';
 import type { Duration } from '../utils/duration.js';
 import type { IdempotencyStore } from '../storage/idempotency-store.interface.js';
 import type { TransactionRunner } from '../storage/typeorm/typeorm-idempotency.store.js';
-import type { MessageAcknowledgement } from '../transports/rpc.transport.js';
+import type { ConcurrencyMode, MessageAcknowledgement } from '../core/types.js';
 import type { IdempotencyEncryptionOptions } from '../security/response-sealer.js';
 import type { ReplayCacheOptions } from '../replay-cache.js';
 import type { ScopeValue } from '../utils/scope-value.js';
 
 export type { ScopeValue };
 
-/** What a duplicate does while the first request with its key is still running. */
-export type ConcurrencyMode = 'reject' | 'wait';
+export type { ConcurrencyMode };
 
 /**
  * Identifies the caller, so keys never cross callers: a user id, an API key, a tenant. Receives the

@@ -1,18 +1,13 @@
 import { Logger } from '@nestjs/common';
+import { UNTRACED, type KeyStep, type StepTracer, type TracedStep } from '../core/key-events.js';
 import type { RecordId } from '../storage/idempotency-store.interface.js';
 
 type OpenTelemetryApi = typeof import('@opentelemetry/api');
 
-/** What a traced step may say about itself. */
-export interface TracedStep {
-  /** Sets `idempotency.outcome` on the step's span. */
-  outcome(outcome: string): void;
-}
-
-const UNTRACED: TracedStep = { outcome: () => undefined };
+export type { TracedStep };
 
 /** The spans of the module: `idempotency.claim`, `idempotency.run` and `idempotency.complete`. */
-export type TracedStepName = 'claim' | 'run' | 'complete';
+export type TracedStepName = KeyStep;
 
 /**
  * OpenTelemetry spans around the steps of a key — the claim (with the decision as its outcome),
@@ -21,12 +16,34 @@ export type TracedStepName = 'claim' | 'run' | 'complete';
  * and the run's span is active while the handler runs, so the handler's own spans nest under it.
  * Without the package, or without a registered tracer provider, tracing costs next to nothing.
  */
-export class IdempotencyTracing {
+export class IdempotencyTracing implements StepTracer {
   private readonly tracer;
   private failureLogged = false;
+  /** The tracer provider OpenTelemetry delegates to while none is registered. */
+  private readonly noProvider: unknown;
 
   private constructor(private readonly api: OpenTelemetryApi | null) {
     this.tracer = api?.trace.getTracer('nestjs-idempotency');
+    this.noProvider = api ? new api.ProxyTracerProvider().getDelegate() : undefined;
+  }
+
+  /**
+   * Whether a tracer provider is registered: without one a step is not even begun (no span, no
+   * context), so tracing costs a property read. Steps still check that their span records
+   * (sampling).
+   */
+  active(): boolean {
+    const { api } = this;
+    if (!api || !this.tracer) return false;
+    try {
+      const provider = api.trace.getTracerProvider();
+      return (
+        !(provider instanceof api.ProxyTracerProvider) || provider.getDelegate() !== this.noProvider
+      );
+    } catch {
+      // Let `step` find out, and log it once.
+      return true;
+    }
   }
 
   /** Loads `@opentelemetry/api` if it is installed; otherwise steps run untraced. */

@@ -9,7 +9,7 @@ import {
   type ResolvedModuleOptions,
   type ResolvedRouteOptions,
 } from '../idempotency.options.js';
-import type { Outcome } from '../idempotency.service.js';
+import type { Outcome } from '../core/types.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import { readIdempotencyKey } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';

@@ -1,9 +1,8 @@
 import type { ExecutionContext } from '@nestjs/common';
 import type { Observable } from 'rxjs';
 import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
-import type { Outcome } from '../idempotency.service.js';
+import type { ConcurrencyMode, Outcome, SettledMessage } from '../core/types.js';
 import type { ResolvedRouteOptions } from '../idempotency.options.js';
-import type { ConcurrencyMode } from '../interfaces/idempotency-options.interface.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import type { FingerprintInput } from '../utils/fingerprint.js';
 import type { KeyReading } from '../utils/idempotency-key.js';
@@ -20,8 +19,6 @@ export interface OperationDescription {
   /** What makes two calls with one key "the same request". */
   readonly fingerprint: FingerprintInput;
 }
-
-import type { SettledMessage } from './rpc.transport.js';
 
 /**
  * One adapter per transport (HTTP, GraphQL, RPC): everything the interceptor needs that depends

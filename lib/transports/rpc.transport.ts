@@ -6,7 +6,7 @@ import {
   type ResolvedModuleOptions,
   type ResolvedRouteOptions,
 } from '../idempotency.options.js';
-import type { Outcome } from '../idempotency.service.js';
+import type { MessageAcknowledgement, Outcome, SettledMessage } from '../core/types.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import { canonicalJson } from '../utils/fingerprint.js';
 import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js';
@@ -32,29 +32,7 @@ export interface MessageScopeSource {
   readonly context: unknown;
 }
 
-/**
- * How a message ended, as told to `acknowledge`, once for every message that reaches
- * `@Idempotent()`: `done` (the handler returned, or gave its final answer: a stored result, an
- * RpcException without a `statusCode`; or it was a duplicate of a completed message), `retry` (not
- * done, and it may succeed later: in progress elsewhere, the store unreachable, its claim lost, the
- * handler crashed or failed with a 5xx, 408 or 429), or `drop` (delivering it again cannot help:
- * another payload under its key, an invalid or missing key, a released 4xx other than 408 and 429
- * such as a 400 from the ValidationPipe, a refusal by the `scope` resolver).
- */
-export type SettledMessage =
-  | { readonly kind: 'done'; readonly replayed: boolean }
-  | { readonly kind: 'retry'; readonly reason: string }
-  | { readonly kind: 'drop'; readonly reason: string };
-
-/**
- * Settles a message with its broker, once `@Idempotent()` knows how it ended (see
- * `SettledMessage`): with manual acknowledgement, let the module acknowledge instead of the
- * handler, since the handler's own `ack` would come before the result is committed (a crash in
- * between would lose the message) and never comes for a duplicate the module answers itself.
- * Called once per message, also when several handlers of its event acknowledge (then once the last
- * of them has settled it).
- */
-export type MessageAcknowledgement = (context: unknown, settled: SettledMessage) => void;
+export type { MessageAcknowledgement, SettledMessage };
 
 /**
  * For RabbitMQ with `noAck: false`: `ack` what is done, `nack` with requeue what should be retried
