@@ -58,7 +58,11 @@ function clusterClient(ports: number[]): Promise<Cluster> {
     },
   );
   return new Promise((resolve, reject) => {
-    cluster.once('ready', () => resolve(cluster));
+    cluster.once('ready', () => {
+      // The killed master's connection errors: the requests they fail answer 503, counted below.
+      cluster.on('error', () => undefined);
+      resolve(cluster);
+    });
     cluster.once('error', reject);
   });
 }
@@ -148,6 +152,7 @@ function clusterClient(ports: number[]): Promise<Cluster> {
       for (const instance of instances) {
         instance.http.close();
         await instance.app.close();
+        await instance.store.close();
         instance.client.disconnect();
       }
     });
