@@ -54,7 +54,7 @@ function clusterClient(ports: number[]): Promise<Cluster> {
     ports.map((port) => ({ host: '127.0.0.1', port })),
     {
       enableOfflineQueue: false,
-      redisOptions: { enableOfflineQueue: false, maxRetriesPerRequest: 0 },
+      redisOptions: { maxRetriesPerRequest: 0 },
     },
   );
   return new Promise((resolve, reject) => {

@@ -184,11 +184,7 @@ export class RedisClusterProcesses {
     });
     try {
       await client.connect();
-      const ranges = (await client.cluster('SLOTS')) as [
-        number,
-        number,
-        ...[string, number, string][],
-      ][];
+      const ranges = await client.cluster('SLOTS');
       const byMaster = new Map<number, ClusterShard>();
       for (const [from, to, master, ...replicas] of ranges) {
         const shard = byMaster.get(master[1]) ?? {
