@@ -103,8 +103,15 @@ function mariadbFromEnv(): TestDatabase[] {
 }
 
 /**
+ * TEST_DATABASES=pglite,postgres keeps only the databases named (the Node matrix of
+ * `.ci/node-matrix` runs without SQLite: better-sqlite3's addon is built for the main Node only).
+ */
+const only = process.env.TEST_DATABASES?.split(',').map((name) => name.trim());
+
+/**
  * Every database configured for this run: the embedded ones (PGlite, SQLite) always, the servers
- * when their variables are set (DATABASE_URL for PostgreSQL, MARIADB_URL for MariaDB).
+ * when their variables are set (DATABASE_URL for PostgreSQL, MARIADB_URL for MariaDB), all narrowed
+ * to TEST_DATABASES when it is set.
  */
 export const testDatabases: readonly TestDatabase[] = [
   pglite,
@@ -112,7 +119,7 @@ export const testDatabases: readonly TestDatabase[] = [
   ...postgresFromEnv(),
   ...mariadbFromEnv(),
   ...pgbouncerFromEnv(),
-];
+].filter((database) => !only || only.includes(database.name));
 
 /** The same, as `describe.each` rows. */
 export const eachDatabase = testDatabases.map((database) => [database.name, database] as const);
