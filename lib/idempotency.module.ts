@@ -22,6 +22,8 @@ import { IdempotencyMetrics } from './idempotency-metrics.js';
 import { IdempotencyTracing } from './observability/idempotency-tracing.js';
 import { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
 import { IdempotentRoutesCheck } from './interceptors/idempotent-routes.check.js';
+import { IdempotencyRunner } from './functions/idempotency-runner.js';
+import { IdempotentMethodsExplorer } from './functions/idempotent-methods.explorer.js';
 import { GraphQLTransport } from './transports/graphql.transport.js';
 import { HttpTransport } from './transports/http.transport.js';
 import { RpcTransport } from './transports/rpc.transport.js';
@@ -87,6 +89,8 @@ const providers: Provider[] = [
   IdempotencyPurgeJob,
   IdempotentRoutesCheck,
   idempotencyOpenApiProvider,
+  IdempotencyRunner,
+  IdempotentMethodsExplorer,
 ];
 
 /**
@@ -114,6 +118,7 @@ function refuseInMemoryInProduction(options: IdempotencyModuleOptions): void {
     IdempotencyMetrics,
     IdempotencyContext,
     IdempotencyService,
+    IdempotencyRunner,
     HttpTransport,
     GraphQLTransport,
     RpcTransport,
