@@ -52,10 +52,10 @@ export interface IdempotentMethodOptions<
  */
 export function IdempotentMethod<A extends unknown[]>(
   options: IdempotentMethodOptions<A>,
-): (
+): <M extends (...args: A) => Promise<unknown>>(
   target: object,
   property: string | symbol,
-  descriptor: TypedPropertyDescriptor<(...args: A) => Promise<unknown>>,
+  descriptor: TypedPropertyDescriptor<M>,
 ) => void {
   if (typeof options?.key !== 'function')
     throw new TypeError(
