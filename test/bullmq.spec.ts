@@ -74,8 +74,9 @@ describeWithRedis('BullMQ jobs through IdempotentWorkerHost, 3 worker processes'
       { timeoutMs: 45_000, intervalMs: 100 },
     );
 
-  const effectsOf = async (key: string) =>
-    (await db.query(`SELECT id, pid FROM ${effects} WHERE job_key = $1`, [key])) as {
+  /** The effect rows written for a key (`job_key`), or by one job (`job_id`). */
+  const effectsOf = async (key: string, column: 'job_key' | 'job_id' = 'job_key') =>
+    (await db.query(`SELECT id, pid FROM ${effects} WHERE ${column} = $1`, [key])) as {
       id: number;
       pid: number;
     }[];
@@ -91,7 +92,7 @@ describeWithRedis('BullMQ jobs through IdempotentWorkerHost, 3 worker processes'
 
     for (const job of done) {
       expect(await job!.getState()).toBe('completed');
-      const rows = await effectsOf(job!.id!);
+      const rows = await effectsOf(job!.id!, 'job_id');
       expect(rows).toHaveLength(1);
       expect(job!.returnvalue).toEqual({
         effect: rows[0].id,
@@ -117,10 +118,10 @@ describeWithRedis('BullMQ jobs through IdempotentWorkerHost, 3 worker processes'
 
     for (const job of done) {
       expect(await job!.getState()).toBe('completed');
-      expect(await effectsOf(job!.id!)).toHaveLength(1);
+      expect(await effectsOf(job!.id!, 'job_id')).toHaveLength(1);
     }
     // The dead worker's write was rolled back with its transaction; the row is the second run's.
-    const [row] = await effectsOf(victim.id!);
+    const [row] = await effectsOf(victim.id!, 'job_id');
     expect(row.pid).not.toBe(killed.child.pid);
     expect(done[0]!.returnvalue).toEqual({ effect: row.id, pid: row.pid, amount: 7 });
   });

@@ -102,6 +102,7 @@ export interface IdempotentRunResult<T> {
  * see `IdempotencyRunner.compile`.
  */
 export interface CompiledCallOptions {
+  /** The call's options over the module's, durations in ms. */
   readonly route: ResolvedRouteOptions;
 }
 
