@@ -27,7 +27,8 @@ export class IdempotentMethodsExplorer implements OnModuleInit {
     for (const wrapper of wrappers) {
       const { instance, metatype } = wrapper;
       if (!metatype || typeof metatype !== 'function' || wrapper.isNotMetatype) continue;
-      const prototype = metatype.prototype as Record<string, unknown>;
+      const prototype = metatype.prototype as Record<string, unknown> | undefined;
+      if (!prototype) continue;
       const methods = this.scanner
         .getAllMethodNames(prototype)
         .filter((method) =>
