@@ -25,6 +25,8 @@ import { observedKeyEvents } from './observability/key-event-observers.js';
 import { KeyEvents } from './core/key-events.js';
 import { IdempotencyInterceptor } from './interceptors/idempotency.interceptor.js';
 import { IdempotentRoutesCheck } from './interceptors/idempotent-routes.check.js';
+import { IdempotencyRunner } from './functions/idempotency-runner.js';
+import { IdempotentMethodsExplorer } from './functions/idempotent-methods.explorer.js';
 import { GraphQLTransport } from './transports/graphql.transport.js';
 import { HttpTransport } from './transports/http.transport.js';
 import { RpcTransport } from './transports/rpc.transport.js';
@@ -96,6 +98,8 @@ const providers: Provider[] = [
   IdempotencyPurgeJob,
   IdempotentRoutesCheck,
   idempotencyOpenApiProvider,
+  IdempotencyRunner,
+  IdempotentMethodsExplorer,
 ];
 
 /**
@@ -123,6 +127,7 @@ function refuseInMemoryInProduction(options: IdempotencyModuleOptions): void {
     IdempotencyMetrics,
     IdempotencyContext,
     IdempotencyService,
+    IdempotencyRunner,
     HttpTransport,
     GraphQLTransport,
     RpcTransport,

@@ -126,3 +126,25 @@ export {
   type RetryEvent,
   type RetryReason,
 } from './client/index.js';
+export {
+  IdempotencyRunner,
+  IdempotentMethod,
+  IDEMPOTENT_METHOD_OPTIONS,
+  type CompiledCallOptions,
+  type IdempotentCallOptions,
+  type IdempotentMethodOptions,
+  type IdempotentRunContext,
+  type IdempotentRunOptions,
+  type IdempotentRunResult,
+} from './functions/index.js';
+export {
+  IdempotencyConflictError,
+  IdempotencyInvalidCallError,
+  IdempotencyLeaseLostError,
+  IdempotencyPayloadMismatchError,
+  IdempotencyResultNotStoredError,
+  IdempotencyResultUnreadableError,
+  IdempotencyRunError,
+  IdempotencyStoreUnavailableError,
+  type IdempotencyRunErrorDetails,
+} from './errors/idempotency-run.errors.js';

@@ -1,0 +1,1 @@
+export { IdempotentWorkerHost, type IdempotentJobOptions } from './idempotent-worker-host.js';
