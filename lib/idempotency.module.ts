@@ -17,6 +17,7 @@ import {
 } from './idempotency.options.js';
 import { IdempotencyPurgeJob } from './idempotency-purge.job.js';
 import { IdempotencyService } from './idempotency.service.js';
+import { IdempotencyAdmin } from './admin/idempotency-admin.service.js';
 import { IdempotencyContext } from './idempotency.context.js';
 import { IdempotencyMetrics } from './idempotency-metrics.js';
 import { IdempotencyTracing } from './observability/idempotency-tracing.js';
@@ -78,6 +79,7 @@ const providers: Provider[] = [
   },
   { provide: IdempotencyTracing, useFactory: () => IdempotencyTracing.load() },
   IdempotencyService,
+  IdempotencyAdmin,
   IdempotencyContext,
   IdempotencyMetrics,
   IdempotencyInterceptor,
@@ -111,6 +113,7 @@ function refuseInMemoryInProduction(options: IdempotencyModuleOptions): void {
   imports: [DiscoveryModule],
   providers,
   exports: [
+    IdempotencyAdmin,
     IdempotencyMetrics,
     IdempotencyContext,
     IdempotencyService,

@@ -1,6 +1,7 @@
 import {
   recordName,
   type RecordId,
+  type RecordInvalidation,
   type StoredResponse,
 } from './storage/idempotency-store.interface.js';
 
@@ -28,6 +29,7 @@ export interface CachedRecord {
 }
 
 interface Entry extends CachedRecord {
+  readonly id: RecordId;
   readonly bytes: number;
 }
 
@@ -37,7 +39,8 @@ interface Entry extends CachedRecord {
  * it over, no completion or release matches it, no purge deletes it (every store decides with the
  * app's clock, as this cache does). An entry is dropped at its TTL's end, so from then on the
  * store decides. The oldest entries go first when a bound is reached (a hit does not reorder:
- * a Map lookup is all a replay costs).
+ * a Map lookup is all a replay costs). An operator's `forget` or `release` (see `IdempotencyAdmin`)
+ * drops a record at once, in every process its store tells (`invalidate`).
  */
 export class ReplayCache {
   private readonly entries = new Map<string, Entry>();
@@ -74,7 +77,7 @@ export class ReplayCache {
       this.entries.delete(name);
       this.bytes -= previous.bytes;
     }
-    this.entries.set(name, { ...record, bytes });
+    this.entries.set(name, { ...record, id, bytes });
     this.bytes += bytes;
     for (const [oldest, entry] of this.entries) {
       if (this.entries.size <= this.maxEntries && this.bytes <= this.maxBytes) break;
@@ -82,6 +85,36 @@ export class ReplayCache {
       this.bytes -= entry.bytes;
     }
   }
+
+  /** Drops the record of `id`, if it is cached. */
+  delete(id: RecordId): void {
+    const name = recordName(id);
+    const entry = this.entries.get(name);
+    if (!entry) return;
+    this.entries.delete(name);
+    this.bytes -= entry.bytes;
+  }
+
+  /** Drops every cached record whose id `matches`. */
+  deleteWhere(matches: (id: RecordId) => boolean): void {
+    for (const [name, entry] of this.entries) {
+      if (!matches(entry.id)) continue;
+      this.entries.delete(name);
+      this.bytes -= entry.bytes;
+    }
+  }
+
+  /** Drops every cached record. */
+  clear(): void {
+    this.entries.clear();
+    this.bytes = 0;
+  }
+}
+
+/** Drops the records an invalidation names (see `IdempotencyStore.onInvalidated`). */
+export function invalidate(cache: ReplayCache, invalidation: RecordInvalidation): void {
+  if (invalidation.all) cache.clear();
+  else cache.deleteWhere(invalidation.matches);
 }
 
 function sizeOf(response: StoredResponse): number {
