@@ -35,7 +35,7 @@ Options:
       --schema <name>    its PostgreSQL schema (default: the connection's search_path)
       --prefix <prefix>  the Redis store's key prefix (default idempotency:)
       --scope <scope>    release, forget, inspect: only under this scope ('' for unscoped keys)
-      --endpoint <e>     release, forget, inspect: only on this endpoint, e.g. "POST /orders"
+      --endpoint <e>     only on this endpoint, e.g. "POST /orders"
       --body             inspect: print the stored headers and body (a sealed body is opened only
                          with --encryption-key-env)
       --encryption-key-env <NAME>
@@ -146,6 +146,7 @@ async function main(argv: readonly string[]): Promise<number> {
         records = await admin.list({
           actor,
           state: values['in-progress'] ? 'in_progress' : values.completed ? 'completed' : undefined,
+          endpoint: values.endpoint,
           olderThan,
           limit,
         });

@@ -46,6 +46,8 @@ export interface AdminInspectOptions extends AdminRecordSelector {
 export interface AdminListOptions extends AdminActor {
   /** Only records in this state. @default both */
   readonly state?: RecordState;
+  /** Only records of this endpoint, e.g. `POST /orders`. @default every endpoint */
+  readonly endpoint?: string;
   /** Only records claimed at least this long ago (`'5m'`, or ms). @default any age */
   readonly olderThan?: Duration;
   /** At most this many records, oldest claim first. @default 100 */
@@ -164,9 +166,14 @@ export class IdempotencyAdmin implements OnApplicationBootstrap, OnApplicationSh
   onApplicationBootstrap(): void {
     const cache = this.options.replayCache;
     if (!cache || this.stopInvalidations) return;
-    this.stopInvalidations = this.store.onInvalidated?.((invalidation) =>
-      invalidate(cache, invalidation),
-    );
+    this.stopInvalidations = this.store.onInvalidated?.((invalidation) => {
+      invalidate(cache, invalidation);
+      this.logger.debug(
+        invalidation.all
+          ? 'Listening for records that operators delete: replay cache emptied (what was deleted while nobody listened is unknown)'
+          : 'An operator deleted a record: dropped from the replay cache, if it held it',
+      );
+    });
   }
 
   onApplicationShutdown(): void {
@@ -191,6 +198,7 @@ export class IdempotencyAdmin implements OnApplicationBootstrap, OnApplicationSh
       throw new TypeError('nestjs-idempotency: list: limit must be a positive whole number');
     const records = await findRecords({
       state: options.state,
+      endpoint: options.endpoint,
       createdBefore: olderThanMs === undefined ? undefined : Date.now() - olderThanMs,
       limit,
     });
