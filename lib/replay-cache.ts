@@ -45,6 +45,8 @@ interface Entry extends CachedRecord {
 export class ReplayCache {
   private readonly entries = new Map<string, Entry>();
   private bytes = 0;
+  /** Called once, when the first record is cached (see `onFirstUse`). */
+  private firstUse: (() => void) | undefined;
   private readonly maxEntries: number;
   private readonly maxBytes: number;
 
@@ -79,11 +81,25 @@ export class ReplayCache {
     }
     this.entries.set(name, { ...record, id, bytes });
     this.bytes += bytes;
+    if (this.firstUse) {
+      const firstUse = this.firstUse;
+      this.firstUse = undefined;
+      firstUse();
+    }
     for (const [oldest, entry] of this.entries) {
       if (this.entries.size <= this.maxEntries && this.bytes <= this.maxBytes) break;
       this.entries.delete(oldest);
       this.bytes -= entry.bytes;
     }
+  }
+
+  /**
+   * Calls `callback` once, when the first record is cached (at once if one is): a process that
+   * never replays opens no connection to hear about invalidations.
+   */
+  onFirstUse(callback: () => void): void {
+    if (this.entries.size > 0) callback();
+    else this.firstUse = callback;
   }
 
   /** Drops the record of `id`, if it is cached. */

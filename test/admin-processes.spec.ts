@@ -90,8 +90,6 @@ describeBackends('three app processes on one $name', ({ env, url, prefix }: Back
     processes = await Promise.all(
       [0, 1, 2].map(() => startAppProcess('test/fixtures/admin-server.js', env)),
     );
-    // Each process listens for invalidations before any key is forgotten.
-    await Promise.all(processes.map((p) => p.waitForOutput(LISTENING)));
   }, 60_000);
   afterAll(async () => {
     // A slow handler left running (a failed test) would hold its process's shutdown.
@@ -118,10 +116,12 @@ describeBackends('three app processes on one $name', ({ env, url, prefix }: Back
   const runs = async (process: AppProcess) =>
     ((await (await fetch(`${process.baseUrl}/runs`)).json()) as { runs: number }).runs;
   const invalidations = (process: AppProcess) => process.output().match(INVALIDATED)?.length ?? 0;
-  /** Resolves once every process has received `count` invalidations. */
-  const invalidationsReach = (count: number) =>
+  /** Resolves once each process has received `more` invalidations beyond the `seen` ones. */
+  const invalidationsReach = (seen: number[], more: number) =>
     Promise.all(
-      processes.map((p) => p.waitForOutput(new RegExp(`(${INVALIDATED.source}[^]*){${count}}`))),
+      processes.map((p, i) =>
+        p.waitForOutput(new RegExp(`(${INVALIDATED.source}[^]*){${seen[i] + more}}`)),
+      ),
     );
 
   it('a key forgotten with the CLI runs its handler on the next request in each of the three processes, though each had its response cached', async () => {
@@ -131,6 +131,11 @@ describeBackends('three app processes on one $name', ({ env, url, prefix }: Back
     let current = first.body;
     const seen = processes.map(invalidations);
     let forgotten = 0;
+
+    // A process listens for invalidations from the first record it caches on.
+    for (const p of processes)
+      expect(await order(p, key)).toEqual({ status: 201, replayed: true, body: current });
+    await Promise.all(processes.map((p) => p.waitForOutput(LISTENING)));
 
     for (const [i, target] of processes.entries()) {
       // Every process replays the current response, and so holds it in its replay cache.
@@ -145,7 +150,7 @@ describeBackends('three app processes on one $name', ({ env, url, prefix }: Back
         new RegExp(`forget of key .* on POST /orders by "ticket-${i}": deleted`),
       );
       forgotten++;
-      await invalidationsReach(Math.max(...seen) + forgotten);
+      await invalidationsReach(seen, forgotten);
 
       const next = await order(target, key);
       expect(next.status).toBe(201);

@@ -6,7 +6,7 @@ import {
 } from '@nestjs/common';
 import { channel } from 'node:diagnostics_channel';
 import { RESOLVED_OPTIONS, type ResolvedModuleOptions } from '../idempotency.options.js';
-import { invalidate } from '../replay-cache.js';
+import { invalidate, type ReplayCache } from '../replay-cache.js';
 import {
   IdempotencyStore,
   type RecordDetails,
@@ -162,10 +162,22 @@ export class IdempotencyAdmin implements OnApplicationBootstrap, OnApplicationSh
     @Inject(RESOLVED_OPTIONS) private readonly options: AdminModuleOptions,
   ) {}
 
-  /** Starts dropping the records that operators forget or release in other processes. */
+  /**
+   * Drops the records that operators forget or release in other processes from this process's
+   * replay cache, from the first record it caches on (the store's listening connection opens then:
+   * a process that never replays opens none).
+   */
   onApplicationBootstrap(): void {
     const cache = this.options.replayCache;
-    if (!cache || this.stopInvalidations) return;
+    if (!cache || !this.store.onInvalidated) return;
+    let stopped = false;
+    this.stopInvalidations = () => (stopped = true);
+    cache.onFirstUse(() => {
+      if (!stopped) this.listenForInvalidations(cache);
+    });
+  }
+
+  private listenForInvalidations(cache: ReplayCache): void {
     this.stopInvalidations = this.store.onInvalidated?.((invalidation) => {
       invalidate(cache, invalidation);
       this.logger.debug(
