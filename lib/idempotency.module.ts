@@ -18,6 +18,7 @@ import {
 } from './idempotency.options.js';
 import { IdempotencyPurgeJob } from './idempotency-purge.job.js';
 import { IdempotencyService } from './idempotency.service.js';
+import { IdempotencyAdmin } from './admin/idempotency-admin.service.js';
 import { IdempotencyContext } from './idempotency.context.js';
 import { IdempotencyMetrics } from './idempotency-metrics.js';
 import { IdempotencyTracing } from './observability/idempotency-tracing.js';
@@ -89,6 +90,7 @@ const providers: Provider[] = [
     inject: [IdempotencyMetrics, IdempotencyTracing],
   },
   IdempotencyService,
+  IdempotencyAdmin,
   IdempotencyContext,
   IdempotencyMetrics,
   IdempotencyInterceptor,
@@ -124,6 +126,7 @@ function refuseInMemoryInProduction(options: IdempotencyModuleOptions): void {
   imports: [DiscoveryModule],
   providers,
   exports: [
+    IdempotencyAdmin,
     IdempotencyMetrics,
     IdempotencyContext,
     IdempotencyService,

@@ -20,6 +20,20 @@ export {
 } from './idempotency.context.js';
 export { IdempotencyPurgeJob } from './idempotency-purge.job.js';
 export {
+  IdempotencyAdmin,
+  IdempotencyAdminRefusal,
+  IDEMPOTENCY_ADMIN_CHANNEL,
+  type AdminAction,
+  type AdminActionMessage,
+  type AdminActor,
+  type AdminInspectOptions,
+  type AdminListOptions,
+  type AdminModuleOptions,
+  type AdminRecord,
+  type AdminRecordSelector,
+  type AdminRefusalReason,
+} from './admin/idempotency-admin.service.js';
+export {
   IdempotencyMetrics,
   type IdempotencyEvent,
   type IdempotencyEventListener,
@@ -38,7 +52,11 @@ export {
   type ClaimResult,
   type Lease,
   type LeaseState,
+  type IdempotencyAdminStore,
+  type RecordDetails,
   type RecordId,
+  type RecordInvalidation,
+  type RecordQuery,
   type RecordSnapshot,
   type RecordWatch,
   type BodyEncoding,

@@ -1,6 +1,7 @@
 import {
   recordName,
   type RecordId,
+  type RecordInvalidation,
   type StoredResponse,
 } from './storage/idempotency-store.interface.js';
 
@@ -28,6 +29,7 @@ export interface CachedRecord {
 }
 
 interface Entry extends CachedRecord {
+  readonly id: RecordId;
   readonly bytes: number;
 }
 
@@ -37,11 +39,14 @@ interface Entry extends CachedRecord {
  * it over, no completion or release matches it, no purge deletes it (every store decides with the
  * app's clock, as this cache does). An entry is dropped at its TTL's end, so from then on the
  * store decides. The oldest entries go first when a bound is reached (a hit does not reorder:
- * a Map lookup is all a replay costs).
+ * a Map lookup is all a replay costs). An operator's `forget` or `release` (see `IdempotencyAdmin`)
+ * drops a record at once, in every process its store tells (`invalidate`).
  */
 export class ReplayCache {
   private readonly entries = new Map<string, Entry>();
   private bytes = 0;
+  /** Called once, when the first record is cached (see `onFirstUse`). */
+  private firstUse: (() => void) | undefined;
   private readonly maxEntries: number;
   private readonly maxBytes: number;
 
@@ -74,14 +79,58 @@ export class ReplayCache {
       this.entries.delete(name);
       this.bytes -= previous.bytes;
     }
-    this.entries.set(name, { ...record, bytes });
+    this.entries.set(name, { ...record, id, bytes });
     this.bytes += bytes;
+    if (this.firstUse) {
+      const firstUse = this.firstUse;
+      this.firstUse = undefined;
+      firstUse();
+    }
     for (const [oldest, entry] of this.entries) {
       if (this.entries.size <= this.maxEntries && this.bytes <= this.maxBytes) break;
       this.entries.delete(oldest);
       this.bytes -= entry.bytes;
     }
   }
+
+  /**
+   * Calls `callback` once, when the first record is cached (at once if one is): a process that
+   * never replays opens no connection to hear about invalidations.
+   */
+  onFirstUse(callback: () => void): void {
+    if (this.entries.size > 0) callback();
+    else this.firstUse = callback;
+  }
+
+  /** Drops the record of `id`, if it is cached. */
+  delete(id: RecordId): void {
+    const name = recordName(id);
+    const entry = this.entries.get(name);
+    if (!entry) return;
+    this.entries.delete(name);
+    this.bytes -= entry.bytes;
+  }
+
+  /** Drops every cached record whose id `matches`. */
+  deleteWhere(matches: (id: RecordId) => boolean): void {
+    for (const [name, entry] of this.entries) {
+      if (!matches(entry.id)) continue;
+      this.entries.delete(name);
+      this.bytes -= entry.bytes;
+    }
+  }
+
+  /** Drops every cached record. */
+  clear(): void {
+    this.entries.clear();
+    this.bytes = 0;
+  }
+}
+
+/** Drops the records an invalidation names (see `IdempotencyStore.onInvalidated`). */
+export function invalidate(cache: ReplayCache, invalidation: RecordInvalidation): void {
+  if (invalidation.all) cache.clear();
+  else cache.deleteWhere(invalidation.matches);
 }
 
 function sizeOf(response: StoredResponse): number {

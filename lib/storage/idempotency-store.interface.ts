@@ -97,7 +97,7 @@ export type ClaimResult =
  * Where records live. An implementation must decide races in the storage itself: of concurrent
  * `claim` calls for one id, exactly one may win, across processes.
  */
-export interface IdempotencyStore {
+export interface IdempotencyStore extends IdempotencyAdminStore {
   /**
    * Atomically claims the id — inserting a new record, or taking over one that has expired
    * (a completed record past its TTL, or an in-progress one past its lock with the same
@@ -144,6 +144,59 @@ export interface IdempotencyStore {
    * the store cannot push changes, and waiters poll every `waitPollInterval`.
    */
   watch?(id: RecordId): RecordWatch | undefined;
+}
+
+/** A record as an operator sees it (see `IdempotencyStore.findRecords`). */
+export interface RecordDetails extends RecordSnapshot {
+  readonly id: RecordId;
+  /**
+   * When the claim that holds (or completed) the record was made, epoch ms; `null` when the store
+   * does not know (a Redis record written by a version before the admin tools).
+   */
+  readonly createdAt: number | null;
+}
+
+/** Which records `IdempotencyStore.findRecords` returns: every given field must match. */
+export interface RecordQuery {
+  /** The client's Idempotency-Key, under any scope and endpoint unless those are given too. */
+  readonly key?: string;
+  readonly scope?: string;
+  readonly endpoint?: string;
+  readonly state?: RecordState;
+  /** Only records claimed before this time, epoch ms (a Redis record of unknown age matches). */
+  readonly createdBefore?: number;
+  /** At most this many records, oldest claim first. */
+  readonly limit: number;
+}
+
+/** Which records an invalidation concerns: one record (`matches`), or every record (`all`). */
+export type RecordInvalidation =
+  { readonly all: false; readonly matches: (id: RecordId) => boolean } | { readonly all: true };
+
+/**
+ * The operator's part of a store (see `IdempotencyAdmin`): optional methods, each store that has
+ * them supports `inspect`, `list`, `release` and `forget`.
+ */
+export interface IdempotencyAdminStore {
+  /** The records that match `query`, with their responses. */
+  findRecords?(query: RecordQuery): Promise<RecordDetails[]>;
+  /**
+   * Deletes the record of `id` if it still is as the operator saw it (same state, same lease
+   * token): a live handler's completion under that token then matches nothing and is refused.
+   * Tells every process that listens (`onInvalidated`) to drop the record from its replay cache,
+   * and wakes the duplicates waiting on it. `false`: the record changed or is gone.
+   */
+  deleteRecord?(
+    id: RecordId,
+    seen: { readonly state: RecordState; readonly token: string },
+  ): Promise<boolean>;
+  /**
+   * Calls `listener` when a record was deleted by `deleteRecord`, in this process or any other
+   * (PostgreSQL through `pg`: LISTEN/NOTIFY; Redis: pub/sub), and with `all` when the store
+   * cannot tell what it missed (its listening connection was down). Returns how to stop.
+   * Unsupported (no method, or `undefined`): other processes are not told.
+   */
+  onInvalidated?(listener: (invalidation: RecordInvalidation) => void): (() => void) | undefined;
 }
 
 /** One transaction of the transactional mode (see `IdempotencyStore.transaction`). */

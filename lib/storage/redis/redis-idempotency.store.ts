@@ -6,7 +6,10 @@ import type {
   IdempotencyStore,
   Lease,
   LeaseState,
+  RecordDetails,
   RecordId,
+  RecordInvalidation,
+  RecordQuery,
   RecordState,
   RecordWatch,
   StoredResponse,
@@ -61,7 +64,8 @@ export interface RedisIdempotencyStoreOptions {
 
 /**
  * Hash fields: s state, f fingerprint, t lease token (kept once completed: an encrypted response is
- * bound to it), x expires at (ms), and the response:
+ * bound to it), x expires at (ms), a claimed at (ms; absent on records of earlier versions), and
+ * the response:
  * c status, h headers (JSON), b body (absent: no body), e body encoding, r is error ('1'/'0').
  * Every script reads the record and writes it in one step (scripts run atomically).
  */
@@ -76,7 +80,7 @@ if r[1] then
   takeover = 1
   redis.call('DEL', KEYS[1])
 end
-redis.call('HSET', KEYS[1], 's', 'in_progress', 'f', ARGV[1], 't', ARGV[2], 'x', ARGV[4])
+redis.call('HSET', KEYS[1], 's', 'in_progress', 'f', ARGV[1], 't', ARGV[2], 'x', ARGV[4], 'a', ARGV[3])
 redis.call('PEXPIREAT', KEYS[1], tonumber(ARGV[4]) + tonumber(ARGV[5]))
 return {1, takeover}`;
 
@@ -114,6 +118,33 @@ redis.call('HSET', KEYS[1], 'x', string.format('%.0f', lockedUntil))
 redis.call('PEXPIREAT', KEYS[1], lockedUntil + tonumber(ARGV[5]))
 return 1`;
 
+/**
+ * An operator's delete (`deleteRecord`): only if the record is as seen. ARGV: state, token,
+ * channel, tag, invalidation.
+ */
+const DELETE_AS_SEEN = `
+local r = redis.call('HMGET', KEYS[1], 's', 't')
+if r[1] ~= ARGV[1] or r[2] ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+redis.call('PUBLISH', ARGV[3], ARGV[5])
+return 1`;
+
+/**
+ * A pub/sub payload of the store's channel that says an operator deleted the record of the tag
+ * that follows (replay caches drop it). Earlier versions wake no watch with it.
+ */
+const INVALIDATION_PREFIX = 'forget:';
+
+/** What the operator's methods need of the client beyond `RedisClient` (ioredis has them all). */
+interface AdminCommands {
+  scan(cursor: string, ...args: (string | number)[]): Promise<[string, string[]]>;
+  hgetall(key: string): Promise<Record<string, string>>;
+  /** A Cluster's nodes: each master is scanned. */
+  nodes?(role: 'master'): AdminCommands[];
+  idempotencyDeleteAsSeen?(key: string, ...args: string[]): Promise<number>;
+}
+
 interface Scripts {
   idempotencyClaim(key: string, ...args: (string | number)[]): Promise<(string | number | null)[]>;
   idempotencyComplete(key: string, ...args: (string | number)[]): Promise<number>;
@@ -144,6 +175,8 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   private subscribed = false;
   private readonly watches = new RecordWatches(() => this.subscribed);
   private readonly notifications: boolean;
+  /** Called with the tag of each record an operator deleted, or `null`: anything may have been. */
+  private readonly invalidationListeners = new Set<(tag: string | null) => void>();
 
   constructor(redis: RedisClient, options: RedisIdempotencyStoreOptions = {}) {
     this.prefix = options.prefix ?? 'idempotency:';
@@ -281,10 +314,15 @@ export class RedisIdempotencyStore implements IdempotencyStore {
     const setLive = (live: boolean) => {
       if (this.subscribed === live) return;
       this.subscribed = live;
+      // What was deleted while nobody listened is unknown.
+      if (live) this.invalidated(null);
       this.watches.wakeAll();
     };
     subscriber.on('message', (channel: string, tag: string) => {
-      if (channel === this.channel) this.watches.wake(tag);
+      if (channel !== this.channel) return;
+      if (tag.startsWith(INVALIDATION_PREFIX))
+        this.invalidated(tag.slice(INVALIDATION_PREFIX.length));
+      else this.watches.wake(tag);
     });
     subscriber.on('ready', () => {
       // After a reconnect ioredis subscribes again right after `ready`: the reply is the sign.
@@ -302,6 +340,118 @@ export class RedisIdempotencyStore implements IdempotencyStore {
     if (subscriber.status === 'wait') subscriber.connect?.().catch(() => undefined);
   }
 
+  /**
+   * The records that match `query` (see `IdempotencyAdmin`): one HGETALL when scope, endpoint and
+   * key are all given, otherwise a SCAN of the store's keys (of every master, on a Cluster) —
+   * O(number of keys), for an operator's occasional look.
+   */
+  async findRecords(query: RecordQuery): Promise<RecordDetails[]> {
+    const admin = this.redis as unknown as AdminCommands;
+    const { scope, endpoint, key } = query;
+    const names =
+      scope !== undefined && endpoint !== undefined && key !== undefined
+        ? [this.keyOf({ scope, endpoint, key })]
+        : await this.scanKeys(admin, key);
+    const found: RecordDetails[] = [];
+    for (const name of names) {
+      const id = this.idOf(name);
+      if (!id || (scope !== undefined && id.scope !== scope)) continue;
+      if (
+        (endpoint !== undefined && id.endpoint !== endpoint) ||
+        (key !== undefined && id.key !== key)
+      )
+        continue;
+      const hash = await admin.hgetall(name);
+      if (!hash.s) continue;
+      const record = redisRecordDetails(id, hash);
+      if (query.state !== undefined && record.state !== query.state) continue;
+      if (
+        query.createdBefore !== undefined &&
+        record.createdAt !== null &&
+        record.createdAt >= query.createdBefore
+      )
+        continue;
+      found.push(record);
+    }
+    found.sort((a, b) => (a.createdAt ?? 0) - (b.createdAt ?? 0));
+    return found.slice(0, query.limit);
+  }
+
+  /**
+   * Deletes the record if it is still as seen, and publishes, in the same script, its change tag
+   * (waiting duplicates re-read) and its invalidation (replay caches drop it).
+   */
+  async deleteRecord(
+    id: RecordId,
+    seen: { readonly state: RecordState; readonly token: string },
+  ): Promise<boolean> {
+    const admin = this.redis as unknown as AdminCommands & RedisClient;
+    if (!admin.idempotencyDeleteAsSeen)
+      admin.defineCommand('idempotencyDeleteAsSeen', { numberOfKeys: 1, lua: DELETE_AS_SEEN });
+    const tag = this.tagOf(id);
+    const deleted = await admin.idempotencyDeleteAsSeen!(
+      this.keyOf(id),
+      seen.state,
+      seen.token,
+      this.channel,
+      tag,
+      `${INVALIDATION_PREFIX}${tag}`,
+    );
+    return deleted === 1;
+  }
+
+  /**
+   * The invalidations sent by `deleteRecord` in any process, on the store's subscriber connection
+   * (opened now, even with `waitNotifications: false`).
+   */
+  onInvalidated(listener: (invalidation: RecordInvalidation) => void): () => void {
+    const onTag = (tag: string | null) =>
+      listener(
+        tag === null ? { all: true } : { all: false, matches: (id) => this.tagOf(id) === tag },
+      );
+    this.invalidationListeners.add(onTag);
+    if (!this.subscriber) this.subscribe();
+    return () => this.invalidationListeners.delete(onTag);
+  }
+
+  private invalidated(tag: string | null) {
+    for (const listener of this.invalidationListeners) listener(tag);
+  }
+
+  /** The store's record keys, narrowed to one Idempotency-Key when given. */
+  private async scanKeys(admin: AdminCommands, key: string | undefined): Promise<string[]> {
+    const pattern = `${globEscape(this.prefix)}\\[*${key === undefined ? '' : `,${globEscape(JSON.stringify(key))}\\]`}`;
+    const nodes = typeof admin.nodes === 'function' ? admin.nodes('master') : [admin];
+    const names = new Set<string>();
+    for (const node of nodes) {
+      let cursor = '0';
+      do {
+        const [next, batch] = await node.scan(cursor, 'MATCH', pattern, 'COUNT', 1000);
+        batch.forEach((name) => names.add(name));
+        cursor = next;
+      } while (cursor !== '0');
+    }
+    return [...names];
+  }
+
+  /** The id of a record key of this store; `undefined` for another key under the prefix. */
+  private idOf(name: string): RecordId | undefined {
+    try {
+      const parts: unknown = JSON.parse(name.slice(this.prefix.length));
+      if (
+        Array.isArray(parts) &&
+        parts.length === 3 &&
+        parts.every((part) => typeof part === 'string')
+      ) {
+        const [scope, endpoint, key] = parts as string[];
+        return { scope, endpoint, key };
+      }
+    } catch {
+      // Not a record of this store.
+    }
+    return undefined;
+  }
+
   /** Token, and the channel and tag to notify: only for a watched lease. */
   private leaseArguments(lease: Lease): [string, string, string] {
     return lease.watched && this.notifications
@@ -317,4 +467,31 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   private tagOf(id: RecordId): string {
     return createHash('sha256').update(this.keyOf(id)).digest('hex').slice(0, 32);
   }
+}
+
+/** A glob pattern that matches `text` literally (SCAN's MATCH). */
+function globEscape(text: string): string {
+  return text.replace(/[*?[\]\\]/g, (char) => `\\${char}`);
+}
+
+function redisRecordDetails(id: RecordId, hash: Record<string, string>): RecordDetails {
+  const state = hash.s as RecordState;
+  return {
+    id,
+    state,
+    fingerprint: hash.f,
+    token: hash.t ?? '',
+    createdAt: hash.a === undefined ? null : Number(hash.a),
+    expiresAt: Number(hash.x),
+    response:
+      state === 'completed'
+        ? {
+            status: Number(hash.c),
+            headers: hash.h ? JSON.parse(hash.h) : {},
+            body: hash.b ?? null,
+            bodyEncoding: (hash.e || 'json') as BodyEncoding,
+            isError: hash.r === '1',
+          }
+        : null,
+  };
 }

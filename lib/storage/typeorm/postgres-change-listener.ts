@@ -40,6 +40,11 @@ const KEEP_ALIVE_DELAY_MS = 10_000;
 const PROBE_RETRY_MS = 60_000;
 /** Probe payloads start with this; a record's payload is 32 hex characters, so never does. */
 const PROBE_PREFIX = 'probe:';
+/**
+ * An operator deleted the record of the tag that follows (`IdempotencyAdmin`): replay caches drop
+ * it. Older versions take it for a tag no watch has, and ignore it.
+ */
+export const INVALIDATION_PREFIX = 'forget:';
 
 /** Options of the LISTEN connection. */
 export interface ChangeListenerOptions {
@@ -65,6 +70,8 @@ export interface ChangeListenerOptions {
 export class PostgresChangeListener {
   private readonly logger = quietLogger('Idempotency');
   private readonly watches = new RecordWatches(() => this.listening);
+  /** Called with the tag of each record an operator deleted, or `null`: anything may have been. */
+  private readonly invalidationListeners = new Set<(tag: string | null) => void>();
   private client: ListeningClient | null = null;
   private listening = false;
   private connecting = false;
@@ -102,6 +109,17 @@ export class PostgresChangeListener {
     const watch = this.watches.watch(tag);
     if (!this.client && !this.connecting && this.reconnectTimer === undefined) void this.connect();
     return watch;
+  }
+
+  /**
+   * Calls `listener` with the change tag of each record an operator deleted (an
+   * `INVALIDATION_PREFIX` payload), and with `null` each time the connection starts listening (what
+   * was deleted while nobody listened is unknown). Opens the connection now. Returns how to stop.
+   */
+  onInvalidated(listener: (tag: string | null) => void): () => void {
+    this.invalidationListeners.add(listener);
+    if (!this.client && !this.connecting && this.reconnectTimer === undefined) void this.connect();
+    return () => this.invalidationListeners.delete(listener);
   }
 
   /** Stops listening for good and closes the connection; watches report `live: false`. */
@@ -195,7 +213,12 @@ export class PostgresChangeListener {
       );
       this.lostSince = undefined;
     }
+    this.invalidated(null);
     this.wakeAll();
+  }
+
+  private invalidated(tag: string | null) {
+    for (const listener of this.invalidationListeners) listener(tag);
   }
 
   /**
@@ -216,6 +239,10 @@ export class PostgresChangeListener {
       if (channel !== CHANGE_CHANNEL || !payload) return;
       if (payload.startsWith(PROBE_PREFIX)) {
         if (payload === this.probe?.payload) this.probe.arrived();
+        return;
+      }
+      if (payload.startsWith(INVALIDATION_PREFIX)) {
+        this.invalidated(payload.slice(INVALIDATION_PREFIX.length));
         return;
       }
       this.watches.wake(payload);

@@ -5,7 +5,11 @@ import type {
   IdempotencyStore,
   Lease,
   LeaseState,
+  RecordDetails,
   RecordId,
+  RecordInvalidation,
+  RecordQuery,
+  RecordState,
   RecordWatch,
   StoredResponse,
   StoreTransaction,
@@ -13,7 +17,12 @@ import type {
 import { IdempotencyRecord } from './idempotency-record.entity.js';
 import { isOneRunnerAtATime } from './pglite-driver.js';
 import { PortableDialect } from './portable.dialect.js';
-import { changeTag, PostgresChangeListener } from './postgres-change-listener.js';
+import {
+  CHANGE_CHANNEL,
+  changeTag,
+  INVALIDATION_PREFIX,
+  PostgresChangeListener,
+} from './postgres-change-listener.js';
 import { PostgresDialect } from './postgres.dialect.js';
 import { qualifiedTable, type StoreDialect } from './store-dialect.js';
 
@@ -169,6 +178,87 @@ export class TypeOrmIdempotencyStore implements IdempotencyStore {
     return this.listener?.watch(this.tagOf(id));
   }
 
+  /** The records that match `query`, read on the primary (see `IdempotencyAdmin`). */
+  async findRecords(query: RecordQuery): Promise<RecordDetails[]> {
+    const runner = this.dataSource.createQueryRunner('master');
+    try {
+      const select = runner.manager
+        .getRepository(IdempotencyRecord)
+        .createQueryBuilder('r')
+        .where('1 = 1');
+      if (query.key !== undefined) select.andWhere('r.key = :key', { key: query.key });
+      if (query.scope !== undefined) select.andWhere('r.scope = :scope', { scope: query.scope });
+      if (query.endpoint !== undefined)
+        select.andWhere('r.endpoint = :endpoint', { endpoint: query.endpoint });
+      if (query.state !== undefined) select.andWhere('r.state = :state', { state: query.state });
+      if (query.createdBefore !== undefined)
+        select.andWhere('r.createdAt < :createdBefore', { createdBefore: query.createdBefore });
+      const rows = await select
+        .orderBy('r.createdAt', 'ASC')
+        .addOrderBy('r.scope', 'ASC')
+        .addOrderBy('r.endpoint', 'ASC')
+        .take(query.limit)
+        .cache(false)
+        .getMany();
+      return rows.map(recordDetails);
+    } finally {
+      await runner.release();
+    }
+  }
+
+  /**
+   * Deletes the record if it is still as seen. On PostgreSQL the same statement sends two
+   * NOTIFYs, delivered when it commits: the record's change tag (its waiting duplicates re-read)
+   * and its invalidation (replay caches drop it).
+   */
+  async deleteRecord(
+    id: RecordId,
+    seen: { readonly state: RecordState; readonly token: string },
+  ): Promise<boolean> {
+    if (this.dataSource.driver.options.type === 'postgres') {
+      const tag = this.tagOf(id);
+      const rows: unknown[] = await this.dataSource.query(
+        `WITH changed AS (DELETE FROM ${this.table} WHERE scope = $1 AND endpoint = $2
+           AND idempotency_key = $3 AND state = $4 AND lease_token = $5 RETURNING 1)
+         SELECT pg_notify('${CHANGE_CHANNEL}', $6), pg_notify('${CHANGE_CHANNEL}', $7) FROM changed`,
+        [
+          id.scope,
+          id.endpoint,
+          id.key,
+          seen.state,
+          seen.token,
+          tag,
+          `${INVALIDATION_PREFIX}${tag}`,
+        ],
+      );
+      return rows.length === 1;
+    }
+    const result = await this.dataSource
+      .createQueryBuilder()
+      .delete()
+      .from(IdempotencyRecord)
+      .where(
+        'scope = :scope AND endpoint = :endpoint AND idempotency_key = :key AND state = :state AND lease_token = :token',
+        { ...id, state: seen.state, token: seen.token },
+      )
+      .execute();
+    return result.affected === 1;
+  }
+
+  /**
+   * On PostgreSQL through `pg` with `waitNotifications` on: the invalidations sent by
+   * `deleteRecord` in any process, on the LISTEN connection of waiting duplicates (opened now).
+   * Elsewhere `undefined`: PGlite is one process, and MySQL/MariaDB and SQLite have no
+   * notifications.
+   */
+  onInvalidated(listener: (invalidation: RecordInvalidation) => void): (() => void) | undefined {
+    return this.listener?.onInvalidated((tag) =>
+      listener(
+        tag === null ? { all: true } : { all: false, matches: (id) => this.tagOf(id) === tag },
+      ),
+    );
+  }
+
   /** Closes the LISTEN connection, if one is open; the DataSource is left as it is. */
   async close(): Promise<void> {
     await this.listener?.close();
@@ -182,4 +272,25 @@ export class TypeOrmIdempotencyStore implements IdempotencyStore {
   private changeTagOf(lease: Lease): string | null {
     return lease.watched && this.listener ? this.tagOf(lease.id) : null;
   }
+}
+
+function recordDetails(row: IdempotencyRecord): RecordDetails {
+  return {
+    id: { scope: row.scope, endpoint: row.endpoint, key: row.key },
+    state: row.state,
+    fingerprint: row.fingerprint,
+    token: row.leaseToken,
+    createdAt: row.createdAt,
+    expiresAt: row.expiresAt,
+    response:
+      row.state === 'completed' && row.responseStatus !== null
+        ? {
+            status: row.responseStatus,
+            headers: row.responseHeaders ? JSON.parse(row.responseHeaders) : {},
+            body: row.responseBody,
+            bodyEncoding: row.responseBodyEncoding ?? 'json',
+            isError: Boolean(row.responseIsError),
+          }
+        : null,
+  };
 }
