@@ -120,6 +120,25 @@ export class ReplayCache {
     }
   }
 
+  /**
+   * Keeps each record cached now only if `stillStored` confirms it (a failed check drops it):
+   * for the records cached before this process heard about deletions, so a record an operator
+   * deleted meanwhile is not replayed, while those still stored keep answering.
+   */
+  async revalidate(
+    stillStored: (id: RecordId, record: CachedRecord) => Promise<boolean>,
+  ): Promise<void> {
+    const cached = [...this.entries.entries()];
+    await Promise.all(
+      cached.map(async ([name, entry]) => {
+        const kept = await stillStored(entry.id, entry).catch(() => false);
+        if (kept || this.entries.get(name) !== entry) return;
+        this.entries.delete(name);
+        this.bytes -= entry.bytes;
+      }),
+    );
+  }
+
   /** Drops every cached record. */
   clear(): void {
     this.entries.clear();

@@ -6,7 +6,7 @@ import {
 } from '@nestjs/common';
 import { channel } from 'node:diagnostics_channel';
 import { RESOLVED_OPTIONS, type ResolvedModuleOptions } from '../idempotency.options.js';
-import { invalidate, type ReplayCache } from '../replay-cache.js';
+import { invalidate, type CachedRecord, type ReplayCache } from '../replay-cache.js';
 import {
   IdempotencyStore,
   type RecordDetails,
@@ -178,7 +178,21 @@ export class IdempotencyAdmin implements OnApplicationBootstrap, OnApplicationSh
   }
 
   private listenForInvalidations(cache: ReplayCache): void {
+    let live = false;
     this.stopInvalidations = this.store.onInvalidated?.((invalidation) => {
+      if (invalidation.all && !live) {
+        // Listening for the first time: what was cached before was read from the store moments
+        // ago; keep what is still stored rather than empty the cache (a reconnect empties it).
+        live = true;
+        void cache
+          .revalidate((id, record) => this.stillStored(id, record))
+          .then(() =>
+            this.logger.debug(
+              'Listening for records that operators delete: kept the cached records still stored',
+            ),
+          );
+        return;
+      }
       invalidate(cache, invalidation);
       this.logger.debug(
         invalidation.all
@@ -186,6 +200,13 @@ export class IdempotencyAdmin implements OnApplicationBootstrap, OnApplicationSh
           : 'An operator deleted a record: dropped from the replay cache, if it held it',
       );
     });
+  }
+
+  /** Whether the store still holds `record` completed under `id`. */
+  private async stillStored(id: RecordId, record: CachedRecord): Promise<boolean> {
+    if (!this.store.findRecords) return false;
+    const [found] = await this.store.findRecords({ ...id, state: 'completed', limit: 1 });
+    return found?.fingerprint === record.fingerprint;
   }
 
   onApplicationShutdown(): void {
