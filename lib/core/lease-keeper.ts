@@ -77,11 +77,20 @@ class HeldLease implements LeaseRenewal {
   }
 }
 
-/** The renewals of one beat still waiting for the store. */
+/** The renewals one beat sent, and the two timers that wait for them. */
+interface BeatRenewals {
+  /** Renewals not answered yet (nor failed): at 0 the timers are cleared. */
+  open: number;
+  patience: NodeJS.Timeout | undefined;
+  deadline: NodeJS.Timeout | undefined;
+}
+
+/** A renewal of one beat still waiting for the store. */
 interface Renewing {
   readonly held: HeldLease;
   /** Monotonic ms the renewal was sent at. */
   readonly sentAt: number;
+  readonly batch: BeatRenewals;
   answered: boolean;
   givenUp: boolean;
 }
@@ -169,6 +178,7 @@ export class LeaseKeeper {
     const elapsed = performance.now();
     const youngerThan = elapsed - beat.intervalMs / 2;
     let renewing: Renewing[] | undefined;
+    const batch: BeatRenewals = { open: 0, patience: undefined, deadline: undefined };
     for (const held of beat.leases) {
       if (held.startedAt > youngerThan) continue;
       const { lease, terms } = held;
@@ -192,11 +202,13 @@ export class LeaseKeeper {
       }
       if (held.pending >= MAX_PENDING_RENEWALS) continue;
       held.pending++;
-      const entry: Renewing = { held, sentAt: elapsed, answered: false, givenUp: false };
+      batch.open++;
+      const entry: Renewing = { held, sentAt: elapsed, batch, answered: false, givenUp: false };
       (renewing ??= []).push(entry);
       let sent: Promise<boolean>;
       try {
-        sent = this.store.renew(lease, now + terms.lockTimeoutMs);
+        // A store that answers without a promise (JavaScript, `any`) is answered all the same.
+        sent = Promise.resolve(this.store.renew(lease, now + terms.lockTimeoutMs));
       } catch (error) {
         sent = Promise.reject(error as Error);
       }
@@ -209,7 +221,9 @@ export class LeaseKeeper {
     const sentNow = renewing;
     const patienceMs = Math.min(this.storeTimeoutMs, beat.intervalMs);
     // One timer per beat, not per lease: a renewal left unanswered no longer holds the next back...
-    setTimeout(() => {
+    // (Both timers are cleared once every renewal of the beat is answered: nothing of a beat, nor
+    // of the leases it renewed, is kept for storeTimeout after its answers.)
+    batch.patience = setTimeout(() => {
       for (const entry of sentNow) {
         if (entry.answered || entry.givenUp) continue;
         entry.givenUp = true;
@@ -217,7 +231,7 @@ export class LeaseKeeper {
       }
     }, timerDelay(patienceMs)).unref();
     // ...and past storeTimeout it counts as failed (its answer, if it ever comes, is ignored).
-    setTimeout(() => {
+    batch.deadline = setTimeout(() => {
       for (const entry of sentNow) {
         if (entry.answered) continue;
         this.failed(
@@ -231,6 +245,11 @@ export class LeaseKeeper {
   private settle(entry: Renewing): boolean {
     if (entry.answered) return false;
     entry.answered = true;
+    const { batch } = entry;
+    if (--batch.open === 0) {
+      clearTimeout(batch.patience);
+      clearTimeout(batch.deadline);
+    }
     if (!entry.givenUp) {
       entry.givenUp = true;
       entry.held.pending--;
