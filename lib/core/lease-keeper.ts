@@ -105,8 +105,9 @@ interface Beat {
 /**
  * Keeps the leases of the handlers running in this process: one timer per renewal interval (one in
  * all, for an app whose routes share a lockTimeout), which at each beat renews every lease due in
- * one synchronous loop — so a store that batches the statements of a tick (the TypeORM store)
- * sends one statement per beat, not one per lease.
+ * one synchronous loop — so a store that batches the statements of a tick could send one
+ * statement per beat. (The TypeORM store batches claims and completions, not renewals: each lease
+ * is one statement on the pool, all of a beat's sent at the same moment.)
  *
  * A lease is renewed every `lockTimeout / 3` (its first renewal at the first beat at least half an
  * interval after its claim, so at most half a lockTimeout after it) until `stop()` (its result
