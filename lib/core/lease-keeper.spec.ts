@@ -158,3 +158,43 @@ describe('LeaseKeeper', () => {
     expect(store.calls).toHaveLength(0);
   });
 });
+
+describe('LeaseKeeper under review', () => {
+  beforeEach(() => jest.useFakeTimers({ now: 1_000_000 }));
+  afterEach(() => jest.useRealTimers());
+
+  it('leaves no timer behind once every renewal of a beat was answered (nor anything of a finished lease)', async () => {
+    // storeTimeout far above the interval, as with lockTimeout '3s' and storeTimeout '30s'.
+    const store = fakeStore();
+    const { keeper } = keeperWith(store, 60_000);
+    const renewal = keeper.hold(leaseOf('a'), TERMS);
+    await jest.advanceTimersByTimeAsync(1_000);
+    expect(store.calls).toHaveLength(10);
+    // Every renewal was answered at once: only the beat's own timer is left.
+    expect(jest.getTimerCount()).toBe(1);
+    renewal.stop();
+    await jest.advanceTimersByTimeAsync(100);
+    expect(jest.getTimerCount()).toBe(0);
+  });
+
+  it('a store whose renew answers without a promise does not throw out of the beat nor starve the leases after it', async () => {
+    // A store written in JavaScript (or typed `any`): it passes the store contract, which awaits.
+    const store = {
+      calls: [] as string[],
+      renew(lease: Lease) {
+        this.calls.push(lease.id.key);
+        return true as unknown as Promise<boolean>;
+      },
+    };
+    const events = new KeyEvents();
+    const keeper = new LeaseKeeper(store, 5_000, events);
+    const seen: KeyEvent[] = [];
+    events.subscribe((event) => seen.push(event));
+    keeper.hold(leaseOf('a'), TERMS);
+    keeper.hold(leaseOf('b'), TERMS);
+    await jest.advanceTimersByTimeAsync(200);
+    expect(store.calls).toEqual(['a', 'b', 'a', 'b']);
+    expect(seen).toEqual([]);
+    keeper.stopAll();
+  });
+});

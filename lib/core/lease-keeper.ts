@@ -77,11 +77,20 @@ class HeldLease implements LeaseRenewal {
   }
 }
 
-/** The renewals of one beat still waiting for the store. */
+/** The renewals one beat sent, and the two timers that wait for them. */
+interface BeatRenewals {
+  /** Renewals not answered yet (nor failed): at 0 the timers are cleared. */
+  open: number;
+  patience: NodeJS.Timeout | undefined;
+  deadline: NodeJS.Timeout | undefined;
+}
+
+/** A renewal of one beat still waiting for the store. */
 interface Renewing {
   readonly held: HeldLease;
   /** Monotonic ms the renewal was sent at. */
   readonly sentAt: number;
+  readonly batch: BeatRenewals;
   answered: boolean;
   givenUp: boolean;
 }
@@ -96,8 +105,9 @@ interface Beat {
 /**
  * Keeps the leases of the handlers running in this process: one timer per renewal interval (one in
  * all, for an app whose routes share a lockTimeout), which at each beat renews every lease due in
- * one synchronous loop — so a store that batches the statements of a tick (the TypeORM store)
- * sends one statement per beat, not one per lease.
+ * one synchronous loop — so a store that batches the statements of a tick could send one
+ * statement per beat. (The TypeORM store batches claims and completions, not renewals: each lease
+ * is one statement on the pool, all of a beat's sent at the same moment.)
  *
  * A lease is renewed every `lockTimeout / 3` (its first renewal at the first beat at least half an
  * interval after its claim, so at most half a lockTimeout after it) until `stop()` (its result
@@ -169,6 +179,7 @@ export class LeaseKeeper {
     const elapsed = performance.now();
     const youngerThan = elapsed - beat.intervalMs / 2;
     let renewing: Renewing[] | undefined;
+    const batch: BeatRenewals = { open: 0, patience: undefined, deadline: undefined };
     for (const held of beat.leases) {
       if (held.startedAt > youngerThan) continue;
       const { lease, terms } = held;
@@ -192,11 +203,13 @@ export class LeaseKeeper {
       }
       if (held.pending >= MAX_PENDING_RENEWALS) continue;
       held.pending++;
-      const entry: Renewing = { held, sentAt: elapsed, answered: false, givenUp: false };
+      batch.open++;
+      const entry: Renewing = { held, sentAt: elapsed, batch, answered: false, givenUp: false };
       (renewing ??= []).push(entry);
       let sent: Promise<boolean>;
       try {
-        sent = this.store.renew(lease, now + terms.lockTimeoutMs);
+        // A store that answers without a promise (JavaScript, `any`) is answered all the same.
+        sent = Promise.resolve(this.store.renew(lease, now + terms.lockTimeoutMs));
       } catch (error) {
         sent = Promise.reject(error as Error);
       }
@@ -209,7 +222,9 @@ export class LeaseKeeper {
     const sentNow = renewing;
     const patienceMs = Math.min(this.storeTimeoutMs, beat.intervalMs);
     // One timer per beat, not per lease: a renewal left unanswered no longer holds the next back...
-    setTimeout(() => {
+    // (Both timers are cleared once every renewal of the beat is answered: nothing of a beat, nor
+    // of the leases it renewed, is kept for storeTimeout after its answers.)
+    batch.patience = setTimeout(() => {
       for (const entry of sentNow) {
         if (entry.answered || entry.givenUp) continue;
         entry.givenUp = true;
@@ -217,7 +232,7 @@ export class LeaseKeeper {
       }
     }, timerDelay(patienceMs)).unref();
     // ...and past storeTimeout it counts as failed (its answer, if it ever comes, is ignored).
-    setTimeout(() => {
+    batch.deadline = setTimeout(() => {
       for (const entry of sentNow) {
         if (entry.answered) continue;
         this.failed(
@@ -231,6 +246,11 @@ export class LeaseKeeper {
   private settle(entry: Renewing): boolean {
     if (entry.answered) return false;
     entry.answered = true;
+    const { batch } = entry;
+    if (--batch.open === 0) {
+      clearTimeout(batch.patience);
+      clearTimeout(batch.deadline);
+    }
     if (!entry.givenUp) {
       entry.givenUp = true;
       entry.held.pending--;
