@@ -265,7 +265,7 @@ const KEY_SOURCE_TRANSPORTS: Readonly<Record<string, readonly TransportType[]>> 
 function keySourcesOf(option: unknown): KeySourcesOf {
   const refuse = (why: string): never => {
     throw new TypeError(
-      `nestjs-idempotency: keyFrom ${why}. Give { header: 'X-Request-Id' }, { body: 'data.id' } (HTTP), { arg: 'input.requestId' } (GraphQL), { payload: 'meta.eventId' } (messages), a function (context) => key, or such sources per transport: { http, graphql, rpc }.`,
+      `nestjs-idempotency: keyFrom${why.startsWith('.') ? '' : ' '}${why}. Give { header: 'X-Request-Id' }, { body: 'data.id' } (HTTP), { arg: 'input.requestId' } (GraphQL), { payload: 'meta.eventId' } (messages), a function (context) => key, or such sources per transport: { http, graphql, rpc }.`,
     );
   };
   if (typeof option === 'function') {

@@ -446,7 +446,13 @@ export function transportHeader(context: unknown, name: string): string | undefi
   const message = rpc.getMessage?.();
   if (typeof rpc.getPartition === 'function') return text(header(message?.headers, name));
   if (message?.properties) return text(header(message.properties.headers, name));
-  if (typeof rpc.getHeaders === 'function') return text(rpc.getHeaders()?.get?.(name));
+  if (typeof rpc.getHeaders === 'function') {
+    // NATS headers: `get` matches the name exactly, so it is looked up among their names.
+    const headers = rpc.getHeaders() as
+      { keys?(): string[]; get?(name: string): unknown } | undefined;
+    const field = headers?.keys?.().find((candidate) => candidate.toLowerCase() === name);
+    return field === undefined ? undefined : text(headers?.get?.(field));
+  }
   if (typeof rpc.getPacket === 'function')
     return text(header(rpc.getPacket()?.properties?.userProperties, name));
   return undefined;
