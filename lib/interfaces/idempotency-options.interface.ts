@@ -79,16 +79,31 @@ export type KeyFunction = (context: ExecutionContext) => string | number | undef
  * 400 `key-invalid`); it is taken as it is (not parsed as an RFC 8941 string).
  */
 export type KeySource =
-  | { readonly header: string }
-  | { readonly body: string }
-  | { readonly arg: string }
-  | { readonly payload: string }
+  | {
+      /** A header's name, in any case (`'X-Request-Id'`). */
+      readonly header: string;
+    }
+  | {
+      /** HTTP: a dot path into the parsed body (`'data.object.id'`). */
+      readonly body: string;
+    }
+  | {
+      /** GraphQL: a dot path into the field's arguments (`'input.requestId'`). */
+      readonly arg: string;
+    }
+  | {
+      /** Messages: a dot path into the payload (`'meta.eventId'`). */
+      readonly payload: string;
+    }
   | KeyFunction;
 
 /** Key sources per transport; a transport left out reads its default (see `keyFrom`). */
 export interface KeySourcesByTransport {
+  /** HTTP routes (Express, Fastify): `{ header }`, `{ body }` or a function. */
   readonly http?: KeySource;
+  /** GraphQL mutation fields: `{ header }` (of the HTTP request), `{ arg }` or a function. */
   readonly graphql?: KeySource;
+  /** Message handlers: `{ header }` (the transport's), `{ payload }` or a function. */
   readonly rpc?: KeySource;
 }
 
@@ -104,9 +119,11 @@ export type FingerprintOption = false | ((payload: any, context: ExecutionContex
 
 /** What `onReplay` is told of a replayed response. */
 export interface ReplayedResponse {
-  /** The call's key, scope and endpoint (its record's identity). */
+  /** The call's key. */
   readonly key: string;
+  /** The call's scope (`''` without one). */
   readonly scope: string;
+  /** The record's endpoint: `POST /charges`, `GRAPHQL Mutation.pay as pay`, `RPC Class.method pattern`. */
   readonly endpoint: string;
   /** The stored status (a replay sent with `replayStatus` keeps its stored one here). */
   readonly status: number;
