@@ -3,12 +3,20 @@ import type { DataSource, DataSourceOptions } from 'typeorm';
 import type { Duration } from '../utils/duration.js';
 import type { IdempotencyStore } from '../storage/idempotency-store.interface.js';
 import type { TransactionRunner } from '../storage/typeorm/typeorm-idempotency.store.js';
-import type { MessageAcknowledgement, MessageScopeSource } from '../transports/rpc.transport.js';
+import type { MessageAcknowledgement } from '../transports/rpc.transport.js';
 import type { IdempotencyEncryptionOptions } from '../security/response-sealer.js';
 import type { ReplayCacheOptions } from '../replay-cache.js';
 import type { ScopeValue } from '../utils/scope-value.js';
 
 export type { ScopeValue };
+
+/** What a message handler's `scope` resolver receives. */
+export interface MessageScopeSource {
+  /** The message's payload. */
+  readonly data: unknown;
+  /** The transport's context: RmqContext, NatsContext, MqttContext, RedisContext, TcpContext, KafkaContext. */
+  readonly context: unknown;
+}
 
 /** What a duplicate does while the first request with its key is still running. */
 export type ConcurrencyMode = 'reject' | 'wait';

@@ -13,7 +13,7 @@ import { canonicalJson } from '../utils/fingerprint.js';
 import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';
 import { boundedColumnValue } from './http-exchange.js';
-import type { KeySource } from '../interfaces/idempotency-options.interface.js';
+import type { KeySource, MessageScopeSource } from '../interfaces/idempotency-options.interface.js';
 import {
   functionKeyReader,
   pathKeyReader,
@@ -34,13 +34,7 @@ export async function loadMicroservices(): Promise<void> {
   microservices ??= await import('@nestjs/microservices');
 }
 
-/** What a message handler's `scope` resolver receives. */
-export interface MessageScopeSource {
-  /** The message's payload. */
-  readonly data: unknown;
-  /** The transport's context: RmqContext, NatsContext, MqttContext, RedisContext, TcpContext, KafkaContext. */
-  readonly context: unknown;
-}
+export type { MessageScopeSource };
 
 /**
  * How a message ended, as told to `acknowledge`, once for every message that reaches
