@@ -106,7 +106,9 @@ function resolveLatency(
   const latency = Number(value);
   // Fail at startup: a typo silently meaning "no latency" would make the demo meaningless.
   if (!Number.isFinite(latency) || latency < 0) {
-    throw new TypeError(`${name} must be a non-negative number of ms; got ${JSON.stringify(value)}`);
+    throw new TypeError(
+      `${name} must be a non-negative number of ms; got ${JSON.stringify(value)}`,
+    );
   }
   return latency;
 }

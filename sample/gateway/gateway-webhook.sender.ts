@@ -37,6 +37,8 @@ export function signWebhook(body: string, secret: string, at: Date = new Date())
 export interface WebhookEventView {
   id: string;
   type: string;
+  /** The charge the event is about. */
+  object_id: string;
   created_at: string;
   delivered_at: string | null;
   attempts: number;
@@ -134,6 +136,7 @@ export class GatewayWebhookSender implements OnModuleDestroy {
     return events.map((event) => ({
       id: event.id,
       type: event.type,
+      object_id: (JSON.parse(event.body) as { data: { object: { id: string } } }).data.object.id,
       created_at: event.createdAt.toISOString(),
       delivered_at: event.deliveredAt?.toISOString() ?? null,
       attempts: event.attempts,
@@ -200,10 +203,13 @@ export class GatewayWebhookSender implements OnModuleDestroy {
   }
 
   private sendLateDuplicate(event: GatewayWebhookEvent): void {
-    const timer = setTimeout(() => {
-      this.lateCopies.delete(timer);
-      this.track(this.send(event, 'late-duplicate'));
-    }, randomInt(...LATE_DUPLICATE_MS));
+    const timer = setTimeout(
+      () => {
+        this.lateCopies.delete(timer);
+        this.track(this.send(event, 'late-duplicate'));
+      },
+      randomInt(...LATE_DUPLICATE_MS),
+    );
     this.lateCopies.add(timer);
   }
 

@@ -61,11 +61,9 @@ export class StandardWebhooksGuard implements CanActivate {
 
   canActivate(context: ExecutionContext): boolean {
     const request = context.switchToHttp().getRequest<RawBodyRequest<IncomingMessage>>();
-    const [id, timestamp, signature] = [
-      'webhook-id',
-      'webhook-timestamp',
-      'webhook-signature',
-    ].map((name) => request.headers[name]);
+    const [id, timestamp, signature] = ['webhook-id', 'webhook-timestamp', 'webhook-signature'].map(
+      (name) => request.headers[name],
+    );
     if (
       !request.rawBody ||
       typeof id !== 'string' ||
