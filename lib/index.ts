@@ -26,9 +26,16 @@ export {
 } from './idempotency-metrics.js';
 export type {
   ConcurrencyMode,
+  FingerprintOption,
   IdempotencyModuleOptions,
   IdempotencyRouteOptions,
+  KeyFunction,
+  KeySource,
+  KeySourcesByTransport,
+  ReplayedResponse,
+  ScopeOption,
   ScopeResolver,
+  ScopeResolversByTransport,
   ScopeValue,
   StoreStatusPolicy,
 } from './interfaces/idempotency-options.interface.js';

@@ -7,15 +7,8 @@ import {
 } from '@nestjs/common';
 import { Reflector } from '@nestjs/core';
 import { lastValueFrom, Observable, of } from 'rxjs';
-import { INTERCEPTORS_METADATA } from '@nestjs/common/constants.js';
 import {
-  IDEMPOTENT_ROUTE_OPTIONS,
-  IN_PROGRESS_RETRY_AFTER_SECONDS,
-} from '../idempotency.constants.js';
-import {
-  controllerRouteOptions,
   RESOLVED_OPTIONS,
-  resolveRouteOptionsFor,
   type ResolvedModuleOptions,
   type ResolvedRouteOptions,
 } from '../idempotency.options.js';
@@ -26,14 +19,13 @@ import {
   TransactionUnavailableError,
   type Decision,
 } from '../idempotency.service.js';
-import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
+import type { ReplayedResponse } from '../interfaces/idempotency-options.interface.js';
 import {
   IdempotencyRejectionError,
   rejection,
   type IdempotencyRejection,
 } from '../errors/idempotency-rejection.js';
-import type { RecordId } from '../storage/idempotency-store.interface.js';
-import { fingerprintRequest } from '../utils/fingerprint.js';
+import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import { truncateKeyForLog } from '../utils/idempotency-key.js';
 import { describeScopeValue, scopeColumnValue } from '../utils/scope-value.js';
 import { GraphQLTransport } from '../transports/graphql.transport.js';
@@ -43,22 +35,13 @@ import type {
   IdempotencyTransport,
   OperationDescription,
 } from '../transports/idempotency-transport.js';
+import { routePlanOf, type RoutePlan, type ScopePlan } from './route-plan.js';
 import {
   loadMicroservices,
   RpcTransport,
   type SettledMessage,
 } from '../transports/rpc.transport.js';
 import { quietLogger } from '../utils/quiet-logger.js';
-
-/**
- * A route's resolved options, and whether the interceptor is listed on it more than once. Per
- * controller and handler: controllers that inherit a handler from one base class share its
- * function, not its options (each has its own class-level `@Idempotent()`).
- */
-interface Route {
-  readonly options: ResolvedRouteOptions;
-  readonly twice: boolean;
-}
 
 /** Marks a call already handled, when `@Idempotent()` sits on both a controller and a method. */
 const HANDLED = Symbol('nestjs-idempotency.handled');
@@ -84,7 +67,6 @@ const warnedUnscoped = new WeakSet<Function>();
 @Injectable()
 export class IdempotencyInterceptor implements NestInterceptor {
   private readonly logger = quietLogger('Idempotency');
-  private readonly routes = new WeakMap<Function, WeakMap<Function, Route>>();
   private readonly transports: Readonly<Record<string, IdempotencyTransport>>;
 
   constructor(
@@ -101,48 +83,61 @@ export class IdempotencyInterceptor implements NestInterceptor {
   async intercept(context: ExecutionContext, next: CallHandler): Promise<Observable<unknown>> {
     const transport = this.transports[context.getType()];
     if (!transport || !transport.applies(context)) return next.handle();
-    const { options, twice } = this.routeOf(context);
-    if (twice && alreadyHandled(context)) return next.handle();
+    const plan = this.planOf(context);
+    if (plan.twice && alreadyHandled(context)) return next.handle();
+    const { options } = plan;
+    const on = plan.transports[transport.type]!;
     if (transport.type === 'rpc') await loadMicroservices();
     // Every call that gets here is settled once: by its decision, its handler's end, or a throw.
     const settle = this.settler(transport, context, options);
     try {
-      const reading = transport.readKey(context);
+      if (options.skip?.(context)) return this.unprotected(transport, next, options, settle);
+      const reading = on.readKey(context);
       if (reading.kind === 'invalid')
         throw new IdempotencyRejectionError(rejection('key-invalid', { detail: reading.reason }));
       if (reading.kind === 'absent') {
         if (options.required) throw new IdempotencyRejectionError(rejection('key-missing'));
-        if (settle === settlesNothing) return next.handle();
-        // Run without idempotency, but settled all the same (else the message stays unacked).
-        return this.runSettled(transport, next, options, settle);
+        return this.unprotected(transport, next, options, settle);
       }
-      const operation = await transport.describe(context);
-      if (!options.scoped) this.warnIfAuthenticated(context, operation.scopeSource);
-      const id: RecordId = {
-        scope: await this.scopeOf(context, options, operation.scopeSource),
-        endpoint: operation.endpoint,
-        key: reading.key,
-      };
-      const fingerprint = fingerprintOf(operation);
+      const described = transport.describe(context, plan.defaultFingerprint);
+      const operation = described instanceof Promise ? await described : described;
+      if (on.scope.warnUnscoped) this.warnIfAuthenticated(context, operation.scopeSource);
+      const scope = on.scope.resolve
+        ? await this.scopeOf(context, on.scope, operation.scopeSource)
+        : '';
+      const id: RecordId = { scope, endpoint: operation.endpoint, key: reading.key };
+      const fingerprint = fingerprintOf(plan, operation, context, scope);
       const decision = await this.decide(id.key, () =>
         this.service.begin({
           id,
           fingerprint,
           lockTimeoutMs: options.lockTimeoutMs,
-          concurrency: options.concurrency ?? transport.defaultConcurrency,
+          concurrency: on.concurrency,
           waitTimeoutMs: options.waitTimeoutMs,
         }),
       );
-      return this.act(transport, context, decision, fingerprint, next, options, settle);
+      return this.act(transport, context, decision, fingerprint, next, plan, settle, id);
     } catch (error) {
       if (!(error instanceof IdempotencyRejectionError)) {
-        // A `scope` resolver that threw (a replayed stored error is settled already).
+        // A `scope`, `keyFrom`, `skip` or `fingerprint` function that threw (a replayed stored
+        // error is settled already).
         settle(() => this.settledAfterError(transport, error, options));
         throw error;
       }
       settle(settledBy(error.rejection));
       throw transport.reject(context, error.rejection);
     }
+  }
+
+  /** A call without idempotency (no key, or skipped): settled all the same (else left unacked). */
+  private unprotected(
+    transport: IdempotencyTransport,
+    next: CallHandler,
+    options: ResolvedRouteOptions,
+    settle: Settle,
+  ): Observable<unknown> {
+    if (settle === settlesNothing) return next.handle();
+    return this.runSettled(transport, next, options, settle);
   }
 
   /** The call's `Settle`: once, and an acknowledgement that throws is logged, not the call's end. */
@@ -200,9 +195,11 @@ export class IdempotencyInterceptor implements NestInterceptor {
     decision: Decision,
     fingerprint: string,
     next: CallHandler,
-    options: ResolvedRouteOptions,
+    plan: RoutePlan,
     settle: Settle,
+    id: RecordId,
   ): Observable<unknown> {
+    const { options } = plan;
     switch (decision.action) {
       case 'execute':
         // One promise chain in one Observable (started on subscription, as `defer` would): the
@@ -255,14 +252,13 @@ export class IdempotencyInterceptor implements NestInterceptor {
         });
       case 'replay':
         settle(REPLAYED);
+        if (options.onReplay) this.tellReplay(plan, context, id, decision.response);
         return transport.replay(context, decision.response, options);
       case 'mismatch':
         throw new IdempotencyRejectionError(rejection('key-reused'));
       case 'in-progress':
         throw new IdempotencyRejectionError(
-          rejection('request-in-progress', {
-            retryAfterSeconds: IN_PROGRESS_RETRY_AFTER_SECONDS,
-          }),
+          rejection('request-in-progress', { retryAfterSeconds: options.retryAfterSeconds }),
         );
       case 'unreadable':
         throw new IdempotencyRejectionError(rejection('response-unreadable'));
@@ -313,10 +309,11 @@ export class IdempotencyInterceptor implements NestInterceptor {
    */
   private async scopeOf(
     context: ExecutionContext,
-    options: ResolvedRouteOptions,
+    plan: ScopePlan,
     scopeSource: unknown,
   ): Promise<string> {
-    const resolved: unknown = await options.scope(scopeSource);
+    const returned: unknown = plan.resolve!(scopeSource);
+    const resolved: unknown = returned instanceof Promise ? await returned : returned;
     const scope = scopeColumnValue(resolved);
     const handler = context.getHandler();
     const route = () => `${context.getClass().name}.${handler.name}`;
@@ -332,7 +329,6 @@ export class IdempotencyInterceptor implements NestInterceptor {
     }
     if (
       scope === '' &&
-      options.scoped &&
       (scopeSource as { user?: unknown } | undefined)?.user != null &&
       !this.scopeWarnings.empty.has(handler)
     ) {
@@ -343,6 +339,33 @@ export class IdempotencyInterceptor implements NestInterceptor {
       );
     }
     return boundedColumnValue(scope);
+  }
+
+  /** Tells the route's `onReplay` of a replay: what it throws or rejects with is only logged. */
+  private tellReplay(
+    plan: RoutePlan,
+    context: ExecutionContext,
+    id: RecordId,
+    stored: StoredResponse,
+  ): void {
+    const replayed: ReplayedResponse = {
+      key: id.key,
+      scope: id.scope,
+      endpoint: id.endpoint,
+      status: stored.status,
+      isError: stored.isError,
+      headers: stored.headers,
+    };
+    const failed = (error: unknown) =>
+      this.logger.error(
+        `The onReplay hook of ${plan.name} failed (the replay was sent as it was): ${(error as Error)?.message ?? String(error)}`,
+      );
+    try {
+      const returned: unknown = plan.options.onReplay!(context, replayed);
+      if (returned instanceof Promise) returned.catch(failed);
+    } catch (error) {
+      failed(error);
+    }
   }
 
   /**
@@ -360,36 +383,21 @@ export class IdempotencyInterceptor implements NestInterceptor {
     );
   }
 
-  /** The route's options, and whether this interceptor is on it twice (class and method). */
-  private routeOf(context: ExecutionContext): Route {
-    const controller = context.getClass();
-    const handler = context.getHandler();
-    let routes = this.routes.get(controller);
-    if (!routes) this.routes.set(controller, (routes = new WeakMap()));
-    let route = routes.get(handler);
-    if (!route) {
-      const listed = (target: object) =>
-        (
-          (Reflect.getMetadata(INTERCEPTORS_METADATA, target) as unknown[] | undefined) ?? []
-        ).filter(
-          (interceptor) =>
-            interceptor === IdempotencyInterceptor || interceptor instanceof IdempotencyInterceptor,
-        ).length;
-      route = {
-        options: resolveRouteOptionsFor(
-          this.moduleOptions,
-          controllerRouteOptions(controller),
-          this.reflector.get<IdempotencyRouteOptions | undefined>(
-            IDEMPOTENT_ROUTE_OPTIONS,
-            handler,
-          ),
-        ),
-        twice: listed(controller) + listed(handler) > 1,
-      };
-      routes.set(handler, route);
-    }
-    return route;
+  /** The route's compiled plan (see `RoutePlan`). */
+  private planOf(context: ExecutionContext): RoutePlan {
+    return routePlanOf(
+      this.moduleOptions,
+      this.transports,
+      context.getClass(),
+      context.getHandler(),
+      isIdempotencyInterceptor,
+    );
   }
+}
+
+/** Whether an entry of `@UseInterceptors()` is this interceptor (its class or an instance). */
+export function isIdempotencyInterceptor(interceptor: unknown): boolean {
+  return interceptor === IdempotencyInterceptor || interceptor instanceof IdempotencyInterceptor;
 }
 
 /** A refused message: to be delivered again when a retry may succeed (Retry-After), else dropped. */
@@ -399,9 +407,20 @@ function settledBy(refusal: IdempotencyRejection): SettledMessage {
     : { kind: 'retry', reason: refusal.code };
 }
 
-function fingerprintOf(operation: OperationDescription): string {
+/**
+ * The call's fingerprint. A default one that cannot be computed (a body nested too deep) is the
+ * request's fault: 400 `body-unreadable`; a route's own `fingerprint` function that throws is the
+ * app's, and its error is the call's answer.
+ */
+function fingerprintOf(
+  plan: RoutePlan,
+  operation: OperationDescription,
+  context: ExecutionContext,
+  scope: string,
+): string {
+  if (!plan.defaultFingerprint) return plan.fingerprintOf(operation, context, scope);
   try {
-    return fingerprintRequest(operation.fingerprint);
+    return plan.fingerprintOf(operation, context, scope);
   } catch {
     throw new IdempotencyRejectionError(rejection('body-unreadable'));
   }

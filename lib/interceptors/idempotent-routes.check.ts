@@ -8,23 +8,31 @@ import {
 } from '@nestjs/common';
 import {
   INTERCEPTORS_METADATA,
+  PATH_METADATA,
   RESPONSE_PASSTHROUGH_METADATA,
   ROUTE_ARGS_METADATA,
   SSE_METADATA,
 } from '@nestjs/common/constants.js';
 import { RouteParamtypes } from '@nestjs/common/enums/route-paramtypes.enum.js';
 import { ApplicationConfig, DiscoveryService, MetadataScanner } from '@nestjs/core';
-import { IdempotencyInterceptor } from './idempotency.interceptor.js';
+import { IdempotencyInterceptor, isIdempotencyInterceptor } from './idempotency.interceptor.js';
 import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
 import {
   controllerRouteOptions,
   RESOLVED_OPTIONS,
-  resolveRouteOptionsFor,
   type ResolvedModuleOptions,
+  type ResolvedRouteOptions,
+  type TransportType,
 } from '../idempotency.options.js';
 import type { IdempotencyRouteOptions } from '../interfaces/idempotency-options.interface.js';
 import { IdempotencyStore } from '../storage/idempotency-store.interface.js';
+import { GraphQLTransport } from '../transports/graphql.transport.js';
+import { HttpTransport } from '../transports/http.transport.js';
 import { RpcTransport } from '../transports/rpc.transport.js';
+import { routePlanOf } from './route-plan.js';
+
+/** What `@nestjs/microservices`' pattern decorators set on a message handler. */
+const PATTERN_METADATA = 'microservices:pattern';
 
 /** What @nestjs/graphql's `@ResolveField()` sets on its method (the package is never imported). */
 const GRAPHQL_RESOLVE_FIELD_METADATA = 'graphql:resolve_property';
@@ -56,11 +64,15 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
     @Inject(RESOLVED_OPTIONS) private readonly options: ResolvedModuleOptions,
     @Inject(IdempotencyStore) private readonly store: IdempotencyStore,
     private readonly rpc: RpcTransport,
+    private readonly http: HttpTransport,
+    private readonly graphql: GraphQLTransport,
   ) {}
 
   onModuleInit(): void {
     const problems: string[] = [];
+    const misconfigured: string[] = [];
     const transactional: string[] = [];
+    const transports = { http: this.http, graphql: this.graphql, rpc: this.rpc };
     const acknowledging: Function[] = [];
     // Controllers (HTTP routes, message handlers) and providers (GraphQL resolvers).
     const controllers = new Set(this.discovery.getControllers());
@@ -87,12 +99,38 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
             ? 'it is a @ResolveField(), and only root mutation fields are protected (a namespaced mutation, `mutation { accounts { open } }`, runs on every retry)'
             : undefined;
         if (reason) problems.push(`${metatype.name}.${method}: ${reason}`);
-        // As the interceptor reads them: the method's options over the class's, field by field.
-        const options = resolveRouteOptionsFor(this.options, classOptions, handlerOptions);
+        // The route's plan, compiled once here (the interceptor uses it): the method's options
+        // over the class's over the module's, field by field, checked.
+        let options: ResolvedRouteOptions;
+        try {
+          options = routePlanOf(
+            this.options,
+            transports,
+            metatype,
+            handler,
+            isIdempotencyInterceptor,
+          ).options;
+        } catch (error) {
+          misconfigured.push(`${metatype.name}.${method}: ${(error as Error).message}`);
+          continue;
+        }
+        const transport: TransportType | undefined = !controllers.has(wrapper)
+          ? 'graphql'
+          : Reflect.getMetadata(PATTERN_METADATA, handler) !== undefined
+            ? 'rpc'
+            : Reflect.getMetadata(PATH_METADATA, handler) !== undefined
+              ? 'http'
+              : undefined;
+        const keyProblem = transport && keySourceProblem(options, transport);
+        if (keyProblem) misconfigured.push(`${metatype.name}.${method}: ${keyProblem}`);
         if (options.transactional) transactional.push(`${metatype.name}.${method}`);
         if (options.acknowledge && controllers.has(wrapper)) acknowledging.push(handler);
       }
     }
+    if (misconfigured.length > 0)
+      throw new Error(
+        `nestjs-idempotency: invalid @Idempotent() options:\n  ${misconfigured.join('\n  ')}`,
+      );
     this.rpc.acknowledgingHandlers(acknowledging);
     this.checkTransactional(transactional);
     if (problems.length > 0) {
@@ -142,6 +180,33 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
       );
     }
   }
+}
+
+/** What each transport calls the payload a `keyFrom` path reads. */
+const PATH_SOURCE: Readonly<Record<TransportType, string>> = {
+  http: 'body',
+  graphql: 'arg',
+  rpc: 'payload',
+};
+
+/**
+ * A `keyFrom` given as one source for every transport, of a kind this route's transport has not
+ * (`{ body }` on a message handler): its calls would read no key.
+ */
+function keySourceProblem(
+  options: ResolvedRouteOptions,
+  transport: TransportType,
+): string | undefined {
+  const keyFrom = options.keyFrom;
+  if (!keyFrom?.single || keyFrom.sources[transport]) return undefined;
+  const kind = keyFrom.single;
+  const own = PATH_SOURCE[transport];
+  const described = {
+    http: 'an HTTP route',
+    graphql: 'a GraphQL resolver',
+    rpc: 'a message handler',
+  };
+  return `keyFrom { ${kind} } reads nothing on ${described[transport]}: use { ${own}: '…' } or { header: '…' }, or give sources per transport ({ http, graphql, rpc })`;
 }
 
 function isSerializer(interceptor: unknown): boolean {

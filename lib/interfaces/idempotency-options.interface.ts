@@ -1,8 +1,9 @@
+import type { ExecutionContext } from '@nestjs/common';
 import type { DataSource, DataSourceOptions } from 'typeorm';
 import type { Duration } from '../utils/duration.js';
 import type { IdempotencyStore } from '../storage/idempotency-store.interface.js';
 import type { TransactionRunner } from '../storage/typeorm/typeorm-idempotency.store.js';
-import type { MessageAcknowledgement } from '../transports/rpc.transport.js';
+import type { MessageAcknowledgement, MessageScopeSource } from '../transports/rpc.transport.js';
 import type { IdempotencyEncryptionOptions } from '../security/response-sealer.js';
 import type { ReplayCacheOptions } from '../replay-cache.js';
 import type { ScopeValue } from '../utils/scope-value.js';
@@ -28,6 +29,92 @@ export type ConcurrencyMode = 'reject' | 'wait';
 // `any`, so a resolver typed for the app's own request (`(req: Request) => …`) is assignable.
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
 export type ScopeResolver = (request: any) => ScopeValue | Promise<ScopeValue>;
+
+/**
+ * Scope resolvers per transport, each typed for what it receives: `http` and `graphql` the
+ * platform's request (on GraphQL, the request of its context), `rpc` the message
+ * (`MessageScopeSource`: `{ data, context }`). `false` for one transport: one namespace for every
+ * caller of it, on purpose. A transport left out has no scope (one namespace, with the warning for
+ * authenticated callers).
+ */
+export interface ScopeResolversByTransport {
+  /** Express `Request` or Fastify `FastifyRequest`. */
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  readonly http?: ((request: any) => ScopeValue | Promise<ScopeValue>) | false;
+  /** The GraphQL context's request (`context.req`, or `context.request` on Fastify). */
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  readonly graphql?: ((request: any) => ScopeValue | Promise<ScopeValue>) | false;
+  /** The message: its payload and its transport's context. */
+  readonly rpc?: ((message: MessageScopeSource) => ScopeValue | Promise<ScopeValue>) | false;
+}
+
+/**
+ * The `scope` option: one resolver for every transport, resolvers per transport, or `false`: every
+ * caller shares one namespace on purpose (a webhook receiver, whose one caller is a gateway), which
+ * also silences the warning about authenticated callers without a scope.
+ */
+export type ScopeOption = ScopeResolver | ScopeResolversByTransport | false;
+
+/**
+ * A function that finds a call's key: given the call's `ExecutionContext`, it returns the key (a
+ * string, or an integer), or `undefined`/`null`/`''` for none (a missing key: 400 when `required`,
+ * else the handler runs unprotected).
+ */
+export type KeyFunction = (context: ExecutionContext) => string | number | undefined | null;
+
+/**
+ * Where a call's key is read. Whatever the source, a key is 1–255 printable ASCII characters (an
+ * integer counts as its decimal string); one that is not is refused (400 `key-invalid`).
+ *
+ * - `{ header: 'X-Request-Id' }`: a request header (HTTP, and the HTTP request of a GraphQL call),
+ *   read as `Idempotency-Key` is (a bare token or an RFC 8941 string, sent once). On messages, the
+ *   transport's header: AMQP headers, NATS headers, MQTT 5 user properties, Kafka headers (Redis
+ *   and TCP messages have none: their keys are then missing).
+ * - `{ body: 'data.object.id' }`: HTTP, a dot path into the parsed body.
+ * - `{ arg: 'input.requestId' }`: GraphQL, a dot path into the mutation field's arguments.
+ * - `{ payload: 'meta.eventId' }`: messages, a dot path into the payload.
+ * - a `KeyFunction` of the call's `ExecutionContext`.
+ *
+ * A value found by a path must be a string or an integer (a JSON body's `"id": {}` is refused,
+ * 400 `key-invalid`); it is taken as it is (not parsed as an RFC 8941 string).
+ */
+export type KeySource =
+  | { readonly header: string }
+  | { readonly body: string }
+  | { readonly arg: string }
+  | { readonly payload: string }
+  | KeyFunction;
+
+/** Key sources per transport; a transport left out reads its default (see `keyFrom`). */
+export interface KeySourcesByTransport {
+  readonly http?: KeySource;
+  readonly graphql?: KeySource;
+  readonly rpc?: KeySource;
+}
+
+/**
+ * What a retry must repeat exactly for its key to replay (else 422 `key-reused`): a function of
+ * the call's payload (the HTTP body, the GraphQL field's arguments, the message's payload) and its
+ * `ExecutionContext`, whose value is canonicalised (object keys sorted) and hashed with the route
+ * (method and pattern, the GraphQL field, the message pattern) and the scope; or `false`: nothing,
+ * every call with the key replays the first (a webhook whose sender varies a delivery's payload).
+ */
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+export type FingerprintOption = false | ((payload: any, context: ExecutionContext) => unknown);
+
+/** What `onReplay` is told of a replayed response. */
+export interface ReplayedResponse {
+  /** The call's key, scope and endpoint (its record's identity). */
+  readonly key: string;
+  readonly scope: string;
+  readonly endpoint: string;
+  /** The stored status (a replay sent with `replayStatus` keeps its stored one here). */
+  readonly status: number;
+  /** Whether the stored outcome is an error, thrown again by the replay. */
+  readonly isError: boolean;
+  /** The stored headers (HTTP), as the handler set them. */
+  readonly headers: Readonly<Record<string, string | string[]>>;
+}
 
 /** Which response statuses are stored and replayed: a list, or a predicate. */
 export type StoreStatusPolicy = readonly number[] | ((status: number) => boolean);
@@ -84,10 +171,98 @@ export interface IdempotencyRouteOptions {
    */
   waitTimeout?: Duration;
   /**
-   * The caller's identity; keys are independent per scope (see `ScopeResolver`).
-   * @default () => '' (one scope for everyone)
+   * The caller's identity; keys are independent per scope (see `ScopeResolver`). Resolvers per
+   * transport (`{ http, graphql, rpc }`, see `ScopeResolversByTransport`), or `false`: one
+   * namespace for every caller, on purpose, without the warning about authenticated callers.
+   *
+   * ```ts
+   * @Idempotent({ scope: { http: (req) => req.user.id, rpc: ({ data }) => data.tenantId } })
+   * ```
+   * @default undefined (one scope for everyone; an authenticated caller is warned about once)
    */
-  scope?: ScopeResolver;
+  scope?: ScopeOption;
+  /**
+   * Where the key is read (see `KeySource`), for every transport or per transport
+   * (`{ http, graphql, rpc }`).
+   *
+   * ```ts
+   * @Idempotent({ keyFrom: { body: 'data.object.id' } })              // a webhook's event id
+   * @Idempotent({ keyFrom: { header: 'X-GitHub-Delivery' } })
+   * @Idempotent({ keyFrom: { graphql: { arg: 'input.requestId' } } })
+   * @Idempotent({ keyFrom: (context) => context.switchToHttp().getRequest().params.id })
+   * ```
+   * @default the `Idempotency-Key` header on HTTP; the `idempotencyKey` argument, else the header,
+   * on GraphQL; the payload's `messageKeyField`, else the transport's message identity, on messages
+   */
+  keyFrom?: KeySource | KeySourcesByTransport;
+  /**
+   * What a retry must repeat exactly (see `FingerprintOption`).
+   *
+   * ```ts
+   * @Idempotent({ fingerprint: (body: ChargeDto) => ({ amount: body.amount, to: body.to }) })
+   * @Idempotent({ keyFrom: { body: 'id' }, fingerprint: false })
+   * ```
+   * @default the method, the URL (path and query) and the body on HTTP (with uploaded files);
+   * the field's arguments on GraphQL; the payload on messages
+   */
+  fingerprint?: FingerprintOption;
+  /**
+   * Which outcomes are final (stored and replayed), as a predicate of the status and the error:
+   * `error` is `undefined` for a value the handler returned, and the status of an error that is
+   * not an `HttpException` (nor, on GraphQL, a coded GraphQL error; nor an RpcException) is 500.
+   * Unlike `storeStatuses`, it can store such an error: a domain error class an exception filter
+   * renders (`InsufficientFundsError` → 402) is replayed by throwing it again, of its own class
+   * when a filter of the route or the app catches that class. Overrides `storeStatuses` where set
+   * (set one of them per level, not both).
+   *
+   * ```ts
+   * @Idempotent({ storeIf: (status, error) => error instanceof PaymentDeclined || status < 500 })
+   * ```
+   * @default undefined (`storeStatuses` decides)
+   */
+  storeIf?: (status: number, error: unknown) => boolean;
+  /**
+   * Calls that run as if the route had no `@Idempotent()`: no key read, nothing stored (a health
+   * probe, an internal caller). What it throws is the call's answer.
+   *
+   * ```ts
+   * @Idempotent({ skip: (context) => context.switchToHttp().getRequest().headers['x-internal'] === '1' })
+   * ```
+   * @default undefined (no call is skipped)
+   */
+  skip?: (context: ExecutionContext) => boolean;
+  /**
+   * The headers a replay sends of those the handler set (HTTP), by name in any case; the others are
+   * neither stored nor replayed. `Content-Type` is always kept. `set-cookie` is refused (a cookie
+   * belongs to the first caller's session).
+   *
+   * ```ts
+   * @Idempotent({ replayHeaders: ['location', 'x-charge-id'] })
+   * ```
+   * @default undefined (every header the handler set, except Set-Cookie, hop-by-hop headers,
+   * Content-Length, Date, ETag and X-Powered-By)
+   */
+  replayHeaders?: readonly string[];
+  /**
+   * The `Retry-After` of a 409 for a key whose first request is still running (also
+   * `retryAfterSeconds` of the GraphQL and RPC errors), in whole seconds, rounded up.
+   *
+   * ```ts
+   * @Idempotent({ retryAfter: '5s' })
+   * ```
+   * @default '1s'
+   */
+  retryAfter?: Duration;
+  /**
+   * Called on every replay, before the response is sent, for metrics or tagging (a span
+   * attribute, a counter). A hook that throws or rejects is logged; the response never changes.
+   *
+   * ```ts
+   * @Idempotent({ onReplay: (context, stored) => replays.inc({ endpoint: stored.endpoint }) })
+   * ```
+   * @default undefined
+   */
+  onReplay?: (context: ExecutionContext, stored: ReplayedResponse) => void | Promise<void>;
   /**
    * Which results are stored and replayed. The default stores 1xx–4xx except the statuses a client
    * is expected to correct (400, 401, 403, 408, 422, 429); those, every 5xx and every error that is

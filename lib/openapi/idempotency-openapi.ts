@@ -120,12 +120,22 @@ function documentRoute(
   const parameters: HeaderParameter[] = (Reflect.getMetadata(API_PARAMETERS, handler) ?? []).filter(
     (parameter: object) => !written.has(parameter),
   );
-  // A developer's own @ApiHeader('Idempotency-Key'), on the method or its controller, wins.
+  // The header the route reads: Idempotency-Key, or `keyFrom`'s; none when the key comes from
+  // the body or a function.
+  const source = route.keyFrom?.sources.http;
+  const header =
+    source === undefined
+      ? KEY_HEADER_NAME
+      : typeof source === 'object' && 'header' in source
+        ? source.header
+        : undefined;
+  // A developer's own @ApiHeader for it, on the method or its controller, wins.
   const documentedByDeveloper = [
     ...parameters,
     ...(Reflect.getMetadata(API_HEADERS, controller) ?? []),
-  ].some(isKeyHeader);
-  if (!documentedByDeveloper) parameters.push(ours(keyHeaderParameter(route.required)));
+  ].some((parameter: HeaderParameter) => header !== undefined && isHeader(parameter, header));
+  if (header !== undefined && !documentedByDeveloper)
+    parameters.push(ours(keyHeaderParameter(route.required, header)));
   Reflect.defineMetadata(API_PARAMETERS, parameters, handler);
 
   const developers = takeBack(Reflect.getMetadata(API_RESPONSE, handler));
@@ -158,10 +168,8 @@ function documentRoute(
 
 type HeaderParameter = { name?: string; in?: string };
 
-function isKeyHeader(parameter: HeaderParameter): boolean {
-  return (
-    parameter.in === 'header' && parameter.name?.toLowerCase() === KEY_HEADER_NAME.toLowerCase()
-  );
+function isHeader(parameter: HeaderParameter, name: string): boolean {
+  return parameter.in === 'header' && parameter.name?.toLowerCase() === name.toLowerCase();
 }
 
 function ours<T extends object>(entry: T, replaced?: object): T {

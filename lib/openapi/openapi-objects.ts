@@ -20,10 +20,16 @@ import {
 /** The request header's name as documented (HTTP header names are case-insensitive). */
 export const KEY_HEADER_NAME = 'Idempotency-Key';
 
-/** The `Idempotency-Key` header parameter of an operation. */
-export function keyHeaderParameter(required: boolean): Record<string, unknown> {
+/**
+ * The key's header parameter of an operation: `Idempotency-Key`, or the header a route's
+ * `keyFrom` names.
+ */
+export function keyHeaderParameter(
+  required: boolean,
+  name: string = KEY_HEADER_NAME,
+): Record<string, unknown> {
   return {
-    name: KEY_HEADER_NAME,
+    name,
     in: 'header',
     required,
     description: required

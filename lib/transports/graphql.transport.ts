@@ -26,7 +26,15 @@ import {
   type GraphQLTypeLike,
 } from './graphql-values.js';
 import { boundedColumnValue, keyFieldLines } from './http-exchange.js';
-import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
+import type { KeySource } from '../interfaces/idempotency-options.interface.js';
+import {
+  functionKeyReader,
+  pathKeyReader,
+  sourceParts,
+  type IdempotencyTransport,
+  type KeyReader,
+  type OperationDescription,
+} from './idempotency-transport.js';
 import { EXCEPTION_ENTRY, ReplayedExceptions } from './replayed-exception.js';
 import { resultStorer } from './stored-result.js';
 
@@ -121,7 +129,28 @@ export class GraphQLTransport implements IdempotencyTransport {
     );
   }
 
-  readKey(context: ExecutionContext): KeyReading {
+  /**
+   * The `idempotencyKey` argument, else the Idempotency-Key header; or `keyFrom`'s header (of the
+   * HTTP request), argument path or function.
+   */
+  keyReader(source: KeySource | undefined): KeyReader {
+    if (source === undefined) return (context) => this.readKey(context);
+    if (typeof source === 'function') return functionKeyReader(source);
+    const [kind, text] = sourceParts(source);
+    if (kind === 'header') {
+      const name = text.toLowerCase();
+      return (context) => {
+        const request = httpRequestOf(argsOf(context)[2]);
+        return request
+          ? readIdempotencyKey(keyFieldLines(request, name), text)
+          : { kind: 'absent' };
+      };
+    }
+    if (kind === 'arg') return pathKeyReader(text, 'the argument', (context) => argsOf(context)[1]);
+    return () => ({ kind: 'absent' });
+  }
+
+  private readKey(context: ExecutionContext): KeyReading {
     const [, args, graphqlContext] = argsOf(context);
     const argument = args?.[GRAPHQL_KEY_ARGUMENT];
     if (argument !== undefined && argument !== null) {
@@ -136,12 +165,16 @@ export class GraphQLTransport implements IdempotencyTransport {
     return request ? readIdempotencyKey(keyFieldLines(request)) : { kind: 'absent' };
   }
 
-  describe(context: ExecutionContext): OperationDescription {
+  describe(context: ExecutionContext, fingerprinted: boolean): OperationDescription {
     const [, args, graphqlContext, info] = argsOf(context);
     const field = `${info!.parentType.name}.${info!.fieldName}`;
+    const endpoint = boundedColumnValue(`GRAPHQL ${field} as ${responsePath(info!.path)}`);
+    const scopeSource = httpRequestOf(graphqlContext);
+    if (!fingerprinted) return { endpoint, scopeSource, payload: args ?? {} };
     return {
-      endpoint: boundedColumnValue(`GRAPHQL ${field} as ${responsePath(info!.path)}`),
-      scopeSource: httpRequestOf(graphqlContext),
+      endpoint,
+      scopeSource,
+      payload: args ?? {},
       fingerprint: {
         method: 'GRAPHQL',
         url: field,
@@ -159,10 +192,11 @@ export class GraphQLTransport implements IdempotencyTransport {
     options: ResolvedRouteOptions,
     id: RecordId,
   ): StoredResponse | null | Promise<StoredResponse | null> {
+    const error = outcome.ok ? undefined : outcome.error;
     const store = (status: number, value: unknown, isError: boolean, headers = {}) =>
       resultStorer(
         { key: id.key, endpoint: id.endpoint, headers },
-        options.shouldStore,
+        (stored) => options.shouldStore(stored, error),
         this.moduleOptions.maxResponseBytes,
       )(status, value, isError);
     if (outcome.ok) {
@@ -175,7 +209,6 @@ export class GraphQLTransport implements IdempotencyTransport {
         info,
       ).then((value) => store(200, value, false));
     }
-    const { error } = outcome;
     if (error instanceof HttpException) {
       // Its class, so the filters that caught it catch its replay (`@Catch(OutOfStockException)`).
       const entry = this.exceptions.entryFor(error);
@@ -200,6 +233,13 @@ export class GraphQLTransport implements IdempotencyTransport {
       };
       return store(status, stored, true);
     }
+    // Any other error is a crash, unless `storeIf` keeps it (a domain error, as a 500).
+    if (options.storesAnyError && error instanceof Error) {
+      const stored: StoredGraphQLError = {
+        graphqlError: { message: error.message, extensions: {} },
+      };
+      return store(500, stored, true);
+    }
     return null;
   }
 
@@ -212,7 +252,7 @@ export class GraphQLTransport implements IdempotencyTransport {
         graphqlError.message,
         replayedExtensions(graphqlError.extensions),
       );
-    throw this.exceptions.replayed(
+    throw this.exceptions.thrownAgain(
       context.getHandler(),
       context.getClass(),
       stored.headers[EXCEPTION_ENTRY],

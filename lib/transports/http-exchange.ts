@@ -32,21 +32,37 @@ export interface PlatformResponse {
   [member: string]: unknown;
 }
 
-/** Every value of the Idempotency-Key header, one per field line (Node joins repeats with ", "). */
-export function keyFieldLines(request: PlatformRequest): string[] {
+/**
+ * Every value of a request header (by default Idempotency-Key), one per field line (Node joins
+ * repeats with ", ").
+ *
+ * @param name the header's name, lower-case
+ */
+export function keyFieldLines(
+  request: PlatformRequest,
+  name: string = IDEMPOTENCY_KEY_HEADER,
+): readonly string[] {
   const rawHeaders: unknown = (request.raw ?? request).rawHeaders;
   if (Array.isArray(rawHeaders)) {
-    const lines: string[] = [];
+    let lines: string[] | undefined;
     for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
-      if (String(rawHeaders[i]).toLowerCase() === IDEMPOTENCY_KEY_HEADER)
-        lines.push(String(rawHeaders[i + 1]));
+      const field: unknown = rawHeaders[i];
+      // Most names differ in length: only a name of the same length is lower-cased and compared.
+      if (
+        typeof field === 'string' &&
+        field.length === name.length &&
+        (field === name || field.toLowerCase() === name)
+      )
+        (lines ??= []).push(String(rawHeaders[i + 1]));
     }
-    return lines;
+    return lines ?? NO_LINES;
   }
-  const value: unknown = request.headers?.[IDEMPOTENCY_KEY_HEADER];
-  if (value === undefined) return [];
+  const value: unknown = request.headers?.[name];
+  if (value === undefined) return NO_LINES;
   return Array.isArray(value) ? value.map(String) : [String(value)];
 }
+
+const NO_LINES: readonly string[] = [];
 
 /**
  * The request's method as an operation: upper-case, and a HEAD served by a GET route's handler is
@@ -126,10 +142,13 @@ export const REPLACED_HEADERS_ENTRY = 'nestjs-idempotency-replaced-headers';
  * request's middleware, guards, CORS or outer interceptors (a request id, a rate-limit count, an
  * allowed origin), which the retry gets afresh, nor `Set-Cookie` and hop-by-hop headers. Those it
  * changed from a value set before are named in the `REPLACED_HEADERS_ENTRY` entry.
+ *
+ * @param allowed a route's `replayHeaders` (lower-case): only these, and Content-Type, are stored
  */
 export function storableHeaders(
   response: PlatformResponse,
   before: HeaderSnapshot = {},
+  allowed?: ReadonlySet<string>,
 ): Record<string, string | string[]> {
   const stored: Record<string, string | string[]> = {};
   const replaced: string[] = [];
@@ -137,6 +156,7 @@ export function storableHeaders(
     if (
       UNSTORED_RESPONSE_HEADERS.has(name) ||
       name === REPLACED_HEADERS_ENTRY ||
+      (allowed !== undefined && !isAllowed(name, allowed)) ||
       sameValue(before[name], value)
     )
       continue;
@@ -152,10 +172,14 @@ export function storableHeaders(
  * the handler set over an earlier value. What the retry's middleware and guards set (its request
  * id, its rate-limit count, its CORS origin) is the retry's own, also against a record stored with
  * such headers by an earlier version.
+ *
+ * @param allowed a route's `replayHeaders` (lower-case): only these, and Content-Type, are sent,
+ *   also of a record stored before the route listed them
  */
 export function replayableHeaders(
   response: PlatformResponse,
   stored: Readonly<Record<string, string | string[]>>,
+  allowed?: ReadonlySet<string>,
 ): [string, string | string[]][] {
   const current = headerSnapshot(response);
   const replaced = new Set(String(stored[REPLACED_HEADERS_ENTRY] ?? '').split(','));
@@ -164,9 +188,15 @@ export function replayableHeaders(
     return (
       lower !== REPLACED_HEADERS_ENTRY &&
       !UNSTORED_RESPONSE_HEADERS.has(lower) &&
+      (allowed === undefined || isAllowed(lower, allowed)) &&
       (!(lower in current) || replaced.has(lower))
     );
   });
+}
+
+/** Content-Type always: without it a replayed body would change meaning. */
+function isAllowed(name: string, allowed: ReadonlySet<string>): boolean {
+  return name === 'content-type' || allowed.has(name);
 }
 
 function headerValue(value: unknown): string | string[] {

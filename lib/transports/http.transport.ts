@@ -11,6 +11,7 @@ import {
 } from '../idempotency.options.js';
 import type { Outcome } from '../idempotency.service.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
+import type { KeySource } from '../interfaces/idempotency-options.interface.js';
 import { readIdempotencyKey } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';
 import {
@@ -29,7 +30,14 @@ import {
 } from './http-exchange.js';
 import type { FileFingerprint } from '../utils/fingerprint.js';
 import { fingerprintsOf, readAhead, unreadBody, uploadedFiles } from './http-body.js';
-import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
+import {
+  functionKeyReader,
+  pathKeyReader,
+  sourceParts,
+  type IdempotencyTransport,
+  type KeyReader,
+  type OperationDescription,
+} from './idempotency-transport.js';
 import { EXCEPTION_ENTRY, ReplayedExceptions } from './replayed-exception.js';
 import { resultStorer } from './stored-result.js';
 
@@ -39,6 +47,8 @@ import { resultStorer } from './stored-result.js';
  * carry the stored status and the handler's headers plus `Idempotent-Replayed: true`, and a stored
  * error is thrown again as its own class; rejections are problem+json.
  */
+const storeAlways = () => true;
+
 @Injectable()
 export class HttpTransport implements IdempotencyTransport {
   readonly type = 'http';
@@ -69,8 +79,24 @@ export class HttpTransport implements IdempotencyTransport {
     return true;
   }
 
-  readKey(context: ExecutionContext) {
-    return readIdempotencyKey(keyFieldLines(context.switchToHttp().getRequest()));
+  /** The Idempotency-Key header, or `keyFrom`'s header, body path or function. */
+  keyReader(source: KeySource | undefined): KeyReader {
+    if (source === undefined)
+      return (context) => readIdempotencyKey(keyFieldLines(context.switchToHttp().getRequest()));
+    if (typeof source === 'function') return functionKeyReader(source);
+    const [kind, text] = sourceParts(source);
+    if (kind === 'header') {
+      const name = text.toLowerCase();
+      return (context) =>
+        readIdempotencyKey(keyFieldLines(context.switchToHttp().getRequest(), name), text);
+    }
+    if (kind === 'body')
+      return pathKeyReader(
+        text,
+        "the body's",
+        (context) => context.switchToHttp().getRequest<{ body?: unknown }>().body,
+      );
+    return () => ({ kind: 'absent' });
   }
 
   /**
@@ -79,15 +105,26 @@ export class HttpTransport implements IdempotencyTransport {
    * interceptor, or that the handler reads), the body itself, read ahead and put back. Snapshots
    * the response's headers, so only those set from here on are stored.
    */
-  describe(context: ExecutionContext): OperationDescription | Promise<OperationDescription> {
+  describe(
+    context: ExecutionContext,
+    fingerprinted: boolean,
+  ): OperationDescription | Promise<OperationDescription> {
     const http = context.switchToHttp();
     const request = http.getRequest();
     const response = http.getResponse<PlatformResponse>();
     this.before.set(response, { headers: headerSnapshot(response), status: statusOf(response) });
     const handler = context.getHandler();
+    // A route with a fingerprint of its own: no upload read ahead nor hashed, only the body given.
+    if (!fingerprinted)
+      return {
+        endpoint: endpointOf(request, handler),
+        scopeSource: request,
+        payload: request.body,
+      };
     const operation = (body: unknown, files?: FileFingerprint[]): OperationDescription => ({
       endpoint: endpointOf(request, handler),
       scopeSource: request,
+      payload: body,
       fingerprint: {
         method: operationMethodOf(request, handler),
         url: urlOf(request),
@@ -116,7 +153,9 @@ export class HttpTransport implements IdempotencyTransport {
     // while the handler ran on: the response's status and headers are that answer's. The handler's
     // outcome is stored with the route's status, so the client's retry gets it.
     const answered = headersSent(response);
-    const headers = answered ? {} : storableHeaders(response, before?.headers);
+    const headers = answered
+      ? {}
+      : storableHeaders(response, before?.headers, options.replayHeaders);
     delete headers[EXCEPTION_ENTRY];
     const { key, endpoint } = id;
     const { shouldStore } = options;
@@ -129,14 +168,26 @@ export class HttpTransport implements IdempotencyTransport {
       );
     }
     const error = outcome.error;
-    if (!(error instanceof HttpException)) return null;
-    const entry = this.exceptions.entryFor(error, {
-      handler: context.getHandler(),
-      controller: context.getClass(),
-    });
+    const route = { handler: context.getHandler(), controller: context.getClass() };
+    if (!(error instanceof HttpException)) {
+      // A domain error a filter renders: stored only when `storeIf` says so, as a 500 (what Nest
+      // answers without a filter), and thrown again, of its class, by a replay.
+      if (!options.storesAnyError || !(error instanceof Error) || !shouldStore(500, error))
+        return null;
+      return resultStorer(
+        {
+          key,
+          endpoint,
+          headers: { ...headers, [EXCEPTION_ENTRY]: this.exceptions.domainEntryFor(error, route) },
+        },
+        storeAlways,
+        maxResponseBytes,
+      )(500, { message: error.message }, true);
+    }
+    const entry = this.exceptions.entryFor(error, route);
     return resultStorer(
       { key, endpoint, headers: entry ? { ...headers, [EXCEPTION_ENTRY]: entry } : headers },
-      shouldStore,
+      (status) => shouldStore(status, error),
       maxResponseBytes,
     )(error.getStatus(), error.getResponse(), true);
   }
@@ -153,14 +204,14 @@ export class HttpTransport implements IdempotencyTransport {
     const response = context.switchToHttp().getResponse<PlatformResponse>();
     const adapter = this.adapterHost.httpAdapter;
     const { [EXCEPTION_ENTRY]: exception, ...headers } = stored.headers;
-    for (const [name, value] of replayableHeaders(response, headers)) {
+    for (const [name, value] of replayableHeaders(response, headers, options.replayHeaders)) {
       adapter.setHeader(response, name, value as string);
     }
     adapter.setHeader(response, IDEMPOTENT_REPLAYED_HEADER, 'true');
     const body = decodeBody(stored);
     // A stored error goes through the exception filters again, as its own class, as the original did.
     if (stored.isError) {
-      throw this.exceptions.replayed(
+      throw this.exceptions.thrownAgain(
         context.getHandler(),
         context.getClass(),
         exception,

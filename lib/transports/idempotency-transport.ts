@@ -3,10 +3,14 @@ import type { Observable } from 'rxjs';
 import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import type { Outcome } from '../idempotency.service.js';
 import type { ResolvedRouteOptions } from '../idempotency.options.js';
-import type { ConcurrencyMode } from '../interfaces/idempotency-options.interface.js';
+import type {
+  ConcurrencyMode,
+  KeyFunction,
+  KeySource,
+} from '../interfaces/idempotency-options.interface.js';
 import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
 import type { FingerprintInput } from '../utils/fingerprint.js';
-import type { KeyReading } from '../utils/idempotency-key.js';
+import { readKeyValue, valueAtPath, type KeyReading } from '../utils/idempotency-key.js';
 
 /** What a transport tells the state machine about one call. */
 export interface OperationDescription {
@@ -17,8 +21,40 @@ export interface OperationDescription {
   readonly endpoint: string;
   /** What the route's `scope` resolver receives (see `ScopeResolver`). */
   readonly scopeSource: unknown;
-  /** What makes two calls with one key "the same request". */
-  readonly fingerprint: FingerprintInput;
+  /**
+   * What makes two calls with one key "the same request", by default; only when `describe` is
+   * asked for it (a route with a `fingerprint` option of its own needs none).
+   */
+  readonly fingerprint?: FingerprintInput;
+  /** What a `fingerprint` function receives: the HTTP body, the field's arguments, the payload. */
+  readonly payload: unknown;
+}
+
+/** A route's compiled way of reading its calls' keys (see `keyFrom`). */
+export type KeyReader = (context: ExecutionContext) => KeyReading;
+
+/** A `keyFrom` function's reader: its result read as a key value (see `readKeyValue`). */
+export function functionKeyReader(source: KeyFunction): KeyReader {
+  return (context) => readKeyValue(source(context), 'from keyFrom');
+}
+
+/** A `keyFrom` dot path's reader, into what `root` gives (the body, the arguments, the payload). */
+export function pathKeyReader(
+  path: string,
+  what: string,
+  root: (context: ExecutionContext) => unknown,
+): KeyReader {
+  const segments = path.split('.');
+  const where = `${what} ${path}`;
+  return (context) => readKeyValue(valueAtPath(root(context), segments), where);
+}
+
+/** The kind and the text of a `keyFrom` source that is not a function. */
+export function sourceParts(
+  source: Exclude<KeySource, KeyFunction>,
+): readonly [kind: 'header' | 'body' | 'arg' | 'payload', text: string] {
+  const [kind] = Object.keys(source) as ('header' | 'body' | 'arg' | 'payload')[];
+  return [kind, (source as Record<string, string>)[kind]];
 }
 
 import type { SettledMessage } from './rpc.transport.js';
@@ -35,13 +71,21 @@ export interface IdempotencyTransport {
   readonly defaultConcurrency: ConcurrencyMode;
   /** Whether `@Idempotent()` applies to this call (GraphQL: mutations only); others run as they are. */
   applies(context: ExecutionContext): boolean;
-  /** The call's Idempotency-Key: where this transport carries it. */
-  readKey(context: ExecutionContext): KeyReading;
   /**
-   * The operation: its endpoint, what the scope resolver sees, what is fingerprinted. A promise
-   * when the payload must be read first (HTTP: an upload's files, a body not parsed yet).
+   * How a route reads its calls' keys, compiled once per route: from `source` (`keyFrom`), or
+   * where this transport carries the Idempotency-Key by default. A source this transport has not
+   * (`{ body }` on a message) reads no key.
    */
-  describe(context: ExecutionContext): OperationDescription | Promise<OperationDescription>;
+  keyReader(source: KeySource | undefined): KeyReader;
+  /**
+   * The operation: its endpoint, what the scope resolver sees, what is fingerprinted (with
+   * `fingerprinted`: the default fingerprint's input). A promise when the payload must be read
+   * first (HTTP: an upload's files, a body not parsed yet).
+   */
+  describe(
+    context: ExecutionContext,
+    fingerprinted: boolean,
+  ): OperationDescription | Promise<OperationDescription>;
   /**
    * The response to store for the handler's outcome, or `null` when it is not stored (the key is
    * then released): a crash, a status the policy does not keep, too large, a stream. Never throws

@@ -18,7 +18,11 @@ interface StoredException {
   readonly classes: readonly string[];
   readonly fields: Readonly<Record<string, unknown>>;
   readonly dates?: readonly string[];
+  /** A domain error (not an HttpException) that `storeIf` stored: its message. */
+  readonly message?: string;
 }
+
+type ErrorClass = abstract new (...args: never[]) => Error;
 
 /** The route a stored error was thrown on: its handler and controller. */
 export interface ExceptionRoute {
@@ -48,6 +52,8 @@ let builtIns: Map<string, HttpExceptionClass> | undefined;
  */
 export class ReplayedExceptions {
   private readonly captured = new Map<string, HttpExceptionClass>();
+  /** Domain error classes stored by this process (`storeIf`). */
+  private readonly capturedErrors = new Map<string, ErrorClass>();
   /** Per controller and handler: controllers sharing a base class's handler have their own filters. */
   private readonly caughtByRoute = new WeakMap<
     Function,
@@ -77,6 +83,32 @@ export class ReplayedExceptions {
       if (!this.captured.has(type.name)) this.captured.set(type.name, type);
     }
     if (classes.length === 0) return undefined;
+    return this.entryOf(exception, classes, route);
+  }
+
+  /**
+   * The entry for a domain error that is not an HttpException (stored by `storeIf`): its class
+   * and those above it below Error, its message and its own fields.
+   */
+  domainEntryFor(error: Error, route?: ExceptionRoute): string {
+    const classes: string[] = [];
+    for (
+      let type = error.constructor as ErrorClass;
+      typeof type === 'function' && type !== Error && type.prototype instanceof Error;
+      type = Object.getPrototypeOf(type) as ErrorClass
+    ) {
+      classes.push(type.name);
+      if (!this.capturedErrors.has(type.name)) this.capturedErrors.set(type.name, type);
+    }
+    return this.entryOf(error, classes, route, error.message);
+  }
+
+  private entryOf(
+    exception: Error,
+    classes: string[],
+    route: ExceptionRoute | undefined,
+    message?: string,
+  ): string {
     const fields: Record<string, unknown> = {};
     const dates: string[] = [];
     const tooLarge: string[] = [];
@@ -101,13 +133,36 @@ export class ReplayedExceptions {
     }
     if (tooLarge.length > 0) {
       new Logger('Idempotency').warn(
-        `The stored ${classes[0]} of ${route ? `${route.controller.name}.${route.handler.name}` : 'a route'} leaves out its field(s) ${tooLarge.join(', ')} (over ${MAX_EXCEPTION_FIELDS_CHARS / 1024} KiB of fields): its replays are thrown without them. Its body is stored whole.`,
+        `The stored ${classes[0] ?? 'error'} of ${route ? `${route.controller.name}.${route.handler.name}` : 'a route'} leaves out its field(s) ${tooLarge.join(', ')} (over ${MAX_EXCEPTION_FIELDS_CHARS / 1024} KiB of fields): its replays are thrown without them. Its body is stored whole.`,
       );
     }
-    const stored: StoredException =
-      dates.length > 0 ? { classes, fields, dates } : { classes, fields };
+    const stored: StoredException = {
+      classes,
+      fields,
+      ...(dates.length > 0 && { dates }),
+      ...(message !== undefined && { message }),
+    };
     // ASCII, so that a version that sends the entry as a header can.
     return ascii(JSON.stringify(stored));
+  }
+
+  /**
+   * What a replay of a stored error throws: a domain error of its class (stored by `storeIf`), or
+   * the HttpException `replayed` gives.
+   */
+  thrownAgain(
+    handler: Function,
+    controller: Function,
+    entry: string | string[] | undefined,
+    body: unknown,
+    status: number,
+  ): Error {
+    if (typeof entry === 'string' && entry.includes('"message"')) {
+      const stored = parseEntry(entry);
+      if (stored?.message !== undefined)
+        return this.replayedDomainError(handler, controller, stored);
+    }
+    return this.replayed(handler, controller, entry, body, status);
   }
 
   /** The exception a replay throws: of the stored class when it is known here, with its fields. */
@@ -118,8 +173,8 @@ export class ReplayedExceptions {
     body: unknown,
     status: number,
   ): HttpException {
-    const exception = new HttpException(body as string | Record<string, unknown>, status);
     const stored = typeof entry === 'string' ? parseEntry(entry) : undefined;
+    const exception = new HttpException(body as string | Record<string, unknown>, status);
     if (!stored) return exception;
     const caught = this.caughtBy(handler, controller);
     const known = (name: string) =>
@@ -137,6 +192,66 @@ export class ReplayedExceptions {
       });
     }
     return exception;
+  }
+
+  /**
+   * A stored domain error thrown again: of its class when a filter of the route or the app catches
+   * it, or this process stored one of it, else a plain Error (which Nest answers with a 500, as it
+   * answered the first call when no filter caught it).
+   */
+  private replayedDomainError(
+    handler: Function,
+    controller: Function,
+    stored: StoredException,
+  ): Error {
+    const caught = this.caughtErrorsBy(handler, controller);
+    const type = stored.classes
+      .map((name) => caught.get(name) ?? this.capturedErrors.get(name))
+      .find((found) => found !== undefined);
+    const error = Object.create((type ?? Error).prototype as object) as Error;
+    Object.defineProperty(error, 'message', {
+      value: stored.message,
+      writable: true,
+      configurable: true,
+    });
+    const dates = new Set(stored.dates);
+    for (const [name, value] of Object.entries(stored.fields)) {
+      if (name === '__proto__' || name === 'message') continue;
+      Object.defineProperty(error, name, {
+        value: dates.has(name) && typeof value === 'string' ? new Date(value) : value,
+        writable: true,
+        enumerable: true,
+        configurable: true,
+      });
+    }
+    return error;
+  }
+
+  /** The error classes (other than HttpExceptions) the route's filters and the app's catch. */
+  private caughtErrorsBy(handler: Function, controller: Function): Map<string, ErrorClass> {
+    const caught = new Map<string, ErrorClass>();
+    for (const candidate of this.caughtClasses(handler, controller)) {
+      if (
+        typeof candidate === 'function' &&
+        candidate.prototype instanceof Error &&
+        !caught.has(candidate.name)
+      )
+        caught.set(candidate.name, candidate as ErrorClass);
+    }
+    return caught;
+  }
+
+  /** Every class named by the `@Catch()` of the route's filters and the app's. */
+  private caughtClasses(handler: Function, controller: Function): unknown[] {
+    const filters = [
+      ...((Reflect.getMetadata(EXCEPTION_FILTERS_METADATA, handler) as unknown[]) ?? []),
+      ...((Reflect.getMetadata(EXCEPTION_FILTERS_METADATA, controller) as unknown[]) ?? []),
+      ...this.globalFilters(),
+    ];
+    return filters.flatMap((filter) => {
+      const type = typeof filter === 'function' ? filter : (filter as object)?.constructor;
+      return ((type && Reflect.getMetadata(FILTER_CATCH_EXCEPTIONS, type)) as unknown[]) ?? [];
+    });
   }
 
   /** The HttpException classes the route's filters (method, controller) and the app's catch. */
@@ -185,6 +300,7 @@ function parseEntry(entry: string): StoredException | undefined {
       dates: Array.isArray(parsed.dates)
         ? parsed.dates.filter((name) => typeof name === 'string')
         : undefined,
+      message: typeof parsed.message === 'string' ? parsed.message : undefined,
     };
   } catch {
     return undefined;

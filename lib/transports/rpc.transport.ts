@@ -12,7 +12,15 @@ import { canonicalJson } from '../utils/fingerprint.js';
 import { readIdempotencyKey, type KeyReading } from '../utils/idempotency-key.js';
 import { decodeBody } from '../utils/response-body.js';
 import { boundedColumnValue } from './http-exchange.js';
-import type { IdempotencyTransport, OperationDescription } from './idempotency-transport.js';
+import type { KeySource } from '../interfaces/idempotency-options.interface.js';
+import {
+  functionKeyReader,
+  pathKeyReader,
+  sourceParts,
+  type IdempotencyTransport,
+  type KeyReader,
+  type OperationDescription,
+} from './idempotency-transport.js';
 import { storedResult } from './stored-result.js';
 import { quietLogger } from '../utils/quiet-logger.js';
 
@@ -162,7 +170,28 @@ export class RpcTransport implements IdempotencyTransport {
     return true;
   }
 
-  readKey(context: ExecutionContext): KeyReading {
+  /**
+   * The payload's `messageKeyField`, else the transport's message identity; or `keyFrom`'s header
+   * (AMQP headers, NATS headers, MQTT 5 user properties, Kafka headers; Redis and TCP have none),
+   * payload path or function.
+   */
+  keyReader(source: KeySource | undefined): KeyReader {
+    if (source === undefined) return (context) => this.readKey(context);
+    if (typeof source === 'function') return functionKeyReader(source);
+    const [kind, text] = sourceParts(source);
+    if (kind === 'header') {
+      const name = text.toLowerCase();
+      return (context) => {
+        const value = transportHeader(context.switchToRpc().getContext(), name);
+        return value === undefined ? { kind: 'absent' } : readIdempotencyKey([value], text);
+      };
+    }
+    if (kind === 'payload')
+      return pathKeyReader(text, "the payload's", (context) => context.switchToRpc().getData());
+    return () => ({ kind: 'absent' });
+  }
+
+  private readKey(context: ExecutionContext): KeyReading {
     const rpc = context.switchToRpc();
     const data = rpc.getData() as unknown;
     const field =
@@ -184,13 +213,15 @@ export class RpcTransport implements IdempotencyTransport {
     return fromTransport === undefined ? { kind: 'absent' } : readIdempotencyKey([fromTransport]);
   }
 
-  describe(context: ExecutionContext): OperationDescription {
+  describe(context: ExecutionContext, fingerprinted: boolean): OperationDescription {
     const rpc = context.switchToRpc();
     const endpoint = this.endpointOf(context);
+    const data: unknown = rpc.getData();
     return {
       endpoint,
-      scopeSource: { data: rpc.getData(), context: rpc.getContext() } satisfies MessageScopeSource,
-      fingerprint: { method: 'RPC', url: endpoint, body: rpc.getData() ?? null },
+      scopeSource: { data, context: rpc.getContext() } satisfies MessageScopeSource,
+      payload: data,
+      fingerprint: fingerprinted ? { method: 'RPC', url: endpoint, body: data ?? null } : undefined,
     };
   }
 
@@ -218,15 +249,24 @@ export class RpcTransport implements IdempotencyTransport {
             maxResponseBytes,
           );
     }
-    const answer = this.answerOf(outcome.error);
+    const { error } = outcome;
+    const answer = this.answerOf(error) ?? this.storedCrash(error, options);
     if (!answer) return null;
     // An RpcException without a status is the handler's final answer, whatever `storeStatuses`
     // says of statuses (it is recorded as a 400); one with a `statusCode` is stored by the policy.
     return storedResult(
       { ...call, status: answer.status ?? 400, value: answer.value, isError: true },
-      answer.status === undefined ? storeAlways : options.shouldStore,
+      answer.status === undefined ? storeAlways : (status) => options.shouldStore(status, error),
       maxResponseBytes,
     );
+  }
+
+  /** An error that is no answer, which `storeIf` keeps (a domain error): as a 500 RpcException. */
+  private storedCrash(error: unknown, options: ResolvedRouteOptions): ErrorAnswer | undefined {
+    if (!options.storesAnyError || !(error instanceof Error) || !options.shouldStore(500, error))
+      return undefined;
+    const rpcError = { status: 'error', statusCode: 500, message: error.message };
+    return { status: 500, value: { rpcError } satisfies StoredRpcError };
   }
 
   /**
@@ -239,9 +279,12 @@ export class RpcTransport implements IdempotencyTransport {
    */
   settledAfterError(error: unknown, options: ResolvedRouteOptions): SettledMessage {
     const answer = this.answerOf(error);
-    if (!answer) return { kind: 'retry', reason: 'the handler failed' };
+    if (!answer)
+      return this.storedCrash(error, options)
+        ? { kind: 'done', replayed: false }
+        : { kind: 'retry', reason: 'the handler failed' };
     const { status } = answer;
-    if (status === undefined || options.shouldStore(status))
+    if (status === undefined || options.shouldStore(status, error))
       return { kind: 'done', replayed: false };
     return mayPassLater(status)
       ? { kind: 'retry', reason: `the handler failed (${status})` }
@@ -388,6 +431,31 @@ function patternOf(handler: Function): string {
       ? transport.description
       : (microservices?.Transport as Record<number, string> | undefined)?.[transport as number];
   return `${text} (${name ?? String(transport)})`;
+}
+
+/**
+ * A header of the message, by lower-case name, where its transport has headers: AMQP headers, NATS
+ * headers, MQTT 5 user properties, Kafka headers (Redis and TCP have none).
+ */
+export function transportHeader(context: unknown, name: string): string | undefined {
+  // Each broker's context and message have their own shape, read member by member below.
+  // eslint-disable-next-line @typescript-eslint/no-explicit-any
+  type Member = ((...args: unknown[]) => any) | undefined;
+  const rpc = context as Record<string, Member> | null | undefined;
+  if (!rpc) return undefined;
+  const message = rpc.getMessage?.();
+  if (typeof rpc.getPartition === 'function') return text(header(message?.headers, name));
+  if (message?.properties) return text(header(message.properties.headers, name));
+  if (typeof rpc.getHeaders === 'function') {
+    // NATS headers: `get` matches the name exactly, so it is looked up among their names.
+    const headers = rpc.getHeaders() as
+      { keys?(): string[]; get?(name: string): unknown } | undefined;
+    const field = headers?.keys?.().find((candidate) => candidate.toLowerCase() === name);
+    return field === undefined ? undefined : text(headers?.get?.(field));
+  }
+  if (typeof rpc.getPacket === 'function')
+    return text(header(rpc.getPacket()?.properties?.userProperties, name));
+  return undefined;
 }
 
 /** The message's own identity, where its transport has one (see RpcTransport). */

@@ -94,3 +94,22 @@ export function canonicalJson(value: unknown, depth = 0): string | undefined {
 function isArrayIndex(name: string): boolean {
   return /^(?:0|[1-9][0-9]*)$/.test(name) && Number(name) < 4294967295;
 }
+
+/**
+ * The fingerprint of a route with a `fingerprint` option: the value its function returned, in
+ * canonical JSON, hashed with the endpoint (method and route pattern, GraphQL field, message
+ * pattern) and the scope; without a value (`fingerprint: false`), the endpoint and scope alone, so
+ * every payload with the key is the same request.
+ *
+ * @param value what the route's function returned; omitted for `fingerprint: false`
+ */
+export function fingerprintOfValue(endpoint: string, scope: string, ...value: [unknown?]): string {
+  const hash = createHash('sha256')
+    .update(value.length > 0 ? 'value\n' : 'none\n')
+    .update(endpoint)
+    .update('\n')
+    .update(scope)
+    .update('\n');
+  if (value.length > 0) hash.update(canonicalJson(value[0]) ?? '');
+  return hash.digest('hex');
+}

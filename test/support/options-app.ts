@@ -1,0 +1,112 @@
+import { ApolloDriver, type ApolloDriverConfig } from '@nestjs/apollo';
+import { Module, type INestApplication, type Provider, type Type } from '@nestjs/common';
+import { GraphQLModule } from '@nestjs/graphql';
+import {
+  ClientProxyFactory,
+  Transport,
+  type ClientProxy,
+  type MicroserviceOptions,
+} from '@nestjs/microservices';
+import { FastifyAdapter } from '@nestjs/platform-fastify';
+import { Test } from '@nestjs/testing';
+import { IdempotencyModule, type IdempotencyModuleOptions } from '../../lib/index.js';
+import { CapturedLog } from './captured-log.js';
+import type { HttpPlatform } from './databases.js';
+
+/** An app for the route options' specs: the module on its in-memory store, HTTP, GraphQL, NATS. */
+export interface OptionsApp {
+  readonly app: INestApplication;
+  readonly http: any;
+  readonly log: CapturedLog;
+  /** A NATS client, when the app listens on NATS too. */
+  readonly nats: ClientProxy | undefined;
+  close(): Promise<void>;
+}
+
+export interface OptionsAppSetup {
+  readonly platform?: HttpPlatform;
+  readonly controllers?: Type[];
+  readonly providers?: Provider[];
+  readonly module?: IdempotencyModuleOptions;
+  /** Serve GraphQL (Apollo, code first) at /graphql. */
+  readonly graphql?: boolean;
+  /** Listen on NATS at this URL too. */
+  readonly natsUrl?: string;
+}
+
+/** Boots the app; a startup that fails closes what it opened and rejects with its error. */
+export async function bootOptionsApp(setup: OptionsAppSetup): Promise<OptionsApp> {
+  const platform = setup.platform ?? 'express';
+  const log = new CapturedLog();
+  @Module({
+    imports: [
+      IdempotencyModule.forRoot({ purgeInterval: false, ...setup.module }),
+      ...(setup.graphql
+        ? [
+            GraphQLModule.forRoot<ApolloDriverConfig>({
+              driver: ApolloDriver,
+              autoSchemaFile: true,
+              context:
+                platform === 'express'
+                  ? ({ req }: { req: unknown }) => ({ req })
+                  : (request: unknown) => ({ req: request }),
+            }),
+          ]
+        : []),
+    ],
+    controllers: setup.controllers ?? [],
+    providers: setup.providers ?? [],
+  })
+  class AppModule {}
+  const moduleRef = await Test.createTestingModule({ imports: [AppModule] }).compile();
+  const app =
+    platform === 'fastify'
+      ? moduleRef.createNestApplication(new FastifyAdapter(), { logger: log })
+      : moduleRef.createNestApplication({ logger: log });
+  let nats: ClientProxy | undefined;
+  try {
+    if (setup.natsUrl) {
+      app.connectMicroservice<MicroserviceOptions>({
+        transport: Transport.NATS,
+        options: { servers: [setup.natsUrl] },
+      });
+      await app.startAllMicroservices();
+    }
+    await app.init();
+    if (platform === 'fastify') await app.getHttpAdapter().getInstance().ready();
+    if (setup.natsUrl) {
+      nats = ClientProxyFactory.create({
+        transport: Transport.NATS,
+        options: { servers: [setup.natsUrl] },
+      });
+      await nats.connect();
+    }
+  } catch (error) {
+    await app.close().catch(() => undefined);
+    throw error;
+  }
+  return {
+    app,
+    http: app.getHttpServer(),
+    log,
+    nats,
+    close: async () => {
+      await nats?.close();
+      await app.close();
+    },
+  };
+}
+
+/** Handler runs counted by name. */
+export class Runs {
+  private readonly counts = new Map<string, number>();
+  /** Counts one run of `name` and returns its number. */
+  ran(name: string): number {
+    const n = (this.counts.get(name) ?? 0) + 1;
+    this.counts.set(name, n);
+    return n;
+  }
+  of(name: string): number {
+    return this.counts.get(name) ?? 0;
+  }
+}
