@@ -1,8 +1,32 @@
-import { randomInt, randomUUID } from 'node:crypto';
+import {
+  Controller,
+  Headers,
+  HttpCode,
+  Module,
+  Post,
+  UseGuards,
+  type INestApplication,
+} from '@nestjs/common';
+import { NestFactory } from '@nestjs/core';
+import { createHmac, randomInt, randomUUID } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import request from 'supertest';
+import { Idempotent, IdempotencyModule } from '../lib/index.js';
 import { signWebhook } from '../sample/gateway/gateway-webhook.sender.js';
+import {
+  GITHUB_WEBHOOK_SECRET,
+  GitHubSignatureGuard,
+  verifyGitHubSignature,
+} from '../sample/webhooks/github-signature.guard.js';
+import {
+  STANDARD_WEBHOOKS_SECRET,
+  StandardWebhooksGuard,
+  verifyStandardWebhook,
+} from '../sample/webhooks/standard-webhooks.guard.js';
+import { verifyStripeSignature } from '../sample/webhooks/stripe-signature.guard.js';
+import { eachDatabase } from './support/databases.js';
 import { HttpClient, isReplay, jsonOf, type Exchange } from './support/http-client.js';
 import { startAppProcess, type AppProcess } from './support/processes.js';
 import { waitFor } from './support/reliability.js';
@@ -40,6 +64,9 @@ const databases: [string, (dataDir: string) => Record<string, string>][] = [
       ]
     : []),
 ];
+
+/** The recipes' in-process app: on PGlite, and on PostgreSQL when DATABASE_URL is set. */
+const recipeDatabases = eachDatabase.filter(([name]) => name === 'pglite' || name === 'postgres');
 
 /**
  * The sample shop as `npm start` runs it (`node dist/sample/main.js`): its simulated gateway sends
@@ -191,9 +218,24 @@ describe.each(databases)('the sample’s gateway webhooks on %s (real processes)
       expect(answers.map(isReplay)).toEqual([false, true, true, true, true]);
       expect(new Set(answers.map((answer) => answer.text)).size).toBe(1);
       expect(jsonOf(answers[0])).toMatchObject({ received: true, event_id: id });
-      // A copy long after: the same answer still.
-      const later = await deliver(client, body);
-      expect([later.status, isReplay(later), later.text]).toEqual([200, true, answers[0].text]);
+      // Later copies: one re-serialised with a field that changes between deliveries (Stripe's
+      // `pending_webhooks`), one from a caller with an API key: the event id alone is the key
+      // (`fingerprint: false`, `scope: false`), so both get the same answer still.
+      const reserialised = JSON.stringify({ ...JSON.parse(body), pending_webhooks: 2 }, null, 2);
+      const later = [
+        await deliver(client, reserialised),
+        await client.send('/webhooks/gateway', {
+          body,
+          headers: {
+            'Content-Type': 'application/json',
+            'Stripe-Signature': signWebhook(body, SECRET),
+            'X-Api-Key': 'someone',
+          },
+        }),
+      ];
+      for (const copy of later) {
+        expect([copy.status, isReplay(copy), copy.text]).toEqual([200, true, answers[0].text]);
+      }
 
       const received = await receivedOf(client, [id]);
       expect(received).toEqual([expect.objectContaining({ event_id: id, handler_runs: 1 })]);
@@ -218,6 +260,10 @@ describe.each(databases)('the sample’s gateway webhooks on %s (real processes)
         expect(isReplay(refused)).toBe(false);
       }
       expect(await receivedOf(client, [id])).toEqual([]);
+      // Signed, but no event id to key it by: refused (400), not run.
+      const keyless = JSON.stringify({ ...JSON.parse(body), id: undefined });
+      const noKey = await deliver(client, keyless);
+      expect(noKey.status).toBe(400);
 
       const genuine = await deliver(client, body);
       expect([genuine.status, isReplay(genuine)]).toEqual([200, false]);
@@ -274,3 +320,213 @@ describe.each(databases)('the sample’s gateway webhooks on %s (real processes)
     ]);
   }, 180_000);
 });
+
+/** The README's GitHub and Standard Webhooks recipes, as written, in an app of their own. */
+const GITHUB_SECRET = "It's a Secret to Everybody";
+const STANDARD_SECRET = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw';
+
+@Controller('webhooks')
+class RecipeReceivers {
+  /** How many times each handler ran, per delivery id. */
+  readonly runs = new Map<string, number>();
+
+  private run(id: string) {
+    const runs = (this.runs.get(id) ?? 0) + 1;
+    this.runs.set(id, runs);
+    return { received: id, at: new Date().toISOString() };
+  }
+
+  @Post('github')
+  @HttpCode(200)
+  @UseGuards(GitHubSignatureGuard)
+  @Idempotent({
+    keyFrom: { header: 'X-GitHub-Delivery' },
+    scope: false,
+    fingerprint: false,
+    ttl: '3d',
+    concurrency: 'wait',
+  })
+  github(@Headers('x-github-delivery') delivery: string) {
+    return this.run(delivery);
+  }
+
+  @Post('standard')
+  @HttpCode(200)
+  @UseGuards(StandardWebhooksGuard)
+  @Idempotent({
+    keyFrom: { header: 'webhook-id' },
+    scope: false,
+    fingerprint: false,
+    ttl: '3d',
+    concurrency: 'wait',
+  })
+  standard(@Headers('webhook-id') id: string) {
+    return this.run(id);
+  }
+}
+
+const githubSignature = (body: string, secret = GITHUB_SECRET) =>
+  `sha256=${createHmac('sha256', secret).update(body).digest('hex')}`;
+const standardHeaders = (id: string, body: string, at = Date.now(), secret = STANDARD_SECRET) => {
+  const timestamp = String(Math.floor(at / 1000));
+  const key = Buffer.from(secret.slice('whsec_'.length), 'base64');
+  const signature = createHmac('sha256', key).update(`${id}.${timestamp}.${body}`).digest('base64');
+  return {
+    'webhook-id': id,
+    'webhook-timestamp': timestamp,
+    'webhook-signature': `v1,${signature}`,
+  };
+};
+
+describe('the signature checks of the recipes', () => {
+  it('match the senders’ published examples', () => {
+    // GitHub's documentation: this secret, this payload, this signature.
+    expect(
+      verifyGitHubSignature(
+        Buffer.from('Hello, World!'),
+        'sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17',
+        GITHUB_SECRET,
+      ),
+    ).toBe(true);
+    // The Standard Webhooks reference libraries' test message.
+    const message = {
+      id: 'msg_p5jXN8AQM9LWM0D4loKWxJek',
+      timestamp: '1614265330',
+      signature: 'v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=',
+    };
+    const payload = Buffer.from('{"test": 2432232314}');
+    const sentAt = 1614265330_000;
+    expect(verifyStandardWebhook(payload, message, STANDARD_SECRET, 300, sentAt)).toBe(true);
+    // Another signature first (a secret rolling): any v1 that matches will do.
+    expect(
+      verifyStandardWebhook(
+        payload,
+        { ...message, signature: `v1,bm90IGl0 ${message.signature}` },
+        STANDARD_SECRET,
+        300,
+        sentAt,
+      ),
+    ).toBe(true);
+    expect(verifyStandardWebhook(payload, message, STANDARD_SECRET, 300, sentAt + 301_000)).toBe(
+      false,
+    );
+    expect(
+      verifyStandardWebhook(payload, { ...message, id: 'msg_other' }, STANDARD_SECRET, 300, sentAt),
+    ).toBe(false);
+  });
+
+  it('accept the sample gateway’s Stripe-Signature and nothing else', () => {
+    const body = '{"id":"evt_1"}';
+    const now = Date.now();
+    const signed = signWebhook(body, SECRET, new Date(now));
+    expect(verifyStripeSignature(Buffer.from(body), signed, SECRET, 300, now)).toBe(true);
+    // A second v1 (Stripe sends one per active secret while a secret rolls).
+    const rolled = `${signed},v1=${'0'.repeat(64)}`;
+    expect(verifyStripeSignature(Buffer.from(body), rolled, SECRET, 300, now)).toBe(true);
+    for (const header of [
+      signed.replace(/v1=./, 'v1=0'),
+      signed.replace(/t=\d+/, 't=1'),
+      signed.replace(/,v1=.*/, ''),
+      'garbage',
+      '',
+    ]) {
+      expect(verifyStripeSignature(Buffer.from(body), header, SECRET, 300, now)).toBe(false);
+    }
+    expect(verifyStripeSignature(Buffer.from(`${body} `), signed, SECRET, 300, now)).toBe(false);
+    expect(verifyStripeSignature(Buffer.from(body), signed, 'whsec_other', 300, now)).toBe(false);
+  });
+});
+
+describe.each(recipeDatabases)(
+  'the GitHub and Standard Webhooks recipes on %s',
+  (_name, database) => {
+    let app: INestApplication;
+    let receivers: RecipeReceivers;
+    beforeAll(async () => {
+      @Module({
+        imports: [
+          IdempotencyModule.forRoot({ dataSource: database.options(), purgeInterval: false }),
+        ],
+        controllers: [RecipeReceivers],
+        providers: [
+          GitHubSignatureGuard,
+          StandardWebhooksGuard,
+          { provide: GITHUB_WEBHOOK_SECRET, useValue: GITHUB_SECRET },
+          { provide: STANDARD_WEBHOOKS_SECRET, useValue: STANDARD_SECRET },
+        ],
+      })
+      class RecipesModule {}
+      app = await NestFactory.create(RecipesModule, { rawBody: true, logger: false });
+      await app.init();
+      receivers = app.get(RecipeReceivers);
+    });
+    afterAll(() => app?.close());
+
+    it('GitHub: every copy of a delivery (X-GitHub-Delivery) gets the first answer, the handler runs once; a bad X-Hub-Signature-256 is a 400 that runs nothing', async () => {
+      const delivery = randomUUID();
+      const body = JSON.stringify({ action: 'opened', number: randomInt(1, 1_000_000) });
+      const send = (signature = githubSignature(body), payload = body) =>
+        request(app.getHttpServer())
+          .post('/webhooks/github')
+          .set('Content-Type', 'application/json')
+          .set('X-GitHub-Event', 'pull_request')
+          .set('X-GitHub-Delivery', delivery)
+          .set('X-Hub-Signature-256', signature)
+          .send(payload);
+
+      const forged = await send(githubSignature(body, 'not the secret'));
+      expect([forged.status, forged.body.error]).toEqual([400, 'invalid_signature']);
+      expect(receivers.runs.get(delivery)).toBeUndefined();
+
+      const copies = await Promise.all([send(), send(), send()]);
+      expect(copies.map((copy) => copy.status)).toEqual([200, 200, 200]);
+      expect(copies.filter((copy) => copy.headers['idempotent-replayed'] !== 'true')).toHaveLength(
+        1,
+      );
+      expect(new Set(copies.map((copy) => copy.text)).size).toBe(1);
+      // A redelivery from GitHub's settings page: the same delivery id, re-serialised here.
+      const reformatted = JSON.stringify(JSON.parse(body), null, 2);
+      const redelivered = await send(githubSignature(reformatted), reformatted);
+      expect([redelivered.status, redelivered.headers['idempotent-replayed']]).toEqual([
+        200,
+        'true',
+      ]);
+      expect(redelivered.text).toBe(copies[0].text);
+      expect(receivers.runs.get(delivery)).toBe(1);
+    });
+
+    it('Standard Webhooks: every retry of a message (webhook-id) gets the first answer, the handler runs once; a stale or forged signature is a 400 that runs nothing', async () => {
+      const id = `msg_${randomUUID()}`;
+      const body = JSON.stringify({
+        type: 'invoice.paid',
+        data: { amount: randomInt(1, 1_000_000) },
+      });
+      const send = (headers: Record<string, string>) =>
+        request(app.getHttpServer())
+          .post('/webhooks/standard')
+          .set('Content-Type', 'application/json')
+          .set(headers)
+          .send(body);
+
+      const stale = await send(standardHeaders(id, body, Date.now() - 10 * 60_000));
+      const forged = await send(
+        standardHeaders(id, body, Date.now(), 'whsec_bm90IHRoZSBzZWNyZXQ='),
+      );
+      for (const refused of [stale, forged]) {
+        expect([refused.status, refused.body.error]).toEqual([400, 'invalid_signature']);
+      }
+      expect(receivers.runs.get(id)).toBeUndefined();
+
+      // Each retry is signed anew (another timestamp): the key is the message id, not the signature.
+      const retries = await Promise.all(
+        [0, 1, 2].map((second) => send(standardHeaders(id, body, Date.now() - second * 1000))),
+      );
+      expect(retries.map((retry) => retry.status)).toEqual([200, 200, 200]);
+      expect(
+        retries.filter((retry) => retry.headers['idempotent-replayed'] !== 'true'),
+      ).toHaveLength(1);
+      expect(new Set(retries.map((retry) => retry.text)).size).toBe(1);
+      expect(receivers.runs.get(id)).toBe(1);
+    });
+  },
+);

@@ -2,7 +2,6 @@ import { Body, Controller, Get, HttpCode, Post, UseGuards } from '@nestjs/common
 import { ApiOkResponse, ApiTags } from '@nestjs/swagger';
 import type { EntityManager } from 'typeorm';
 import { Idempotent, IdempotentTransaction } from '../../lib/index.js';
-import { EventIdAsKeyGuard } from './event-id-as-key.guard.js';
 import { GatewayEventDto } from './gateway-event.dto.js';
 import {
   GatewayWebhooksService,
@@ -33,8 +32,15 @@ export class GatewayWebhooksController {
    */
   @Post()
   @HttpCode(200)
-  @UseGuards(StripeSignatureGuard, EventIdAsKeyGuard)
-  @Idempotent({ ttl: '3d', concurrency: 'wait', transactional: true })
+  @UseGuards(StripeSignatureGuard)
+  @Idempotent({
+    keyFrom: { body: 'id' },
+    scope: false,
+    fingerprint: false,
+    ttl: '3d',
+    concurrency: 'wait',
+    transactional: true,
+  })
   @ApiOkResponse({ description: 'Received; every copy of an event gets its first answer.' })
   receive(
     @Body() event: GatewayEventDto,
