@@ -178,12 +178,12 @@ describe.each(databases)('the sample’s gateway webhooks on %s (real processes)
         { timeoutMs: 30_000, intervalMs: 200 },
       );
       for (const event of events) {
-        expect(event.copies.map((copy) => copy.copy).sort()).toEqual([
-          'concurrent',
-          'first',
-          'late-duplicate',
-        ]);
-        expect(event.copies.map((copy) => copy.status)).toEqual([200, 200, 200]);
+        // At least these three; on a database shared with another shop, its gateway may send a
+        // retry too: at least once means what it says.
+        expect(event.copies.map((copy) => copy.copy)).toEqual(
+          expect.arrayContaining(['first', 'concurrent', 'late-duplicate']),
+        );
+        expect(event.copies.filter((copy) => copy.status !== 200)).toEqual([]);
         // One copy ran the handler; the others got its answer, byte for byte.
         expect(event.copies.filter((copy) => !copy.replayed)).toHaveLength(1);
         expect(new Set(event.copies.map((copy) => copy.response)).size).toBe(1);
@@ -318,6 +318,7 @@ describe.each(databases)('the sample’s gateway webhooks on %s (real processes)
     expect(charges.filter((charge) => charge.amount === amount)).toEqual([
       expect.objectContaining({ id: received[0].object_id }),
     ]);
+    await stopAll();
   }, 180_000);
 });
 
