@@ -1,5 +1,5 @@
 import { Body, Controller, Get, HttpCode, Post, UseGuards } from '@nestjs/common';
-import { ApiOkResponse, ApiTags } from '@nestjs/swagger';
+import { ApiHeader, ApiOkResponse, ApiTags } from '@nestjs/swagger';
 import type { EntityManager } from 'typeorm';
 import { Idempotent, IdempotentTransaction } from '../../lib/index.js';
 import { GatewayEventDto } from './gateway-event.dto.js';
@@ -40,6 +40,11 @@ export class GatewayWebhooksController {
     ttl: '3d',
     concurrency: 'wait',
     transactional: true,
+  })
+  @ApiHeader({
+    name: 'Stripe-Signature',
+    required: true,
+    description: '`t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">`; else 400.',
   })
   @ApiOkResponse({ description: 'Received; every copy of an event gets its first answer.' })
   receive(
