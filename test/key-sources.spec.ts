@@ -457,3 +457,22 @@ describe('bad key options are refused when the app starts, naming the option', (
     ).rejects.toThrow(/keyFrom has an unknown member "query"/);
   });
 });
+
+describe('the OpenAPI document of key sources', () => {
+  it('documents the header the route reads, and none when the key comes from the body', async () => {
+    const { DocumentBuilder, SwaggerModule } = await import('@nestjs/swagger');
+    const fixture = await bootOptionsApp({ controllers: [KeysController] });
+    try {
+      const document = SwaggerModule.createDocument(fixture.app, new DocumentBuilder().build());
+      const headersOf = (path: string) =>
+        ((document.paths[path]?.post?.parameters ?? []) as { in?: string; name?: string }[])
+          .filter((parameter) => parameter.in === 'header')
+          .map((parameter) => parameter.name);
+      expect(headersOf('/keys/header')).toEqual(['X-Request-Id']);
+      expect(headersOf('/keys/webhook')).toEqual([]);
+      expect(headersOf('/keys/amount')).toEqual(['Idempotency-Key']);
+    } finally {
+      await fixture.close();
+    }
+  });
+});

@@ -383,15 +383,27 @@ export class IdempotencyInterceptor implements NestInterceptor {
     );
   }
 
+  /**
+   * Each handler's plan for the controller that last called it: one lookup per call, as almost
+   * every handler has one controller (one inherited by several finds theirs in `routePlanOf`).
+   */
+  private readonly plans = new WeakMap<Function, { controller: Function; plan: RoutePlan }>();
+
   /** The route's compiled plan (see `RoutePlan`). */
   private planOf(context: ExecutionContext): RoutePlan {
-    return routePlanOf(
+    const handler = context.getHandler();
+    const controller = context.getClass();
+    const known = this.plans.get(handler);
+    if (known?.controller === controller) return known.plan;
+    const plan = routePlanOf(
       this.moduleOptions,
       this.transports,
-      context.getClass(),
-      context.getHandler(),
+      controller,
+      handler,
       isIdempotencyInterceptor,
     );
+    this.plans.set(handler, { controller, plan });
+    return plan;
   }
 }
 

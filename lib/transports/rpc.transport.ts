@@ -1,4 +1,5 @@
 import { HttpException, Inject, Injectable, type ExecutionContext } from '@nestjs/common';
+import { ApplicationConfig } from '@nestjs/core';
 import { from, lastValueFrom, of, toArray, type Observable } from 'rxjs';
 import type { IdempotencyRejection } from '../errors/idempotency-rejection.js';
 import {
@@ -22,6 +23,7 @@ import {
   type OperationDescription,
 } from './idempotency-transport.js';
 import { storedResult } from './stored-result.js';
+import { ReplayedExceptions } from './replayed-exception.js';
 import { quietLogger } from '../utils/quiet-logger.js';
 
 type Microservices = typeof import('@nestjs/microservices');
@@ -84,6 +86,11 @@ interface AmqpChannel {
 /** A stored RpcException: replayed as the same RpcException. */
 interface StoredRpcError {
   readonly rpcError: unknown;
+}
+
+/** A stored domain error (`storeIf`): replayed as an error of its class (see `ReplayedExceptions`). */
+interface StoredDomainError {
+  readonly domainError: string;
 }
 
 /** A handler's answer of several values (an Observable): Nest sends each to the caller. */
@@ -164,7 +171,17 @@ export class RpcTransport implements IdempotencyTransport {
   /** A message's settlements so far, while other handlers of its event have yet to settle it. */
   private readonly pendingSettlements = new WeakMap<object, SettledMessage[]>();
 
-  constructor(@Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions) {}
+  private readonly exceptions: ReplayedExceptions;
+
+  constructor(
+    @Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions,
+    config: ApplicationConfig,
+  ) {
+    this.exceptions = new ReplayedExceptions(() => [
+      ...config.getGlobalFilters(),
+      ...config.getGlobalRequestFilters().map((wrapper) => wrapper.metatype),
+    ]);
+  }
 
   applies(): boolean {
     return true;
@@ -250,7 +267,7 @@ export class RpcTransport implements IdempotencyTransport {
           );
     }
     const { error } = outcome;
-    const answer = this.answerOf(error) ?? this.storedCrash(error, options);
+    const answer = this.answerOf(error) ?? this.storedCrash(error, options, context);
     if (!answer) return null;
     // An RpcException without a status is the handler's final answer, whatever `storeStatuses`
     // says of statuses (it is recorded as a 400); one with a `statusCode` is stored by the policy.
@@ -261,12 +278,21 @@ export class RpcTransport implements IdempotencyTransport {
     );
   }
 
-  /** An error that is no answer, which `storeIf` keeps (a domain error): as a 500 RpcException. */
-  private storedCrash(error: unknown, options: ResolvedRouteOptions): ErrorAnswer | undefined {
+  /**
+   * An error that is no answer, which `storeIf` keeps (a domain error), as a 500: thrown again by
+   * a replay, of its class when the app's or the handler's filters catch it.
+   */
+  private storedCrash(
+    error: unknown,
+    options: ResolvedRouteOptions,
+    context?: ExecutionContext,
+  ): ErrorAnswer | undefined {
     if (!options.storesAnyError || !(error instanceof Error) || !options.shouldStore(500, error))
       return undefined;
-    const rpcError = { status: 'error', statusCode: 500, message: error.message };
-    return { status: 500, value: { rpcError } satisfies StoredRpcError };
+    if (!context) return { status: 500, value: undefined };
+    const route = { handler: context.getHandler(), controller: context.getClass() };
+    const domainError = this.exceptions.domainEntryFor(error, route);
+    return { status: 500, value: { domainError } satisfies StoredDomainError };
   }
 
   /**
@@ -302,13 +328,22 @@ export class RpcTransport implements IdempotencyTransport {
     return result instanceof MessageReplies ? from(result.values) : of(result);
   }
 
-  replay(_context: ExecutionContext, stored: StoredResponse): Observable<unknown> {
+  replay(context: ExecutionContext, stored: StoredResponse): Observable<unknown> {
     const body = decodeBody(stored);
     if (!stored.isError) {
       return stored.headers['rpc-replies'] === 'several' && Array.isArray(body)
         ? from(body)
         : of(body);
     }
+    const domainError = (body as Partial<StoredDomainError> | null)?.domainError;
+    if (typeof domainError === 'string')
+      throw this.exceptions.thrownAgain(
+        context.getHandler(),
+        context.getClass(),
+        domainError,
+        undefined,
+        stored.status,
+      );
     const rpcError = (body as Partial<StoredRpcError> | null)?.rpcError;
     if (rpcError !== undefined) throw new microservices!.RpcException(rpcError as object);
     throw new HttpException(body as string | object, stored.status);

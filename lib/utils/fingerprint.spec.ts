@@ -1,5 +1,10 @@
 import fc from 'fast-check';
-import { canonicalJson, fingerprintRequest, MAX_JSON_DEPTH } from './fingerprint.js';
+import {
+  canonicalJson,
+  fingerprintOfValue,
+  fingerprintRequest,
+  MAX_JSON_DEPTH,
+} from './fingerprint.js';
 
 /** The canonical form as version 0.1 computed it: stored fingerprints were made with this. */
 function canonicalJsonOfVersion01(value: unknown): string | undefined {
@@ -121,5 +126,22 @@ describe('nesting depth', () => {
     expect(() =>
       fingerprintRequest({ method: 'POST', url: '/', body: nested(MAX_JSON_DEPTH + 1) }),
     ).toThrow(`JSON nested deeper than ${MAX_JSON_DEPTH} levels`);
+  });
+});
+
+describe('fingerprintOfValue (a route with a fingerprint option)', () => {
+  it('is the value canonicalised, bound to the endpoint and the scope', () => {
+    const one = fingerprintOfValue('POST /charges', 'u1', { b: 1, a: 2 });
+    expect(fingerprintOfValue('POST /charges', 'u1', { a: 2, b: 1 })).toBe(one);
+    expect(fingerprintOfValue('POST /refunds', 'u1', { a: 2, b: 1 })).not.toBe(one);
+    expect(fingerprintOfValue('POST /charges', 'u2', { a: 2, b: 1 })).not.toBe(one);
+    expect(fingerprintOfValue('POST /charges', 'u1', { a: 3, b: 1 })).not.toBe(one);
+  });
+
+  it('without a value (fingerprint: false) differs from any value, undefined included', () => {
+    const none = fingerprintOfValue('POST /hooks', '');
+    expect(fingerprintOfValue('POST /hooks', '')).toBe(none);
+    expect(fingerprintOfValue('POST /hooks', '', undefined)).not.toBe(none);
+    expect(fingerprintOfValue('POST /hooks', '', null)).not.toBe(none);
   });
 });

@@ -1,4 +1,9 @@
-import { readIdempotencyKey, truncateKeyForLog } from './idempotency-key.js';
+import {
+  readIdempotencyKey,
+  readKeyValue,
+  truncateKeyForLog,
+  valueAtPath,
+} from './idempotency-key.js';
 
 describe('readIdempotencyKey', () => {
   it('reads a bare token', () => {
@@ -60,5 +65,47 @@ describe('truncateKeyForLog', () => {
     expect(truncateKeyForLog('8-chars!')).toBe('8-ch…');
     expect(truncateKeyForLog('short')).toBe('sh…');
     expect(truncateKeyForLog('k')).toBe('…');
+  });
+});
+
+describe('readKeyValue (a key found in a body, arguments, a payload or by a function)', () => {
+  it.each([undefined, null, ''])('reads %p as no key', (value) => {
+    expect(readKeyValue(value, "the body's id")).toEqual({ kind: 'absent' });
+  });
+
+  it('takes a string as it is (no RFC 8941 parsing) and an integer as its decimal string', () => {
+    expect(readKeyValue('"quoted"', 'x')).toEqual({ kind: 'key', key: '"quoted"' });
+    expect(readKeyValue(42, 'x')).toEqual({ kind: 'key', key: '42' });
+  });
+
+  it.each([
+    ['an object', { $gt: '' }],
+    ['an array', ['a']],
+    ['a boolean', true],
+    ['a fraction', 1.5],
+    ['an unsafe integer', 2 ** 60],
+  ])('refuses %s, naming where it was found', (_case, value) => {
+    const reading = readKeyValue(value, "the body's data.id");
+    expect(reading).toMatchObject({ kind: 'invalid' });
+    expect((reading as { reason: string }).reason).toMatch(
+      /the body's data\.id.*string or an integer/,
+    );
+  });
+
+  it('bounds it like a header key: 255 printable ASCII characters', () => {
+    expect(readKeyValue('k'.repeat(255), 'x')).toMatchObject({ kind: 'key' });
+    expect(readKeyValue('k'.repeat(256), 'x')).toMatchObject({ kind: 'invalid' });
+    expect(readKeyValue('clé', 'x')).toMatchObject({ kind: 'invalid' });
+    expect(readKeyValue('a\nb', 'x')).toMatchObject({ kind: 'invalid' });
+  });
+});
+
+describe('valueAtPath', () => {
+  it('follows own properties only', () => {
+    expect(valueAtPath({ data: { object: { id: 'evt' } } }, ['data', 'object', 'id'])).toBe('evt');
+    expect(valueAtPath({ items: ['a', 'b'] }, ['items', '1'])).toBe('b');
+    expect(valueAtPath({}, ['toString'])).toBeUndefined();
+    expect(valueAtPath({ data: 'text' }, ['data', 'length'])).toBeUndefined();
+    expect(valueAtPath(undefined, ['id'])).toBeUndefined();
   });
 });
