@@ -25,6 +25,8 @@ export async function createSampleApp(
     const app = await NestFactory.create(AppModule.register(config), {
       // Throw instead of exiting the process, so a caller (a test) sees the error.
       abortOnError: false,
+      // The raw bytes of JSON bodies as well (`request.rawBody`): webhook signatures are over them.
+      rawBody: true,
       ...(logger === undefined ? {} : { logger }),
     });
     serveApiDocs(app);

@@ -15,6 +15,7 @@ import { PaymentsModule } from './payments/payments.module.js';
 import { PAYMENTS_GRAPHQL_SCHEMA } from './payments/payments.resolver.js';
 import { TransferQueueModule } from './transfers/transfer-queue.module.js';
 import { TransfersModule } from './transfers/transfers.module.js';
+import { WebhooksModule } from './webhooks/webhooks.module.js';
 
 @Module({})
 export class AppModule {
@@ -49,6 +50,7 @@ export class AppModule {
         PaymentsModule,
         OrdersModule,
         TransfersModule,
+        WebhooksModule,
         MetricsModule,
         ...(config.rabbitmqUrl ? [TransferQueueModule.register(config.rabbitmqUrl)] : []),
       ],

@@ -3,6 +3,7 @@ import { Transport } from '@nestjs/microservices';
 import type { AddressInfo } from 'node:net';
 import { createSampleApp } from './app.factory.js';
 import { describeDatabase, SAMPLE_CONFIG, type SampleConfig } from './config/sample.config.js';
+import { GatewayWebhookSender } from './gateway/gateway-webhook.sender.js';
 import { TRANSFER_QUEUE } from './transfers/transfer-queue.module.js';
 
 const port = Number(process.env.PORT ?? 3000);
@@ -38,6 +39,8 @@ if (config.rabbitmqUrl) {
 // The port actually bound (PORT=0 picks a free one).
 const { port: boundPort } = app.getHttpServer().address() as AddressInfo;
 const base = `localhost:${boundPort}`;
+// The simulated gateway delivers its webhooks to this very shop.
+app.get(GatewayWebhookSender).start(`http://127.0.0.1:${boundPort}/webhooks/gateway`);
 new Logger('Sample').log(
   `Listening on http://${base} — database: ${describeDatabase(config.database)}, gateway latency ${config.gatewayLatencyMs} ms`,
 );
@@ -57,6 +60,11 @@ GraphQL at http://${base}/graphql, the same payments (idempotencyKey argument, o
 
 Swagger UI at http://${base}/docs: every route, the Idempotency-Key header and its 400/409/422
 answers; "Try it out" on POST /payments twice with the same key shows the replay.
+
+Webhooks: each charge makes the gateway send a signed charge.succeeded event to POST /webhooks/gateway,
+at least once: two copies at once, a late one, retries on any non-2xx. The shop acts on it once:
+  curl ${base}/webhooks/gateway/events   each event id once, handler_runs 1
+  curl ${base}/gateway/webhooks          every copy the gateway sent: all 2xx, the first answer replayed
 
 More: POST /orders, POST /transfers, GET /accounts/acc_alice, GET /gateway/charges; npm run demo for a flaky client and a crash.
 ${config.rabbitmqUrl ? 'RabbitMQ consumer on: POST /transfers/async queues a transfer, executed once however often it is delivered.' : 'Set RABBITMQ_URL for POST /transfers/async and its RabbitMQ consumer.'}

@@ -15,6 +15,16 @@ export interface SampleAppOptions {
   lockTimeout?: string;
   /** RabbitMQ for the queued transfers and their consumer. Falls back to `RABBITMQ_URL`; none: off. */
   rabbitmqUrl?: string;
+  /**
+   * The secret the gateway signs its webhooks with and the shop verifies them with. Falls back to
+   * `GATEWAY_WEBHOOK_SECRET`, then a fixed sample secret.
+   */
+  webhookSecret?: string;
+  /**
+   * How long the shop's webhook handler works on an event (a receipt email, say), so copies of it
+   * arrive while it runs. Falls back to `WEBHOOK_HANDLER_LATENCY_MS`, then 100.
+   */
+  webhookHandlerLatencyMs?: number;
 }
 
 /** Where the sample's rows (and the idempotency records) live. */
@@ -34,6 +44,10 @@ export interface SampleConfig {
   readonly crashAfterTransfer: boolean;
   /** Set: `POST /transfers/async` and the consumer that executes the queued transfers. */
   readonly rabbitmqUrl: string | undefined;
+  /** Shared by the gateway (it signs its webhooks) and the shop (it verifies them). */
+  readonly webhookSecret: string;
+  /** How long the shop's webhook handler works on each event. */
+  readonly webhookHandlerLatencyMs: number;
 }
 
 export const SAMPLE_CONFIG = Symbol('SampleConfig');
@@ -41,6 +55,9 @@ export const SAMPLE_CONFIG = Symbol('SampleConfig');
 /** Relative to the working directory, which is the project root under `npm start`. */
 const DEFAULT_DATA_DIR = '.data/sample';
 const DEFAULT_GATEWAY_LATENCY_MS = 200;
+const DEFAULT_WEBHOOK_HANDLER_LATENCY_MS = 100;
+/** A sample's secret, in Stripe's `whsec_` form; a real one comes from the sender's dashboard. */
+const DEFAULT_WEBHOOK_SECRET = 'whsec_sample_shop_gateway_secret';
 
 /**
  * Explicit options beat the environment, so a test or the demo that passes `dataDir` gets PGlite
@@ -52,10 +69,20 @@ export function resolveSampleConfig(
 ): SampleConfig {
   return {
     database: resolveDatabase(options, env),
-    gatewayLatencyMs: resolveLatency(options.gatewayLatencyMs ?? env.GATEWAY_LATENCY_MS),
+    gatewayLatencyMs: resolveLatency(
+      'Gateway latency',
+      options.gatewayLatencyMs ?? env.GATEWAY_LATENCY_MS,
+      DEFAULT_GATEWAY_LATENCY_MS,
+    ),
     lockTimeout: options.lockTimeout ?? (env.IDEMPOTENCY_LOCK_TIMEOUT || '1m'),
     crashAfterTransfer: env.SAMPLE_CRASH_AFTER_TRANSFER === '1',
     rabbitmqUrl: options.rabbitmqUrl ?? (env.RABBITMQ_URL || undefined),
+    webhookSecret: options.webhookSecret ?? (env.GATEWAY_WEBHOOK_SECRET || DEFAULT_WEBHOOK_SECRET),
+    webhookHandlerLatencyMs: resolveLatency(
+      'Webhook handler latency',
+      options.webhookHandlerLatencyMs ?? env.WEBHOOK_HANDLER_LATENCY_MS,
+      DEFAULT_WEBHOOK_HANDLER_LATENCY_MS,
+    ),
   };
 }
 
@@ -70,13 +97,17 @@ function toDataDir(dataDir: string): string {
   return dataDir.startsWith('memory://') ? dataDir : resolve(dataDir);
 }
 
-function resolveLatency(value: number | string | undefined): number {
-  if (value === undefined || value === '') return DEFAULT_GATEWAY_LATENCY_MS;
+function resolveLatency(
+  name: string,
+  value: number | string | undefined,
+  fallback: number,
+): number {
+  if (value === undefined || value === '') return fallback;
   const latency = Number(value);
   // Fail at startup: a typo silently meaning "no latency" would make the demo meaningless.
   if (!Number.isFinite(latency) || latency < 0) {
     throw new TypeError(
-      `Gateway latency must be a non-negative number of ms; got ${JSON.stringify(value)}`,
+      `${name} must be a non-negative number of ms; got ${JSON.stringify(value)}`,
     );
   }
   return latency;

@@ -3,10 +3,12 @@ import { DataSource, type DataSourceOptions } from 'typeorm';
 import { IdempotencyRecord, pgliteDriver } from '../../lib/index.js';
 import type { DatabaseConfig } from '../config/sample.config.js';
 import { GatewayCharge } from '../gateway/gateway-charge.entity.js';
+import { GatewayWebhookAttempt, GatewayWebhookEvent } from '../gateway/gateway-webhook.entity.js';
 import { Order } from '../orders/order.entity.js';
 import { Payment } from '../payments/payment.entity.js';
 import { Account } from '../transfers/account.entity.js';
 import { Transfer } from '../transfers/transfer.entity.js';
+import { ReceivedGatewayEvent } from '../webhooks/received-gateway-event.entity.js';
 import { lockDataDir } from './data-dir.lock.js';
 
 /** The sample's tables and the library's, in one DataSource: one connection pool, one database. */
@@ -16,6 +18,9 @@ export const SAMPLE_ENTITIES = [
   Account,
   Transfer,
   GatewayCharge,
+  GatewayWebhookEvent,
+  GatewayWebhookAttempt,
+  ReceivedGatewayEvent,
   IdempotencyRecord,
 ];
 

@@ -4,6 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { DataSource } from 'typeorm';
 import { SAMPLE_CONFIG, type SampleConfig } from '../config/sample.config.js';
 import { GatewayCharge } from './gateway-charge.entity.js';
+import { GatewayWebhookSender } from './gateway-webhook.sender.js';
 
 export interface ChargeRequest {
   amount: number;
@@ -25,6 +26,8 @@ export const DECLINED_SOURCE = 'card_declined';
  * for our process to die, while the customer has already been charged. Like Stripe, it honours an
  * `Idempotency-Key`: a charge sent again with the same key returns the first charge, and charges
  * nobody twice. The payments service sends one per payment operation (see PaymentsService).
+ * Each charge also owes the shop a `charge.succeeded` webhook, written to the gateway's outbox
+ * with the charge (see GatewayWebhookSender).
  */
 @Injectable()
 export class PaymentGatewayService {
@@ -33,6 +36,7 @@ export class PaymentGatewayService {
   constructor(
     @Inject(SAMPLE_CONFIG) private readonly config: SampleConfig,
     @Inject(DataSource) private readonly dataSource: DataSource,
+    private readonly webhooks: GatewayWebhookSender,
   ) {}
 
   async charge(request: ChargeRequest, idempotencyKey?: string): Promise<Charge> {
@@ -81,7 +85,16 @@ export class PaymentGatewayService {
       createdAt: new Date(),
     };
     try {
-      await this.dataSource.getRepository(GatewayCharge).insert(charge);
+      await this.dataSource.transaction(async (manager) => {
+        await manager.insert(GatewayCharge, charge);
+        await this.webhooks.enqueue(manager, 'charge.succeeded', {
+          id: charge.id,
+          object: 'charge',
+          amount: charge.amount,
+          currency: charge.currency,
+          status: 'succeeded',
+        });
+      });
     } catch (error) {
       // Two calls with one key at once: the unique key let one charge through; answer with it.
       const first = idempotencyKey ? await this.chargeOf(idempotencyKey) : null;
