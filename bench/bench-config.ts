@@ -58,7 +58,7 @@ export const BENCH_CONFIG: BenchConfig = {
   purgeRows: numberFromEnv('BENCH_PURGE_ROWS', 1_000_000),
   databaseUrl: process.env.BENCH_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test',
   redisUrl: process.env.BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379',
-  schema: 'bench',
+  schema: process.env.BENCH_SCHEMA ?? 'bench',
   soak,
   budgetS: soak ? Number.POSITIVE_INFINITY : numberFromEnv('BENCH_BUDGET_S', 540),
   growthReserveS: 100,

@@ -86,6 +86,22 @@ export interface ClaimRequest {
   readonly now: number;
   /** Until when the claim locks the key, epoch ms. */
   readonly lockedUntil: number;
+  /**
+   * Optional hint: how long the response will be kept once completed (the route's `ttl`), ms. The
+   * TypeORM store indexes the record for its purge from `now + ttlMs` on, already at the claim, so
+   * that the completion changes no indexed column; without it, from `lockedUntil` on, and the
+   * purge moves it up once it finds the record completed.
+   * @default undefined
+   */
+  readonly ttlMs?: number;
+}
+
+/**
+ * From when on the purge looks at a claimed record (see `ClaimRequest.ttlMs`): never before its
+ * lock ends.
+ */
+export function purgeFrom({ now, lockedUntil, ttlMs }: ClaimRequest): number {
+  return ttlMs === undefined ? lockedUntil : Math.max(lockedUntil, now + ttlMs);
 }
 
 export type ClaimResult =
