@@ -12,7 +12,6 @@ import {
   type BenchResults,
   type Database,
   type DatabaseResults,
-  type RouteFigures,
   type RunMeasurements,
 } from './report-model.js';
 
@@ -135,7 +134,6 @@ function purgeSection(purge: PurgeResult, idle: GrowthResult['purge_idle'] | und
     `| after purge (${after.durationS.toFixed(0)} s) | ${after.rps.toFixed(0)} | ${after.p50_ms} | ${after.p99_ms} | ${pool(after.pool)} |`,
   ].join('\n');
 }
-
 
 /**
  * CPU per request turned into the throughput this machine could give the route if nothing else

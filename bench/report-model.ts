@@ -310,7 +310,9 @@ export function checkTargets(results: BenchResults, extras: TargetExtras = {}): 
     const base = routeOf(database, plain)?.p99_ms;
     push(
       `p99 of first ≤ 1.5× plain's p99, ${label}`,
-      p99 != null && base ? `${p99} vs ${base} ms = ${(p99 / base).toFixed(2)}×${warn(database, [first, plain])}` : null,
+      p99 != null && base
+        ? `${p99} vs ${base} ms = ${(p99 / base).toFixed(2)}×${warn(database, [first, plain])}`
+        : null,
       p99 != null && base ? p99 <= 1.5 * base : null,
     );
   }
