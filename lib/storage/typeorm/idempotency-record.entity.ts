@@ -59,9 +59,9 @@ export class IdempotencyRecord {
   createdAt!: number;
 
   /**
-   * From when on the purge looks at the record: set by the claim (the lock's end, or the TTL's end
-   * counted from the claim when the claim knows it) and left alone by the completion and the
-   * renewal, so that they change no indexed column (a HOT update on PostgreSQL). The purge deletes
+   * From when on the purge looks at the record: set by the claim (the TTL's end counted from the
+   * claim when the claim knows the TTL, else the claim's time) and left alone by the completion and
+   * the renewal, so that they change no indexed column (a HOT update on PostgreSQL). The purge deletes
    * a record only once `expiresAt` has passed too. 0 on rows of 0.1 (see
    * `IdempotencyRecordsHotCompletion1768000000000`).
    */

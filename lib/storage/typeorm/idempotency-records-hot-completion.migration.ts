@@ -18,8 +18,8 @@ const PURGE_AT = 'purge_at';
  * index of the table. An update is HOT only when it changes no indexed column, and the completion
  * changes `expires_at`, which the purge index covered. So:
  *
- * - a column `purge_at` (bigint, default 0), set by the claim and left alone by the completion
- *   and the renewal: from when on the purge looks at the record (`IdempotencyStore.purgeExpired`
+ * - a column `purge_at` (bigint, default 0), set by the claim (see `ClaimRequest.ttlMs`) and left
+ *   alone by the completion and the renewal: from when on the purge looks at the record (`IdempotencyStore.purgeExpired`
  *   still deletes a record only once `expires_at` has passed, and moves `purge_at` of one found too
  *   early up to its `expires_at`);
  * - the purge index on `purge_at` instead of `expires_at`;
@@ -102,6 +102,7 @@ export class IdempotencyRecordsHotCompletion1768000000000 implements MigrationIn
     await queryRunner.query(`DROP INDEX IF EXISTS "${purgeIndex}"`);
     if (hasColumn(current, PURGE_AT))
       await queryRunner.query(`ALTER TABLE ${table} DROP COLUMN ${PURGE_AT}`);
+    await queryRunner.getTable(tablePath);
   }
 }
 
@@ -140,27 +141,41 @@ async function upgradePostgres(
     )[0];
   const done = (now: PostgresShape) =>
     now.has_column && now.has_purge_index && !now.has_expires_index && now.has_fillfactor;
-  const before = await shape();
-  if (done(before)) return;
-  try {
-    if (!before.has_column) {
-      await queryRunner.query(
-        `ALTER TABLE ${table} ADD COLUMN IF NOT EXISTS ${PURGE_AT} bigint NOT NULL DEFAULT 0`,
-      );
+  // Another process upgrading at once may win a step (CREATE INDEX IF NOT EXISTS can still collide
+  // on the catalog): read the shape again and do what is left.
+  for (let attempt = 1; ; attempt++) {
+    const before = await shape();
+    if (done(before)) return;
+    try {
+      await upgradeSteps(queryRunner, before, table, schema, purgeIndex, expiresIndex);
+      return;
+    } catch (error) {
+      if (attempt >= 3) throw error;
     }
-    if (!before.has_purge_index) {
-      await queryRunner.query(
-        `CREATE INDEX IF NOT EXISTS "${purgeIndex}" ON ${table} (${PURGE_AT})`,
-      );
-    }
-    if (before.has_expires_index)
-      await queryRunner.query(`DROP INDEX IF EXISTS ${schema}"${expiresIndex}"`);
-    if (!before.has_fillfactor) {
-      await queryRunner.query(`ALTER TABLE ${table} SET (fillfactor = ${RECORDS_FILLFACTOR})`);
-    }
-  } catch (error) {
-    // Another process upgrading at once (CREATE INDEX IF NOT EXISTS may still collide).
-    if (!done(await shape())) throw error;
+  }
+}
+
+/** The steps `before` says are still to do, in order. */
+async function upgradeSteps(
+  queryRunner: QueryRunner,
+  before: PostgresShape,
+  table: string,
+  schema: string,
+  purgeIndex: string,
+  expiresIndex: string,
+): Promise<void> {
+  if (!before.has_column) {
+    await queryRunner.query(
+      `ALTER TABLE ${table} ADD COLUMN IF NOT EXISTS ${PURGE_AT} bigint NOT NULL DEFAULT 0`,
+    );
+  }
+  if (!before.has_purge_index) {
+    await queryRunner.query(`CREATE INDEX IF NOT EXISTS "${purgeIndex}" ON ${table} (${PURGE_AT})`);
+  }
+  if (before.has_expires_index)
+    await queryRunner.query(`DROP INDEX IF EXISTS ${schema}"${expiresIndex}"`);
+  if (!before.has_fillfactor) {
+    await queryRunner.query(`ALTER TABLE ${table} SET (fillfactor = ${RECORDS_FILLFACTOR})`);
   }
 }
 
@@ -207,4 +222,6 @@ async function changeOnce(
   } catch (error) {
     if (!done(await queryRunner.getTable(tablePath))) throw error;
   }
+  // The runner's cached shape of the table (TypeORM's dropTable and others read it) is stale now.
+  await queryRunner.getTable(tablePath);
 }
