@@ -215,6 +215,7 @@ export function checkTargets(results: BenchResults, extras: TargetExtras = {}): 
   const push = (target: string, measured: string | null, met: boolean | null) =>
     checks.push({ target, measured: measured ?? 'not measured', met: measured ? met : null });
   const ms = (value: number) => `${value.toFixed(3)} ms`;
+  const signed = (value: number) => `${value < 0 ? '−' : '+'}${ms(Math.abs(value))}`;
   const app = (route: RouteFigures | undefined) => route?.cpu_ms_per_req.app_ms;
 
   // 1. App CPU overhead of a fresh key over the same app's plain route, against the peer's.
@@ -235,7 +236,7 @@ export function checkTargets(results: BenchResults, extras: TargetExtras = {}): 
     push(
       `fresh key, ${label}: app CPU over its plain route ≤ the peer's over its own plain (Redis)`,
       ours !== undefined && peerOverhead !== undefined
-        ? `ours +${ms(ours)}, peer +${ms(peerOverhead)}${warn(pg, [first, plain, 'peer_redis', 'peer_redis_plain'])}`
+        ? `ours ${signed(ours)}, peer ${signed(peerOverhead)}${warn(pg, [first, plain, 'peer_redis', 'peer_redis_plain'])}`
         : null,
       ours !== undefined && peerOverhead !== undefined ? ours <= peerOverhead : null,
     );
