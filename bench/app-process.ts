@@ -4,7 +4,13 @@
  * runner drives it over the IPC channel (see child-process.ts for the protocol).
  */
 import { Session } from 'node:inspector/promises';
-import { startBenchApp, type BenchApp, type BenchDatabase } from './bench-app.js';
+import {
+  heldCount,
+  releaseHeld,
+  startBenchApp,
+  type BenchApp,
+  type BenchDatabase,
+} from './bench-app.js';
 import type { ChildCommand, ChildReply } from './child-process.js';
 
 const database = process.argv[2] as BenchDatabase;
@@ -55,6 +61,10 @@ async function handle(command: ChildCommand): Promise<unknown> {
       return bench.counter.read();
     case 'memory':
       return memory();
+    case 'held':
+      return heldCount();
+    case 'release-held':
+      return releaseHeld();
     case 'pool':
       return bench.pool();
     case 'purge': {

@@ -43,6 +43,42 @@ function acceptOrder(body: OrderRequest) {
   };
 }
 
+/**
+ * Requests of the `hold` routes in flight, each waiting for `releaseHeld()`: memory per in-flight
+ * request, and per running lease (in-flight/`hold` behind `@Idempotent()`), with the handler
+ * parked.
+ */
+const held: (() => void)[] = [];
+
+/** Lets every held request finish; returns how many there were. */
+export function releaseHeld(): number {
+  const count = held.length;
+  for (const release of held.splice(0)) release();
+  return count;
+}
+
+/** How many requests the `hold` routes hold right now. */
+export function heldCount(): number {
+  return held.length;
+}
+
+/** The order handler, parked until `releaseHeld()`: with and without `@Idempotent()`. */
+@Controller('hold')
+class HoldController {
+  @Post('plain')
+  async plain(@Body() body: OrderRequest) {
+    await new Promise<void>((resolve) => held.push(resolve));
+    return acceptOrder(body);
+  }
+
+  @Post()
+  @Idempotent()
+  async create(@Body() body: OrderRequest) {
+    await new Promise<void>((resolve) => held.push(resolve));
+    return acceptOrder(body);
+  }
+}
+
 /** One handler twice: `plain` is the ceiling, `/orders` is the same work behind `@Idempotent()`. */
 @Controller('orders')
 class OrdersController {
@@ -197,7 +233,9 @@ export async function startBenchApp(options: BenchAppOptions): Promise<BenchApp>
   @Module({
     imports: [IdempotencyModule.forRoot({ dataSource, store, purgeInterval: false })],
     // On Redis only the orders: the realistic handler's transactional route needs a SQL store.
-    controllers: redisStore ? [OrdersController] : [OrdersController, PaymentsController],
+    controllers: redisStore
+      ? [OrdersController, HoldController]
+      : [OrdersController, PaymentsController, HoldController],
     providers: [{ provide: DataSource, useValue: dataSource }],
   })
   class BenchModule {}

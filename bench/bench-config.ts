@@ -23,7 +23,10 @@ export interface BenchConfig {
   readonly purgeRows: number;
   readonly databaseUrl: string;
   readonly redisUrl: string;
-  /** PostgreSQL schema of the bench's tables: never the test suite's `public.idempotency_records`. */
+  /**
+   * PostgreSQL schema of the bench's tables (`BENCH_SCHEMA`, default `bench`): never the test
+   * suite's `public.idempotency_records`.
+   */
   readonly schema: string;
   readonly soak: boolean;
   /**
@@ -52,13 +55,17 @@ export const BENCH_CONFIG: BenchConfig = {
   replayKeys: numberFromEnv('BENCH_REPLAY_KEYS', 1000),
   memoryRequests: numberFromEnv('BENCH_MEMORY_REQUESTS', 100_000),
   growthSizes: {
-    postgres: soak ? [10_000, 1_000_000, 10_000_000] : [10_000, 1_000_000],
+    postgres: process.env.BENCH_GROWTH_SIZES
+      ? process.env.BENCH_GROWTH_SIZES.split(',').map(Number)
+      : soak
+        ? [10_000, 1_000_000, 10_000_000]
+        : [10_000, 1_000_000],
     pglite: [10_000, 100_000],
   },
   purgeRows: numberFromEnv('BENCH_PURGE_ROWS', 1_000_000),
   databaseUrl: process.env.BENCH_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/test',
   redisUrl: process.env.BENCH_REDIS_URL ?? 'redis://127.0.0.1:6379',
-  schema: 'bench',
+  schema: process.env.BENCH_SCHEMA ?? 'bench',
   soak,
   budgetS: soak ? Number.POSITIVE_INFINITY : numberFromEnv('BENCH_BUDGET_S', 540),
   growthReserveS: 100,

@@ -1,11 +1,8 @@
 import { randomUUID } from 'node:crypto';
 import { DataSource, type DataSourceOptions } from 'typeorm';
 import { PGliteDriver } from 'typeorm-pglite';
-import {
-  CreateIdempotencyRecords1763900000000,
-  IdempotencyRecord,
-  TypeOrmIdempotencyStore,
-} from '../lib/index.js';
+import { IdempotencyRecord, TypeOrmIdempotencyStore } from '../lib/index.js';
+import { ensureIdempotencyTable } from '../lib/storage/typeorm/idempotency-data-source.js';
 import { DEFAULTS } from '../lib/idempotency.constants.js';
 import { BENCH_CONFIG } from './bench-config.js';
 import { decidingStatement, explainRolledBack, withParameters } from './explain.js';
@@ -128,9 +125,7 @@ async function openTable(options: DataSourceOptions): Promise<SizedTable> {
   const counter = new QueryCounter();
   const dataSource = new DataSource({ ...options, entities: [IdempotencyRecord], logger: counter });
   await dataSource.initialize();
-  const runner = dataSource.createQueryRunner();
-  await new CreateIdempotencyRecords1763900000000().up(runner);
-  await runner.release();
+  await ensureIdempotencyTable(dataSource);
   const table = dataSource.getMetadata(IdempotencyRecord).tablePath;
   return {
     size: 0,

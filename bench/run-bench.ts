@@ -11,7 +11,13 @@ import { describeMachine, detectServices, dropSchema, resetSchema } from './envi
 import { measureGrowth, type GrowthResult } from './growth.js';
 import { machineBusyFraction } from './cpu-usage.js';
 import { measureMemoryAndPurge, type MemoryResult, type PurgeResult } from './purge-and-memory.js';
-import { buildResults, checkTargets, type Database, type RunMeasurements } from './report-model.js';
+import {
+  buildResults,
+  checkTargets,
+  profileSummaryLines,
+  type Database,
+  type RunMeasurements,
+} from './report-model.js';
 import {
   profileTable,
   queriesTable,
@@ -19,6 +25,7 @@ import {
   routeTable,
   writeQueriesTable,
 } from './report-markdown.js';
+import { measureInFlightMemory, type InFlightMemory } from './in-flight-memory.js';
 import { measureWaiterDelay, type WaiterDelayResult } from './waiter-delay.js';
 import { profileTarget, type ProfileSummary } from './profile.js';
 import { measureStoreBatching, type StoreBatchingResult } from './store-batching.js';
@@ -50,6 +57,7 @@ const growth: Partial<Record<Database, GrowthResult>> = {};
 let purge: PurgeResult | null = null;
 let waiterDelay: WaiterDelayResult | null = null;
 const profiles: ProfileSummary[] = [];
+const inFlight: Partial<Record<string, InFlightMemory>> = {};
 let storeBatching: StoreBatchingResult | null = null;
 
 // Children exit when the runner's IPC channel closes, so Ctrl-C leaves no orphan apps behind.
@@ -80,6 +88,17 @@ try {
     profiles.push(await profileTarget(target, 3));
   }
   console.log(`Where the app's CPU per request goes (profiled):\n\n${profileTable(profiles)}`);
+
+  for (const target of targets.filter((candidate) =>
+    ['postgres', 'redis', 'pglite'].includes(candidate.name),
+  )) {
+    log(`memory per in-flight request and per running lease: ${target.name}`);
+    inFlight[target.name] = await measureInFlightMemory(target.app);
+    const m = inFlight[target.name]!;
+    log(
+      `in flight (${m.requests} held): ${m.plain_kib_per_request} KiB per request without @Idempotent, ${m.idempotent_kib_per_request} KiB with, ${m.kib_per_lease} KiB per running lease`,
+    );
+  }
 
   // Memory and purge load the PostgreSQL app (PGlite's `first` is too slow for 100k requests in the
   // time budget: without PostgreSQL, PGlite gets a shorter memory reading and no purge).
@@ -178,13 +197,19 @@ const run: RunMeasurements = {
   purge,
   memory,
   waiterDelay,
+  inFlight,
   skipped: services.skipped,
   elapsedS: (performance.now() - started) / 1000,
   backgroundBusy,
 };
 const results = buildResults(run);
-const benchDir = join(PROJECT_ROOT, 'bench');
-writeFileSync(join(benchDir, 'results.json'), JSON.stringify(results, null, 2) + '\n');
+const targetChecks = checkTargets(results, { inFlight, profiles, storeBatching });
+// BENCH_RESULTS_DIR: write the report elsewhere (a short trial run must not replace the committed one).
+const benchDir = process.env.BENCH_RESULTS_DIR ?? join(PROJECT_ROOT, 'bench');
+writeFileSync(
+  join(benchDir, 'results.json'),
+  JSON.stringify({ ...results, targets: targetChecks, in_flight_memory: inFlight }, null, 2) + '\n',
+);
 writeFileSync(join(benchDir, 'results.md'), renderMarkdown(run, results));
 
 console.log('');
@@ -192,17 +217,21 @@ for (const database of ['postgres', 'pglite'] as const) {
   const entry = results[database];
   if (entry) console.log(routeTable(database, entry) + '\n');
 }
-for (const check of checkTargets(results)) {
+for (const check of targetChecks) {
   console.log(
-    `${check.met === null ? '  -  ' : check.met ? ' met ' : ' MISS'}  ${check.target}: ${check.measured}`,
+    `${check.met === null ? '  -   ' : check.met ? ' met  ' : ' MISSED'}  ${check.target}: ${check.measured}`,
   );
 }
+console.log(`\nProfile summary:\n${profileSummaryLines(profiles).join('\n')}`);
 if (backgroundBusy !== null && backgroundBusy > 0.25) {
   console.warn(
     `[bench] note: the machine was ${Math.round(backgroundBusy * 100)} % busy before the bench started; see the "other" CPU column`,
   );
 }
-await (await import('./charts.js')).writeCharts();
-log(`done; wrote bench/results.md and bench/results.json`);
+// The charts of a trial run go beside its report, not over docs/images.
+await (
+  await import('./charts.js')
+).writeCharts(join(benchDir, 'results.json'), process.env.BENCH_RESULTS_DIR ? benchDir : undefined);
+log(`done; wrote ${join(benchDir, 'results.md')}, results.json and the charts`);
 // The PGlite worker thread of the growth phase can keep the event loop alive.
 process.exit(0);

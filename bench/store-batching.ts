@@ -18,6 +18,11 @@ export interface StoreBatchingResult {
   readonly workers: number;
   readonly batched: StoreBatchingFigures;
   readonly single: StoreBatchingFigures;
+  /**
+   * The completions (UPDATEs) of this measurement, as PostgreSQL counted them on the table
+   * (pg_stat_user_tables): all of them, and those that were HOT (no index touched).
+   */
+  readonly updates: { readonly all: number; readonly hot: number } | null;
 }
 
 const WORKERS = 20;
@@ -40,6 +45,7 @@ export async function measureStoreBatching(): Promise<StoreBatchingResult> {
   });
   await dataSource.initialize();
   await ensureIdempotencyTable(dataSource);
+  const updatesBefore = await tableUpdates(dataSource);
   const stores = {
     batched: new TypeOrmIdempotencyStore(dataSource, { waitNotifications: false }),
     single: new TypeOrmIdempotencyStore(dataSource, {
@@ -58,6 +64,24 @@ export async function measureStoreBatching(): Promise<StoreBatchingResult> {
   } finally {
     await dataSource.destroy();
   }
+  // A backend reports its counts when it exits: read them on a connection of its own.
+  const after = new DataSource({ type: 'postgres', url: BENCH_CONFIG.databaseUrl });
+  await after.initialize();
+  let updates: StoreBatchingResult['updates'] = null;
+  try {
+    const expected = (ROUNDS + 1) * 2 * OPERATIONS;
+    const deadline = Date.now() + 15_000;
+    for (;;) {
+      const now = await tableUpdates(after);
+      if (now && updatesBefore) {
+        updates = { all: now.all - updatesBefore.all, hot: now.hot - updatesBefore.hot };
+        if (updates.all >= expected || Date.now() > deadline) break;
+      } else break;
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+  } finally {
+    await after.destroy();
+  }
   const summary = (runs: StoreBatchingFigures[]): StoreBatchingFigures => ({
     rps: round(median(runs.map((run) => run.rps)), 0),
     app_cpu_ms: round(median(runs.map((run) => run.app_cpu_ms)), 3),
@@ -68,7 +92,18 @@ export async function measureStoreBatching(): Promise<StoreBatchingResult> {
     workers: WORKERS,
     batched: summary(samples.batched),
     single: summary(samples.single),
+    updates,
   };
+}
+
+/** The bench table's updates so far, all and HOT, as PostgreSQL's statistics count them. */
+async function tableUpdates(dataSource: DataSource) {
+  const rows = (await dataSource.query(
+    `SELECT n_tup_upd::int AS "all", n_tup_hot_upd::int AS hot FROM pg_stat_user_tables
+      WHERE relid = to_regclass($1)`,
+    [`${BENCH_CONFIG.schema}.idempotency_records`],
+  )) as { all: number; hot: number }[];
+  return rows[0] ?? null;
 }
 
 async function load(store: TypeOrmIdempotencyStore, tag: string): Promise<StoreBatchingFigures> {
@@ -97,6 +132,7 @@ async function load(store: TypeOrmIdempotencyStore, tag: string): Promise<StoreB
           token: randomUUID(),
           now,
           lockedUntil: now + 60_000,
+          ttlMs: 86_400_000,
         });
         if (!claim.claimed) throw new Error('a fresh key was not claimed');
         if (!(await store.complete(claim.lease, response, now + 86_400_000)))

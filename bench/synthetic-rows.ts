@@ -21,10 +21,11 @@ export function bulkInsertSql(
 ): string {
   const body = `'{"id":"' || md5(g::text)::uuid || '","amount":1250,"currency":"eur","customer":"cus_bench","status":"accepted"}'`;
   return `INSERT INTO ${table} (scope, endpoint, idempotency_key, fingerprint, state, lease_token,
-      expires_at, created_at, response_status, response_headers, response_body,
+      expires_at, created_at, purge_at, response_status, response_headers, response_body,
       response_body_encoding, response_is_error)
     SELECT '', '${SYNTHETIC_ENDPOINT}', '${prefix}' || g, '${SYNTHETIC_FINGERPRINT}', 'completed',
-      md5(g::text)::uuid::text, ${Math.trunc(expiresAt)}, ${Math.trunc(expiresAt) - 86_400_000}, 201,
+      md5(g::text)::uuid::text, ${Math.trunc(expiresAt)}, ${Math.trunc(expiresAt) - 86_400_000},
+      ${Math.trunc(expiresAt)}, 201,
       '${HEADERS}', ${body}, 'json', false
     FROM generate_series(${from}, ${to - 1}) AS g`;
 }

@@ -19,8 +19,8 @@ import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pathToFileURL } from 'node:url';
 import { DataSource } from 'typeorm';
+import { ensureIdempotencyTable } from '../lib/storage/typeorm/idempotency-data-source.js';
 import {
-  CreateIdempotencyRecords1763900000000,
   IdempotencyRecord,
   IdempotencyModule,
   IdempotencyService,
@@ -192,16 +192,9 @@ async function startContext(
   };
 }
 
-/** The records table in the bench schema (the module's migration, run once by whoever is first). */
+/** The records table in the bench schema (the module's migrations; safe from both processes). */
 async function ensureTable(dataSource: DataSource) {
-  const runner = dataSource.createQueryRunner();
-  try {
-    if (!(await runner.hasTable(`${SCHEMA}.idempotency_records`))) {
-      await new CreateIdempotencyRecords1763900000000().up(runner);
-    }
-  } finally {
-    await runner.release();
-  }
+  await ensureIdempotencyTable(dataSource);
 }
 
 /**

@@ -83,6 +83,7 @@ export {
 } from './storage/typeorm/idempotency-record.entity.js';
 export { CreateIdempotencyRecords1763900000000 } from './storage/typeorm/create-idempotency-records.migration.js';
 export { IdempotencyRecordsExactIds1767000000000 } from './storage/typeorm/idempotency-records-exact-ids.migration.js';
+export { IdempotencyRecordsHotCompletion1768000000000 } from './storage/typeorm/idempotency-records-hot-completion.migration.js';
 export {
   TypeOrmIdempotencyStore,
   type TypeOrmIdempotencyStoreOptions,

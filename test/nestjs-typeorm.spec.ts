@@ -6,6 +6,8 @@ import request from 'supertest';
 import { DataSource } from 'typeorm';
 import {
   CreateIdempotencyRecords1763900000000,
+  IdempotencyRecordsExactIds1767000000000,
+  IdempotencyRecordsHotCompletion1768000000000,
   Idempotent,
   IdempotencyModule,
   IdempotencyRecord,
@@ -140,7 +142,11 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
       const app = await bootWithTypeOrm(
         {
           ...database.options,
-          migrations: [CreateIdempotencyRecords1763900000000],
+          migrations: [
+            CreateIdempotencyRecords1763900000000,
+            IdempotencyRecordsExactIds1767000000000,
+            IdempotencyRecordsHotCompletion1768000000000,
+          ],
           migrationsRun: true,
         },
         undefined,
@@ -151,7 +157,11 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
         const executed: { name: string }[] = await dataSource.query(
           `SELECT name FROM ${database.migrationsTable}`,
         );
-        expect(executed.map((row) => row.name)).toEqual(['CreateIdempotencyRecords1763900000000']);
+        expect(executed.map((row) => row.name).sort()).toEqual([
+          'CreateIdempotencyRecords1763900000000',
+          'IdempotencyRecordsExactIds1767000000000',
+          'IdempotencyRecordsHotCompletion1768000000000',
+        ]);
         const key = randomUUID();
         const before = runs;
         await request(app.getHttpServer())

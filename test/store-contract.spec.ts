@@ -5,6 +5,7 @@ import {
   CreateIdempotencyRecords1763900000000,
   IdempotencyRecord,
   IdempotencyRecordsExactIds1767000000000,
+  IdempotencyRecordsHotCompletion1768000000000,
   RedisIdempotencyStore,
   TypeOrmIdempotencyStore,
   type ClaimRequest,
@@ -193,6 +194,8 @@ const mariadb = eachDatabase.find(([name]) => name === 'mariadb')?.[1];
         'idempotency_key utf8mb4_bin',
         'scope utf8mb4_bin',
       ]);
+      // The columns today's store writes (the purge column); the id collation left as it was.
+      await new IdempotencyRecordsHotCompletion1768000000000().up(runner);
       const store = new TypeOrmIdempotencyStore(dataSource);
       const now = Date.now();
       const claim = (id: RecordId, fingerprint = 'fp-a') =>

@@ -86,6 +86,24 @@ export interface ClaimRequest {
   readonly now: number;
   /** Until when the claim locks the key, epoch ms. */
   readonly lockedUntil: number;
+  /**
+   * Optional hint: how long the response will be kept once completed (the route's `ttl`), ms. The
+   * TypeORM store indexes the record for its purge from `now + ttlMs` on, already at the claim (no
+   * completion can expire earlier), so that the completion changes no indexed column. Without it,
+   * from `now` on: the purge then finds each record once before it expires and moves it up to its
+   * `expires_at` (one more update per record, in the purge's batches).
+   * @default undefined
+   */
+  readonly ttlMs?: number;
+}
+
+/**
+ * From when on the purge looks at a claimed record (see `ClaimRequest.ttlMs`): no later than its
+ * completion could expire. An abandoned claim's record, which may be taken over from the end of
+ * its lock, is purged once that time has passed too.
+ */
+export function purgeFrom({ now, ttlMs }: ClaimRequest): number {
+  return ttlMs === undefined ? now : now + ttlMs;
 }
 
 export type ClaimResult =

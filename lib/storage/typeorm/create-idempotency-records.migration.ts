@@ -1,15 +1,18 @@
 import { Table, TableIndex, type MigrationInterface, type QueryRunner } from 'typeorm';
-import { IDEMPOTENCY_RECORDS_TABLE, recordsTablePath } from './idempotency-record.entity.js';
-
-const EXPIRES_AT_INDEX = 'idx_idempotency_records_expires_at';
+import { recordsTablePath } from './idempotency-record.entity.js';
 
 /**
- * The purge index's name: its own per table name (index names are unique per schema in
- * PostgreSQL, per database in SQLite), the historical one for the default table.
+ * The name of an index of the records table on `column`: its own per table name (index names are
+ * unique per schema in PostgreSQL, per database in SQLite): `idx_idempotency_records_<column>` for
+ * the default table.
  */
-function expiresAtIndexName(tablePath: string): string {
-  const table = tablePath.split('.').pop()!;
-  return table === IDEMPOTENCY_RECORDS_TABLE ? EXPIRES_AT_INDEX : `idx_${table}_expires_at`;
+export function recordsIndexName(tablePath: string, column: string): string {
+  return `idx_${tablePath.split('.').pop()!}_${column}`;
+}
+
+/** The first migration's purge index (on `expires_at`), dropped by the HOT-completion migration. */
+export function expiresAtIndexName(tablePath: string): string {
+  return recordsIndexName(tablePath, 'expires_at');
 }
 
 /**

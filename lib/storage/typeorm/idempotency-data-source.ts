@@ -2,6 +2,7 @@ import { Logger } from '@nestjs/common';
 import { DataSource, type DataSourceOptions } from 'typeorm';
 import { CreateIdempotencyRecords1763900000000 } from './create-idempotency-records.migration.js';
 import { IdempotencyRecordsExactIds1767000000000 } from './idempotency-records-exact-ids.migration.js';
+import { IdempotencyRecordsHotCompletion1768000000000 } from './idempotency-records-hot-completion.migration.js';
 import { IdempotencyRecord, recordsTablePath } from './idempotency-record.entity.js';
 import { pgliteDriver } from './pglite-driver.js';
 
@@ -50,6 +51,7 @@ export async function ensureIdempotencyTable(dataSource: DataSource): Promise<vo
       new Logger('Idempotency').debug(`Table created concurrently: ${(error as Error).message}`);
     }
     await new IdempotencyRecordsExactIds1767000000000().up(runner);
+    await new IdempotencyRecordsHotCompletion1768000000000().up(runner);
   } finally {
     await runner.release();
   }

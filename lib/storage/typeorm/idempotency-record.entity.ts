@@ -26,7 +26,7 @@ const epochMillis = {
  * collation for the id, `longtext` bodies) and drop the stored bodies to "fix" them.
  */
 @Entity({ name: IDEMPOTENCY_RECORDS_TABLE, synchronize: false })
-@Index('idx_idempotency_records_expires_at', ['expiresAt'])
+@Index('idx_idempotency_records_purge_at', ['purgeAt'])
 export class IdempotencyRecord {
   /** The caller, from the scope resolver ('' when keys are shared by all callers). */
   @PrimaryColumn({ type: 'varchar', length: 255 })
@@ -57,6 +57,16 @@ export class IdempotencyRecord {
 
   @Column({ name: 'created_at', type: 'bigint', transformer: epochMillis })
   createdAt!: number;
+
+  /**
+   * From when on the purge looks at the record: set by the claim (the TTL's end counted from the
+   * claim when the claim knows the TTL, else the claim's time) and left alone by the completion and
+   * the renewal, so that they change no indexed column (a HOT update on PostgreSQL). The purge deletes
+   * a record only once `expiresAt` has passed too. 0 on rows of 0.1 (see
+   * `IdempotencyRecordsHotCompletion1768000000000`).
+   */
+  @Column({ name: 'purge_at', type: 'bigint', default: 0, transformer: epochMillis })
+  purgeAt!: number;
 
   @Column({ name: 'response_status', type: 'int', nullable: true })
   responseStatus!: number | null;

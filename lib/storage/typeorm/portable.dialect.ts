@@ -1,13 +1,16 @@
 import type { DataSource, EntityManager } from 'typeorm';
-import type {
-  ClaimRequest,
-  ClaimResult,
-  Lease,
-  LeaseState,
-  RecordId,
-  RecordSnapshot,
-  StoredResponse,
+import {
+  purgeFrom,
+  recordName,
+  type ClaimRequest,
+  type ClaimResult,
+  type Lease,
+  type LeaseState,
+  type RecordId,
+  type RecordSnapshot,
+  type StoredResponse,
 } from '../idempotency-store.interface.js';
+import { StatementBatcher } from './statement-batcher.js';
 import { IdempotencyRecord } from './idempotency-record.entity.js';
 import {
   affectedRows,
@@ -29,16 +32,34 @@ const CLAIM_ATTEMPTS = 5;
  */
 export class PortableDialect implements StoreDialect {
   private readonly purgeSql: string;
+  /** Rows the purge looked at too early: their `purge_at` moves up to their `expires_at`. */
+  private readonly deferSql: string;
+  private readonly greatest: string;
+  /**
+   * Renewals issued in one tick (one renewal timer renews every running lease at once): one
+   * statement for all of them when each lease is still held, else each alone.
+   */
+  private readonly renewals: StatementBatcher<{ lease: Lease; lockedUntil: number }, boolean>;
 
   constructor(
     private readonly dataSource: DataSource,
-    table: string,
+    private readonly table: string,
   ) {
     const type = dataSource.driver.options.type;
-    this.purgeSql =
-      type === 'mysql' || type === 'mariadb'
-        ? `DELETE FROM ${table} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?`
-        : `DELETE FROM ${table} WHERE rowid IN (SELECT rowid FROM ${table} WHERE expires_at <= ? LIMIT ?)`;
+    const mysql = type === 'mysql' || type === 'mariadb';
+    this.purgeSql = mysql
+      ? `DELETE FROM ${table} WHERE purge_at <= ? AND expires_at <= ? ORDER BY purge_at LIMIT ?`
+      : `DELETE FROM ${table} WHERE rowid IN (SELECT rowid FROM ${table} WHERE purge_at <= ? AND expires_at <= ? LIMIT ?)`;
+    this.deferSql = mysql
+      ? `UPDATE ${table} SET purge_at = expires_at WHERE purge_at <= ? AND expires_at > ? ORDER BY purge_at LIMIT ?`
+      : `UPDATE ${table} SET purge_at = expires_at WHERE rowid IN (SELECT rowid FROM ${table} WHERE purge_at <= ? AND expires_at > ? LIMIT ?)`;
+    // SQLite's two-argument MAX is its GREATEST.
+    this.greatest = mysql ? 'GREATEST' : 'MAX';
+    this.renewals = new StatementBatcher({
+      keyOf: ({ lease }) => recordName(lease.id),
+      runOne: ({ lease, lockedUntil }) => renewUnderLease(this.dataSource, lease, lockedUntil),
+      runMany: (renewals) => this.renewMany(renewals),
+    });
   }
 
   complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
@@ -59,7 +80,31 @@ export class PortableDialect implements StoreDialect {
   }
 
   renew(lease: Lease, lockedUntil: number): Promise<boolean> {
-    return renewUnderLease(this.dataSource, lease, lockedUntil);
+    return this.renewals.run({ lease, lockedUntil });
+  }
+
+  /**
+   * Several renewals in one UPDATE. It cannot say which rows it changed, only how many: when that
+   * is all of them (the usual case), each is renewed; otherwise each runs again alone (a renewal
+   * never moves a lock back, so running one twice changes nothing).
+   */
+  private async renewMany(
+    renewals: readonly { lease: Lease; lockedUntil: number }[],
+  ): Promise<(boolean | undefined)[]> {
+    const cases = renewals.map(() => 'WHEN ? THEN ?').join(' ');
+    const leases = renewals
+      .map(() => '(scope = ? AND endpoint = ? AND idempotency_key = ? AND lease_token = ?)')
+      .join(' OR ');
+    const changed = await affectedRows(
+      this.dataSource,
+      `UPDATE ${this.table} SET expires_at = ${this.greatest}(expires_at, CASE lease_token ${cases} END)
+        WHERE state = 'in_progress' AND (${leases})`,
+      [
+        ...renewals.flatMap(({ lease, lockedUntil }) => [lease.token, lockedUntil]),
+        ...renewals.flatMap(({ lease: { id, token } }) => [id.scope, id.endpoint, id.key, token]),
+      ],
+    );
+    return renewals.map(() => (changed === renewals.length ? true : undefined));
   }
 
   async leaseState(lease: Lease): Promise<LeaseState> {
@@ -82,6 +127,7 @@ export class PortableDialect implements StoreDialect {
           leaseToken: token,
           expiresAt: lockedUntil,
           createdAt: now,
+          purgeAt: purgeFrom(request),
           responseIsError: false,
         })
         .orIgnore()
@@ -101,6 +147,7 @@ export class PortableDialect implements StoreDialect {
           leaseToken: token,
           expiresAt: lockedUntil,
           createdAt: now,
+          purgeAt: purgeFrom(request),
           responseStatus: null,
           responseHeaders: null,
           responseBody: null,
@@ -135,8 +182,19 @@ export class PortableDialect implements StoreDialect {
     }
   }
 
-  purgeExpired(now: number, limit: number): Promise<number> {
-    return affectedRows(this.dataSource, this.purgeSql, [now, limit]);
+  /**
+   * Up to `limit` expired records, deleted; records whose `purge_at` passed before their
+   * `expires_at` (completed or renewed after the claim) get `purge_at` = `expires_at`, and the purge
+   * goes on until it deleted `limit` or found nothing more to look at.
+   */
+  async purgeExpired(now: number, limit: number): Promise<number> {
+    let deleted = 0;
+    for (;;) {
+      deleted += await affectedRows(this.dataSource, this.purgeSql, [now, now, limit - deleted]);
+      if (deleted >= limit) return deleted;
+      if ((await affectedRows(this.dataSource, this.deferSql, [now, now, limit])) === 0)
+        return deleted;
+    }
   }
 }
 

@@ -1,5 +1,6 @@
 import type { DataSource, EntityManager } from 'typeorm';
 import {
+  purgeFrom,
   recordName,
   type BodyEncoding,
   type ClaimRequest,
@@ -42,6 +43,12 @@ interface BatchClaimRow extends ClaimRow {
   ord: string | number;
 }
 
+/** A renewal waiting for its batch. */
+interface Renewal {
+  readonly lease: Lease;
+  readonly lockedUntil: number;
+}
+
 /** A completion waiting for its batch. */
 interface Completion {
   readonly lease: Lease;
@@ -68,6 +75,11 @@ export class PostgresDialect implements StoreDialect {
    */
   private readonly claims: StatementBatcher<ClaimRequest, ClaimResult> | null = null;
   private readonly completions: StatementBatcher<Completion, boolean> | null = null;
+  /**
+   * Renewals issued in one tick (one renewal timer renews every running lease at once): one
+   * statement for all of them.
+   */
+  private readonly renewals: StatementBatcher<Renewal, boolean> | null = null;
 
   constructor(dataSource: DataSource, table: string, batch: boolean) {
     this.statements = new PreparedStatements(dataSource);
@@ -85,6 +97,12 @@ export class PostgresDialect implements StoreDialect {
           ? this.completeAgain(lease, response, expiresAt)
           : this.completeOn(undefined, lease, response, expiresAt, null),
       runMany: (completions) => this.completeMany(completions),
+    });
+    // A renewal run again after its batch failed needs no care: it never moves a lock back.
+    this.renewals = new StatementBatcher({
+      keyOf: ({ lease }) => recordName(lease.id),
+      runOne: ({ lease, lockedUntil }) => this.renewAlone(lease, lockedUntil),
+      runMany: (renewals) => this.renewMany(renewals),
     });
   }
 
@@ -106,6 +124,7 @@ export class PostgresDialect implements StoreDialect {
       column((request) => request.token),
       column((request) => request.lockedUntil),
       column((request) => request.now),
+      column(purgeFrom),
     ]);
     const results: (ClaimResult | undefined)[] = new Array(requests.length).fill(undefined);
     for (const row of rows) {
@@ -162,7 +181,16 @@ export class PostgresDialect implements StoreDialect {
 
   private async claimAlone(request: ClaimRequest): Promise<ClaimResult> {
     const { id, fingerprint, token, now, lockedUntil } = request;
-    const params = [id.scope, id.endpoint, id.key, fingerprint, token, lockedUntil, now];
+    const params = [
+      id.scope,
+      id.endpoint,
+      id.key,
+      fingerprint,
+      token,
+      lockedUntil,
+      now,
+      purgeFrom(request),
+    ];
     for (let attempt = 1; attempt <= CLAIM_ATTEMPTS; attempt++) {
       const { rows } = await this.statements.run<ClaimRow>('claim', this.sql.claim, params);
       if (rows.length === 0) continue;
@@ -193,12 +221,35 @@ export class PostgresDialect implements StoreDialect {
     return this.completeOn(manager, lease, response, expiresAt, changeTag);
   }
 
-  async renew(lease: Lease, lockedUntil: number): Promise<boolean> {
+  renew(lease: Lease, lockedUntil: number): Promise<boolean> {
+    return this.renewals
+      ? this.renewals.run({ lease, lockedUntil })
+      : this.renewAlone(lease, lockedUntil);
+  }
+
+  private async renewAlone(lease: Lease, lockedUntil: number): Promise<boolean> {
     const { affected } = await this.statements.run('renew', this.sql.renew, [
       ...leaseParameters(lease),
       lockedUntil,
     ]);
     return affected === 1;
+  }
+
+  /** Several renewals in one statement: each extends its lock if its own lease is still held. */
+  private async renewMany(renewals: readonly Renewal[]): Promise<boolean[]> {
+    const column = <T>(pick: (renewal: Renewal) => T) => renewals.map(pick);
+    const { rows } = await this.statements.runPlanned<{ ord: string | number }>(
+      this.sql.renewMany,
+      [
+        column(({ lease }) => lease.id.scope),
+        column(({ lease }) => lease.id.endpoint),
+        column(({ lease }) => lease.id.key),
+        column(({ lease }) => lease.token),
+        column(({ lockedUntil }) => lockedUntil),
+      ],
+    );
+    const renewed = new Set(rows.map((row) => Number(row.ord)));
+    return renewals.map((_, i) => renewed.has(i + 1));
   }
 
   /** The completion, on the pool or as a statement of the transaction `manager` holds. */
@@ -243,9 +294,23 @@ export class PostgresDialect implements StoreDialect {
     return affected === 1;
   }
 
+  /**
+   * Up to `limit` expired records, deleted. A record the purge looked at too early (completed, or
+   * renewed, after its claim set `purge_at`) is not deleted: its `purge_at` moves up to its
+   * `expires_at`, and the purge goes on until it deleted `limit` or found nothing more to look at.
+   */
   async purgeExpired(now: number, limit: number): Promise<number> {
-    const { affected } = await this.statements.run('purge', this.sql.purge, [now, limit]);
-    return affected;
+    let deleted = 0;
+    while (deleted < limit) {
+      const { rows } = await this.statements.run<{ deleted: number; deferred: number }>(
+        'purge',
+        this.sql.purge,
+        [now, limit - deleted],
+      );
+      deleted += Number(rows[0]?.deleted ?? 0);
+      if (Number(rows[0]?.deferred ?? 0) === 0) break;
+    }
+    return deleted;
   }
 }
 
@@ -266,7 +331,8 @@ function buildStatements(table: string) {
     WHERE ${underLease}`;
   return {
     /**
-     * $1 scope, $2 endpoint, $3 key, $4 fingerprint, $5 lease token, $6 locked until, $7 now.
+     * $1 scope, $2 endpoint, $3 key, $4 fingerprint, $5 lease token, $6 locked until, $7 now,
+     * $8 purge from (see \`purgeFrom\`).
      * `live` reads the row unless it is dead — its time is up, and it either completed (an expired
      * key counts as new, whatever its payload) or is an abandoned in-progress claim of the same
      * payload (a different payload under an abandoned key is still a 422: the key stays bound to
@@ -283,12 +349,13 @@ function buildStatements(table: string) {
       AND NOT (expires_at <= $7 AND (state = 'completed' OR fingerprint = $4))
   ), claimed AS (
     INSERT INTO ${table} AS r (scope, endpoint, idempotency_key, fingerprint, state, lease_token,
-      expires_at, created_at, response_is_error)
-    SELECT $1, $2, $3, $4, 'in_progress', $5::varchar, $6::bigint, $7, false
+      expires_at, created_at, purge_at, response_is_error)
+    SELECT $1, $2, $3, $4, 'in_progress', $5::varchar, $6::bigint, $7, $8::bigint, false
     WHERE NOT EXISTS (SELECT 1 FROM live)
     ON CONFLICT (scope, endpoint, idempotency_key) DO UPDATE SET
       fingerprint = EXCLUDED.fingerprint, state = 'in_progress', lease_token = EXCLUDED.lease_token,
-      expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at, response_status = NULL,
+      expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at,
+      purge_at = EXCLUDED.purge_at, response_status = NULL,
       response_headers = NULL, response_body = NULL, response_body_encoding = NULL,
       response_is_error = false
     WHERE r.expires_at <= $7 AND (r.state = 'completed' OR r.fingerprint = EXCLUDED.fingerprint)
@@ -298,26 +365,27 @@ function buildStatements(table: string) {
   UNION ALL
   SELECT false AS claimed, ${COLUMNS}, false AS inserted FROM live`,
     /**
-     * The claim of several requests ($1–$7: arrays of scope, endpoint, key, fingerprint, lease token,
-     * locked until, now; one row each, distinct ids), each exactly as \`claim\` decides it. \`ord\`
+     * The claim of several requests ($1–$8: arrays of scope, endpoint, key, fingerprint, lease token,
+     * locked until, now, purge from; one row each, distinct ids), each exactly as \`claim\` decides it. \`ord\`
      * says which request a result row answers; a request with no row is claimed again alone.
      */
     claimMany: `WITH input AS (
-    SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::varchar[], $6::bigint[], $7::bigint[])
-      WITH ORDINALITY AS i(scope, endpoint, idempotency_key, fingerprint, lease_token, locked_until, now, ord)
+    SELECT * FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::varchar[], $6::bigint[], $7::bigint[], $8::bigint[])
+      WITH ORDINALITY AS i(scope, endpoint, idempotency_key, fingerprint, lease_token, locked_until, now, purge_at, ord)
   ), live AS (
     SELECT i.ord, ${COLUMNS.replace(/(\w+)/g, 'r.$1')} FROM input i JOIN ${table} r
       ON r.scope = i.scope AND r.endpoint = i.endpoint AND r.idempotency_key = i.idempotency_key
     WHERE NOT (r.expires_at <= i.now AND (r.state = 'completed' OR r.fingerprint = i.fingerprint))
   ), claimed AS (
     INSERT INTO ${table} AS r (scope, endpoint, idempotency_key, fingerprint, state, lease_token,
-      expires_at, created_at, response_is_error)
-    SELECT i.scope, i.endpoint, i.idempotency_key, i.fingerprint, 'in_progress', i.lease_token, i.locked_until, i.now, false
+      expires_at, created_at, purge_at, response_is_error)
+    SELECT i.scope, i.endpoint, i.idempotency_key, i.fingerprint, 'in_progress', i.lease_token, i.locked_until, i.now, i.purge_at, false
     FROM input i WHERE NOT EXISTS (SELECT 1 FROM live l WHERE l.ord = i.ord)
     ORDER BY i.ord
     ON CONFLICT (scope, endpoint, idempotency_key) DO UPDATE SET
       fingerprint = EXCLUDED.fingerprint, state = 'in_progress', lease_token = EXCLUDED.lease_token,
-      expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at, response_status = NULL,
+      expires_at = EXCLUDED.expires_at, created_at = EXCLUDED.created_at,
+      purge_at = EXCLUDED.purge_at, response_status = NULL,
       response_headers = NULL, response_body = NULL, response_body_encoding = NULL,
       response_is_error = false
     WHERE r.expires_at <= EXCLUDED.created_at AND (r.state = 'completed' OR r.fingerprint = EXCLUDED.fingerprint)
@@ -362,17 +430,40 @@ function buildStatements(table: string) {
       WHERE scope = $1 AND endpoint = $2 AND idempotency_key = $3`,
     /** $1–$4 the lease, $5 locked until: never moves a lock back. */
     renew: `UPDATE ${table} SET expires_at = GREATEST(expires_at, $5::bigint) WHERE ${underLease}`,
+    /**
+     * The renewal of several leases ($1–$5: arrays of scope, endpoint, key, lease token, locked
+     * until; distinct ids), each as \`renew\` does it. Returns the \`ord\` of each renewed one.
+     */
+    renewMany: `UPDATE ${table} AS r SET expires_at = GREATEST(r.expires_at, i.locked_until)
+    FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::bigint[])
+      WITH ORDINALITY AS i(scope, endpoint, idempotency_key, lease_token, locked_until, ord)
+    WHERE r.scope = i.scope AND r.endpoint = i.endpoint AND r.idempotency_key = i.idempotency_key
+      AND r.lease_token = i.lease_token AND r.state = 'in_progress'
+    RETURNING i.ord`,
     releaseAndNotify: `WITH changed AS (DELETE FROM ${table} WHERE ${underLease} RETURNING 1)
       SELECT pg_notify('${CHANGE_CHANNEL}', $5) FROM changed`,
     /**
-     * ctid batches: at most `limit` ($2) expired rows by physical address, re-checking expiry on
-     * what it deletes. No row locks in the inner select: locking doubles the WAL a batch writes
-     * (≈1.5× slower in bench/), and a row a concurrent takeover holds is skipped anyway — the
-     * delete waits for it, then finds a new row version (another ctid, a new expiry).
+     * ctid batches: at most \`limit\` ($2) rows whose \`purge_at\` has passed, by physical address;
+     * of these, the ones whose \`expires_at\` has passed too are deleted, and the others get
+     * \`purge_at\` = \`expires_at\` (the purge looked at them too early). Both re-check what they
+     * change. No row locks in the inner select: locking doubles the WAL a batch writes (≈1.5×
+     * slower in bench/), and a row a concurrent takeover holds is skipped anyway — the delete
+     * waits for it, then finds a new row version (another ctid, a new expiry).
      */
-    purge: `DELETE FROM ${table} WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM ${table} WHERE expires_at <= $1 LIMIT $2
-      )) AND expires_at <= $1`,
+    purge: `WITH scanned AS MATERIALIZED (
+        SELECT ctid, expires_at <= $1 AS expired FROM ${table} WHERE purge_at <= $1 LIMIT $2
+      ), deleted AS (
+        DELETE FROM ${table} WHERE ctid = ANY(ARRAY(SELECT ctid FROM scanned WHERE expired))
+          AND expires_at <= $1 AND purge_at <= $1
+        RETURNING 1
+      ), deferred AS (
+        UPDATE ${table} SET purge_at = expires_at
+        WHERE ctid = ANY(ARRAY(SELECT ctid FROM scanned WHERE NOT expired))
+          AND expires_at > $1 AND purge_at <= $1
+        RETURNING 1
+      )
+      SELECT (SELECT count(*) FROM deleted)::int AS deleted,
+        (SELECT count(*) FROM deferred)::int AS deferred`,
   };
 }
 
