@@ -237,6 +237,7 @@ export class IdempotencyRunner {
         id,
         fingerprint,
         lockTimeoutMs: route.lockTimeoutMs,
+        ttlMs: route.ttlMs,
         concurrency: route.concurrency ?? 'wait',
         waitTimeoutMs: route.waitTimeoutMs,
       });

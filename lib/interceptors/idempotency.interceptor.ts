@@ -112,6 +112,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
           id,
           fingerprint,
           lockTimeoutMs: options.lockTimeoutMs,
+          ttlMs: options.ttlMs,
           concurrency: on.concurrency,
           waitTimeoutMs: options.waitTimeoutMs,
         }),
