@@ -35,7 +35,9 @@ export class IdempotentMethodsExplorer implements OnModuleInit {
       const { instance } = wrapper;
       // A factory's or a value's class is the instance's (`metatype` is the factory, or nothing).
       const metatype = wrapper.isNotMetatype
-        ? (instance as object | undefined)?.constructor
+        ? instance !== null && typeof instance === 'object'
+          ? (Object.getPrototypeOf(instance) as { constructor?: unknown } | null)?.constructor
+          : undefined
         : wrapper.metatype;
       if (!metatype || typeof metatype !== 'function') continue;
       const prototype = metatype.prototype as Record<string, unknown> | undefined;
