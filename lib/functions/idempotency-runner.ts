@@ -32,7 +32,11 @@ import {
   IdempotencyStoreUnavailableError,
   type IdempotencyRunErrorDetails,
 } from '../errors/idempotency-run.errors.js';
-import type { RecordId, StoredResponse } from '../storage/idempotency-store.interface.js';
+import {
+  IdempotencyStore,
+  type RecordId,
+  type StoredResponse,
+} from '../storage/idempotency-store.interface.js';
 import { boundedColumnValue } from '../transports/http-exchange.js';
 import { storedResult } from '../transports/stored-result.js';
 import { fingerprintRequest } from '../utils/fingerprint.js';
@@ -142,6 +146,7 @@ export class IdempotencyRunner {
   constructor(
     private readonly service: IdempotencyService,
     @Inject(RESOLVED_OPTIONS) private readonly moduleOptions: ResolvedModuleOptions,
+    @Inject(IdempotencyStore) private readonly store: Pick<IdempotencyStore, 'transaction'>,
   ) {
     this.moduleRoute = moduleOptions;
   }
@@ -170,7 +175,8 @@ export class IdempotencyRunner {
 
   /**
    * Resolves a call's options (its durations, over the module's) once: a caller that makes many
-   * calls with the same options passes the result to `runCompiled`. Throws on a malformed option.
+   * calls with the same options passes the result to `runCompiled`. Throws on a malformed option,
+   * and on `transactional` with a store that has no transactions (before any key is claimed).
    */
   compile(options: IdempotentCallOptions): CompiledCallOptions {
     const overrides = Object.fromEntries(
@@ -188,12 +194,15 @@ export class IdempotencyRunner {
         .filter((field) => options[field] !== undefined)
         .map((field) => [field, options[field]]),
     ) as IdempotentCallOptions;
-    return {
-      route:
-        Object.keys(overrides).length === 0
-          ? this.moduleRoute
-          : resolveRouteOptions(this.moduleRoute, overrides),
-    };
+    const route =
+      Object.keys(overrides).length === 0
+        ? this.moduleRoute
+        : resolveRouteOptions(this.moduleRoute, overrides);
+    if (route.transactional && !this.store.transaction)
+      throw new Error(
+        'nestjs-idempotency: an idempotent call with `transactional: true`, but the store has no transactional mode. Use PostgreSQL, PGlite or MySQL/MariaDB through the TypeORM store, or drop `transactional`.',
+      );
+    return { route };
   }
 
   /** `runDetailed` with options from `compile` (the call's own durations in `options` are ignored). */

@@ -26,8 +26,8 @@ export type IdempotentJobOptions = IdempotentCallOptions;
  * }
  * ```
  *
- * The key is the job's id (`idempotencyKey` to take it from the data instead, so duplicate jobs
- * run once); the payload fingerprinted is the job's name and data (`idempotencyPayload`); the
+ * The key is the job's id (with its creation time when BullMQ numbered it; `idempotencyKey` to
+ * take it from the data instead, so duplicate jobs run once); the payload fingerprinted is the job's name and data (`idempotencyPayload`); the
  * operation's name is `BullMQ <queue>` (`idempotencyName`). A redelivered or duplicate job returns
  * the first run's stored return value (so `job.returnvalue` is the same), without running
  * `handle`. A duplicate that finds the key still running waits (`concurrency: 'wait'`, up to
@@ -62,11 +62,14 @@ export abstract class IdempotentWorkerHost<
   abstract handle(job: J, context: IdempotentRunContext, token?: string): Promise<R>;
 
   /**
-   * The job's key.
-   * @default job.id
+   * The job's key: the same for every attempt and redelivery of one job. A job given its own
+   * `jobId` is keyed by it, so a job added again with that id (after the first was removed) is a
+   * duplicate. A job BullMQ numbered is keyed by its id and creation time: its counter restarts at
+   * 1 after `queue.obliterate()` or on a new Redis, and a new job must not get an old one's result.
+   * @default job.opts.jobId ?? `${job.id}@${job.timestamp}`
    */
   protected idempotencyKey(job: J): string | number {
-    return job.id!;
+    return job.opts.jobId ?? `${job.id}@${job.timestamp}`;
   }
 
   /**
