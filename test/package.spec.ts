@@ -168,7 +168,10 @@ describe('npm pack', () => {
       manifest.exports['./client'].default,
       manifest.exports['./conformance'].types,
       manifest.exports['./conformance'].default,
+      manifest.exports['./bullmq'].types,
+      manifest.exports['./bullmq'].default,
       manifest.bin['nestjs-idempotency-check'],
+      manifest.bin['nestjs-idempotency'],
     ].map((path: string) => path.replace(/^\.\//, ''));
     expect(entryPoints.filter((path) => !packedFiles.includes(path))).toEqual([]);
     expect(manifest.type).toBe('module');
