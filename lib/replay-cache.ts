@@ -23,6 +23,8 @@ export interface ReplayCacheOptions {
 /** A completed record as the store returned it, with its response opened. */
 export interface CachedRecord {
   readonly fingerprint: string;
+  /** The lease token of its completion: a record forgotten and run again has another. */
+  readonly token: string;
   /** Its TTL's end, epoch ms: past it the record is the store's to decide again. */
   readonly expiresAt: number;
   readonly response: StoredResponse;
@@ -45,6 +47,8 @@ interface Entry extends CachedRecord {
 export class ReplayCache {
   private readonly entries = new Map<string, Entry>();
   private bytes = 0;
+  /** Set while nobody tells this process what operators delete (see `suspend`). */
+  private suspended = false;
   /** Called once, when the first record is cached (see `onFirstUse`). */
   private firstUse: (() => void) | undefined;
   private readonly maxEntries: number;
@@ -71,6 +75,7 @@ export class ReplayCache {
   }
 
   set(id: RecordId, record: CachedRecord): void {
+    if (this.suspended) return;
     const bytes = sizeOf(record.response);
     if (bytes > this.maxBytes / 16) return;
     const name = recordName(id);
@@ -144,12 +149,30 @@ export class ReplayCache {
     this.entries.clear();
     this.bytes = 0;
   }
+
+  /**
+   * Drops every cached record and caches none until `resume`: while the store's listening
+   * connection is lost, a record an operator deletes would otherwise be replayed.
+   */
+  suspend(): void {
+    this.clear();
+    this.suspended = true;
+  }
+
+  /** Caches again (after `suspend`). */
+  resume(): void {
+    this.suspended = false;
+  }
 }
 
 /** Drops the records an invalidation names (see `IdempotencyStore.onInvalidated`). */
 export function invalidate(cache: ReplayCache, invalidation: RecordInvalidation): void {
-  if (invalidation.all) cache.clear();
-  else cache.deleteWhere(invalidation.matches);
+  if (!invalidation.all) cache.deleteWhere(invalidation.matches);
+  else if (invalidation.listening === false) cache.suspend();
+  else {
+    cache.clear();
+    cache.resume();
+  }
 }
 
 function sizeOf(response: StoredResponse): number {

@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { DataSource, DefaultNamingStrategy, type DataSourceOptions } from 'typeorm';
 import type { IdempotencyStore } from '../storage/idempotency-store.interface.js';
 import {
@@ -62,14 +63,16 @@ export async function openAdminStore(
     case 'sqlite':
       dataSourceOptions = {
         type: 'better-sqlite3',
-        database: url.slice('sqlite:'.length),
+        database: existingPath(url.slice('sqlite:'.length), 'database file'),
         ...common,
       };
       break;
     case 'pglite':
       dataSourceOptions = {
         type: 'postgres',
-        driver: pgliteDriver({ dataDir: url.slice('pglite:'.length) }),
+        driver: pgliteDriver({
+          dataDir: existingPath(url.slice('pglite:'.length), 'data directory'),
+        }),
         ...common,
       } as DataSourceOptions;
       break;
@@ -103,8 +106,21 @@ async function openRedis(url: string, options: AdminStoreOptions): Promise<Admin
     throw new Error('a redis:// URL needs the ioredis package (npm install ioredis)');
   }
   const Redis = (ioredis.Redis ?? ioredis.default)!;
-  const client = new Redis(url, { lazyConnect: true, maxRetriesPerRequest: 1 });
-  await client.connect();
+  // One attempt: an operator's command fails fast on a wrong or unreachable URL instead of
+  // reconnecting for ever (and printing each failure's stack trace).
+  const client = new Redis(url, {
+    lazyConnect: true,
+    maxRetriesPerRequest: 1,
+    retryStrategy: () => null,
+  });
+  let failure: Error | undefined;
+  client.on('error', (error: Error) => (failure ??= error));
+  try {
+    await client.connect();
+  } catch (error) {
+    client.disconnect();
+    throw failure ?? error;
+  }
   const store = new RedisIdempotencyStore(client, { prefix: options.prefix });
   return {
     store,
@@ -118,7 +134,22 @@ async function openRedis(url: string, options: AdminStoreOptions): Promise<Admin
 type RedisConstructor = new (
   url: string,
   options: object,
-) => RedisClient & { connect(): Promise<unknown>; quit(): Promise<unknown> };
+) => RedisClient & {
+  connect(): Promise<unknown>;
+  quit(): Promise<unknown>;
+  disconnect(): void;
+  on(event: 'error', listener: (error: Error) => void): unknown;
+};
+
+/**
+ * The path of a `sqlite:` or `pglite:` URL, if something is there: SQLite and PGlite would create
+ * an empty database at a mistyped path, and the command would fail on a missing table.
+ */
+function existingPath(path: string, what: string): string {
+  if (path !== ':memory:' && path !== '' && !existsSync(path))
+    throw new Error(`no ${what} at ${path}: it does not exist`);
+  return path;
+}
 
 /** The records table under the name an app gave it (`--table`). */
 class RecordsTableNaming extends DefaultNamingStrategy {

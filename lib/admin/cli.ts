@@ -9,6 +9,7 @@ import {
 } from './idempotency-admin.service.js';
 import { openAdminStore, type AdminStoreConnection } from './admin-store.js';
 import { ResponseSealer } from '../security/response-sealer.js';
+import { toMilliseconds } from '../utils/duration.js';
 
 /**
  * `npx nestjs-idempotency <command> [options]`: the operator's controls (see `IdempotencyAdmin`)
@@ -102,8 +103,15 @@ async function main(argv: readonly string[]): Promise<number> {
   if (limit !== undefined && !(Number.isInteger(limit) && limit > 0))
     return usage('--limit must be a positive whole number');
   const olderThan = values['older-than'];
-  if (olderThan !== undefined && !/^\d+(\.\d+)?\s*(ms|s|m|h|d)$/.test(olderThan))
-    return usage('--older-than is a duration such as 30s, 5m, 2h or 1d');
+  if (olderThan !== undefined) {
+    if (!/^\d+(\.\d+)?\s*(ms|s|m|h|d)$/.test(olderThan))
+      return usage('--older-than is a duration such as 30s, 5m, 2h or 1d');
+    try {
+      toMilliseconds(olderThan, '--older-than');
+    } catch (error) {
+      return usage((error as Error).message);
+    }
+  }
   let sealer: ResponseSealer | undefined;
   const keyNames = values['encryption-key-env'] ?? [];
   if (keyNames.length > 0) {

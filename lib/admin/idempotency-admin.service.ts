@@ -180,7 +180,7 @@ export class IdempotencyAdmin implements OnApplicationBootstrap, OnApplicationSh
   private listenForInvalidations(cache: ReplayCache): void {
     let live = false;
     this.stopInvalidations = this.store.onInvalidated?.((invalidation) => {
-      if (invalidation.all && !live) {
+      if (invalidation.all && invalidation.listening !== false && !live) {
         // Listening for the first time: what was cached before was read from the store moments
         // ago; keep what is still stored rather than empty the cache (a reconnect empties it).
         live = true;
@@ -195,9 +195,11 @@ export class IdempotencyAdmin implements OnApplicationBootstrap, OnApplicationSh
       }
       invalidate(cache, invalidation);
       this.logger.debug(
-        invalidation.all
-          ? 'Listening for records that operators delete: replay cache emptied (what was deleted while nobody listened is unknown)'
-          : 'An operator deleted a record: dropped from the replay cache, if it held it',
+        !invalidation.all
+          ? 'An operator deleted a record: dropped from the replay cache, if it held it'
+          : invalidation.listening === false
+            ? 'Stopped hearing of records that operators delete (connection lost): replay cache emptied and unused until it is back'
+            : 'Listening for records that operators delete: replay cache emptied (what was deleted while nobody listened is unknown)',
       );
     });
   }
@@ -206,7 +208,8 @@ export class IdempotencyAdmin implements OnApplicationBootstrap, OnApplicationSh
   private async stillStored(id: RecordId, record: CachedRecord): Promise<boolean> {
     if (!this.store.findRecords) return false;
     const [found] = await this.store.findRecords({ ...id, state: 'completed', limit: 1 });
-    return found?.fingerprint === record.fingerprint;
+    // The same completion: a record forgotten and run again (same payload) has another token.
+    return found?.token === record.token && found.fingerprint === record.fingerprint;
   }
 
   onApplicationShutdown(): void {

@@ -204,6 +204,7 @@ export class KeyStateMachine {
     if (decision.action === 'replay' && !claim.claimed)
       this.settings.replayCache?.set(request.id, {
         fingerprint: claim.record.fingerprint,
+        token: claim.record.token,
         expiresAt: claim.record.expiresAt,
         response: decision.response,
       });

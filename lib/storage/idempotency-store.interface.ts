@@ -187,9 +187,18 @@ export interface RecordQuery {
   readonly limit: number;
 }
 
-/** Which records an invalidation concerns: one record (`matches`), or every record (`all`). */
+/**
+ * Which records an invalidation concerns: one record (`matches`), or every record (`all`). With
+ * `listening: false`, the store has stopped listening (its connection was lost): deletions are not
+ * told until the next `all` invalidation without it, which comes when it listens again.
+ */
 export type RecordInvalidation =
-  { readonly all: false; readonly matches: (id: RecordId) => boolean } | { readonly all: true };
+  | { readonly all: false; readonly matches: (id: RecordId) => boolean }
+  | {
+      readonly all: true;
+      /** `false`: the store stopped listening, and tells nothing until its next `all`. @default true */
+      readonly listening?: boolean;
+    };
 
 /**
  * The operator's part of a store (see `IdempotencyAdmin`): optional methods, each store that has
@@ -210,8 +219,9 @@ export interface IdempotencyAdminStore {
   ): Promise<boolean>;
   /**
    * Calls `listener` when a record was deleted by `deleteRecord`, in this process or any other
-   * (PostgreSQL through `pg`: LISTEN/NOTIFY; Redis: pub/sub), and with `all` when the store
-   * cannot tell what it missed (its listening connection was down). Returns how to stop.
+   * (PostgreSQL through `pg`: LISTEN/NOTIFY; Redis: pub/sub); with `all` when the store cannot
+   * tell what it missed (its listening connection (re)connected), and with `all` and
+   * `listening: false` when that connection is lost. Returns how to stop.
    * Unsupported (no method, or `undefined`): other processes are not told.
    */
   onInvalidated?(listener: (invalidation: RecordInvalidation) => void): (() => void) | undefined;

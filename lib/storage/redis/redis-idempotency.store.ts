@@ -175,8 +175,13 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   private subscribed = false;
   private readonly watches = new RecordWatches(() => this.subscribed);
   private readonly notifications: boolean;
-  /** Called with the tag of each record an operator deleted, or `null`: anything may have been. */
-  private readonly invalidationListeners = new Set<(tag: string | null) => void>();
+  /**
+   * Called with the tag of each record an operator deleted, or `null`: anything may have been
+   * (`listening` false: the subscriber was lost, nothing is heard until it is back).
+   */
+  private readonly invalidationListeners = new Set<
+    (tag: string | null, listening: boolean) => void
+  >();
 
   constructor(redis: RedisClient, options: RedisIdempotencyStoreOptions = {}) {
     this.prefix = options.prefix ?? 'idempotency:';
@@ -314,8 +319,8 @@ export class RedisIdempotencyStore implements IdempotencyStore {
     const setLive = (live: boolean) => {
       if (this.subscribed === live) return;
       this.subscribed = live;
-      // What was deleted while nobody listened is unknown.
-      if (live) this.invalidated(null);
+      // What was deleted while nobody listened is unknown; once lost, nothing is heard.
+      this.invalidated(null, live);
       this.watches.wakeAll();
     };
     subscriber.on('message', (channel: string, tag: string) => {
@@ -405,17 +410,19 @@ export class RedisIdempotencyStore implements IdempotencyStore {
    * (opened now, even with `waitNotifications: false`).
    */
   onInvalidated(listener: (invalidation: RecordInvalidation) => void): () => void {
-    const onTag = (tag: string | null) =>
+    const onTag = (tag: string | null, listening: boolean) =>
       listener(
-        tag === null ? { all: true } : { all: false, matches: (id) => this.tagOf(id) === tag },
+        tag === null
+          ? { all: true, listening }
+          : { all: false, matches: (id) => this.tagOf(id) === tag },
       );
     this.invalidationListeners.add(onTag);
     if (!this.subscriber) this.subscribe();
     return () => this.invalidationListeners.delete(onTag);
   }
 
-  private invalidated(tag: string | null) {
-    for (const listener of this.invalidationListeners) listener(tag);
+  private invalidated(tag: string | null, listening = true) {
+    for (const listener of this.invalidationListeners) listener(tag, listening);
   }
 
   /** The store's record keys, narrowed to one Idempotency-Key when given. */

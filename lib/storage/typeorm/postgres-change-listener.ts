@@ -70,8 +70,13 @@ export interface ChangeListenerOptions {
 export class PostgresChangeListener {
   private readonly logger = quietLogger('Idempotency');
   private readonly watches = new RecordWatches(() => this.listening);
-  /** Called with the tag of each record an operator deleted, or `null`: anything may have been. */
-  private readonly invalidationListeners = new Set<(tag: string | null) => void>();
+  /**
+   * Called with the tag of each record an operator deleted, or `null`: anything may have been
+   * (`listening` false: the connection was lost, nothing is heard until it is back).
+   */
+  private readonly invalidationListeners = new Set<
+    (tag: string | null, listening: boolean) => void
+  >();
   private client: ListeningClient | null = null;
   private listening = false;
   private connecting = false;
@@ -113,10 +118,11 @@ export class PostgresChangeListener {
 
   /**
    * Calls `listener` with the change tag of each record an operator deleted (an
-   * `INVALIDATION_PREFIX` payload), and with `null` each time the connection starts listening (what
-   * was deleted while nobody listened is unknown). Opens the connection now. Returns how to stop.
+   * `INVALIDATION_PREFIX` payload), with `null` each time the connection starts listening (what
+   * was deleted while nobody listened is unknown), and with `null` and `listening: false` when it
+   * is lost. Opens the connection now. Returns how to stop.
    */
-  onInvalidated(listener: (tag: string | null) => void): () => void {
+  onInvalidated(listener: (tag: string | null, listening: boolean) => void): () => void {
     this.invalidationListeners.add(listener);
     if (!this.client && !this.connecting && this.reconnectTimer === undefined) void this.connect();
     return () => this.invalidationListeners.delete(listener);
@@ -217,8 +223,8 @@ export class PostgresChangeListener {
     this.wakeAll();
   }
 
-  private invalidated(tag: string | null) {
-    for (const listener of this.invalidationListeners) listener(tag);
+  private invalidated(tag: string | null, listening = true) {
+    for (const listener of this.invalidationListeners) listener(tag, listening);
   }
 
   /**
@@ -258,6 +264,8 @@ export class PostgresChangeListener {
     this.detach();
     client.end().catch(() => undefined);
     if (this.closed) return;
+    // Deletions are not heard from now on: replay caches must not answer until it listens again.
+    this.invalidated(null, false);
     this.lostSince = Date.now();
     this.logger.warn(
       `Lost the LISTEN connection for waiting duplicates${error ? ` (${error.message})` : ''}; they poll every waitPollInterval until it is back. Reconnecting.`,

@@ -252,9 +252,11 @@ export class TypeOrmIdempotencyStore implements IdempotencyStore {
    * notifications.
    */
   onInvalidated(listener: (invalidation: RecordInvalidation) => void): (() => void) | undefined {
-    return this.listener?.onInvalidated((tag) =>
+    return this.listener?.onInvalidated((tag, listening) =>
       listener(
-        tag === null ? { all: true } : { all: false, matches: (id) => this.tagOf(id) === tag },
+        tag === null
+          ? { all: true, listening }
+          : { all: false, matches: (id) => this.tagOf(id) === tag },
       ),
     );
   }
