@@ -8,17 +8,40 @@ import {
 } from './fixtures/fixture-app.js';
 import { eachDatabase } from './support/databases.js';
 import { expectProblem, newKey, post } from './support/http.js';
+import { CapturedLog } from './support/captured-log.js';
+import { waitFor } from './support/reliability.js';
 
-describe.each(eachDatabase)('the replay cache on %s', (_name, database) => {
+describe.each(eachDatabase)('the replay cache on %s', (name, database) => {
   let dataSource: DataSource;
   const apps: FixtureApp[] = [];
+  // Nest's logger is process-wide: every app of this file logs here.
+  const log = new CapturedLog();
   async function app(options: Partial<IdempotencyModuleOptions> = {}): Promise<FixtureApp> {
-    const fixture = await createFixtureApp(database, options, 'express', { dataSource });
+    const fixture = await createFixtureApp(database, options, 'express', {
+      dataSource,
+      logger: log,
+    });
     apps.push(fixture);
     return fixture;
   }
-  /** Deletes a key's record by hand: only a cache can still answer for it. */
-  const forget = (key: string) => dataSource.getRepository(IdempotencyRecord).delete({ key });
+  /** How many times a process of this file began to listen for operators' deletions. */
+  const listened = () =>
+    log.lines.filter((line) => line.text.includes('Listening for records that operators delete'))
+      .length;
+  /**
+   * Deletes a key's record by hand: only a cache can still answer for it. On PostgreSQL a process
+   * starts listening for operators' deletions once its cache holds a record, and keeps only what
+   * the store still holds when it first listens: the hand delete comes once it listens (`after`:
+   * the count of `listened()` before the process cached its first record).
+   */
+  const forget = async (key: string, after?: number) => {
+    if (name === 'postgres' && after !== undefined) {
+      await waitFor('the process to listen for deletions', () =>
+        listened() > after ? true : undefined,
+      );
+    }
+    await dataSource.getRepository(IdempotencyRecord).delete({ key });
+  };
 
   beforeAll(async () => {
     dataSource = new DataSource({ ...database.options(), entities: [IdempotencyRecord] });
@@ -30,6 +53,7 @@ describe.each(eachDatabase)('the replay cache on %s', (_name, database) => {
   });
 
   it('answers a retry of a completed key it has read without the store; turned off, the store decides', async () => {
+    const before = listened();
     const cached = await app();
     const uncached = await app({ replayCache: false });
     for (const [fixture, runs] of [
@@ -39,7 +63,7 @@ describe.each(eachDatabase)('the replay cache on %s', (_name, database) => {
       const key = newKey();
       const first = await post(fixture.http, '/charges', key, { amount: 1 }).expect(201);
       await post(fixture.http, '/charges', key, { amount: 1 }).expect(201); // read from the store
-      await forget(key);
+      await forget(key, runs === 1 ? before : undefined);
       const retry = await post(fixture.http, '/charges', key, { amount: 1 }).expect(201);
       expect(fixture.calls.count('charges', key)).toBe(runs);
       if (runs === 1) {
@@ -52,11 +76,12 @@ describe.each(eachDatabase)('the replay cache on %s', (_name, database) => {
   });
 
   it('refuses another payload from the cache as the store does (422)', async () => {
+    const before = listened();
     const fixture = await app();
     const key = newKey();
     await post(fixture.http, '/charges', key, { amount: 1 }).expect(201);
     await post(fixture.http, '/charges', key, { amount: 1 }).expect(201);
-    await forget(key);
+    await forget(key, before);
     expectProblem(await post(fixture.http, '/charges', key, { amount: 2 }), 422, 'key-reused');
   });
 
@@ -79,13 +104,14 @@ describe.each(eachDatabase)('the replay cache on %s', (_name, database) => {
   });
 
   it('holds at most maxEntries records, dropping the oldest', async () => {
+    const before = listened();
     const fixture = await app({ replayCache: { maxEntries: 2 } });
     const keys = [newKey(), newKey(), newKey()];
     for (const key of keys) {
       await post(fixture.http, '/charges', key, { amount: 1 }).expect(201);
       await post(fixture.http, '/charges', key, { amount: 1 }).expect(201);
     }
-    for (const key of keys) await forget(key);
+    for (const key of keys) await forget(key, before);
     const answers = [];
     for (const key of keys)
       answers.push(
