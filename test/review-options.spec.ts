@@ -101,6 +101,25 @@ class ReviewController {
     return { run: runs.ran(body.marker) };
   }
 
+  /** A fingerprint function with a bug: its value refers to itself. */
+  @Post('fingerprint-cyclic')
+  @Idempotent({
+    fingerprint: (body: { marker: string }) => {
+      const value: Record<string, unknown> = { marker: body.marker };
+      value.self = value;
+      return value;
+    },
+  })
+  fingerprintCyclic(@Body() body: { marker: string }) {
+    return { run: runs.ran(body.marker) };
+  }
+
+  @Post('fn-async-rejects')
+  @Idempotent({ keyFrom: () => Promise.reject(new BadRequestException('no order id yet')) })
+  fnAsyncRejects() {
+    return { run: runs.ran('fn-async-rejects') };
+  }
+
   @Post('fingerprint-date')
   @Idempotent({ fingerprint: (body: { at: string }) => new Date(body.at) })
   fingerprintDate(@Body() body: { marker: string }) {
@@ -250,6 +269,24 @@ describe.each(['express', 'fastify'] as const)('route options under review (%s)'
     );
     expectProblem(response, 400, 'body-unreadable');
     expect(runs.of(marker)).toBe(0);
+  });
+
+  it("a fingerprint function's cyclic value is the app's bug: a 500, the handler does not run", async () => {
+    const marker = randomUUID();
+    const response = await post(
+      '/rev/fingerprint-cyclic',
+      { marker },
+      { 'Idempotency-Key': randomUUID() },
+    );
+    expect(response.status).toBe(500);
+    expect(runs.of(marker)).toBe(0);
+  });
+
+  it('an async keyFrom that rejects with an HttpException answers with it', async () => {
+    const response = await post('/rev/fn-async-rejects', {});
+    expect(response.status).toBe(400);
+    expect(response.body.message).toBe('no order id yet');
+    expect(runs.of('fn-async-rejects')).toBe(0);
   });
 
   it('a fingerprint returning a Date compares by its time', async () => {
@@ -462,6 +499,13 @@ describe('OpenAPI of the route options', () => {
   it('a fingerprint: false route documents no 422 (a key never mismatches)', () => {
     expect(Object.keys(responses('/doc/webhook'))).not.toContain('422');
     expect(Object.keys(responses('/doc/slow'))).toContain('422');
+  });
+
+  it("the 409's Retry-After shows the route's retryAfter", () => {
+    const conflict = responses('/doc/slow')['409'] as unknown as {
+      headers: Record<string, { schema: { example?: number } }>;
+    };
+    expect(conflict.headers['Retry-After'].schema.example).toBe(5);
   });
 
   it("documents a subclass's inherited keyFrom header, as the interceptor reads it", () => {
