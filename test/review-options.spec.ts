@@ -393,6 +393,56 @@ describe.each(['express', 'fastify'] as const)('a storeIf that throws (%s)', (pl
   });
 });
 
+/** Scoped by the class (per transport, HTTP only); one method opts out with `scope: false`. */
+@Controller('rev-scope')
+@Idempotent({
+  scope: { http: (req: { headers: Record<string, string> }) => req.headers['x-tenant'] },
+})
+class ScopedController {
+  @Post('scoped')
+  scoped(@Body() body: { marker: string }) {
+    return { run: runs.ran(body.marker) };
+  }
+
+  @Post('shared')
+  @Idempotent({ scope: false })
+  shared(@Body() body: { marker: string }) {
+    return { run: runs.ran(body.marker) };
+  }
+}
+
+describe('scope: false under a module and a class scope', () => {
+  let fixture: OptionsApp;
+  beforeAll(
+    async () =>
+      (fixture = await bootOptionsApp({
+        controllers: [ScopedController],
+        module: { scope: () => 'module-scope-never-used' },
+      })),
+  );
+  afterAll(() => fixture.close());
+
+  const send = (path: string, tenant: string, key: string, marker: string) =>
+    request(fixture.http)
+      .post(path)
+      .set({ 'Idempotency-Key': key, 'X-Tenant': tenant })
+      .send({ marker });
+
+  it("the class's resolver replaces the module's; the method's false shares one namespace", async () => {
+    const key = randomUUID();
+    const scoped = randomUUID();
+    await send('/rev-scope/scoped', 't1', key, scoped).expect(201);
+    const other = await send('/rev-scope/scoped', 't2', key, scoped).expect(201);
+    expect(other.headers['idempotent-replayed']).toBeUndefined();
+    expect(runs.of(scoped)).toBe(2);
+    const shared = randomUUID();
+    await send('/rev-scope/shared', 't1', key, shared).expect(201);
+    const again = await send('/rev-scope/shared', 't2', key, shared).expect(201);
+    expect(again.headers['idempotent-replayed']).toBe('true');
+    expect(runs.of(shared)).toBe(1);
+  });
+});
+
 describe('bad option values fail at startup, naming the option', () => {
   it.each<[string, IdempotencyRouteOptions, RegExp]>([
     ['retryAfter of true', { retryAfter: true as never }, /retryAfter/],
