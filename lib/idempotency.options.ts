@@ -48,7 +48,7 @@ export interface ResolvedRouteOptions {
   readonly keyFrom: KeySourcesOf | undefined;
   /** Unset: each transport's default fingerprint. */
   readonly fingerprint: FingerprintOption | undefined;
-  readonly skip: ((context: ExecutionContext) => boolean) | undefined;
+  readonly skip: ((context: ExecutionContext) => boolean | Promise<boolean>) | undefined;
   /** Lower-cased names; unset: every header the handler set (see `storableHeaders`). */
   readonly replayHeaders: ReadonlySet<string> | undefined;
   readonly retryAfterSeconds: number;
@@ -174,9 +174,25 @@ export function controllerRouteOptions(controller: Function): IdempotencyRouteOp
   ) {
     const own = Reflect.getOwnMetadata(IDEMPOTENT_ROUTE_OPTIONS, type) as
       IdempotencyRouteOptions | undefined;
-    if (own) merged = merged ? { ...withoutUndefined(own), ...withoutUndefined(merged) } : own;
+    if (own)
+      merged = merged
+        ? { ...withoutUndefined(below(own, merged)), ...withoutUndefined(merged) }
+        : own;
   }
   return merged;
+}
+
+/**
+ * A base class's options under a subclass's: `storeIf` and `storeStatuses` decide one thing, so a
+ * subclass that sets either replaces the base's (one per level, as on the method and the module).
+ */
+function below(
+  base: IdempotencyRouteOptions,
+  over: IdempotencyRouteOptions,
+): IdempotencyRouteOptions {
+  if (over.storeIf === undefined && over.storeStatuses === undefined) return base;
+  const { storeIf: _storeIf, storeStatuses: _storeStatuses, ...rest } = base;
+  return rest;
 }
 
 /** Overlays a route's `@Idempotent()` options on resolved ones. */

@@ -91,8 +91,14 @@ export class IdempotencyInterceptor implements NestInterceptor {
     // Every call that gets here is settled once: by its decision, its handler's end, or a throw.
     const settle = this.settler(transport, context, options);
     try {
-      if (options.skip?.(context)) return this.unprotected(transport, next, options, settle);
-      const reading = on.readKey(context);
+      if (options.skip) {
+        // An async skip resolves to its answer (the promise itself would be truthy).
+        const skipped = options.skip(context);
+        if (skipped instanceof Promise ? await skipped : skipped)
+          return this.unprotected(transport, next, options, settle);
+      }
+      const read = on.readKey(context);
+      const reading = read instanceof Promise ? await read : read;
       if (reading.kind === 'invalid')
         throw new IdempotencyRejectionError(rejection('key-invalid', { detail: reading.reason }));
       if (reading.kind === 'absent') {

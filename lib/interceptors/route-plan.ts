@@ -18,7 +18,11 @@ import type {
   KeyReader,
   OperationDescription,
 } from '../transports/idempotency-transport.js';
-import { fingerprintOfValue, fingerprintRequest } from '../utils/fingerprint.js';
+import { fingerprintOfValue, fingerprintRequest, MAX_JSON_DEPTH } from '../utils/fingerprint.js';
+import { quietLogger } from '../utils/quiet-logger.js';
+import { IdempotencyRejectionError, rejection } from '../errors/idempotency-rejection.js';
+
+const logger = quietLogger('Idempotency');
 
 /** How a route finds its calls' scope on one transport. */
 export interface ScopePlan {
@@ -93,11 +97,19 @@ function compileRoutePlan(
   handler: Function,
   isOurs: (interceptor: unknown) => boolean,
 ): RoutePlan {
-  const options = resolveRouteOptionsFor(
+  const name = `${controller.name}.${handler.name}`;
+  const resolved = resolveRouteOptionsFor(
     moduleOptions,
     controllerRouteOptions(controller),
     Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, handler) as IdempotencyRouteOptions | undefined,
   );
+  const options: ResolvedRouteOptions = {
+    ...resolved,
+    shouldStore: guardedStorePolicy(
+      resolved.shouldStore,
+      `${resolved.storesAnyError ? 'storeIf' : 'storeStatuses'} of ${name}`,
+    ),
+  };
   const listed = (target: object) =>
     ((Reflect.getMetadata(INTERCEPTORS_METADATA, target) as unknown[] | undefined) ?? []).filter(
       isOurs,
@@ -114,7 +126,7 @@ function compileRoutePlan(
   const { fingerprint } = options;
   return {
     options,
-    name: `${controller.name}.${handler.name}`,
+    name,
     twice: listed(controller) + listed(handler) > 1,
     defaultFingerprint: fingerprint === undefined,
     fingerprintOf:
@@ -122,12 +134,16 @@ function compileRoutePlan(
         ? (operation) => fingerprintRequest(operation.fingerprint!)
         : fingerprint === false
           ? (operation, _context, scope) => fingerprintOfValue(operation.endpoint, scope)
-          : (operation, context, scope) =>
-              fingerprintOfValue(
-                operation.endpoint,
-                scope,
-                fingerprint(operation.payload, context),
-              ),
+          : (operation, context, scope) => {
+              // What the function throws is the app's; a value too deep to hash is the request's.
+              const value = fingerprint(operation.payload, context);
+              try {
+                return fingerprintOfValue(operation.endpoint, scope, value);
+              } catch (error) {
+                if (!(error instanceof RangeError) || isCyclic(value)) throw error;
+                throw new IdempotencyRejectionError(rejection('body-unreadable'));
+              }
+            },
     transports: compiled,
   };
 }
@@ -141,4 +157,40 @@ function scopePlan(options: ResolvedRouteOptions, type: TransportType): ScopePla
   if (own === false) return { resolve: undefined, warnUnscoped: false };
   if (own === undefined) return { resolve: undefined, warnUnscoped: true };
   return { resolve: own as ScopeResolver, warnUnscoped: false };
+}
+
+/**
+ * The route's `storeIf` (or `storeStatuses` predicate), guarded: one that throws is logged and
+ * its outcome is not stored (the key is released, as for a response too large to store), rather
+ * than leaving the key claimed until `lockTimeout` and the caller with a 500.
+ */
+function guardedStorePolicy(
+  shouldStore: ResolvedRouteOptions['shouldStore'],
+  what: string,
+): ResolvedRouteOptions['shouldStore'] {
+  return (status, error) => {
+    try {
+      return shouldStore(status, error);
+    } catch (thrown) {
+      logger.error(
+        `The ${what} threw (${(thrown as Error)?.message ?? String(thrown)}): the outcome (status ${status}) was not stored and its key was released.`,
+      );
+      return false;
+    }
+  };
+}
+
+/**
+ * Whether a value refers to itself: a `fingerprint` function's bug (a 500), not a body too deep
+ * (400 `body-unreadable`). Only asked once hashing the value has failed.
+ */
+function isCyclic(value: unknown, ancestors = new Set<object>()): boolean {
+  if (typeof value !== 'object' || value === null) return false;
+  if (ancestors.has(value)) return true;
+  // Deeper than hashing goes, and bounded so a body nested 50 000 levels overflows nothing here.
+  if (ancestors.size > 2 * MAX_JSON_DEPTH) return false;
+  ancestors.add(value);
+  for (const member of Object.values(value)) if (isCyclic(member, ancestors)) return true;
+  ancestors.delete(value);
+  return false;
 }

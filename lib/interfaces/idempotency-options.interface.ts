@@ -65,9 +65,12 @@ export type ScopeOption = ScopeResolver | ScopeResolversByTransport | false;
 /**
  * A function that finds a call's key: given the call's `ExecutionContext`, it returns the key (a
  * string, or an integer), or `undefined`/`null`/`''` for none (a missing key: 400 when `required`,
- * else the handler runs unprotected).
+ * else the handler runs unprotected); or a promise of these (an async function is awaited).
+ * What it throws or rejects with is the call's answer.
  */
-export type KeyFunction = (context: ExecutionContext) => string | number | undefined | null;
+export type KeyFunction = (
+  context: ExecutionContext,
+) => string | number | undefined | null | Promise<string | number | undefined | null>;
 
 /**
  * Where a call's key is read. Whatever the source, a key is 1–255 printable ASCII characters (an
@@ -247,14 +250,15 @@ export interface IdempotencyRouteOptions {
   storeIf?: (status: number, error: unknown) => boolean;
   /**
    * Calls that run as if the route had no `@Idempotent()`: no key read, nothing stored (a health
-   * probe, an internal caller). What it throws is the call's answer.
+   * probe, an internal caller). Its result is read for truthiness; an async function is awaited
+   * (a promise itself would skip every call). What it throws is the call's answer.
    *
    * ```ts
    * @Idempotent({ skip: (context) => context.switchToHttp().getRequest().headers['x-internal'] === '1' })
    * ```
    * @default undefined (no call is skipped)
    */
-  skip?: (context: ExecutionContext) => boolean;
+  skip?: (context: ExecutionContext) => boolean | Promise<boolean>;
   /**
    * The headers a replay sends of those the handler set (HTTP), by name in any case; the others are
    * neither stored nor replayed. `Content-Type` is always kept. `set-cookie` is refused (a cookie

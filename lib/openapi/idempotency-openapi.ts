@@ -3,6 +3,7 @@ import { HTTP_CODE_METADATA, METHOD_METADATA, PATH_METADATA } from '@nestjs/comm
 import { DiscoveryService, MetadataScanner } from '@nestjs/core';
 import { IDEMPOTENT_ROUTE_OPTIONS } from '../idempotency.constants.js';
 import {
+  controllerRouteOptions,
   RESOLVED_OPTIONS,
   resolveRouteOptionsFor,
   type ResolvedModuleOptions,
@@ -72,10 +73,8 @@ export const idempotencyOpenApiProvider: Provider = {
           IDEMPOTENT_ROUTE_OPTIONS,
           handler,
         );
-        const controller: IdempotencyRouteOptions | undefined = Reflect.getMetadata(
-          IDEMPOTENT_ROUTE_OPTIONS,
-          metatype,
-        );
+        // Merged down the class chain, as the interceptor does (a base class's keyFrom counts).
+        const controller = controllerRouteOptions(metatype);
         if (!route && !controller) continue;
         documentRoute(
           swagger,
@@ -156,14 +155,28 @@ function documentRoute(
   }
   // Every response that can be stored can come back as a replay.
   for (const [status, entry] of Object.entries(effective)) {
-    if (!/^\d{3}$/.test(status) || !route.shouldStore(Number(status))) continue;
+    if (!/^\d{3}$/.test(status) || !storable(route, Number(status))) continue;
     const withHeader = { ...entry, headers: { ...entry.headers, ...REPLAYED_RESPONSE_HEADER } };
     responses[status] = ours(withHeader, developers?.[status]);
   }
-  for (const [status, problem] of Object.entries(problemResponses(route.required))) {
+  const problems = problemResponses(route.required, {
+    // With `fingerprint: false` every payload under a key is the same request: never 422.
+    keyReused: route.fingerprint !== false,
+    retryAfterSeconds: route.retryAfterSeconds,
+  });
+  for (const [status, problem] of Object.entries(problems)) {
     if (!(status in effective)) responses[status] = ours(problem);
   }
   Reflect.defineMetadata(API_RESPONSE, responses, handler);
+}
+
+/** Whether a returned value of this status is stored: a `storeIf` that throws documents no replay. */
+function storable(route: ResolvedRouteOptions, status: number): boolean {
+  try {
+    return route.shouldStore(status);
+  } catch {
+    return false;
+  }
 }
 
 type HeaderParameter = { name?: string; in?: string };

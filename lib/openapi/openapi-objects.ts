@@ -62,15 +62,25 @@ const RETRY_AFTER_HEADER = {
 
 /**
  * The error responses of an idempotent operation, by status. Without a required key there is no
- * `key-missing` 400, but a malformed key is still refused.
+ * `key-missing` 400, but a malformed key is still refused; without a fingerprint
+ * (`fingerprint: false`) no 422, since every payload under a key is the same request.
  */
-export function problemResponses(required: boolean): Record<number, Record<string, unknown>> {
+export function problemResponses(
+  required: boolean,
+  route: {
+    /** Whether a key can be refused as reused with another payload (not with `fingerprint: false`). */
+    readonly keyReused?: boolean;
+    /** The route's `retryAfter`, in seconds. */
+    readonly retryAfterSeconds?: number;
+  } = {},
+): Record<number, Record<string, unknown>> {
+  const { keyReused = true, retryAfterSeconds = 1 } = route;
   const badRequest: IdempotencyException[] = [
     ...(required ? [new IdempotencyKeyMissingException()] : []),
     new IdempotencyKeyInvalidException('The Idempotency-Key must be printable ASCII.'),
     new IdempotencyBodyUnreadableException(),
   ];
-  return {
+  const responses: Record<number, Record<string, unknown>> = {
     400: problemResponse(
       required
         ? 'Idempotency-Key missing or invalid (or the body cannot be fingerprinted).'
@@ -79,12 +89,14 @@ export function problemResponses(required: boolean): Record<number, Record<strin
     ),
     409: problemResponse(
       'A request with this Idempotency-Key is still in progress: retry after `Retry-After` seconds.',
-      [new IdempotencyRequestInProgressException(1)],
-      RETRY_AFTER_HEADER,
-    ),
-    422: problemResponse(
-      'This Idempotency-Key was already used with a different request (method, URL or body).',
-      [new IdempotencyKeyReusedException()],
+      [new IdempotencyRequestInProgressException(retryAfterSeconds)],
+      {
+        'Retry-After': {
+          ...RETRY_AFTER_HEADER['Retry-After'],
+          // The route's `retryAfter`, which may be '0s'.
+          schema: { type: 'integer', minimum: 0, example: retryAfterSeconds },
+        },
+      },
     ),
     503: problemResponse(
       'The idempotency store is unavailable; the operation did not run. Retry with the same key.',
@@ -92,6 +104,12 @@ export function problemResponses(required: boolean): Record<number, Record<strin
       RETRY_AFTER_HEADER,
     ),
   };
+  if (keyReused)
+    responses[422] = problemResponse(
+      'This Idempotency-Key was already used with a different request (method, URL or body).',
+      [new IdempotencyKeyReusedException()],
+    );
+  return responses;
 }
 
 function problemResponse(

@@ -26,12 +26,17 @@ export interface OperationDescription {
   readonly payload: unknown;
 }
 
-/** A route's compiled way of reading its calls' keys (see `keyFrom`). */
-export type KeyReader = (context: ExecutionContext) => KeyReading;
+/** A route's compiled way of reading its calls' keys (see `keyFrom`); a promise for an async function. */
+export type KeyReader = (context: ExecutionContext) => KeyReading | Promise<KeyReading>;
 
-/** A `keyFrom` function's reader: its result read as a key value (see `readKeyValue`). */
+/** A `keyFrom` function's reader: its result (awaited, when a promise) read as a key value. */
 export function functionKeyReader(source: KeyFunction): KeyReader {
-  return (context) => readKeyValue(source(context), 'from keyFrom');
+  return (context) => {
+    const value = source(context);
+    return value instanceof Promise
+      ? value.then((resolved) => readKeyValue(resolved, 'from keyFrom'))
+      : readKeyValue(value, 'from keyFrom');
+  };
 }
 
 /** A `keyFrom` dot path's reader, into what `root` gives (the body, the arguments, the payload). */

@@ -171,8 +171,9 @@ export class RpcTransport implements IdempotencyTransport {
     if (kind === 'header') {
       const name = text.toLowerCase();
       return (context) => {
-        const value = transportHeader(context.switchToRpc().getContext(), name);
-        return value === undefined ? { kind: 'absent' } : readIdempotencyKey([value], text);
+        const values = transportHeader(context.switchToRpc().getContext(), name);
+        // Sent twice (a NATS header appended twice, a Kafka header repeated): refused, as on HTTP.
+        return values.length === 0 ? { kind: 'absent' } : readIdempotencyKey(values, text);
       };
     }
     if (kind === 'payload')
@@ -441,28 +442,41 @@ function patternOf(handler: Function): string {
 }
 
 /**
- * A header of the message, by lower-case name, where its transport has headers: AMQP headers, NATS
- * headers, MQTT 5 user properties, Kafka headers (Redis and TCP have none).
+ * A header's values in the message, by lower-case name, where its transport has headers: AMQP
+ * headers, NATS headers, MQTT 5 user properties, Kafka headers (Redis and TCP have none). One per
+ * time it was sent (empty ones left out); none when it is absent.
  */
-export function transportHeader(context: unknown, name: string): string | undefined {
+export function transportHeader(context: unknown, name: string): readonly string[] {
   // Each broker's context and message have their own shape, read member by member below.
   // eslint-disable-next-line @typescript-eslint/no-explicit-any
   type Member = ((...args: unknown[]) => any) | undefined;
   const rpc = context as Record<string, Member> | null | undefined;
-  if (!rpc) return undefined;
+  if (!rpc) return [];
   const message = rpc.getMessage?.();
-  if (typeof rpc.getPartition === 'function') return text(header(message?.headers, name));
-  if (message?.properties) return text(header(message.properties.headers, name));
+  if (typeof rpc.getPartition === 'function') return texts(header(message?.headers, name));
+  if (message?.properties) return texts(header(message.properties.headers, name));
   if (typeof rpc.getHeaders === 'function') {
-    // NATS headers: `get` matches the name exactly, so it is looked up among their names.
+    // NATS headers: `values` matches the name exactly, so every name of any case is looked up.
     const headers = rpc.getHeaders() as
-      { keys?(): string[]; get?(name: string): unknown } | undefined;
-    const field = headers?.keys?.().find((candidate) => candidate.toLowerCase() === name);
-    return field === undefined ? undefined : text(headers?.get?.(field));
+      | { keys?(): string[]; values?(name: string): unknown[]; get?(name: string): unknown }
+      | undefined;
+    const fields = headers?.keys?.().filter((candidate) => candidate.toLowerCase() === name) ?? [];
+    return fields.flatMap((field) =>
+      texts(headers?.values ? headers.values(field) : headers?.get?.(field)),
+    );
   }
   if (typeof rpc.getPacket === 'function')
-    return text(header(rpc.getPacket()?.properties?.userProperties, name));
-  return undefined;
+    return texts(header(rpc.getPacket()?.properties?.userProperties, name));
+  return [];
+}
+
+/** Each value of a header (an array when repeated) as text, empty ones left out. */
+function texts(value: unknown): string[] {
+  const values: unknown[] = Array.isArray(value) ? value : [value];
+  return values.flatMap((one) => {
+    const read = text(one);
+    return read === undefined ? [] : [read];
+  });
 }
 
 /** The message's own identity, where its transport has one (see RpcTransport). */

@@ -41,7 +41,7 @@ export function toMilliseconds(duration: Duration, optionName = 'duration'): num
   let ms: number | undefined;
   if (typeof duration === 'number') {
     if (Number.isFinite(duration) && duration >= 0) ms = Math.round(duration);
-  } else {
+  } else if (typeof duration === 'string') {
     const match = DURATION_PATTERN.exec(duration.trim());
     if (match) ms = Math.round(Number(match[1]) * UNIT_MS[match[2]]);
   }
