@@ -295,6 +295,22 @@ export class IdempotencyRunner {
     outcome: Outcome,
     route: ResolvedRouteOptions,
   ): StoredResponse | null {
+    try {
+      return this.stored(id, outcome, route);
+    } catch (thrown) {
+      // A `storeStatuses` predicate that threw: not stored, the key released (as on routes).
+      this.logger.error(
+        `The store policy of ${id.endpoint} threw (${(thrown as Error)?.message ?? String(thrown)}): the outcome was not stored and its key was released.`,
+      );
+      return null;
+    }
+  }
+
+  private stored(
+    id: RecordId,
+    outcome: Outcome,
+    route: ResolvedRouteOptions,
+  ): StoredResponse | null {
     const call = { key: id.key, endpoint: id.endpoint, headers: {} };
     const { maxResponseBytes } = this.moduleOptions;
     if (outcome.ok)
