@@ -56,9 +56,13 @@ export interface AdminListOptions extends AdminActor {
 
 /** A record as `IdempotencyAdmin` shows it. Times are epoch ms. */
 export interface AdminRecord {
+  /** The caller's scope, as the scope resolver gave it ('' when keys are not per caller). */
   readonly scope: string;
+  /** The route the key belongs to, e.g. `POST /orders`. */
   readonly endpoint: string;
+  /** The client's Idempotency-Key. */
   readonly key: string;
+  /** `in_progress`: claimed, its handler running (or its process gone); `completed`: stored. */
   readonly state: RecordState;
   /** SHA-256 of the payload the key is bound to. */
   readonly fingerprint: string;
@@ -102,8 +106,10 @@ export type AdminRefusalReason =
 /** An admin action refused; nothing was changed. `records`: what was found. */
 export class IdempotencyAdminRefusal extends Error {
   constructor(
+    /** Why nothing was done. */
     readonly reason: AdminRefusalReason,
     message: string,
+    /** The records found with the key (several when `ambiguous`); `[]` when there were none. */
     readonly records: readonly AdminRecord[] = [],
   ) {
     super(message);
@@ -116,10 +122,20 @@ export type AdminAction = 'inspect' | 'list' | 'release' | 'forget';
 
 /** The message of an admin action on {@link IDEMPOTENCY_ADMIN_CHANNEL}. */
 export interface AdminActionMessage {
+  /** Which action was asked for. */
   readonly action: AdminAction;
+  /** Who asked (`AdminActor.actor`). */
   readonly actor: string;
-  /** The record acted on (release, forget), or the key looked up (inspect). */
-  readonly id?: RecordId | { readonly key: string };
+  /**
+   * The record acted on (release, forget), or the key looked up (inspect, and a release or forget
+   * refused before one record was found); absent for `list`.
+   */
+  readonly id?:
+    | RecordId
+    | {
+        /** The client's Idempotency-Key. */
+        readonly key: string;
+      };
   /** `done`, or the refusal's reason. */
   readonly outcome: 'done' | AdminRefusalReason;
 }
@@ -212,6 +228,7 @@ export class IdempotencyAdmin implements OnApplicationBootstrap, OnApplicationSh
     return found?.token === record.token && found.fingerprint === record.fingerprint;
   }
 
+  /** Stops listening for the records that operators delete in other processes. */
   onApplicationShutdown(): void {
     this.stopInvalidations?.();
     this.stopInvalidations = undefined;

@@ -7,7 +7,10 @@ import { timerDelay } from '../utils/duration.js';
  * transport renders it (HTTP: 409 problem `lease-lost`).
  */
 export class LeaseLostError extends Error {
-  constructor(readonly lease: Lease) {
+  constructor(
+    /** The lost claim: the record now belongs to another request. */
+    readonly lease: Lease,
+  ) {
     super('the claim on this key was taken over by another request; this attempt was rolled back');
   }
 }
@@ -18,7 +21,10 @@ export class LeaseLostError extends Error {
  * since committing them without a stored response would let a retry run them again.
  */
 export class UnstoredResultError extends Error {
-  constructor(readonly lease: Lease) {
+  constructor(
+    /** The claim of the attempt, released after the rollback. */
+    readonly lease: Lease,
+  ) {
     super('the result of a transactional route could not be stored; its writes were rolled back');
   }
 }
@@ -31,7 +37,12 @@ export class UnstoredResultError extends Error {
  */
 export class TransactionUnavailableError extends Error {
   constructor(
+    /**
+     * The claim of the attempt, released after the rollback (a record that a COMMIT completed
+     * before its answer was lost stays completed).
+     */
     readonly lease: Lease,
+    /** The connection error: from the handler's statements, or the BEGIN, completion or COMMIT. */
     override readonly cause: unknown,
   ) {
     super('the database connection of this transactional route failed; nothing was committed');

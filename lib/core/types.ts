@@ -13,7 +13,18 @@ export type ConcurrencyMode = 'reject' | 'wait';
 
 /** How a handler ended: the value it returned, or what it threw. */
 export type Outcome =
-  { readonly ok: true; readonly value: unknown } | { readonly ok: false; readonly error: unknown };
+  | {
+      /** `true`: the handler returned (or its promise or observable resolved). */
+      readonly ok: true;
+      /** What the handler returned. */
+      readonly value: unknown;
+    }
+  | {
+      /** `false`: the handler threw (or its promise or observable rejected). */
+      readonly ok: false;
+      /** What the handler threw. */
+      readonly error: unknown;
+    };
 
 /**
  * How a message ended, as told to `acknowledge`, once for every message that reaches
@@ -25,9 +36,34 @@ export type Outcome =
  * such as a 400 from the ValidationPipe, a refusal by the `scope` resolver).
  */
 export type SettledMessage =
-  | { readonly kind: 'done'; readonly replayed: boolean }
-  | { readonly kind: 'retry'; readonly reason: string }
-  | { readonly kind: 'drop'; readonly reason: string };
+  | {
+      /** `done`: acknowledge the message; delivering it again would change nothing. */
+      readonly kind: 'done';
+      /**
+       * `true`: the handler did not run for this delivery, its stored result answered it (a
+       * duplicate of a completed message; with several handlers, only when every one of them
+       * replayed). `false`: a handler ran.
+       */
+      readonly replayed: boolean;
+    }
+  | {
+      /** `retry`: not done; have the broker deliver the message again (nack with requeue, …). */
+      readonly kind: 'retry';
+      /**
+       * Why, for logs: the rejection's code (e.g. `request-in-progress`, `store-unavailable`), or
+       * a short sentence such as `the handler failed (503)`.
+       */
+      readonly reason: string;
+    }
+  | {
+      /** `drop`: reject the message without requeueing it (or send it to a dead-letter queue). */
+      readonly kind: 'drop';
+      /**
+       * Why, for logs: the rejection's code (e.g. `key-reused`), or a short sentence such as
+       * `the handler refused the message (400)`.
+       */
+      readonly reason: string;
+    };
 
 /**
  * Settles a message with its broker, once `@Idempotent()` knows how it ended (see
@@ -42,18 +78,39 @@ export type MessageAcknowledgement = (context: unknown, settled: SettledMessage)
 /** What to do with a request, decided by its key's record. */
 export type Decision =
   /** The key is ours: run the handler, then `complete` or `release` the lease. */
-  | { readonly action: 'execute'; readonly lease: Lease }
+  | {
+      /** `execute`: this request claimed the key (a new record, or a takeover). */
+      readonly action: 'execute';
+      /** The claim this request now holds: settling the key is conditional on it. */
+      readonly lease: Lease;
+    }
   /** The key completed with this payload: send the stored response. */
-  | { readonly action: 'replay'; readonly response: StoredResponse }
+  | {
+      /** `replay`: answer with the stored response; the handler does not run. */
+      readonly action: 'replay';
+      /** The response stored by the first request with the key (opened, if it was sealed). */
+      readonly response: StoredResponse;
+    }
   /** The key belongs to another payload. */
-  | { readonly action: 'mismatch' }
+  | {
+      /** `mismatch`: refuse the request (HTTP: 422 problem `key-reused`). */
+      readonly action: 'mismatch';
+    }
   /** The first request with the key is still running (and the wait, if any, ran out). */
-  | { readonly action: 'in-progress'; readonly retryAfterMs: number }
+  | {
+      /** `in-progress`: refuse the request for now (HTTP: 409 problem `request-in-progress`). */
+      readonly action: 'in-progress';
+      /** Until the running claim's lock ends, ms from now (0 when it has ended already). */
+      readonly retryAfterMs: number;
+    }
   /**
    * The key completed with this payload, but its stored response cannot be opened (encryption
    * keys, tampering): the request fails closed, and the handler does not run again.
    */
-  | { readonly action: 'unreadable' };
+  | {
+      /** `unreadable`: fail the request without running the handler. */
+      readonly action: 'unreadable';
+    };
 
 /** What `begin` needs to claim a key or read its record. */
 export interface BeginRequest {
@@ -77,10 +134,19 @@ export type CaptureOutcome = (
 
 /** What `execute` needs of the route's options. */
 export interface ExecuteOptions {
+  /** How long the stored response is kept, ms from its completion (the route's `ttl`). */
   readonly ttlMs: number;
+  /**
+   * How long the claim holds the key without a renewal, ms (the route's `lockTimeout`): each
+   * renewal, every third of it, extends the lock to `now + lockTimeoutMs`.
+   */
   readonly lockTimeoutMs: number;
   /** 0: the claim is not renewed. */
   readonly lockRenewalLimitMs: number;
+  /**
+   * The handler runs in a transaction of the store, which stores its response as the last
+   * statement (the route's `transactional`).
+   */
   readonly transactional: boolean;
 }
 

@@ -23,7 +23,9 @@ export type BodyEncoding = 'json' | 'base64' | 'sealed';
 
 /** A response as stored: everything needed to send it again. */
 export interface StoredResponse {
+  /** The status code (HTTP), or the status the answer stands for on other transports. */
   readonly status: number;
+  /** The headers a replay sends (HTTP: see `replayHeaders`); `{}` when sealed (they are inside). */
   readonly headers: Readonly<Record<string, string | string[]>>;
   /** The body in serialised form (see `encodeBody`); `null` for no body. */
   readonly body: string | null;
@@ -37,7 +39,9 @@ export type RecordState = 'in_progress' | 'completed';
 
 /** A record as the store read it. */
 export interface RecordSnapshot {
+  /** `in_progress`: claimed, its handler running (or its process gone); `completed`: stored. */
   readonly state: RecordState;
+  /** The fingerprint of the payload the key is bound to (SHA-256, hex). */
   readonly fingerprint: string;
   /**
    * The lease token of the claim that holds the record (in progress) or completed it: a completed
@@ -46,12 +50,15 @@ export interface RecordSnapshot {
   readonly token: string;
   /** Until then an in-progress record is locked, and a completed one replays. */
   readonly expiresAt: number;
+  /** The stored response of a completed record; `null` while in progress. */
   readonly response: StoredResponse | null;
 }
 
 /** A claim on a record: completing or releasing it is conditional on still holding the token. */
 export interface Lease {
+  /** The record claimed. */
   readonly id: RecordId;
+  /** The claim's random token (`ClaimRequest.token`), stored in the record while it holds it. */
   readonly token: string;
   /**
    * Duplicates may be waiting on this record (its route is in `'wait'` mode): a store that
@@ -77,8 +84,14 @@ export type LeaseState =
   /** The record belongs to another lease: taken over. */
   | 'taken';
 
+/** What `IdempotencyStore.claim` is asked to claim, and for how long. */
 export interface ClaimRequest {
+  /** The record to claim. */
   readonly id: RecordId;
+  /**
+   * The fingerprint of the request's payload: stored with a new record; an in-progress record
+   * past its lock is taken over only with the same fingerprint.
+   */
   readonly fingerprint: string;
   /** A fresh random token that identifies this claim. */
   readonly token: string;
@@ -106,10 +119,23 @@ export function purgeFrom({ now, ttlMs }: ClaimRequest): number {
   return ttlMs === undefined ? now : now + ttlMs;
 }
 
+/** What `IdempotencyStore.claim` found: the claim won, or the record that holds the key. */
 export type ClaimResult =
   /** `takeover`: the key existed but had expired (TTL over, or an abandoned lock). */
-  | { readonly claimed: true; readonly lease: Lease; readonly takeover: boolean }
-  | { readonly claimed: false; readonly record: RecordSnapshot };
+  | {
+      /** `true`: the key is now held by this claim. */
+      readonly claimed: true;
+      /** The claim won, with the request's token. */
+      readonly lease: Lease;
+      /** The claim replaced an expired record rather than inserting a new one. */
+      readonly takeover: boolean;
+    }
+  | {
+      /** `false`: another claim holds the key, or completed it, and it has not expired. */
+      readonly claimed: false;
+      /** The record as it is. */
+      readonly record: RecordSnapshot;
+    };
 
 /**
  * Where records live. An implementation must decide races in the storage itself: of concurrent
@@ -166,6 +192,7 @@ export interface IdempotencyStore extends IdempotencyAdminStore {
 
 /** A record as an operator sees it (see `IdempotencyStore.findRecords`). */
 export interface RecordDetails extends RecordSnapshot {
+  /** Which record it is. */
   readonly id: RecordId;
   /**
    * When the claim that holds (or completed) the record was made, epoch ms; `null` when the store
@@ -178,8 +205,11 @@ export interface RecordDetails extends RecordSnapshot {
 export interface RecordQuery {
   /** The client's Idempotency-Key, under any scope and endpoint unless those are given too. */
   readonly key?: string;
+  /** Only records of this caller scope. @default any scope */
   readonly scope?: string;
+  /** Only records of this endpoint, e.g. `POST /orders`. @default any endpoint */
   readonly endpoint?: string;
+  /** Only records in this state. @default both */
   readonly state?: RecordState;
   /** Only records claimed before this time, epoch ms (a Redis record of unknown age matches). */
   readonly createdBefore?: number;
@@ -193,8 +223,14 @@ export interface RecordQuery {
  * told until the next `all` invalidation without it, which comes when it listens again.
  */
 export type RecordInvalidation =
-  | { readonly all: false; readonly matches: (id: RecordId) => boolean }
   | {
+      /** `false`: one record was deleted. */
+      readonly all: false;
+      /** Whether `id` is the deleted record's. */
+      readonly matches: (id: RecordId) => boolean;
+    }
+  | {
+      /** `true`: any record may have been deleted; drop every one. */
       readonly all: true;
       /** `false`: the store stopped listening, and tells nothing until its next `all`. @default true */
       readonly listening?: boolean;

@@ -88,6 +88,10 @@ interface StoredGraphQLError {
 export class IdempotencyGraphQLError extends IntrinsicException {
   constructor(
     message: string,
+    /**
+     * The error's `extensions`, as the client sees them: `code` (e.g. `IDEMPOTENCY_KEY_REUSED`),
+     * `status` and `retryAfterSeconds` on a refusal; the stored ones on a replayed business error.
+     */
     readonly extensions: Record<string, unknown>,
   ) {
     super(message);

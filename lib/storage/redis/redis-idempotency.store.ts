@@ -22,6 +22,7 @@ import { quietLogger } from '../../utils/quiet-logger.js';
  * does not depend on ioredis.
  */
 export interface RedisClient {
+  /** Defines a Lua script as a command of the client (ioredis's `defineCommand`). */
   defineCommand(name: string, definition: { numberOfKeys: number; lua: string }): unknown;
   /** A new connection with the same options: the store's subscriber. */
   duplicate(): RedisSubscriber;
@@ -31,12 +32,19 @@ export interface RedisClient {
 export interface RedisSubscriber {
   /** ioredis's connection status: `'wait'` for a `lazyConnect` client not connected yet. */
   readonly status?: string;
+  /** Connects a `lazyConnect` connection (ioredis's `connect`). */
   connect?(): Promise<unknown>;
+  /** A message published on a channel the connection subscribed to. */
   on(event: 'message', listener: (channel: string, message: string) => void): unknown;
+  /** The connection is ready (after each reconnect too), or closed. */
   on(event: 'ready' | 'close', listener: () => void): unknown;
+  /** A connection error (ioredis reconnects by itself). */
   on(event: 'error', listener: (error: Error) => void): unknown;
+  /** Subscribes to `channel` (SUBSCRIBE). */
   subscribe(channel: string): Promise<unknown>;
+  /** Closes the connection gracefully (QUIT). */
   quit(): Promise<unknown>;
+  /** Closes the connection at once, when `quit` failed. */
   disconnect(): void;
 }
 

@@ -3,7 +3,7 @@ import type { BodyEncoding, RecordState } from '../idempotency-store.interface.j
 
 /**
  * Table name of the entity. A DataSource may change it (`entityPrefix`, a naming strategy's
- * `tableName`, a `schema`): the migrations and the store use {@link recordsTablePath}.
+ * `tableName`, a `schema`): the migrations and the store ask the DataSource for the table's path.
  */
 export const IDEMPOTENCY_RECORDS_TABLE = 'idempotency_records';
 
@@ -44,6 +44,7 @@ export class IdempotencyRecord {
   @Column({ type: 'varchar', length: 64 })
   fingerprint!: string;
 
+  /** `in_progress` (claimed, its handler running) or `completed` (its response stored). */
   @Column({ type: 'varchar', length: 16 })
   state!: RecordState;
 
@@ -55,6 +56,7 @@ export class IdempotencyRecord {
   @Column({ name: 'expires_at', type: 'bigint', transformer: epochMillis })
   expiresAt!: number;
 
+  /** When the claim that holds (or completed) the record was made. */
   @Column({ name: 'created_at', type: 'bigint', transformer: epochMillis })
   createdAt!: number;
 
@@ -68,6 +70,7 @@ export class IdempotencyRecord {
   @Column({ name: 'purge_at', type: 'bigint', default: 0, transformer: epochMillis })
   purgeAt!: number;
 
+  /** The stored status code; `null` while in progress. */
   @Column({ name: 'response_status', type: 'int', nullable: true })
   responseStatus!: number | null;
 
@@ -75,12 +78,15 @@ export class IdempotencyRecord {
   @Column({ name: 'response_headers', type: 'text', nullable: true })
   responseHeaders!: string | null;
 
+  /** The stored body, serialised as `responseBodyEncoding` says; `null` for none or in progress. */
   @Column({ name: 'response_body', type: 'text', nullable: true })
   responseBody!: string | null;
 
+  /** `json`, `base64` or `sealed` (encrypted: the body is the envelope); `null` while in progress. */
   @Column({ name: 'response_body_encoding', type: 'varchar', length: 8, nullable: true })
   responseBodyEncoding!: BodyEncoding | null;
 
+  /** The stored response is an error the handler threw (an HttpException): a replay throws it. */
   @Column({ name: 'response_is_error', type: 'boolean', default: false })
   responseIsError!: boolean;
 }

@@ -23,7 +23,7 @@ const PURGE_AT = 'purge_at';
  *   still deletes a record only once `expires_at` has passed, and moves `purge_at` of one found too
  *   early up to its `expires_at`);
  * - the purge index on `purge_at` instead of `expires_at`;
- * - PostgreSQL: `fillfactor` {@link RECORDS_FILLFACTOR} on the table, so a page keeps room for the
+ * - PostgreSQL: `fillfactor` 70 (`RECORDS_FILLFACTOR`) on the table, so a page keeps room for the
  *   completed version of the rows inserted into it.
  *
  * On MySQL/MariaDB and SQLite the same column and index: no HOT there, but the completion no longer

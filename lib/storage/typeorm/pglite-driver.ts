@@ -29,7 +29,10 @@ export interface PGliteDriverOptions {
  * (`dataSource.transaction(manager => …)`, or a `transactional` idempotent route) write through its
  * `manager`, not the DataSource — a second runner would wait for the first forever.
  */
-export function pgliteDriver(options: PGliteDriverOptions = {}): { Pool: PGlitePoolClass } {
+export function pgliteDriver(options: PGliteDriverOptions = {}): {
+  /** The pool class TypeORM's postgres driver instantiates: one session, one runner at a time. */
+  Pool: PGlitePoolClass;
+} {
   const { Pool } = new PGliteDriver(
     options.dataDir === undefined ? {} : { dataDir: options.dataDir },
   ).driver;
