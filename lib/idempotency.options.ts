@@ -309,7 +309,7 @@ function checkedKeySource(
   const path: unknown = (value as Record<string, unknown>)[kind];
   if (typeof path !== 'string' || path.trim() === '')
     refuse(`${where}.${kind} must be a non-empty string; got ${describeValue(path)}`);
-  const text = path as string;
+  const text = path;
   if (kind === 'header' && !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(text))
     refuse(`${where}.header must be a header name; got ${JSON.stringify(text)}`);
   if (kind === 'header') return { header: text };

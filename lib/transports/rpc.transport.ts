@@ -182,7 +182,7 @@ export class RpcTransport implements IdempotencyTransport {
 
   private readKey(context: ExecutionContext): KeyReading {
     const rpc = context.switchToRpc();
-    const data = rpc.getData() as unknown;
+    const data = rpc.getData<unknown>();
     const field =
       typeof data === 'object' && data !== null
         ? (data as Record<string, unknown>)[this.moduleOptions.messageKeyField]

@@ -284,8 +284,8 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   }
 
   /** Redis expires records by itself (`expiryGraceMs` after their end): nothing to purge. */
-  async purgeExpired(): Promise<number> {
-    return 0;
+  purgeExpired(): Promise<number> {
+    return Promise.resolve(0);
   }
 
   watch(id: RecordId): RecordWatch | undefined {
@@ -450,7 +450,7 @@ export class RedisIdempotencyStore implements IdempotencyStore {
         parts.length === 3 &&
         parts.every((part) => typeof part === 'string')
       ) {
-        const [scope, endpoint, key] = parts as string[];
+        const [scope, endpoint, key] = parts;
         return { scope, endpoint, key };
       }
     } catch {
