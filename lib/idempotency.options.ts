@@ -373,10 +373,19 @@ function expectFunction(value: unknown, option: string, shape: string): void {
 }
 
 function describeValue(value: unknown): string {
-  if (value === null || value === undefined) return String(value);
   if (Array.isArray(value)) return 'an array';
-  if (typeof value === 'string') return JSON.stringify(value);
-  return typeof value === 'object' ? 'an object' : `${typeof value} ${String(value)}`;
+  switch (typeof value) {
+    case 'string':
+      return JSON.stringify(value);
+    case 'object':
+      return value === null ? 'null' : 'an object';
+    case 'function':
+      return 'a function';
+    case 'undefined':
+      return 'undefined';
+    default:
+      return `${typeof value} ${String(value)}`;
+  }
 }
 
 function toPredicate(policy: StoreStatusPolicy): (status: number) => boolean {

@@ -32,9 +32,9 @@ export interface BodyRequest {
 
 /** An uploaded file as multer describes it (memory storage: `buffer`; disk storage: `path`). */
 interface MulterFile {
-  readonly fieldname?: unknown;
-  readonly originalname?: unknown;
-  readonly mimetype?: unknown;
+  readonly fieldname?: string;
+  readonly originalname?: string;
+  readonly mimetype?: string;
   readonly buffer?: unknown;
   readonly path?: unknown;
 }
