@@ -63,7 +63,7 @@ export async function idempotentAxios<Axios extends AxiosLike>(
       'idempotentAxios: data that is a stream cannot be sent again; pass an object, text or bytes',
     );
   }
-  const presetKey = Object.entries(headers ?? {}).find(
+  const presetKey: unknown = Object.entries(headers ?? {}).find(
     ([name]) => name.toLowerCase() === header.toLowerCase(),
   )?.[1];
   return callIdempotently<AxiosResponseLike>(

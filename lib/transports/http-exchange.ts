@@ -12,7 +12,7 @@ import { IDEMPOTENCY_KEY_HEADER, UNSTORED_RESPONSE_HEADERS } from '../idempotenc
 export interface PlatformRequest {
   readonly raw?: { readonly rawHeaders?: unknown };
   readonly rawHeaders?: unknown;
-  readonly headers?: Readonly<Record<string, string | readonly string[] | undefined>>;
+  readonly headers?: Readonly<Record<string, string | string[] | undefined>>;
   readonly method?: unknown;
   readonly originalUrl?: string;
   readonly url?: string;
@@ -29,6 +29,8 @@ export interface PlatformResponse {
   statusCode?: unknown;
   readonly raw?: { readonly statusCode?: unknown; readonly headersSent?: unknown };
   getHeaders?: () => Record<string, unknown>;
+  /** Express's and Fastify's status setter. */
+  status?: (code: number) => unknown;
   [member: string]: unknown;
 }
 
@@ -57,7 +59,7 @@ export function keyFieldLines(
     }
     return lines ?? NO_LINES;
   }
-  const value: unknown = request.headers?.[name];
+  const value = request.headers?.[name];
   if (value === undefined) return NO_LINES;
   return Array.isArray(value) ? value.map(String) : [String(value)];
 }

@@ -233,7 +233,7 @@ export class RedisIdempotencyStore implements IdempotencyStore {
           state === 'completed'
             ? {
                 status: Number(status),
-                headers: headers ? JSON.parse(headers) : {},
+                headers: headers ? (JSON.parse(headers) as StoredResponse['headers']) : {},
                 body: hasBody === '1' ? body : null,
                 bodyEncoding: (encoding || 'json') as BodyEncoding,
                 isError: isError === '1',
@@ -494,7 +494,7 @@ function redisRecordDetails(id: RecordId, hash: Record<string, string>): RecordD
       state === 'completed'
         ? {
             status: Number(hash.c),
-            headers: hash.h ? JSON.parse(hash.h) : {},
+            headers: hash.h ? (JSON.parse(hash.h) as StoredResponse['headers']) : {},
             body: hash.b ?? null,
             bodyEncoding: (hash.e || 'json') as BodyEncoding,
             isError: hash.r === '1',

@@ -53,7 +53,8 @@ export function pgliteDriver(options: PGliteDriverOptions = {}): { Pool: PGliteP
           callback(null, client, () => {
             if (released) return;
             released = true;
-            done();
+            // typeorm-pglite types `done` as `Function`; it takes no arguments.
+            (done as () => void)();
             releaseSession();
           });
         }),
