@@ -91,7 +91,7 @@ process.on('message', (command: ChildCommand) => {
 
 // The runner going away (Ctrl-C, crash) must not leave an orphan holding a port and a pool.
 process.on('disconnect', () => {
-  bench.close().finally(() => process.exit(0));
+  void bench.close().finally(() => process.exit(0));
 });
 
 process.send({ type: 'ready', port: bench.port });

@@ -2,6 +2,7 @@ import 'reflect-metadata';
 import { Body, Controller, Module, Post, type INestApplication } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { randomUUID } from 'node:crypto';
+import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Redis } from 'ioredis';
 import { DataSource, type DataSourceOptions } from 'typeorm';
@@ -240,7 +241,7 @@ export async function startBenchApp(options: BenchAppOptions): Promise<BenchApp>
   })
   class BenchModule {}
 
-  const app = await NestFactory.create(BenchModule, {
+  const app = await NestFactory.create<INestApplication<Server>>(BenchModule, {
     logger: ['error', 'warn'],
     abortOnError: false,
   });

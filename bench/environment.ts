@@ -117,8 +117,10 @@ export async function withClient<T>(work: (client: pg.Client) => Promise<T>): Pr
 
 function packageVersion(dir: string, name: string): string {
   try {
-    return JSON.parse(readFileSync(join(dir, 'node_modules', name, 'package.json'), 'utf8'))
-      .version;
+    const manifest = JSON.parse(
+      readFileSync(join(dir, 'node_modules', name, 'package.json'), 'utf8'),
+    ) as { version: string };
+    return manifest.version;
   } catch {
     return 'not installed';
   }

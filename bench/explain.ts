@@ -15,10 +15,10 @@ export async function explainRolledBack(
   try {
     await runner.startTransaction();
     if (before) await runner.query(before.query, before.parameters);
-    const rows: { 'QUERY PLAN': string }[] = await runner.query(
+    const rows = (await runner.query(
       `EXPLAIN (ANALYZE, BUFFERS, WAL) ${statement.query}`,
       statement.parameters,
-    );
+    )) as { 'QUERY PLAN': string }[];
     return rows.map((row) => row['QUERY PLAN']).join('\n');
   } finally {
     if (runner.isTransactionActive) await runner.rollbackTransaction();

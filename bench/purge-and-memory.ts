@@ -190,16 +190,20 @@ async function purgeUnderLoad(
   const explain = await explainPurge();
 
   let purge: { deleted: number; ms: number } | undefined;
+  let failure: unknown;
   const during = await loadFirst(target, 'purge', {
     durationS: 600,
     onStart: (stop) => {
       target.app
         .command<{ deleted: number; ms: number }>('purge')
-        .then((result) => (purge = result))
+        .then(
+          (result) => (purge = result),
+          (error: unknown) => (failure = error),
+        )
         .finally(stop);
     },
   });
-  if (!purge) throw new Error('purge: the purge command did not answer');
+  if (!purge) throw new Error('purge: the purge command did not answer', { cause: failure });
   const after = await loadFirst(target, 'afterpurge', { durationS: BENCH_CONFIG.durationS * 2 });
   const left_over = await withClient(async (client) => {
     const { rows: counted } = await client.query<{ n: string }>(

@@ -28,7 +28,7 @@ const [routeList = 'plain,first', roundsArg = '3', secondsArg = '4'] = process.a
 const routes = routeList.split(',') as Route[];
 for (const route of routes) {
   if (!QUICK_ROUTES.includes(route))
-    throw new TypeError(`unknown route ${route}; use ${QUICK_ROUTES}`);
+    throw new TypeError(`unknown route ${route}; use ${QUICK_ROUTES.join(',')}`);
 }
 const rounds = Number(roundsArg);
 const seconds = Number(secondsArg);

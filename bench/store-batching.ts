@@ -98,11 +98,11 @@ export async function measureStoreBatching(): Promise<StoreBatchingResult> {
 
 /** The bench table's updates so far, all and HOT, as PostgreSQL's statistics count them. */
 async function tableUpdates(dataSource: DataSource) {
-  const rows = (await dataSource.query(
+  const rows = await dataSource.query<{ all: number; hot: number }[]>(
     `SELECT n_tup_upd::int AS "all", n_tup_hot_upd::int AS hot FROM pg_stat_user_tables
       WHERE relid = to_regclass($1)`,
     [`${BENCH_CONFIG.schema}.idempotency_records`],
-  )) as { all: number; hot: number }[];
+  );
   return rows[0] ?? null;
 }
 

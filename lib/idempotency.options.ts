@@ -325,7 +325,7 @@ function checkedKeySource(
   const path: unknown = (value as Record<string, unknown>)[kind];
   if (typeof path !== 'string' || path.trim() === '')
     refuse(`${where}.${kind} must be a non-empty string; got ${describeValue(path)}`);
-  const text = path as string;
+  const text = path;
   if (kind === 'header' && !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(text))
     refuse(`${where}.header must be a header name; got ${JSON.stringify(text)}`);
   if (kind === 'header') return { header: text };
@@ -389,10 +389,19 @@ function expectFunction(value: unknown, option: string, shape: string): void {
 }
 
 function describeValue(value: unknown): string {
-  if (value === null || value === undefined) return String(value);
   if (Array.isArray(value)) return 'an array';
-  if (typeof value === 'string') return JSON.stringify(value);
-  return typeof value === 'object' ? 'an object' : `${typeof value} ${String(value)}`;
+  switch (typeof value) {
+    case 'string':
+      return JSON.stringify(value);
+    case 'object':
+      return value === null ? 'null' : 'an object';
+    case 'function':
+      return 'a function';
+    case 'undefined':
+      return 'undefined';
+    default:
+      return `${typeof value} ${String(value)}`;
+  }
 }
 
 function toPredicate(policy: StoreStatusPolicy): (status: number) => boolean {

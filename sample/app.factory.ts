@@ -1,6 +1,7 @@
 import 'reflect-metadata';
 import type { INestApplication, LogLevel } from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
+import type { Server } from 'node:http';
 import { AppModule } from './app.module.js';
 import { serveApiDocs } from './docs/api-docs.js';
 import { resolveSampleConfig, type SampleAppOptions } from './config/sample.config.js';
@@ -17,12 +18,12 @@ export interface CreateSampleAppOptions extends SampleAppOptions {
  */
 export async function createSampleApp(
   options: CreateSampleAppOptions = {},
-): Promise<INestApplication> {
+): Promise<INestApplication<Server>> {
   const { logger, ...sampleOptions } = options;
   const config = resolveSampleConfig(sampleOptions);
   const pgliteBefore = currentPGliteDataSource();
   try {
-    const app = await NestFactory.create(AppModule.register(config), {
+    const app = await NestFactory.create<INestApplication<Server>>(AppModule.register(config), {
       // Throw instead of exiting the process, so a caller (a test) sees the error.
       abortOnError: false,
       // The raw bytes of JSON bodies as well (`request.rawBody`): webhook signatures are over them.

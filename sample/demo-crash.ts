@@ -49,12 +49,12 @@ async function startShop(dataDir: string, extraEnv: Record<string, string> = {})
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
   let output = '';
   const url = await new Promise<string>((resolve, reject) => {
-    child.stdout!.on('data', (chunk: Buffer) => {
+    child.stdout.on('data', (chunk: Buffer) => {
       output += chunk.toString();
       const match = /Listening on http:\/\/localhost:(\d+)/.exec(output);
       if (match) resolve(`http://127.0.0.1:${match[1]}`);
     });
-    child.stderr!.on('data', (chunk: Buffer) => (output += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
     void exited.then(() => reject(new Error(`The sample exited before listening:\n${output}`)));
   });
   return { url, child, exited };

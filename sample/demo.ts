@@ -1,6 +1,7 @@
 import type { INestApplication } from '@nestjs/common';
 import { randomUUID } from 'node:crypto';
 import { idempotentFetch } from '../lib/index.js';
+import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { createSampleApp } from './app.factory.js';
@@ -85,7 +86,7 @@ async function main(): Promise<void> {
   }
 }
 
-async function listenOnFreePort(app: INestApplication): Promise<string> {
+async function listenOnFreePort(app: INestApplication<Server>): Promise<string> {
   await app.listen(0, '127.0.0.1');
   const { port } = app.getHttpServer().address() as AddressInfo;
   return `http://127.0.0.1:${port}`;

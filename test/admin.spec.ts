@@ -47,7 +47,7 @@ class AdminSpecController {
 
 interface StoreUnderTest {
   readonly name: string;
-  open(): Promise<{ options: Partial<IdempotencyModuleOptions>; close(): Promise<void> }>;
+  open(): Promise<{ options: Partial<IdempotencyModuleOptions>; close: () => Promise<void> }>;
 }
 
 const stores: StoreUnderTest[] = [

@@ -234,6 +234,8 @@ describeOnPostgres('Review of the programmatic API', (url) => {
       const thrown = await runner
         .run({ key, name: 'non-error' }, () => {
           runs++;
+          // The point of the test: a thrown non-Error.
+          // eslint-disable-next-line @typescript-eslint/only-throw-error
           throw 'plain string';
         })
         .catch((error: unknown) => error);

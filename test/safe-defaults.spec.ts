@@ -59,7 +59,7 @@ async function boot(
   options: IdempotencyModuleOptions,
   log: CapturedLog,
   prepare: (app: INestApplication) => void = () => undefined,
-): Promise<{ app: INestApplication; close(): Promise<void> }> {
+): Promise<{ app: INestApplication; close: () => Promise<void> }> {
   @Module({
     imports: [IdempotencyModule.forRoot({ purgeInterval: false, ...options })],
     controllers: [FixtureController, AccountsController],

@@ -74,7 +74,7 @@ export async function openAdminStore(
           dataDir: existingPath(url.slice('pglite:'.length), 'data directory'),
         }),
         ...common,
-      } as DataSourceOptions;
+      };
       break;
     default:
       throw new Error(

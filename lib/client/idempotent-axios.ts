@@ -63,7 +63,7 @@ export async function idempotentAxios<Axios extends AxiosLike>(
       'idempotentAxios: data that is a stream cannot be sent again; pass an object, text or bytes',
     );
   }
-  const presetKey = Object.entries(headers ?? {}).find(
+  const presetKey: unknown = Object.entries(headers ?? {}).find(
     ([name]) => name.toLowerCase() === header.toLowerCase(),
   )?.[1];
   return callIdempotently<AxiosResponseLike>(
@@ -111,9 +111,10 @@ function answerOf(response: AxiosResponseLike) {
     date: headerValue(response.headers, 'date'),
     replayed: headerValue(response.headers, IDEMPOTENT_REPLAYED_HEADER.toLowerCase()) === 'true',
     // A body left unread (`responseType: 'stream'`) would hold its connection.
-    discard: async () => {
+    discard: () => {
       const body = response.data as { destroy?: () => void } | null;
       if (isStream(body) && typeof body?.destroy === 'function') body.destroy();
+      return Promise.resolve();
     },
   };
 }

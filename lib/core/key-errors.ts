@@ -69,7 +69,7 @@ export function withinStoreTimeout<T>(operation: Promise<T>, timeoutMs: number):
       },
       (error: unknown) => {
         clearTimeout(timer);
-        reject(error as Error);
+        reject(error);
       },
     );
   });

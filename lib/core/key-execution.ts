@@ -43,7 +43,7 @@ export class KeyExecution {
         try {
           return this.runAsOperation(running, run);
         } catch (error) {
-          return Promise.reject(error as Error);
+          return Promise.reject(error);
         }
       }
       return this.events.step(

@@ -211,7 +211,7 @@ export class LeaseKeeper {
         // A store that answers without a promise (JavaScript, `any`) is answered all the same.
         sent = Promise.resolve(this.store.renew(lease, now + terms.lockTimeoutMs));
       } catch (error) {
-        sent = Promise.reject(error as Error);
+        sent = Promise.reject(error);
       }
       sent.then(
         (renewed) => this.answered(entry, renewed),

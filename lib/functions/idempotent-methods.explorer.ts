@@ -32,7 +32,7 @@ export class IdempotentMethodsExplorer implements OnModuleInit {
     /** The class each default name (`Class.method`) was given to: two classes must not share one. */
     const defaultNames = new Map<string, object>();
     for (const wrapper of wrappers) {
-      const { instance } = wrapper;
+      const instance: unknown = wrapper.instance;
       // A factory's or a value's class is the instance's (`metatype` is the factory, or nothing).
       const metatype = wrapper.isNotMetatype
         ? instance !== null && typeof instance === 'object'

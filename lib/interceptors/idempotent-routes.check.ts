@@ -81,16 +81,15 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
       ...this.discovery.getProviders().filter((wrapper) => !wrapper.isNotMetatype),
     ];
     for (const wrapper of classes) {
-      const { instance, metatype } = wrapper;
+      const { metatype } = wrapper;
+      const instance: unknown = wrapper.instance;
       if (!instance || !metatype || typeof metatype !== 'function') continue;
-      const prototype = Object.getPrototypeOf(instance);
+      const prototype = Object.getPrototypeOf(instance) as Record<string, Function>;
       const classOptions = controllerRouteOptions(metatype);
       for (const method of this.scanner.getAllMethodNames(prototype)) {
         const handler = prototype[method];
-        const handlerOptions: IdempotencyRouteOptions | undefined = Reflect.getMetadata(
-          IDEMPOTENT_ROUTE_OPTIONS,
-          handler,
-        );
+        const handlerOptions = Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, handler) as
+          IdempotencyRouteOptions | undefined;
         if (!classOptions && !handlerOptions) continue;
         this.routes.push({ name: `${metatype.name}.${method}`, controller: metatype, handler });
         const reason = controllers.has(wrapper)
@@ -154,8 +153,8 @@ export class IdempotentRoutesCheck implements OnModuleInit, OnApplicationBootstr
     const exposed = this.routes.filter(({ controller, handler }) => {
       const chain: unknown[] = [
         ...global,
-        ...(Reflect.getMetadata(INTERCEPTORS_METADATA, controller) ?? []),
-        ...(Reflect.getMetadata(INTERCEPTORS_METADATA, handler) ?? []),
+        ...((Reflect.getMetadata(INTERCEPTORS_METADATA, controller) ?? []) as unknown[]),
+        ...((Reflect.getMetadata(INTERCEPTORS_METADATA, handler) ?? []) as unknown[]),
       ];
       const ours = chain.findIndex((interceptor) => interceptor === IdempotencyInterceptor);
       // A serializer inside ours too stores the serialised body, which the outer one leaves as is.
@@ -221,11 +220,12 @@ function unsupportedReason(
   handler: Function,
 ): string | undefined {
   if (Reflect.getMetadata(SSE_METADATA, handler)) return 'it streams server-sent events (@Sse())';
-  const args: Record<string, unknown> =
-    Reflect.getMetadata(ROUTE_ARGS_METADATA, controller, method) ?? {};
-  const passthrough = Reflect.getMetadata(RESPONSE_PASSTHROUGH_METADATA, controller, method);
+  const args = (Reflect.getMetadata(ROUTE_ARGS_METADATA, controller, method) ?? {}) as object;
+  const passthrough = Reflect.getMetadata(RESPONSE_PASSTHROUGH_METADATA, controller, method) as
+    boolean | undefined;
   for (const key of Object.keys(args)) {
-    const type = Number(key.split(':')[0]);
+    // Nest keys a route's parameters `${RouteParamtypes}:${index}`.
+    const type = Number(key.split(':')[0]) as RouteParamtypes;
     if (type === RouteParamtypes.NEXT) return 'it takes @Next()';
     if (type === RouteParamtypes.RESPONSE && !passthrough) {
       return 'it writes the response itself (@Res() without passthrough)';

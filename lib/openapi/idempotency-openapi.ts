@@ -64,15 +64,13 @@ export const idempotencyOpenApiProvider: Provider = {
     if (!swagger) return false;
     for (const { metatype } of discovery.getControllers()) {
       if (!metatype) continue;
-      const prototype = metatype.prototype;
+      const prototype = metatype.prototype as Record<string, Function>;
       for (const method of scanner.getAllMethodNames(prototype)) {
         const handler = prototype[method];
         if (Reflect.getMetadata(PATH_METADATA, handler) === undefined) continue;
         // As the interceptor reads them: a method's options over its controller's, field by field.
-        const route: IdempotencyRouteOptions | undefined = Reflect.getMetadata(
-          IDEMPOTENT_ROUTE_OPTIONS,
-          handler,
-        );
+        const route = Reflect.getMetadata(IDEMPOTENT_ROUTE_OPTIONS, handler) as
+          IdempotencyRouteOptions | undefined;
         // Merged down the class chain, as the interceptor does (a base class's keyFrom counts).
         const controller = controllerRouteOptions(metatype);
         if (!route && !controller) continue;
@@ -116,9 +114,9 @@ function documentRoute(
 ): void {
   const { API_HEADERS, API_PARAMETERS, API_RESPONSE } = swagger.DECORATORS;
 
-  const parameters: HeaderParameter[] = (Reflect.getMetadata(API_PARAMETERS, handler) ?? []).filter(
-    (parameter: object) => !written.has(parameter),
-  );
+  const parameters = (
+    (Reflect.getMetadata(API_PARAMETERS, handler) ?? []) as HeaderParameter[]
+  ).filter((parameter) => !written.has(parameter));
   // The header the route reads: Idempotency-Key, or `keyFrom`'s; none when the key comes from
   // the body or a function.
   const source = route.keyFrom?.sources.http;
@@ -131,16 +129,18 @@ function documentRoute(
   // A developer's own @ApiHeader for it, on the method or its controller, wins.
   const documentedByDeveloper = [
     ...parameters,
-    ...(Reflect.getMetadata(API_HEADERS, controller) ?? []),
-  ].some((parameter: HeaderParameter) => header !== undefined && isHeader(parameter, header));
+    ...((Reflect.getMetadata(API_HEADERS, controller) ?? []) as HeaderParameter[]),
+  ].some((parameter) => header !== undefined && isHeader(parameter, header));
   if (header !== undefined && !documentedByDeveloper)
     parameters.push(ours(keyHeaderParameter(route.required, header)));
   Reflect.defineMetadata(API_PARAMETERS, parameters, handler);
 
-  const developers = takeBack(Reflect.getMetadata(API_RESPONSE, handler));
+  const developers = takeBack(
+    Reflect.getMetadata(API_RESPONSE, handler) as ResponseEntries | undefined,
+  );
   // Swagger applies the controller's responses under the method's.
   const effective: ResponseEntries = {
-    ...Reflect.getMetadata(API_RESPONSE, controller),
+    ...(Reflect.getMetadata(API_RESPONSE, controller) as ResponseEntries | undefined),
     ...developers,
   };
   const responses: ResponseEntries = { ...developers };
@@ -204,7 +204,7 @@ function takeBack(responses: ResponseEntries | undefined): ResponseEntries | und
 /** The status swagger documents for a handler with no documented response. */
 function successStatus(handler: Function): number {
   return (
-    Reflect.getMetadata(HTTP_CODE_METADATA, handler) ??
+    (Reflect.getMetadata(HTTP_CODE_METADATA, handler) as number | undefined) ??
     (Reflect.getMetadata(METHOD_METADATA, handler) === RequestMethod.POST ? 201 : 200)
   );
 }

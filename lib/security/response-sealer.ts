@@ -72,7 +72,9 @@ export class ResponseSealer {
   private readonly acceptV1: boolean;
 
   constructor(options: IdempotencyEncryptionOptions) {
-    if (!Array.isArray(options.keys) || options.keys.length === 0) {
+    // Checked through a copy: Array.isArray would narrow `options.keys` itself to `any[]`.
+    const keys: unknown = options.keys;
+    if (!Array.isArray(keys) || keys.length === 0) {
       throw new TypeError('nestjs-idempotency: encryption.keys must list at least one key');
     }
     this.keys = options.keys.map((key, index) => {

@@ -69,7 +69,7 @@ describe('storedFieldValue and replayedFieldValue', () => {
   it('store a value whose JSON answers the same as that value, as earlier versions did', async () => {
     const schema = schemaOf('type Item { id: ID!, n: Int } type Query { answer: Item }');
     const value = { id: 'x', n: 3, internal: { any: ['thing'] } };
-    const returnType = schema.getQueryType()!.getFields().answer!.type;
+    const returnType = schema.getQueryType()!.getFields().answer.type;
     expect(await storedFieldValue(value, returnType as never, schema as never, {}, {})).toBe(value);
     // A record stored by an earlier version (plain JSON) replays as it is.
     expect(replayedFieldValue(JSON.parse(JSON.stringify(value)), schema as never)).toEqual(value);
@@ -80,7 +80,7 @@ describe('storedFieldValue and replayedFieldValue', () => {
     const seen: unknown[] = [];
     Object.assign(
       (schema.getType('Item') as unknown as { getFields(): Record<string, object> }).getFields()
-        .price!,
+        .price,
       {
         resolve: (item: { price: number }) => {
           seen.push(item.price);

@@ -694,7 +694,7 @@ function withValueAt(tree: unknown, at: Path, replace: (current: unknown) => unk
       return tree;
     container = (container as Record<string | number, unknown>)[step];
   }
-  const last = at[at.length - 1]!;
+  const last = at[at.length - 1];
   if (typeof container === 'object' && container !== null && !UNSAFE_KEYS.has(last))
     (container as Record<string | number, unknown>)[last] = replace(
       (container as Record<string | number, unknown>)[last],

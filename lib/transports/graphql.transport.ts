@@ -336,7 +336,7 @@ function replayedExtensions(extensions: Record<string, unknown>): Record<string,
 }
 
 function argsOf(context: ExecutionContext): ResolverArgs {
-  return context.getArgs() as ResolverArgs;
+  return context.getArgs<ResolverArgs>();
 }
 
 function httpRequestOf(context: GraphQLContext | undefined): unknown {

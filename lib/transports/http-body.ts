@@ -32,9 +32,9 @@ export interface BodyRequest {
 
 /** An uploaded file as multer describes it (memory storage: `buffer`; disk storage: `path`). */
 interface MulterFile {
-  readonly fieldname?: unknown;
-  readonly originalname?: unknown;
-  readonly mimetype?: unknown;
+  readonly fieldname?: string;
+  readonly originalname?: string;
+  readonly mimetype?: string;
   readonly buffer?: unknown;
   readonly path?: unknown;
 }
@@ -128,7 +128,8 @@ export function uploadedFiles(request: BodyRequest): MulterFile[] {
   const list: unknown[] = file ? [file] : [];
   if (Array.isArray(files)) list.push(...(files as unknown[]));
   else if (files && typeof files === 'object')
-    for (const field of Object.values(files)) if (Array.isArray(field)) list.push(...field);
+    for (const field of Object.values(files) as unknown[])
+      if (Array.isArray(field)) list.push(...(field as unknown[]));
   return list.filter((candidate): candidate is MulterFile => typeof candidate === 'object');
 }
 

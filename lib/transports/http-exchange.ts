@@ -12,13 +12,13 @@ import { IDEMPOTENCY_KEY_HEADER, UNSTORED_RESPONSE_HEADERS } from '../idempotenc
 export interface PlatformRequest {
   readonly raw?: { readonly rawHeaders?: unknown };
   readonly rawHeaders?: unknown;
-  readonly headers?: Readonly<Record<string, unknown>>;
+  readonly headers?: Readonly<Record<string, string | string[] | undefined>>;
   readonly method?: unknown;
-  readonly originalUrl?: unknown;
-  readonly url?: unknown;
+  readonly originalUrl?: string;
+  readonly url?: string;
   /** Express's matched route and router mount path. */
-  readonly route?: { readonly path?: unknown };
-  readonly baseUrl?: unknown;
+  readonly route?: { readonly path?: string };
+  readonly baseUrl?: string;
   /** Fastify's route pattern (v4+), and its older name. */
   readonly routeOptions?: { readonly url?: unknown };
   readonly routerPath?: unknown;
@@ -29,6 +29,8 @@ export interface PlatformResponse {
   statusCode?: unknown;
   readonly raw?: { readonly statusCode?: unknown; readonly headersSent?: unknown };
   getHeaders?: () => Record<string, unknown>;
+  /** Express's and Fastify's status setter. */
+  status?: (code: number) => unknown;
   [member: string]: unknown;
 }
 
@@ -57,7 +59,7 @@ export function keyFieldLines(
     }
     return lines ?? NO_LINES;
   }
-  const value: unknown = request.headers?.[name];
+  const value = request.headers?.[name];
   if (value === undefined) return NO_LINES;
   return Array.isArray(value) ? value.map(String) : [String(value)];
 }

@@ -26,10 +26,17 @@ import {
   storableHeaders,
   urlOf,
   type HeaderSnapshot,
+  type PlatformRequest,
   type PlatformResponse,
 } from './http-exchange.js';
 import type { FileFingerprint } from '../utils/fingerprint.js';
-import { fingerprintsOf, readAhead, unreadBody, uploadedFiles } from './http-body.js';
+import {
+  fingerprintsOf,
+  readAhead,
+  unreadBody,
+  uploadedFiles,
+  type BodyRequest,
+} from './http-body.js';
 import {
   functionKeyReader,
   pathKeyReader,
@@ -110,7 +117,7 @@ export class HttpTransport implements IdempotencyTransport {
     fingerprinted: boolean,
   ): OperationDescription | Promise<OperationDescription> {
     const http = context.switchToHttp();
-    const request = http.getRequest();
+    const request = http.getRequest<PlatformRequest & BodyRequest & { readonly body?: unknown }>();
     const response = http.getResponse<PlatformResponse>();
     this.before.set(response, { headers: headerSnapshot(response), status: statusOf(response) });
     const handler = context.getHandler();
@@ -227,7 +234,7 @@ export class HttpTransport implements IdempotencyTransport {
   /** problem+json: Content-Type and headers are set before the exception filter writes the body. */
   reject(context: ExecutionContext, rejection: IdempotencyRejection): Error {
     const problem = httpExceptionFor(rejection);
-    const response = context.switchToHttp().getResponse();
+    const response = context.switchToHttp().getResponse<unknown>();
     const adapter = this.adapterHost.httpAdapter;
     adapter.setHeader(response, 'Content-Type', PROBLEM_CONTENT_TYPE);
     for (const [name, value] of Object.entries(problem.headers))

@@ -180,7 +180,7 @@ export class ReplayedExceptions {
     const known = (name: string) =>
       caught.get(name) ?? this.captured.get(name) ?? nestExceptions().get(name);
     const type = stored.classes.map(known).find((found) => found !== undefined);
-    if (type) Object.setPrototypeOf(exception, type.prototype);
+    if (type) Object.setPrototypeOf(exception, type.prototype as HttpException);
     const dates = new Set(stored.dates);
     for (const [name, value] of Object.entries(stored.fields)) {
       if (REBUILT_FIELDS.has(name) || name === '__proto__') continue;

@@ -183,7 +183,7 @@ export class RpcTransport implements IdempotencyTransport {
 
   private readKey(context: ExecutionContext): KeyReading {
     const rpc = context.switchToRpc();
-    const data = rpc.getData() as unknown;
+    const data = rpc.getData<unknown>();
     const field =
       typeof data === 'object' && data !== null
         ? (data as Record<string, unknown>)[this.moduleOptions.messageKeyField]
@@ -426,7 +426,8 @@ export class RpcTransport implements IdempotencyTransport {
 /** The handler's patterns as Nest's decorators recorded them, and its transport if it names one. */
 function patternOf(handler: Function): string {
   const patterns = Reflect.getMetadata(PATTERN_METADATA, handler) as unknown[] | undefined;
-  const transport = Reflect.getMetadata(TRANSPORT_METADATA, handler) as unknown;
+  // Nest's `Transport` enum (a number), or a custom transport's symbol.
+  const transport = Reflect.getMetadata(TRANSPORT_METADATA, handler) as number | symbol | undefined;
   const text =
     patterns === undefined
       ? ''
@@ -437,7 +438,7 @@ function patternOf(handler: Function): string {
   const name =
     typeof transport === 'symbol'
       ? transport.description
-      : (microservices?.Transport as Record<number, string> | undefined)?.[transport as number];
+      : (microservices?.Transport as Record<number, string> | undefined)?.[transport];
   return `${text} (${name ?? String(transport)})`;
 }
 
@@ -447,19 +448,14 @@ function patternOf(handler: Function): string {
  * time it was sent (empty ones left out); none when it is absent.
  */
 export function transportHeader(context: unknown, name: string): readonly string[] {
-  // Each broker's context and message have their own shape, read member by member below.
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any
-  type Member = ((...args: unknown[]) => any) | undefined;
-  const rpc = context as Record<string, Member> | null | undefined;
+  const rpc = context as BrokerContext | null | undefined;
   if (!rpc) return [];
   const message = rpc.getMessage?.();
   if (typeof rpc.getPartition === 'function') return texts(header(message?.headers, name));
   if (message?.properties) return texts(header(message.properties.headers, name));
   if (typeof rpc.getHeaders === 'function') {
     // NATS headers: `values` matches the name exactly, so every name of any case is looked up.
-    const headers = rpc.getHeaders() as
-      | { keys?(): string[]; values?(name: string): unknown[]; get?(name: string): unknown }
-      | undefined;
+    const headers = rpc.getHeaders();
     const fields = headers?.keys?.().filter((candidate) => candidate.toLowerCase() === name) ?? [];
     return fields.flatMap((field) =>
       texts(headers?.values ? headers.values(field) : headers?.get?.(field)),
@@ -481,10 +477,7 @@ function texts(value: unknown): string[] {
 
 /** The message's own identity, where its transport has one (see RpcTransport). */
 export function transportKey(context: unknown): string | undefined {
-  // Each broker's context and message have their own shape, read member by member below.
-  // eslint-disable-next-line @typescript-eslint/no-explicit-any
-  type Member = ((...args: unknown[]) => any) | undefined;
-  const rpc = context as Record<string, Member> | null | undefined;
+  const rpc = context as BrokerContext | null | undefined;
   if (!rpc) return undefined;
   const message = rpc.getMessage?.();
   if (typeof rpc.getPartition === 'function') {
@@ -514,6 +507,29 @@ export function transportKey(context: unknown): string | undefined {
   return undefined;
 }
 
+/**
+ * What is read of each broker's context and message, member by member (each broker has its own
+ * shape): Kafka's `getMessage()` (headers, offset) with `getPartition()`/`getTopic()`, RabbitMQ's
+ * `getMessage()` (properties), NATS's `getHeaders()`, MQTT's `getPacket()` (MQTT 5 user properties).
+ */
+interface BrokerContext {
+  getMessage?(): BrokerMessage | null | undefined;
+  getPartition?(): number;
+  getTopic?(): string;
+  getHeaders?():
+    | { keys?(): string[]; values?(name: string): unknown[]; get?(name: string): unknown }
+    | undefined;
+  getPacket?(): { properties?: { userProperties?: Record<string, unknown> } } | undefined;
+}
+
+interface BrokerMessage {
+  /** Kafka's headers and place in the log. */
+  headers?: Record<string, unknown> | null;
+  offset?: string;
+  /** AMQP's properties. */
+  properties?: { headers?: Record<string, unknown> | null; messageId?: unknown };
+}
+
 /** A header by name in any case (`Idempotency-Key`, `idempotency-key`). */
 function header(headers: Record<string, unknown> | null | undefined, name: string): unknown {
   if (!headers) return undefined;
@@ -523,7 +539,7 @@ function header(headers: Record<string, unknown> | null | undefined, name: strin
 }
 
 function text(value: unknown): string | undefined {
-  const first = Array.isArray(value) ? value[0] : value;
+  const first: unknown = Array.isArray(value) ? value[0] : value;
   if (Buffer.isBuffer(first)) return first.toString('utf8') || undefined;
   // An AMQP header is typed: an integer key arrives as a number (as a payload field may).
   if (typeof first === 'number' && Number.isSafeInteger(first)) return String(first);

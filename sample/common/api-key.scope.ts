@@ -8,7 +8,7 @@ import type { ScopeResolver } from '../../lib/index.js';
  * The scope is stored in the idempotency table, so it holds a digest of the API key rather than
  * the credential itself.
  */
-export const apiKeyScope: ScopeResolver = (request) => {
+export const apiKeyScope: ScopeResolver = (request: { headers?: Record<string, unknown> }) => {
   const apiKey: unknown = request.headers?.['x-api-key'];
   if (typeof apiKey !== 'string' || apiKey === '') return '';
   return `api-key:${createHash('sha256').update(apiKey).digest('hex')}`;

@@ -85,7 +85,7 @@ type KeyChoice = 'k0' | 'K0' | 'k1' | 'k1 quoted' | 'k1 trailing space' | 'none'
 type ScopeChoice = '' | 'a' | 'a ' | 42 | typeof LONG_SCOPE;
 
 /** Over 255 characters: stored as its SHA-256 (README, the `scope` option). */
-const LONG_SCOPE = `tenant-${'x'.repeat(300)}`;
+const LONG_SCOPE: `tenant-${string}` = `tenant-${'x'.repeat(300)}`;
 
 /** The scope column's value for a scope (boundedColumnValue: a digest beyond 255 characters). */
 function storedScope(scope: ScopeChoice): string {

@@ -241,7 +241,7 @@ export class RedisIdempotencyStore implements IdempotencyStore {
           state === 'completed'
             ? {
                 status: Number(status),
-                headers: headers ? JSON.parse(headers) : {},
+                headers: headers ? (JSON.parse(headers) as StoredResponse['headers']) : {},
                 body: hasBody === '1' ? body : null,
                 bodyEncoding: (encoding || 'json') as BodyEncoding,
                 isError: isError === '1',
@@ -292,8 +292,8 @@ export class RedisIdempotencyStore implements IdempotencyStore {
   }
 
   /** Redis expires records by itself (`expiryGraceMs` after their end): nothing to purge. */
-  async purgeExpired(): Promise<number> {
-    return 0;
+  purgeExpired(): Promise<number> {
+    return Promise.resolve(0);
   }
 
   watch(id: RecordId): RecordWatch | undefined {
@@ -458,7 +458,7 @@ export class RedisIdempotencyStore implements IdempotencyStore {
         parts.length === 3 &&
         parts.every((part) => typeof part === 'string')
       ) {
-        const [scope, endpoint, key] = parts as string[];
+        const [scope, endpoint, key] = parts;
         return { scope, endpoint, key };
       }
     } catch {
@@ -502,7 +502,7 @@ function redisRecordDetails(id: RecordId, hash: Record<string, string>): RecordD
       state === 'completed'
         ? {
             status: Number(hash.c),
-            headers: hash.h ? JSON.parse(hash.h) : {},
+            headers: hash.h ? (JSON.parse(hash.h) as StoredResponse['headers']) : {},
             body: hash.b ?? null,
             bodyEncoding: (hash.e || 'json') as BodyEncoding,
             isError: hash.r === '1',

@@ -56,7 +56,8 @@ export function pgliteDriver(options: PGliteDriverOptions = {}): {
           callback(null, client, () => {
             if (released) return;
             released = true;
-            done();
+            // typeorm-pglite types `done` as `Function`; it takes no arguments.
+            (done as () => void)();
             releaseSession();
           });
         }),

@@ -126,7 +126,7 @@ export class PostgresDialect implements StoreDialect {
       column((request) => request.now),
       column(purgeFrom),
     ]);
-    const results: (ClaimResult | undefined)[] = new Array(requests.length).fill(undefined);
+    const results = new Array<ClaimResult | undefined>(requests.length).fill(undefined);
     for (const row of rows) {
       const index = Number(row.ord) - 1;
       results[index] = claimResult(requests[index], row);
@@ -489,7 +489,9 @@ function toSnapshot(row: ClaimRow): RecordSnapshot {
       row.state === 'completed' && row.response_status !== null
         ? {
             status: row.response_status,
-            headers: row.response_headers ? JSON.parse(row.response_headers) : {},
+            headers: row.response_headers
+              ? (JSON.parse(row.response_headers) as StoredResponse['headers'])
+              : {},
             body: row.response_body,
             bodyEncoding: row.response_body_encoding ?? 'json',
             isError: row.response_is_error,

@@ -255,6 +255,9 @@ function errorCode(error: unknown): string | undefined {
  */
 function sqlLiteral(value: unknown): string {
   if (value === null || value === undefined) return 'NULL';
+  // The store's statements take only text, numbers and booleans: anything else is the store's bug.
+  if (typeof value !== 'string' && typeof value !== 'number' && typeof value !== 'boolean')
+    throw new TypeError(`A value for the idempotency store is a ${typeof value}.`);
   const text = String(value);
   if (text.includes('\0'))
     throw new TypeError('A value for the idempotency store contains a NUL character.');

@@ -77,7 +77,7 @@ export class StatementBatcher<Item, Result> {
     this.runner.runMany(batch.map((entry) => entry.item)).then(
       (results) =>
         batch.forEach((entry, i) =>
-          results[i] === undefined ? this.alone(entry, false) : entry.resolve(results[i] as Result),
+          results[i] === undefined ? this.alone(entry, false) : entry.resolve(results[i]),
         ),
       () => batch.forEach((entry) => this.alone(entry, true)),
     );

@@ -288,7 +288,9 @@ function recordDetails(row: IdempotencyRecord): RecordDetails {
       row.state === 'completed' && row.responseStatus !== null
         ? {
             status: row.responseStatus,
-            headers: row.responseHeaders ? JSON.parse(row.responseHeaders) : {},
+            headers: row.responseHeaders
+              ? (JSON.parse(row.responseHeaders) as StoredResponse['headers'])
+              : {},
             body: row.responseBody,
             bodyEncoding: row.responseBodyEncoding ?? 'json',
             isError: Boolean(row.responseIsError),
