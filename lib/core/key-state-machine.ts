@@ -182,7 +182,6 @@ export class KeyStateMachine {
       token: randomUUID(),
       now,
       lockedUntil: now + request.lockTimeoutMs,
-      ttlMs: request.ttlMs,
     };
     let claim: ClaimResult;
     try {

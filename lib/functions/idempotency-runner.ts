@@ -246,7 +246,6 @@ export class IdempotencyRunner {
         id,
         fingerprint,
         lockTimeoutMs: route.lockTimeoutMs,
-        ttlMs: route.ttlMs,
         concurrency: route.concurrency ?? 'wait',
         waitTimeoutMs: route.waitTimeoutMs,
       });
