@@ -41,7 +41,7 @@ class TwoBeatsController {
 }
 
 /** A renewal as the proxy sees it (PostgreSQL's prepared statement, or its first SQL). */
-const RENEWAL = /nestjs_idempotency_renew|GREATEST\(expires_at/;
+const RENEWAL = /nestjs_idempotency_renew|GREATEST\((r\.)?expires_at/;
 
 const postgres = eachDatabase.filter(([name]) => name === 'postgres');
 const describeOnPostgres = postgres.length
