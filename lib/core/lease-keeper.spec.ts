@@ -48,16 +48,16 @@ describe('LeaseKeeper', () => {
     expect(keeper.held).toBe(3);
   });
 
-  it('leaves a lease claimed less than half an interval ago for the next beat', async () => {
+  it('renews a lease claimed just before a beat at that beat: none waits longer than an interval', async () => {
     const store = fakeStore();
     const { keeper } = keeperWith(store);
     keeper.hold(leaseOf('old'), TERMS);
     await jest.advanceTimersByTimeAsync(90);
     keeper.hold(leaseOf('young'), TERMS);
     await jest.advanceTimersByTimeAsync(10);
-    expect(store.calls.map((call) => call.key)).toEqual(['old']);
+    expect(store.calls.map((call) => call.key)).toEqual(['old', 'young']);
     await jest.advanceTimersByTimeAsync(100);
-    expect(store.calls.map((call) => call.key)).toEqual(['old', 'old', 'young']);
+    expect(store.calls.map((call) => call.key)).toEqual(['old', 'young', 'old', 'young']);
   });
 
   it('keeps one timer per renewal interval', () => {

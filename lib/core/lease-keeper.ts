@@ -109,8 +109,9 @@ interface Beat {
  * statement per beat. (The TypeORM store batches claims and completions, not renewals: each lease
  * is one statement on the pool, all of a beat's sent at the same moment.)
  *
- * A lease is renewed every `lockTimeout / 3` (its first renewal at the first beat at least half an
- * interval after its claim, so at most half a lockTimeout after it) until `stop()` (its result
+ * A lease is renewed at every beat, `lockTimeout / 3` apart (its first renewal at the first beat
+ * after its claim, so at most a third of a lockTimeout after it, as with a timer per lease: a
+ * later first renewal left too little of the lock for a slow store) until `stop()` (its result
  * stored or its key released), the renewal limit (unless it is settling: a handler whose result is
  * being stored is not hung), `stopAll()` (the app's close), or a renewal that finds the lease gone
  * (reported as lost unless it is settling: its own completion may have ended it). A renewal the
@@ -177,11 +178,9 @@ export class LeaseKeeper {
     // How long a handler ran is measured on the monotonic clock: a step of the wall clock (NTP,
     // a VM resumed) is no time spent. Locks are wall-clock times, as every process reads them.
     const elapsed = performance.now();
-    const youngerThan = elapsed - beat.intervalMs / 2;
     let renewing: Renewing[] | undefined;
     const batch: BeatRenewals = { open: 0, patience: undefined, deadline: undefined };
     for (const held of beat.leases) {
-      if (held.startedAt > youngerThan) continue;
       const { lease, terms } = held;
       if (!held.settling && elapsed - held.startedAt >= terms.lockRenewalLimitMs) {
         held.stop();
