@@ -182,6 +182,7 @@ export class KeyStateMachine {
       token: randomUUID(),
       now,
       lockedUntil: now + request.lockTimeoutMs,
+      ttlMs: request.ttlMs,
     };
     let claim: ClaimResult;
     try {

@@ -119,6 +119,8 @@ export interface BeginRequest {
   readonly lockTimeoutMs: number;
   readonly concurrency: ConcurrencyMode;
   readonly waitTimeoutMs: number;
+  /** The route's TTL: the store may index the record for its purge from `now + ttlMs` already at the claim (see `ClaimRequest.ttlMs`). */
+  readonly ttlMs?: number;
 }
 
 /**

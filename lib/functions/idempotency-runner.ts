@@ -246,6 +246,7 @@ export class IdempotencyRunner {
         id,
         fingerprint,
         lockTimeoutMs: route.lockTimeoutMs,
+        ttlMs: route.ttlMs,
         concurrency: route.concurrency ?? 'wait',
         waitTimeoutMs: route.waitTimeoutMs,
       });

@@ -118,6 +118,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
           id,
           fingerprint,
           lockTimeoutMs: options.lockTimeoutMs,
+          ttlMs: options.ttlMs,
           concurrency: on.concurrency,
           waitTimeoutMs: options.waitTimeoutMs,
         }),
