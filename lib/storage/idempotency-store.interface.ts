@@ -101,8 +101,9 @@ export interface ClaimRequest {
   readonly lockedUntil: number;
   /**
    * Optional hint: how long the response will be kept once completed (the route's `ttl`), ms. The
-   * TypeORM store indexes the record for its purge from `now + ttlMs` on, already at the claim (no
-   * completion can expire earlier), so that the completion changes no indexed column. Without it,
+   * TypeORM store indexes the record for its purge from `min(now + ttlMs, lockedUntil)` on, already
+   * at the claim (no completion can expire earlier, and an abandoned claim is purged from its lock's
+   * end, as before), so that the completion changes no indexed column. Without it,
    * from `now` on: the purge then finds each record once before it expires and moves it up to its
    * `expires_at` (one more update per record, in the purge's batches).
    * @default undefined
@@ -115,8 +116,9 @@ export interface ClaimRequest {
  * completion could expire. An abandoned claim's record, which may be taken over from the end of
  * its lock, is purged once that time has passed too.
  */
-export function purgeFrom({ now, ttlMs }: ClaimRequest): number {
-  return ttlMs === undefined ? now : now + ttlMs;
+export function purgeFrom({ now, ttlMs, lockedUntil }: ClaimRequest): number {
+  // An abandoned claim expires at its lock's end: the purge looks at it from then on at the latest.
+  return ttlMs === undefined ? now : Math.min(now + ttlMs, lockedUntil);
 }
 
 /** What `IdempotencyStore.claim` found: the claim won, or the record that holds the key. */
