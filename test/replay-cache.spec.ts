@@ -35,7 +35,7 @@ describe.each(eachDatabase)('the replay cache on %s', (name, database) => {
    * the count of `listened()` before the process cached its first record).
    */
   const forget = async (key: string, after?: number) => {
-    if (name === 'postgres' && after !== undefined) {
+    if ((name === 'postgres' || name === 'pgbouncer-session') && after !== undefined) {
       await waitFor('the process to listen for deletions', () =>
         listened() > after ? true : undefined,
       );
