@@ -208,6 +208,43 @@ describe.each(databases)('the HOT-completion migration on %s', (name, database) 
       await store.close();
     }
   });
+
+  it('a record the purge deferred while it ran (its TTL shorter than its run) is purged at its TTL after its completion, not at its lock’s end', async () => {
+    await ensureIdempotencyTable(dataSource);
+    const store = new TypeOrmIdempotencyStore(dataSource);
+    try {
+      const now = Date.now();
+      // TTL 1 s, lock 60 s: purge_at is the claim's TTL end, now + 1 s.
+      const claims = [];
+      for (const key of ['slow', 'slow-batched-1', 'slow-batched-2']) {
+        const claim = await store.claim({
+          id: { scope: '', endpoint: 'POST /orders', key },
+          fingerprint: 'fp',
+          token: randomUUID(),
+          now,
+          lockedUntil: now + 60_000,
+          ttlMs: 1000,
+        });
+        if (!claim.claimed) throw new Error('not claimed');
+        claims.push(claim.lease);
+      }
+      // Still running past its TTL: the purge defers it (to its lock's end), deletes nothing.
+      expect(await store.purgeExpired(now + 1500, 10)).toBe(0);
+      expect(await keys()).toEqual(['slow', 'slow-batched-1', 'slow-batched-2']);
+      // Completed at now + 2 s with a TTL of 1 s: one alone, two at once (one batch on PostgreSQL).
+      expect(await store.complete(claims[0], response, now + 3000)).toBe(true);
+      expect(
+        await Promise.all(claims.slice(1).map((lease) => store.complete(lease, response, now + 3000))),
+      ).toEqual([true, true]);
+      // Before its TTL's end: kept, and replayed.
+      expect(await store.purgeExpired(now + 2500, 10)).toBe(0);
+      // After it: deleted, 57 s before the lock it was deferred to would have ended.
+      expect(await store.purgeExpired(now + 3500, 10)).toBe(3);
+      expect(await keys()).toEqual([]);
+    } finally {
+      await store.close();
+    }
+  });
 });
 
 const postgresDatabase = eachDatabase.find(([name]) => name === 'postgres')?.[1];

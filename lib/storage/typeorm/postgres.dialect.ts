@@ -326,7 +326,10 @@ const COLUMNS = `fingerprint, state, lease_token, expires_at, response_status, r
 
 function buildStatements(table: string) {
   const underLease = `scope = $1 AND endpoint = $2 AND idempotency_key = $3 AND lease_token = $4 AND state = 'in_progress'`;
-  const completion = `UPDATE ${table} SET state = 'completed', expires_at = $5, response_status = $6,
+  // purge_at = LEAST(purge_at, expires_at): a row the purge deferred while it ran (to its lock's
+  // end) is purged at its TTL, not at that lock's end; for any other row the value is unchanged, so
+  // the update stays HOT.
+  const completion = `UPDATE ${table} SET state = 'completed', expires_at = $5, purge_at = LEAST(purge_at, $5), response_status = $6,
       response_headers = $7, response_body = $8, response_body_encoding = $9, response_is_error = $10
     WHERE ${underLease}`;
   return {
@@ -407,6 +410,7 @@ function buildStatements(table: string) {
      * if its own lease is held. Returns the \`ord\` of each stored one.
      */
     completeMany: `UPDATE ${table} AS r SET state = 'completed', expires_at = i.expires_at,
+      purge_at = LEAST(r.purge_at, i.expires_at),
       response_status = i.status, response_headers = i.headers, response_body = i.body,
       response_body_encoding = i.encoding, response_is_error = i.is_error
     FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::bigint[], $6::int[],

@@ -1,4 +1,4 @@
-import type { DataSource, EntityManager } from 'typeorm';
+import { DataSource, type EntityManager } from 'typeorm';
 import type {
   ClaimRequest,
   ClaimResult,
@@ -48,19 +48,24 @@ export async function completeUnderLease(
   response: StoredResponse,
   expiresAt: number,
 ): Promise<boolean> {
+  // SQLite's two-argument MIN is its LEAST. A row the purge deferred while it ran (to its lock's
+  // end) is purged at its TTL, not at that lock's end; any other row keeps its purge_at.
+  const { driver } = on instanceof DataSource ? on : on.connection;
+  const least = driver.options.type === 'better-sqlite3' ? 'MIN' : 'LEAST';
   const result = await on
     .createQueryBuilder()
     .update(IdempotencyRecord)
     .set({
       state: 'completed',
       expiresAt,
+      purgeAt: () => `${least}(purge_at, :purgeBound)`,
       responseStatus: response.status,
       responseHeaders: JSON.stringify(response.headers),
       responseBody: response.body,
       responseBodyEncoding: response.bodyEncoding,
       responseIsError: response.isError,
     })
-    .where(leaseCondition, leaseParameters(lease))
+    .where(leaseCondition, { ...leaseParameters(lease), purgeBound: expiresAt })
     .execute();
   return result.affected === 1;
 }
