@@ -234,7 +234,9 @@ describe.each(databases)('the HOT-completion migration on %s', (name, database) 
       // Completed at now + 2 s with a TTL of 1 s: one alone, two at once (one batch on PostgreSQL).
       expect(await store.complete(claims[0], response, now + 3000)).toBe(true);
       expect(
-        await Promise.all(claims.slice(1).map((lease) => store.complete(lease, response, now + 3000))),
+        await Promise.all(
+          claims.slice(1).map((lease) => store.complete(lease, response, now + 3000)),
+        ),
       ).toEqual([true, true]);
       // Before its TTL's end: kept, and replayed.
       expect(await store.purgeExpired(now + 2500, 10)).toBe(0);
