@@ -1,4 +1,4 @@
-import { Controller, Module, Post, Res, Sse, type INestApplication } from '@nestjs/common';
+import { Controller, Module, Next, Post, Res, Sse, type INestApplication } from '@nestjs/common';
 import { of } from 'rxjs';
 import { Test } from '@nestjs/testing';
 import { randomUUID } from 'node:crypto';
@@ -109,10 +109,16 @@ class RawResponseController {
   events() {
     return of({ data: 'tick' });
   }
+
+  @Post('next')
+  @Idempotent()
+  handOn(@Next() next: () => void) {
+    next();
+  }
 }
 
 describe('routes the interceptor cannot protect', () => {
-  it('refuses @Idempotent() with @Res() or @Sse() at startup, naming the routes', async () => {
+  it('refuses @Idempotent() with @Res(), @Next() or @Sse() at startup, naming the routes', async () => {
     @Module({
       imports: [IdempotencyModule.forRoot({ purgeInterval: false })],
       controllers: [RawResponseController],
@@ -127,6 +133,7 @@ describe('routes the interceptor cannot protect', () => {
     await expect(init).rejects.toThrow(
       /RawResponseController\.events: it streams server-sent events/,
     );
+    await expect(init).rejects.toThrow(/RawResponseController\.handOn: it takes @Next\(\)/);
     await app.close().catch(() => undefined);
   });
 });
