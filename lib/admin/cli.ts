@@ -30,8 +30,9 @@ Commands:
                          with the key runs the handler, in every process
 
 Options:
-      --url <url>        postgres://…, mysql://… or mariadb://…, sqlite:<file>, redis://… or
-                         rediss://… (default: $IDEMPOTENCY_STORE_URL, else $DATABASE_URL)
+      --url <url>        postgres://…, mysql://… or mariadb://…, sqlite:<file>, pglite:<dir>,
+                         redis://… or rediss://… (default: $IDEMPOTENCY_STORE_URL, else
+                         $DATABASE_URL)
       --table <name>     the records table (default idempotency_records)
       --schema <name>    its PostgreSQL schema (default: the connection's search_path)
       --prefix <prefix>  the Redis store's key prefix (default idempotency:)
