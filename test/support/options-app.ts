@@ -1,6 +1,4 @@
-import { ApolloDriver, type ApolloDriverConfig } from '@nestjs/apollo';
 import { Module, type INestApplication, type Provider, type Type } from '@nestjs/common';
-import { GraphQLModule } from '@nestjs/graphql';
 import {
   ClientProxyFactory,
   Transport,
@@ -12,6 +10,7 @@ import { Test } from '@nestjs/testing';
 import { IdempotencyModule, type IdempotencyModuleOptions } from '../../lib/index.js';
 import { CapturedLog } from './captured-log.js';
 import type { HttpPlatform } from './databases.js';
+import { apolloModule } from './graphql.js';
 
 /** An app for the route options' specs: the module on its in-memory store, HTTP, GraphQL, NATS. */
 export interface OptionsApp {
@@ -41,18 +40,7 @@ export async function bootOptionsApp(setup: OptionsAppSetup): Promise<OptionsApp
   @Module({
     imports: [
       IdempotencyModule.forRoot({ purgeInterval: false, ...setup.module }),
-      ...(setup.graphql
-        ? [
-            GraphQLModule.forRoot<ApolloDriverConfig>({
-              driver: ApolloDriver,
-              autoSchemaFile: true,
-              context:
-                platform === 'express'
-                  ? ({ req }: { req: unknown }) => ({ req })
-                  : (request: unknown) => ({ req: request }),
-            }),
-          ]
-        : []),
+      ...(setup.graphql ? [apolloModule(platform, { autoSchemaFile: true })] : []),
     ],
     controllers: setup.controllers ?? [],
     providers: setup.providers ?? [],
