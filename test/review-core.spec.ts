@@ -29,8 +29,9 @@ import { CapturedLog } from './support/captured-log.js';
 import { freezeClockAt, setClock } from './support/clock.js';
 import { eachDatabase, type TestDatabase } from './support/databases.js';
 import { expectProblem, newKey, post } from './support/http.js';
+import { serverDatabases, startProxyFor, throughProxy } from './support/proxied-database.js';
 import { waitFor } from './support/reliability.js';
-import { TcpProxy } from './support/tcp-proxy.js';
+import type { TcpProxy } from './support/tcp-proxy.js';
 
 /** The lock of the routes here: renewed every 500 ms. */
 const LOCK_MS = 1_500;
@@ -65,11 +66,6 @@ async function lockOf(dataSource: DataSource, key: string): Promise<number> {
   return Number((await recordsOf(dataSource, key))[0].expiresAt);
 }
 
-/** Databases reached over TCP (their options carry a URL): a proxy can stall their connections. */
-const serverDatabases = eachDatabase.filter(
-  ([, database]) => typeof (database.options() as { url?: unknown }).url === 'string',
-);
-
 /** A renewal as the proxy sees it go by (see lease-renewal.spec.ts). */
 const RENEWAL = /nestjs_idempotency_renew|GREATEST\(expires_at|SET `expires_at` = /;
 /** A claim: PostgreSQL's (prepared, first use, batched) and MariaDB's insert. */
@@ -89,15 +85,9 @@ describeOnServers('lease keeping under review on %s', (_name, database: TestData
   const log = new CapturedLog();
 
   beforeAll(async () => {
-    const { url } = database.options() as { url: string };
-    const target = new URL(url);
-    proxy = await TcpProxy.start({ host: target.hostname, port: Number(target.port) });
-    const proxied: TestDatabase = {
-      ...database,
-      options: () => ({ ...database.options(), url: proxy.proxiedUrl(url) }) as DataSourceOptions,
-    };
+    proxy = await startProxyFor(database);
     fixture = await createReliabilityApp(
-      proxied,
+      throughProxy(database, proxy),
       { storeTimeout: 300 },
       { controllers: [ReviewController], logger: log },
     );
