@@ -71,11 +71,13 @@ const RENEWAL = /nestjs_idempotency_renew|GREATEST\(expires_at|SET `expires_at` 
 /** A claim: PostgreSQL's (prepared, first use, batched) and MariaDB's insert. */
 const CLAIM = /nestjs_idempotency_claim_|WITH live AS|WITH input AS|INSERT\s+IGNORE\s+INTO/;
 
-/** `describe.each` over the server databases; skipped, saying so, when no URL is set. */
-const describeOnServers =
-  serverDatabases.length > 0
-    ? describe.each(serverDatabases)
+/** `describe.each` over `databases` (server databases); skipped, saying so, when there is none. */
+const describeEachServer = (databases: typeof serverDatabases) =>
+  databases.length > 0
+    ? describe.each(databases)
     : describe.skip.each([['no server database (set DATABASE_URL or MARIADB_URL)', undefined!]]);
+
+const describeOnServers = describeEachServer(serverDatabases);
 
 describeOnServers('lease keeping under review on %s', (_name, database: TestDatabase) => {
   let proxy: TcpProxy;
@@ -385,8 +387,7 @@ class ReviewTransactionalController {
     @Headers('idempotency-key') key: string,
     @IdempotentTransaction() manager: EntityManager,
   ) {
-    this.calls.record('killed', key);
-    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+    await this.recordAndWrite('killed', key, manager);
     if (this.calls.count('killed', key) === 1) {
       await manager.query(
         mysqlLike(manager)
@@ -404,8 +405,7 @@ class ReviewTransactionalController {
     @Headers('idempotency-key') key: string,
     @IdempotentTransaction() manager: EntityManager,
   ) {
-    this.calls.record('statement-timeout', key);
-    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+    await this.recordAndWrite('statement-timeout', key, manager);
     if (mysqlLike(manager)) {
       await manager.query('SET STATEMENT max_statement_time = 0.05 FOR SELECT SLEEP(1) FROM DUAL');
     } else {
@@ -422,18 +422,21 @@ class ReviewTransactionalController {
     @Headers('idempotency-key') key: string,
     @IdempotentTransaction() manager: EntityManager,
   ) {
-    this.calls.record('gateway-down', key);
-    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+    await this.recordAndWrite('gateway-down', key, manager);
     await fetch(`http://127.0.0.1:${await closedPort()}/charges`, { method: 'POST' });
     return { ok: true };
   }
+
+  /** Counts the run of `route` and writes its ledger row in the handler's transaction. */
+  private async recordAndWrite(route: string, key: string, manager: EntityManager) {
+    this.calls.record(route, key);
+    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+  }
 }
 
-const serverTransactional = serverDatabases.filter(([, database]) => database.transactions);
-const describeTransactionalOnServers =
-  serverTransactional.length > 0
-    ? describe.each(serverTransactional)
-    : describe.skip.each([['no server database (set DATABASE_URL or MARIADB_URL)', undefined!]]);
+const describeTransactionalOnServers = describeEachServer(
+  serverDatabases.filter(([, database]) => database.transactions),
+);
 
 describeTransactionalOnServers(
   'transactional errors under review on %s',
