@@ -85,6 +85,44 @@ export async function bootOptionsApp(setup: OptionsAppSetup): Promise<OptionsApp
   };
 }
 
+/**
+ * The app of one `describe` block: booted in its `beforeAll`, closed in its `afterAll` (if it
+ * booted). Its members are read in the block's tests, once it is up.
+ */
+export function optionsAppForSuite(setup: OptionsAppSetup): Omit<OptionsApp, 'close'> {
+  let booted: OptionsApp | undefined;
+  beforeAll(async () => {
+    booted = await bootOptionsApp(setup);
+  });
+  afterAll(() => booted?.close());
+  const up = (): OptionsApp => {
+    if (!booted) throw new Error('The options app is not up: read it in a test, after beforeAll');
+    return booted;
+  };
+  return {
+    get app() {
+      return up().app;
+    },
+    get http() {
+      return up().http;
+    },
+    get log() {
+      return up().log;
+    },
+    get nats() {
+      return up().nats;
+    },
+  };
+}
+
+/** The error a message was answered with; rejects if it was answered with a value instead. */
+export function rpcFailure(answer: Promise<unknown>): Promise<Record<string, unknown>> {
+  return answer.then(
+    () => Promise.reject(new Error('the message was answered')),
+    (error: unknown) => error as Record<string, unknown>,
+  );
+}
+
 /** Handler runs counted by name. */
 export class Runs {
   private readonly counts = new Map<string, number>();
