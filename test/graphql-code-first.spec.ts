@@ -1,16 +1,12 @@
-import { ApolloDriver, type ApolloDriverConfig } from '@nestjs/apollo';
-import { GraphQLModule } from '@nestjs/graphql';
 import { randomUUID } from 'node:crypto';
 import { IdempotencyRecord } from '../lib/index.js';
 import { InvoicesResolver } from './fixtures/graphql-invoices.resolver.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { eachTarget } from './support/databases.js';
-import { HttpClient, jsonOf } from './support/http-client.js';
+import { apolloModule, codeOf, postGraphQL, type GraphQLAnswer } from './support/graphql.js';
+import { HttpClient } from './support/http-client.js';
 
-interface GraphQLAnswer {
-  data?: Record<string, Record<string, unknown> | string | null> | null;
-  errors?: { message: string; path?: string[]; extensions?: Record<string, unknown> }[];
-}
+type Invoices = GraphQLAnswer<Record<string, Record<string, unknown> | string | null>>;
 
 const PAYMENT_METHOD =
   '__typename ... on Card { last4 expiresAt } ... on BankTransfer { iban bookedAt }';
@@ -35,16 +31,7 @@ describe.each(eachTarget)('GraphQL code first on %s (Apollo)', (_name, { databas
       {},
       {
         platform,
-        imports: () => [
-          GraphQLModule.forRoot<ApolloDriverConfig>({
-            driver: ApolloDriver,
-            autoSchemaFile: true,
-            context:
-              platform === 'express'
-                ? ({ req }: { req: unknown }) => ({ req })
-                : (request: unknown) => ({ req: request }),
-          }),
-        ],
+        imports: () => [apolloModule(platform, { autoSchemaFile: true })],
         providers: [InvoicesResolver],
       },
     );
@@ -55,11 +42,8 @@ describe.each(eachTarget)('GraphQL code first on %s (Apollo)', (_name, { databas
     await fixture.close();
   });
 
-  async function graphql(query: string, variables: Record<string, unknown> = {}) {
-    const exchange = await client.send('/graphql', { body: { query, variables } });
-    return { text: exchange.text, body: jsonOf(exchange) as GraphQLAnswer };
-  }
-  const codeOf = (answer: GraphQLAnswer) => answer.errors?.[0]?.extensions?.code;
+  const graphql = (query: string, variables: Record<string, unknown> = {}) =>
+    postGraphQL<Invoices>(client, { query, variables });
 
   it('replays an entity with Dates, custom scalars, an enum, nested lists, a getter, a union and an interface byte for byte, the mutation run once', async () => {
     const key = randomUUID();

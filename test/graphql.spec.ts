@@ -1,29 +1,14 @@
-import { ApolloDriver, type ApolloDriverConfig } from '@nestjs/apollo';
-import { Args, GraphQLModule, Mutation, Query, Resolver } from '@nestjs/graphql';
+import { Args, Mutation, Query, Resolver } from '@nestjs/graphql';
 import { randomUUID } from 'node:crypto';
 import { Idempotent } from '../lib/index.js';
 import { PaymentsResolver, PAYMENTS_TYPE_DEFS } from './fixtures/graphql-payments.resolver.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
-import { testDatabases, type HttpPlatform } from './support/databases.js';
-import { HttpClient, jsonOf } from './support/http-client.js';
+import { testDatabases } from './support/databases.js';
+import { apolloModule, codeOf, postGraphQL, type GraphQLAnswer } from './support/graphql.js';
+import { HttpClient } from './support/http-client.js';
 import { CapturedLog } from './support/captured-log.js';
 
-/** The request reaches the resolvers as `req` in the GraphQL context, as the README shows. */
-function graphqlModule(platform: HttpPlatform) {
-  return GraphQLModule.forRoot<ApolloDriverConfig>({
-    driver: ApolloDriver,
-    typeDefs: PAYMENTS_TYPE_DEFS,
-    context:
-      platform === 'express'
-        ? ({ req }: { req: unknown }) => ({ req })
-        : (request: unknown) => ({ req: request }),
-  });
-}
-
-interface GraphQLAnswer {
-  data?: Record<string, { id: string; amount: number } | null> | null;
-  errors?: { message: string; path?: string[]; extensions?: Record<string, unknown> }[];
-}
+type Payments = GraphQLAnswer<Record<string, { id: string; amount: number } | null>>;
 
 const pglite = testDatabases.find((database) => database.name === 'pglite')!;
 const PAY =
@@ -41,7 +26,7 @@ describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)
       {
         platform,
         logger: log,
-        imports: () => [graphqlModule(platform)],
+        imports: () => [apolloModule(platform, { typeDefs: PAYMENTS_TYPE_DEFS })],
         providers: [PaymentsResolver],
       },
     );
@@ -52,19 +37,11 @@ describe.each(['express', 'fastify'] as const)('GraphQL mutations on %s (Apollo)
     await fixture.close();
   });
 
-  async function graphql(
+  const graphql = (
     query: string,
     variables: Record<string, unknown> = {},
     headers: Record<string, string> = {},
-  ) {
-    const exchange = await client.send('/graphql', { body: { query, variables }, headers });
-    return {
-      status: exchange.status,
-      headers: exchange.headers,
-      body: jsonOf(exchange) as GraphQLAnswer,
-    };
-  }
-  const codeOf = (answer: GraphQLAnswer) => answer.errors?.[0]?.extensions?.code;
+  ) => postGraphQL<Payments>(client, { query, variables }, headers);
 
   it('runs a mutation once per idempotencyKey argument and replays its result', async () => {
     const key = randomUUID();
@@ -172,7 +149,10 @@ describe('GraphQL resolvers at startup', () => {
       createReliabilityApp(
         sqlite,
         {},
-        { imports: () => [graphqlModule('express')], providers: [TransactionalPaymentsResolver] },
+        {
+          imports: () => [apolloModule('express', { typeDefs: PAYMENTS_TYPE_DEFS })],
+          providers: [TransactionalPaymentsResolver],
+        },
       ),
     ).rejects.toThrow(
       /transactional routes \(TransactionalPaymentsResolver\.pay\) cannot run on this store/,

@@ -22,7 +22,7 @@ import { lastValueFrom } from 'rxjs';
 import request from 'supertest';
 import { Idempotent, type IdempotencyRouteOptions } from '../lib/index.js';
 import { expectProblem } from './support/http.js';
-import { bootOptionsApp, Runs, type OptionsApp } from './support/options-app.js';
+import { bootOptionsApp, optionsAppForSuite, rpcFailure, Runs } from './support/options-app.js';
 
 /**
  * Where a key comes from (`keyFrom`), what a retry must repeat (`fingerprint`) and whose key it is
@@ -109,11 +109,7 @@ class KeysController {
 }
 
 describe.each(['express', 'fastify'] as const)('key sources on HTTP (%s)', (platform) => {
-  let fixture: OptionsApp;
-  beforeAll(
-    async () => (fixture = await bootOptionsApp({ platform, controllers: [KeysController] })),
-  );
-  afterAll(() => fixture.close());
+  const fixture = optionsAppForSuite({ platform, controllers: [KeysController] });
 
   const send = (path: string, body: object, headers: Record<string, string | string[]> = {}) => {
     const call = request(fixture.http).post(path);
@@ -306,11 +302,7 @@ class RefundsResolver {
 }
 
 describe('key sources on GraphQL', () => {
-  let fixture: OptionsApp;
-  beforeAll(
-    async () => (fixture = await bootOptionsApp({ graphql: true, providers: [RefundsResolver] })),
-  );
-  afterAll(() => fixture.close());
+  const fixture = optionsAppForSuite({ graphql: true, providers: [RefundsResolver] });
 
   const graphql = (query: string, variables: object, headers: Record<string, string> = {}) =>
     request(fixture.http).post('/graphql').set(headers).send({ query, variables });
@@ -368,12 +360,7 @@ class BookingsHandler {
 
 const NATS_URL = process.env.NATS_URL;
 (NATS_URL ? describe : describe.skip)('key sources on NATS', () => {
-  let fixture: OptionsApp;
-  beforeAll(
-    async () =>
-      (fixture = await bootOptionsApp({ controllers: [BookingsHandler], natsUrl: NATS_URL })),
-  );
-  afterAll(() => fixture?.close());
+  const fixture = optionsAppForSuite({ controllers: [BookingsHandler], natsUrl: NATS_URL });
 
   const send = (pattern: string, data: object, header?: [string, string]) => {
     const h = natsHeaders();
@@ -383,10 +370,7 @@ const NATS_URL = process.env.NATS_URL;
     );
   };
   const failure = (pattern: string, data: object, header?: [string, string]) =>
-    send(pattern, data, header).then(
-      () => Promise.reject(new Error('the message was answered')),
-      (error: unknown) => error as Record<string, unknown>,
-    );
+    rpcFailure(send(pattern, data, header));
 
   it('{ header }: the NATS header is the key', async () => {
     const marker = randomUUID();

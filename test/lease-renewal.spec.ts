@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { DataSource, type DataSourceOptions } from 'typeorm';
+import { DataSource } from 'typeorm';
 import {
   IdempotencyMetrics,
   IdempotencyRecord,
@@ -19,10 +19,11 @@ import {
 } from './fixtures/lease.controller.js';
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { CapturedLog } from './support/captured-log.js';
-import { eachDatabase, type TestDatabase } from './support/databases.js';
+import { eachDatabase } from './support/databases.js';
 import { newKey, post } from './support/http.js';
+import { serverDatabases, startProxyFor, throughProxy } from './support/proxied-database.js';
 import { report, waitFor } from './support/reliability.js';
-import { TcpProxy } from './support/tcp-proxy.js';
+import type { TcpProxy } from './support/tcp-proxy.js';
 
 /** How long the tests hold a handler: more than three times its lockTimeout. */
 const HELD_MS = 4 * SHORT_LOCK_MS;
@@ -211,11 +212,6 @@ describe.each(eachDatabase)('lease renewal on %s', (_name, database) => {
   });
 });
 
-/** Databases reached over TCP (their options carry a URL): a proxy can stall their connections. */
-const serverDatabases = eachDatabase.filter(
-  ([, database]) => typeof (database.options() as { url?: unknown }).url === 'string',
-);
-
 /**
  * The statements of the store, as the proxy sees them go by: their SQL (PostgreSQL's first use on
  * a connection, its unprepared runs inside transactions, every MariaDB statement) or the name of
@@ -237,15 +233,9 @@ describe.each(serverDatabases)(
     const lostLeases = () => fixture.app.get(IdempotencyMetrics).snapshot()['lease-lost'];
 
     beforeAll(async () => {
-      const { url } = database.options() as { url: string };
-      const target = new URL(url);
-      proxy = await TcpProxy.start({ host: target.hostname, port: Number(target.port) });
-      const proxied: TestDatabase = {
-        ...database,
-        options: () => ({ ...database.options(), url: proxy.proxiedUrl(url) }) as DataSourceOptions,
-      };
+      proxy = await startProxyFor(database);
       fixture = await createReliabilityApp(
-        proxied,
+        throughProxy(database, proxy),
         // A stalled completion is given up on after 1 s and tried again (3 attempts in 2.3 s).
         { storeTimeout: '1s' },
         {

@@ -29,8 +29,9 @@ import { CapturedLog } from './support/captured-log.js';
 import { freezeClockAt, setClock } from './support/clock.js';
 import { eachDatabase, type TestDatabase } from './support/databases.js';
 import { expectProblem, newKey, post } from './support/http.js';
+import { serverDatabases, startProxyFor, throughProxy } from './support/proxied-database.js';
 import { waitFor } from './support/reliability.js';
-import { TcpProxy } from './support/tcp-proxy.js';
+import type { TcpProxy } from './support/tcp-proxy.js';
 
 /** The lock of the routes here: renewed every 500 ms. */
 const LOCK_MS = 1_500;
@@ -65,21 +66,18 @@ async function lockOf(dataSource: DataSource, key: string): Promise<number> {
   return Number((await recordsOf(dataSource, key))[0].expiresAt);
 }
 
-/** Databases reached over TCP (their options carry a URL): a proxy can stall their connections. */
-const serverDatabases = eachDatabase.filter(
-  ([, database]) => typeof (database.options() as { url?: unknown }).url === 'string',
-);
-
 /** A renewal as the proxy sees it go by (see lease-renewal.spec.ts). */
 const RENEWAL = /nestjs_idempotency_renew|GREATEST\(expires_at|SET `expires_at` = /;
 /** A claim: PostgreSQL's (prepared, first use, batched) and MariaDB's insert. */
 const CLAIM = /nestjs_idempotency_claim_|WITH live AS|WITH input AS|INSERT\s+IGNORE\s+INTO/;
 
-/** `describe.each` over the server databases; skipped, saying so, when no URL is set. */
-const describeOnServers =
-  serverDatabases.length > 0
-    ? describe.each(serverDatabases)
+/** `describe.each` over `databases` (server databases); skipped, saying so, when there is none. */
+const describeEachServer = (databases: typeof serverDatabases) =>
+  databases.length > 0
+    ? describe.each(databases)
     : describe.skip.each([['no server database (set DATABASE_URL or MARIADB_URL)', undefined!]]);
+
+const describeOnServers = describeEachServer(serverDatabases);
 
 describeOnServers('lease keeping under review on %s', (_name, database: TestDatabase) => {
   let proxy: TcpProxy;
@@ -89,15 +87,9 @@ describeOnServers('lease keeping under review on %s', (_name, database: TestData
   const log = new CapturedLog();
 
   beforeAll(async () => {
-    const { url } = database.options() as { url: string };
-    const target = new URL(url);
-    proxy = await TcpProxy.start({ host: target.hostname, port: Number(target.port) });
-    const proxied: TestDatabase = {
-      ...database,
-      options: () => ({ ...database.options(), url: proxy.proxiedUrl(url) }) as DataSourceOptions,
-    };
+    proxy = await startProxyFor(database);
     fixture = await createReliabilityApp(
-      proxied,
+      throughProxy(database, proxy),
       { storeTimeout: 300 },
       { controllers: [ReviewController], logger: log },
     );
@@ -395,8 +387,7 @@ class ReviewTransactionalController {
     @Headers('idempotency-key') key: string,
     @IdempotentTransaction() manager: EntityManager,
   ) {
-    this.calls.record('killed', key);
-    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+    await this.recordAndWrite('killed', key, manager);
     if (this.calls.count('killed', key) === 1) {
       await manager.query(
         mysqlLike(manager)
@@ -414,8 +405,7 @@ class ReviewTransactionalController {
     @Headers('idempotency-key') key: string,
     @IdempotentTransaction() manager: EntityManager,
   ) {
-    this.calls.record('statement-timeout', key);
-    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+    await this.recordAndWrite('statement-timeout', key, manager);
     if (mysqlLike(manager)) {
       await manager.query('SET STATEMENT max_statement_time = 0.05 FOR SELECT SLEEP(1) FROM DUAL');
     } else {
@@ -432,18 +422,21 @@ class ReviewTransactionalController {
     @Headers('idempotency-key') key: string,
     @IdempotentTransaction() manager: EntityManager,
   ) {
-    this.calls.record('gateway-down', key);
-    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+    await this.recordAndWrite('gateway-down', key, manager);
     await fetch(`http://127.0.0.1:${await closedPort()}/charges`, { method: 'POST' });
     return { ok: true };
   }
+
+  /** Counts the run of `route` and writes its ledger row in the handler's transaction. */
+  private async recordAndWrite(route: string, key: string, manager: EntityManager) {
+    this.calls.record(route, key);
+    await manager.insert(LedgerEntry, { id: randomUUID(), key, amount: 1 });
+  }
 }
 
-const serverTransactional = serverDatabases.filter(([, database]) => database.transactions);
-const describeTransactionalOnServers =
-  serverTransactional.length > 0
-    ? describe.each(serverTransactional)
-    : describe.skip.each([['no server database (set DATABASE_URL or MARIADB_URL)', undefined!]]);
+const describeTransactionalOnServers = describeEachServer(
+  serverDatabases.filter(([, database]) => database.transactions),
+);
 
 describeTransactionalOnServers(
   'transactional errors under review on %s',

@@ -1,6 +1,6 @@
 import { Controller, Headers, Post } from '@nestjs/common';
 import { randomUUID } from 'node:crypto';
-import { DataSource, type DataSourceOptions } from 'typeorm';
+import { DataSource } from 'typeorm';
 import { Idempotent, IdempotencyMetrics, IdempotencyRecord } from '../lib/index.js';
 import { recordsOf, stealClaim, waitUntilPast } from './fixtures/fixture-app.js';
 import { CallLog, HandlerGate } from './fixtures/handler-probes.js';
@@ -8,8 +8,9 @@ import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliabilit
 import { CapturedLog } from './support/captured-log.js';
 import { eachDatabase, type TestDatabase } from './support/databases.js';
 import { newKey, post } from './support/http.js';
+import { startProxyFor, throughProxy } from './support/proxied-database.js';
 import { waitFor } from './support/reliability.js';
-import { TcpProxy } from './support/tcp-proxy.js';
+import type { TcpProxy } from './support/tcp-proxy.js';
 
 /** The two lockTimeouts of the routes here: two beats of the lease keeper (100 ms and 300 ms). */
 const FAST_LOCK_MS = 300;
@@ -62,15 +63,9 @@ describeOnPostgres(
       log.lines.slice(from).filter((line) => line.level === 'warn' || line.level === 'error');
 
     beforeAll(async () => {
-      const { url } = database.options() as { url: string };
-      const target = new URL(url);
-      proxy = await TcpProxy.start({ host: target.hostname, port: Number(target.port) });
-      const proxied: TestDatabase = {
-        ...database,
-        options: () => ({ ...database.options(), url: proxy.proxiedUrl(url) }) as DataSourceOptions,
-      };
+      proxy = await startProxyFor(database);
       fixture = await createReliabilityApp(
-        proxied,
+        throughProxy(database, proxy),
         { storeTimeout: '1s' },
         { controllers: [TwoBeatsController], logger: log },
       );

@@ -23,12 +23,8 @@ import {
 import { createReliabilityApp, type ReliabilityApp } from './fixtures/reliability-app.js';
 import { testDatabases } from './support/databases.js';
 import { CapturedLog } from './support/captured-log.js';
+import { apolloModule, codeOf, postGraphQL, type GraphQLAnswer } from './support/graphql.js';
 import { HttpClient, jsonOf } from './support/http-client.js';
-
-interface GraphQLAnswer {
-  data?: Record<string, any> | null;
-  errors?: { message: string; path?: (string | number)[]; extensions?: Record<string, any> }[];
-}
 
 const pglite = testDatabases.find((database) => database.name === 'pglite')!;
 
@@ -47,16 +43,7 @@ describe.each(['express', 'fastify'] as const)('GraphQL as apps write it, on %s'
       {
         platform,
         logger: log,
-        imports: () => [
-          GraphQLModule.forRoot<ApolloDriverConfig>({
-            driver: ApolloDriver,
-            autoSchemaFile: true,
-            context:
-              platform === 'express'
-                ? ({ req }: { req: unknown }) => ({ req })
-                : (request: unknown) => ({ req: request }),
-          }),
-        ],
+        imports: () => [apolloModule(platform, { autoSchemaFile: true })],
         providers: [AccountsResolver, EmailScalar, LedgerResolver],
       },
     );
@@ -67,19 +54,11 @@ describe.each(['express', 'fastify'] as const)('GraphQL as apps write it, on %s'
     await fixture.close();
   });
 
-  async function graphql(
+  const graphql = (
     query: string,
     variables: Record<string, unknown> = {},
     headers: Record<string, string> = {},
-  ) {
-    const exchange = await client.send('/graphql', { body: { query, variables }, headers });
-    return {
-      status: exchange.status,
-      text: exchange.text,
-      body: jsonOf(exchange) as GraphQLAnswer,
-    };
-  }
-  const codeOf = (answer: GraphQLAnswer) => answer.errors?.[0]?.extensions?.code;
+  ) => postGraphQL<GraphQLAnswer>(client, { query, variables }, headers);
 
   /** Sends `query` twice with a fresh key: both answers, and how often `field` ran. */
   async function twice(field: string, selection = '') {
@@ -482,8 +461,7 @@ describe.each(['express', 'fastify'] as const)(
           platform,
           logger: log,
           imports: () => [
-            GraphQLModule.forRoot<ApolloDriverConfig>({
-              driver: ApolloDriver,
+            apolloModule(platform, {
               typeDefs: SCHEMA_FIRST_TYPE_DEFS,
               allowBatchedHttpRequests: true,
               resolvers: {
@@ -493,10 +471,6 @@ describe.each(['express', 'fastify'] as const)(
                 Shipped: { __isTypeOf: isTypeOf(Shipped) },
                 Held: { __isTypeOf: isTypeOf(Held) },
               },
-              context:
-                platform === 'express'
-                  ? ({ req }: { req: unknown }) => ({ req })
-                  : (request: unknown) => ({ req: request }),
             }),
           ],
           providers: [ParcelsResolver],
@@ -509,10 +483,8 @@ describe.each(['express', 'fastify'] as const)(
       await fixture.close();
     });
 
-    async function send(body: unknown, headers: Record<string, string> = {}) {
-      const exchange = await client.send('/graphql', { body: body as object, headers });
-      return { status: exchange.status, text: exchange.text, body: jsonOf(exchange) };
-    }
+    const send = (body: unknown, headers: Record<string, string> = {}) =>
+      postGraphQL(client, body as object, headers);
     const graphql = (query: string, variables: Record<string, unknown> = {}) =>
       send({ query, variables });
 

@@ -25,7 +25,7 @@ import request from 'supertest';
 import { Idempotent, IdempotencyModule, type IdempotencyRouteOptions } from '../lib/index.js';
 import { resolveModuleOptions } from '../lib/idempotency.options.js';
 import { expectProblem } from './support/http.js';
-import { bootOptionsApp, Runs, type OptionsApp } from './support/options-app.js';
+import { bootOptionsApp, optionsAppForSuite, rpcFailure, Runs } from './support/options-app.js';
 
 /**
  * A reviewer's attempts to break the route options of issue 22 (keyFrom, fingerprint, scope,
@@ -179,11 +179,7 @@ class ReviewController {
 }
 
 describe.each(['express', 'fastify'] as const)('route options under review (%s)', (platform) => {
-  let fixture: OptionsApp;
-  beforeAll(
-    async () => (fixture = await bootOptionsApp({ platform, controllers: [ReviewController] })),
-  );
-  afterAll(() => fixture.close());
+  const fixture = optionsAppForSuite({ platform, controllers: [ReviewController] });
 
   const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
     request(fixture.http)
@@ -412,15 +408,10 @@ class ScopedController {
 }
 
 describe('scope: false under a module and a class scope', () => {
-  let fixture: OptionsApp;
-  beforeAll(
-    async () =>
-      (fixture = await bootOptionsApp({
-        controllers: [ScopedController],
-        module: { scope: () => 'module-scope-never-used' },
-      })),
-  );
-  afterAll(() => fixture.close());
+  const fixture = optionsAppForSuite({
+    controllers: [ScopedController],
+    module: { scope: () => 'module-scope-never-used' },
+  });
 
   const send = (path: string, tenant: string, key: string, marker: string) =>
     request(fixture.http)
@@ -584,11 +575,7 @@ class ReviewResolver {
 }
 
 describe('route options under review on GraphQL', () => {
-  let fixture: OptionsApp;
-  beforeAll(
-    async () => (fixture = await bootOptionsApp({ graphql: true, providers: [ReviewResolver] })),
-  );
-  afterAll(() => fixture.close());
+  const fixture = optionsAppForSuite({ graphql: true, providers: [ReviewResolver] });
 
   const mutate = (query: string, variables: object, headers: Record<string, string> = {}) =>
     request(fixture.http).post('/graphql').set(headers).send({ query, variables });
@@ -630,20 +617,11 @@ class ReviewHandler {
 
 const NATS_URL = process.env.NATS_URL;
 (NATS_URL ? describe : describe.skip)('route options under review on NATS', () => {
-  let fixture: OptionsApp;
-  beforeAll(
-    async () =>
-      (fixture = await bootOptionsApp({ controllers: [ReviewHandler], natsUrl: NATS_URL })),
-  );
-  afterAll(() => fixture?.close());
+  const fixture = optionsAppForSuite({ controllers: [ReviewHandler], natsUrl: NATS_URL });
 
   const send = (pattern: string, data: unknown) =>
     lastValueFrom(fixture.nats!.send(`${TAG}.${pattern}`, data));
-  const failure = (pattern: string, data: unknown) =>
-    send(pattern, data).then(
-      () => Promise.reject(new Error('the message was answered')),
-      (error: unknown) => error as Record<string, unknown>,
-    );
+  const failure = (pattern: string, data: unknown) => rpcFailure(send(pattern, data));
 
   it("a payload path into an array ('meta.ids.0')", async () => {
     const marker = randomUUID();

@@ -19,7 +19,7 @@ import { lastValueFrom } from 'rxjs';
 import request from 'supertest';
 import { Idempotent, type IdempotencyRouteOptions, type ReplayedResponse } from '../lib/index.js';
 import { expectProblem } from './support/http.js';
-import { bootOptionsApp, Runs, type OptionsApp } from './support/options-app.js';
+import { bootOptionsApp, optionsAppForSuite, rpcFailure, Runs } from './support/options-app.js';
 
 /**
  * The route hooks of issue 22 — `storeIf`, `skip`, `replayHeaders`, `retryAfter`, `onReplay` — on
@@ -134,11 +134,7 @@ class HooksController {
 }
 
 describe.each(['express', 'fastify'] as const)('route hooks on HTTP (%s)', (platform) => {
-  let fixture: OptionsApp;
-  beforeAll(
-    async () => (fixture = await bootOptionsApp({ platform, controllers: [HooksController] })),
-  );
-  afterAll(() => fixture.close());
+  const fixture = optionsAppForSuite({ platform, controllers: [HooksController] });
 
   const send = (path: string, key: string | undefined, body: object, headers = {}) => {
     const call = request(fixture.http).post(path).set(headers);
@@ -282,11 +278,7 @@ class HooksResolver {
 }
 
 describe('route hooks on GraphQL', () => {
-  let fixture: OptionsApp;
-  beforeAll(
-    async () => (fixture = await bootOptionsApp({ graphql: true, providers: [HooksResolver] })),
-  );
-  afterAll(() => fixture.close());
+  const fixture = optionsAppForSuite({ graphql: true, providers: [HooksResolver] });
 
   /** The key in the Idempotency-Key header of the GraphQL request. */
   const mutate = (field: string, marker: string, key: string, headers = {}) =>
@@ -367,20 +359,11 @@ class HooksHandler {
 
 const NATS_URL = process.env.NATS_URL;
 (NATS_URL ? describe : describe.skip)('route hooks on NATS', () => {
-  let fixture: OptionsApp;
-  beforeAll(
-    async () =>
-      (fixture = await bootOptionsApp({ controllers: [HooksHandler], natsUrl: NATS_URL })),
-  );
-  afterAll(() => fixture?.close());
+  const fixture = optionsAppForSuite({ controllers: [HooksHandler], natsUrl: NATS_URL });
 
   const send = (pattern: string, data: object) =>
     lastValueFrom(fixture.nats!.send(`${TAG}.${pattern}`, data));
-  const failure = (pattern: string, data: object) =>
-    send(pattern, data).then(
-      () => Promise.reject(new Error('the message was answered')),
-      (error: unknown) => error as Record<string, unknown>,
-    );
+  const failure = (pattern: string, data: object) => rpcFailure(send(pattern, data));
 
   it('storeIf: a domain error is the stored answer; a duplicate gets the same error without running', async () => {
     const marker = randomUUID();

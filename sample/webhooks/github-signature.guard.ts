@@ -1,13 +1,6 @@
-import {
-  BadRequestException,
-  type CanActivate,
-  type ExecutionContext,
-  Inject,
-  Injectable,
-  type RawBodyRequest,
-} from '@nestjs/common';
-import { createHmac, timingSafeEqual } from 'node:crypto';
-import type { IncomingMessage } from 'node:http';
+import { Inject, Injectable } from '@nestjs/common';
+import type { IncomingHttpHeaders } from 'node:http';
+import { hmacSha256, signatureMatches, WebhookSignatureGuard } from './webhook-signature.guard.js';
 
 /** The webhook's secret, as set in the repository's or the app's webhook settings. */
 export const GITHUB_WEBHOOK_SECRET = Symbol('GitHubWebhookSecret');
@@ -20,32 +13,18 @@ export const GITHUB_WEBHOOK_SECRET = Symbol('GitHubWebhookSecret');
 export function verifyGitHubSignature(rawBody: Buffer, header: string, secret: string): boolean {
   const match = /^sha256=([0-9a-f]{64})$/i.exec(header.trim());
   if (!match) return false;
-  const expected = createHmac('sha256', secret).update(rawBody).digest();
-  return timingSafeEqual(Buffer.from(match[1], 'hex'), expected);
+  return signatureMatches(Buffer.from(match[1], 'hex'), hmacSha256(secret, '', rawBody));
 }
 
-/**
- * Lets a request through only if GitHub signed it; runs before the idempotency interceptor (a
- * guard), needs `rawBody: true`. A refusal is a 400.
- */
+/** Lets a request through only if GitHub signed it (see {@link WebhookSignatureGuard}). */
 @Injectable()
-export class GitHubSignatureGuard implements CanActivate {
-  constructor(@Inject(GITHUB_WEBHOOK_SECRET) private readonly secret: string) {}
+export class GitHubSignatureGuard extends WebhookSignatureGuard {
+  constructor(@Inject(GITHUB_WEBHOOK_SECRET) private readonly secret: string) {
+    super('The X-Hub-Signature-256 header does not match this body and secret.');
+  }
 
-  canActivate(context: ExecutionContext): boolean {
-    const request = context.switchToHttp().getRequest<RawBodyRequest<IncomingMessage>>();
-    const header = request.headers['x-hub-signature-256'];
-    if (
-      !request.rawBody ||
-      typeof header !== 'string' ||
-      !verifyGitHubSignature(request.rawBody, header, this.secret)
-    ) {
-      throw new BadRequestException({
-        statusCode: 400,
-        error: 'invalid_signature',
-        message: 'The X-Hub-Signature-256 header does not match this body and secret.',
-      });
-    }
-    return true;
+  protected verify(rawBody: Buffer, headers: IncomingHttpHeaders): boolean {
+    const header = headers['x-hub-signature-256'];
+    return typeof header === 'string' && verifyGitHubSignature(rawBody, header, this.secret);
   }
 }

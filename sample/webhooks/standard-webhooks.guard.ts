@@ -1,13 +1,11 @@
+import { Inject, Injectable } from '@nestjs/common';
+import type { IncomingHttpHeaders } from 'node:http';
 import {
-  BadRequestException,
-  type CanActivate,
-  type ExecutionContext,
-  Inject,
-  Injectable,
-  type RawBodyRequest,
-} from '@nestjs/common';
-import { createHmac, timingSafeEqual } from 'node:crypto';
-import type { IncomingMessage } from 'node:http';
+  hmacSha256,
+  isFreshTimestamp,
+  signatureMatches,
+  WebhookSignatureGuard,
+} from './webhook-signature.guard.js';
 
 /** The endpoint's secret, `whsec_` followed by the base64 of its key bytes. */
 export const STANDARD_WEBHOOKS_SECRET = Symbol('StandardWebhooksSecret');
@@ -39,44 +37,34 @@ export function verifyStandardWebhook(
   now = Date.now(),
 ): boolean {
   const { id, timestamp, signature } = headers;
-  if (id === '' || !/^\d{1,12}$/.test(timestamp)) return false;
-  if (Math.abs(now / 1000 - Number(timestamp)) > toleranceSeconds) return false;
+  if (id === '' || !isFreshTimestamp(timestamp, toleranceSeconds, now)) return false;
   const key = Buffer.from(secret.replace(/^whsec_/, ''), 'base64');
-  const expected = createHmac('sha256', key).update(`${id}.${timestamp}.`).update(rawBody).digest();
+  const expected = hmacSha256(key, `${id}.${timestamp}.`, rawBody);
   return signature.split(' ').some((entry) => {
     const [version, value] = entry.split(',');
-    if (version !== 'v1' || !value) return false;
-    const candidate = Buffer.from(value, 'base64');
-    return candidate.length === expected.length && timingSafeEqual(candidate, expected);
+    return version === 'v1' && !!value && signatureMatches(Buffer.from(value, 'base64'), expected);
   });
 }
 
 /**
- * Lets a request through only if it carries a valid Standard Webhooks signature; runs before the
- * idempotency interceptor (a guard), needs `rawBody: true`. A refusal is a 400.
+ * Lets a request through only if it carries a valid Standard Webhooks signature (see
+ * {@link WebhookSignatureGuard}).
  */
 @Injectable()
-export class StandardWebhooksGuard implements CanActivate {
-  constructor(@Inject(STANDARD_WEBHOOKS_SECRET) private readonly secret: string) {}
+export class StandardWebhooksGuard extends WebhookSignatureGuard {
+  constructor(@Inject(STANDARD_WEBHOOKS_SECRET) private readonly secret: string) {
+    super('The webhook-signature header does not match this message and secret.');
+  }
 
-  canActivate(context: ExecutionContext): boolean {
-    const request = context.switchToHttp().getRequest<RawBodyRequest<IncomingMessage>>();
+  protected verify(rawBody: Buffer, headers: IncomingHttpHeaders): boolean {
     const [id, timestamp, signature] = ['webhook-id', 'webhook-timestamp', 'webhook-signature'].map(
-      (name) => request.headers[name],
+      (name) => headers[name],
     );
-    if (
-      !request.rawBody ||
-      typeof id !== 'string' ||
-      typeof timestamp !== 'string' ||
-      typeof signature !== 'string' ||
-      !verifyStandardWebhook(request.rawBody, { id, timestamp, signature }, this.secret)
-    ) {
-      throw new BadRequestException({
-        statusCode: 400,
-        error: 'invalid_signature',
-        message: 'The webhook-signature header does not match this message and secret.',
-      });
-    }
-    return true;
+    return (
+      typeof id === 'string' &&
+      typeof timestamp === 'string' &&
+      typeof signature === 'string' &&
+      verifyStandardWebhook(rawBody, { id, timestamp, signature }, this.secret)
+    );
   }
 }

@@ -1,13 +1,11 @@
+import { Inject, Injectable } from '@nestjs/common';
+import type { IncomingHttpHeaders } from 'node:http';
 import {
-  BadRequestException,
-  type CanActivate,
-  type ExecutionContext,
-  Inject,
-  Injectable,
-  type RawBodyRequest,
-} from '@nestjs/common';
-import { createHmac, timingSafeEqual } from 'node:crypto';
-import type { IncomingMessage } from 'node:http';
+  hmacSha256,
+  isFreshTimestamp,
+  signatureMatches,
+  WebhookSignatureGuard,
+} from './webhook-signature.guard.js';
 
 /** The endpoint's signing secret (`whsec_…` in Stripe's dashboard): provide it under this token. */
 export const STRIPE_WEBHOOK_SECRET = Symbol('StripeWebhookSecret');
@@ -30,41 +28,26 @@ export function verifyStripeSignature(
 ): boolean {
   const fields = header.split(',').map((field) => field.trim().split('='));
   const timestamp = fields.find(([name]) => name === 't')?.[1] ?? '';
-  if (!/^\d{1,12}$/.test(timestamp)) return false;
-  if (Math.abs(now / 1000 - Number(timestamp)) > toleranceSeconds) return false;
-  const expected = createHmac('sha256', secret).update(`${timestamp}.`).update(rawBody).digest();
+  if (!isFreshTimestamp(timestamp, toleranceSeconds, now)) return false;
+  const expected = hmacSha256(secret, `${timestamp}.`, rawBody);
   return fields
     .filter(([name, value]) => name === 'v1' && value !== undefined && /^[0-9a-f]+$/i.test(value))
-    .some(([, value]) => {
-      const signature = Buffer.from(value, 'hex');
-      return signature.length === expected.length && timingSafeEqual(signature, expected);
-    });
+    .some(([, value]) => signatureMatches(Buffer.from(value, 'hex'), expected));
 }
 
 /**
- * Lets a request through only if Stripe signed it: a guard, so it runs before the idempotency
- * interceptor, and a forged or stale event never claims a key, never reads a stored response and
- * never runs the handler. It needs the raw body: `NestFactory.create(AppModule, { rawBody: true })`.
- * A refusal is a 400, which Stripe retries; the library stores nothing for it.
+ * Lets a request through only if Stripe signed it (see {@link WebhookSignatureGuard}): a forged or
+ * stale event never claims a key. A refusal is a 400, which Stripe retries; the library stores
+ * nothing for it.
  */
 @Injectable()
-export class StripeSignatureGuard implements CanActivate {
-  constructor(@Inject(STRIPE_WEBHOOK_SECRET) private readonly secret: string) {}
+export class StripeSignatureGuard extends WebhookSignatureGuard {
+  constructor(@Inject(STRIPE_WEBHOOK_SECRET) private readonly secret: string) {
+    super('The Stripe-Signature header does not match this body and secret.');
+  }
 
-  canActivate(context: ExecutionContext): boolean {
-    const request = context.switchToHttp().getRequest<RawBodyRequest<IncomingMessage>>();
-    const header = request.headers['stripe-signature'];
-    if (
-      !request.rawBody ||
-      typeof header !== 'string' ||
-      !verifyStripeSignature(request.rawBody, header, this.secret)
-    ) {
-      throw new BadRequestException({
-        statusCode: 400,
-        error: 'invalid_signature',
-        message: 'The Stripe-Signature header does not match this body and secret.',
-      });
-    }
-    return true;
+  protected verify(rawBody: Buffer, headers: IncomingHttpHeaders): boolean {
+    const header = headers['stripe-signature'];
+    return typeof header === 'string' && verifyStripeSignature(rawBody, header, this.secret);
   }
 }

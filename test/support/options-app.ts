@@ -1,6 +1,4 @@
-import { ApolloDriver, type ApolloDriverConfig } from '@nestjs/apollo';
 import { Module, type INestApplication, type Provider, type Type } from '@nestjs/common';
-import { GraphQLModule } from '@nestjs/graphql';
 import {
   ClientProxyFactory,
   Transport,
@@ -12,6 +10,7 @@ import { Test } from '@nestjs/testing';
 import { IdempotencyModule, type IdempotencyModuleOptions } from '../../lib/index.js';
 import { CapturedLog } from './captured-log.js';
 import type { HttpPlatform } from './databases.js';
+import { apolloModule } from './graphql.js';
 
 /** An app for the route options' specs: the module on its in-memory store, HTTP, GraphQL, NATS. */
 export interface OptionsApp {
@@ -41,18 +40,7 @@ export async function bootOptionsApp(setup: OptionsAppSetup): Promise<OptionsApp
   @Module({
     imports: [
       IdempotencyModule.forRoot({ purgeInterval: false, ...setup.module }),
-      ...(setup.graphql
-        ? [
-            GraphQLModule.forRoot<ApolloDriverConfig>({
-              driver: ApolloDriver,
-              autoSchemaFile: true,
-              context:
-                platform === 'express'
-                  ? ({ req }: { req: unknown }) => ({ req })
-                  : (request: unknown) => ({ req: request }),
-            }),
-          ]
-        : []),
+      ...(setup.graphql ? [apolloModule(platform, { autoSchemaFile: true })] : []),
     ],
     controllers: setup.controllers ?? [],
     providers: setup.providers ?? [],
@@ -95,6 +83,44 @@ export async function bootOptionsApp(setup: OptionsAppSetup): Promise<OptionsApp
       await app.close();
     },
   };
+}
+
+/**
+ * The app of one `describe` block: booted in its `beforeAll`, closed in its `afterAll` (if it
+ * booted). Its members are read in the block's tests, once it is up.
+ */
+export function optionsAppForSuite(setup: OptionsAppSetup): Omit<OptionsApp, 'close'> {
+  let booted: OptionsApp | undefined;
+  beforeAll(async () => {
+    booted = await bootOptionsApp(setup);
+  });
+  afterAll(() => booted?.close());
+  const up = (): OptionsApp => {
+    if (!booted) throw new Error('The options app is not up: read it in a test, after beforeAll');
+    return booted;
+  };
+  return {
+    get app() {
+      return up().app;
+    },
+    get http() {
+      return up().http;
+    },
+    get log() {
+      return up().log;
+    },
+    get nats() {
+      return up().nats;
+    },
+  };
+}
+
+/** The error a message was answered with; rejects if it was answered with a value instead. */
+export function rpcFailure(answer: Promise<unknown>): Promise<Record<string, unknown>> {
+  return answer.then(
+    () => Promise.reject(new Error('the message was answered')),
+    (error: unknown) => error as Record<string, unknown>,
+  );
 }
 
 /** Handler runs counted by name. */
