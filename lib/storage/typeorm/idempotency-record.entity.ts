@@ -61,10 +61,12 @@ export class IdempotencyRecord {
   createdAt!: number;
 
   /**
-   * From when on the purge looks at the record: set by the claim (the TTL's end counted from the
-   * claim when the claim knows the TTL, else the claim's time) and left alone by the completion and
-   * the renewal, so that they change no indexed column (a HOT update on PostgreSQL). The purge deletes
-   * a record only once `expiresAt` has passed too. 0 on rows of 0.1 (see
+   * From when on the purge looks at the record: set by the claim (the earlier of the TTL's end
+   * counted from the claim and the lock's end when the claim knows the TTL, else the claim's time),
+   * never changed by the renewal, and only lowered by the completion (to the new expiry, for a
+   * record the purge deferred while it ran), so that they change no indexed column in the usual
+   * case (a HOT update on PostgreSQL). The purge deletes a record only once `expiresAt` has passed
+   * too. 0 on rows of 0.1 (see
    * `IdempotencyRecordsHotCompletion1768000000000`).
    */
   @Column({ name: 'purge_at', type: 'bigint', default: 0, transformer: epochMillis })

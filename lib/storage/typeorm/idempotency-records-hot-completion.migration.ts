@@ -18,8 +18,9 @@ const PURGE_AT = 'purge_at';
  * index of the table. An update is HOT only when it changes no indexed column, and the completion
  * changes `expires_at`, which the purge index covered. So:
  *
- * - a column `purge_at` (bigint, default 0), set by the claim (see `ClaimRequest.ttlMs`) and left
- *   alone by the completion and the renewal: from when on the purge looks at the record (`IdempotencyStore.purgeExpired`
+ * - a column `purge_at` (bigint, default 0), set by the claim (see `ClaimRequest.ttlMs`), left
+ *   alone by the renewal and only lowered by the completion (for a record the purge deferred while
+ *   it ran): from when on the purge looks at the record (`IdempotencyStore.purgeExpired`
  *   still deletes a record only once `expires_at` has passed, and moves `purge_at` of one found too
  *   early up to its `expires_at`);
  * - the purge index on `purge_at` instead of `expires_at`;
