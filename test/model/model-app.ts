@@ -55,19 +55,22 @@ import {
 } from '@nestjs/microservices';
 import { APP_INTERCEPTOR } from '@nestjs/core';
 import { FastifyAdapter } from '@nestjs/platform-fastify';
-import { Test } from '@nestjs/testing';
+import { Test, type TestingModule } from '@nestjs/testing';
 import { GraphQLError } from 'graphql';
 import { JsonSocket } from '@nestjs/microservices/helpers/index.js';
+import { randomUUID } from 'node:crypto';
 import { createServer, type Socket } from 'node:net';
 import { firstValueFrom } from 'rxjs';
 import {
   Idempotent,
   IdempotencyModule,
   IdempotencyPurgeJob,
+  IdempotencyStore,
   type IdempotencyModuleOptions,
   type IdempotencyRouteOptions,
   type MessageAcknowledgement,
 } from '../../lib/index.js';
+import { RESOLVED_OPTIONS, type ResolvedModuleOptions } from '../../lib/idempotency.options.js';
 import { HttpClient, jsonOf, type Exchange } from '../support/http-client.js';
 
 /** The two operations of every transport (see the file's comment). */
@@ -536,6 +539,45 @@ function freePort(): Promise<number> {
 }
 
 /**
+ * Returns once the process hears what operators delete, when its store tells it (PostgreSQL's
+ * listener, Redis's subscriber). The listening starts with the first record cached; once it is
+ * live, the records cached before it are checked against the store, and a row deleted by hand
+ * meanwhile is dropped (docs/operations.md "Replay caches"). The model predicts that a row deleted by hand
+ * still replays from the cache, which holds only from then on: so a record that is not stored is
+ * cached here, and its check (which drops it) is awaited.
+ */
+async function untilInvalidationsHeard(moduleRef: TestingModule): Promise<void> {
+  const store = moduleRef.get<IdempotencyStore>(IdempotencyStore);
+  const cache = moduleRef.get<ResolvedModuleOptions>(RESOLVED_OPTIONS).replayCache;
+  const stop = store.onInvalidated?.(() => undefined);
+  if (!cache || !stop) return;
+  stop();
+  const checked = new Promise<void>((resolve) => {
+    const revalidate = cache.revalidate.bind(cache);
+    cache.revalidate = (stillStored) => revalidate(stillStored).finally(resolve);
+  });
+  const id = { scope: '', endpoint: 'model warm-up', key: randomUUID() };
+  cache.set(id, {
+    fingerprint: '',
+    token: '',
+    expiresAt: Date.now() + 60_000,
+    response: { status: 200, headers: {}, body: null, bodyEncoding: 'json', isError: false },
+  });
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([
+    checked,
+    new Promise((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error('model: the store never started telling this process of deletions')),
+        20_000,
+      );
+    }),
+  ]).finally(() => clearTimeout(timer));
+  if (cache.get(id, Date.now()))
+    throw new Error('model: the replay cache kept a record that is not stored');
+}
+
+/**
  * Boots the app of `transport` with the module's `options` (its store). `logger`: Nest's logging,
  * off unless MODEL_LOG=1.
  */
@@ -589,6 +631,7 @@ export async function createModelApp(
       logger,
     });
     await app.listen();
+    await untilInvalidationsHeard(moduleRef);
     const client: ClientProxy = ClientProxyFactory.create({
       transport: Transport.TCP,
       options: { host: '127.0.0.1', port, socketClass: NoDelayJsonSocket },
@@ -627,6 +670,7 @@ export async function createModelApp(
       ? moduleRef.createNestApplication(new FastifyAdapter(), { logger })
       : moduleRef.createNestApplication({ logger });
   await app.listen(0, '127.0.0.1');
+  await untilInvalidationsHeard(moduleRef);
   const address = app.getHttpServer().address() as { port: number };
   const client = new HttpClient(`http://127.0.0.1:${address.port}`, 64);
   const commonHeaders = (request: WireRequest): Record<string, string> => ({
