@@ -543,7 +543,9 @@ function freePort(): Promise<number> {
  * listener, Redis's subscriber). The listening starts with the first record cached; once it is
  * live, the records cached before it are checked against the store, and a row deleted by hand
  * meanwhile is dropped (docs/operations.md "Replay caches"). The model predicts that a row deleted by hand
- * still replays from the cache, which holds only from then on: so a record that is not stored is
+ * still replays from the cache, which holds only from then on (and while the connection stays up:
+ * a loss empties the cache, which the model leaves out). So the probe (`onInvalidated`, which also
+ * opens the connection) tells whether the store tells; if it does, a record that is not stored is
  * cached here, and its check (which drops it) is awaited.
  */
 async function untilInvalidationsHeard(moduleRef: TestingModule): Promise<void> {
@@ -631,7 +633,10 @@ export async function createModelApp(
       logger,
     });
     await app.listen();
-    await untilInvalidationsHeard(moduleRef);
+    await untilInvalidationsHeard(moduleRef).catch(async (error: unknown) => {
+      await app.close();
+      throw error;
+    });
     const client: ClientProxy = ClientProxyFactory.create({
       transport: Transport.TCP,
       options: { host: '127.0.0.1', port, socketClass: NoDelayJsonSocket },
@@ -670,7 +675,10 @@ export async function createModelApp(
       ? moduleRef.createNestApplication(new FastifyAdapter(), { logger })
       : moduleRef.createNestApplication({ logger });
   await app.listen(0, '127.0.0.1');
-  await untilInvalidationsHeard(moduleRef);
+  await untilInvalidationsHeard(moduleRef).catch(async (error: unknown) => {
+    await app.close();
+    throw error;
+  });
   const address = app.getHttpServer().address() as { port: number };
   const client = new HttpClient(`http://127.0.0.1:${address.port}`, 64);
   const commonHeaders = (request: WireRequest): Record<string, string> => ({
