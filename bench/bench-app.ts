@@ -1,5 +1,14 @@
 import 'reflect-metadata';
-import { Body, Controller, Module, Post, type INestApplication } from '@nestjs/common';
+import {
+  Body,
+  Controller,
+  Module,
+  Post,
+  UseInterceptors,
+  type CallHandler,
+  type INestApplication,
+  type NestInterceptor,
+} from '@nestjs/common';
 import { NestFactory } from '@nestjs/core';
 import { randomUUID } from 'node:crypto';
 import type { Server } from 'node:http';
@@ -80,11 +89,28 @@ class HoldController {
   }
 }
 
-/** One handler twice: `plain` is the ceiling, `/orders` is the same work behind `@Idempotent()`. */
+/** An interceptor that does nothing: what Nest's interceptor pipeline alone costs a route. */
+class PassThroughInterceptor implements NestInterceptor {
+  intercept(_context: unknown, next: CallHandler) {
+    return next.handle();
+  }
+}
+
+/**
+ * One handler three times: `plain` is the ceiling, `/orders` is the same work behind
+ * `@Idempotent()`, and `pass-through` behind an interceptor that does nothing (the floor of any
+ * library that is an interceptor, `npm run bench:quick -- plain,pass_through`).
+ */
 @Controller('orders')
 class OrdersController {
   @Post('plain')
   plain(@Body() body: OrderRequest) {
+    return acceptOrder(body);
+  }
+
+  @Post('pass-through')
+  @UseInterceptors(PassThroughInterceptor)
+  passThrough(@Body() body: OrderRequest) {
     return acceptOrder(body);
   }
 

@@ -83,6 +83,8 @@ export const ORDER_BODY = JSON.stringify({ amount: 1250, currency: 'eur', custom
 /** Route paths of both apps (ours and the peer): one handler, mounted with and without idempotency. */
 export const ROUTES = {
   plain: '/orders/plain',
+  /** Ours only: the handler behind an interceptor that does nothing (bench:quick). */
+  passThrough: '/orders/pass-through',
   idempotent: '/orders',
   /** Ours only: the realistic handler (one INSERT) without, with, and transactional. */
   write: '/payments/plain',

@@ -8,20 +8,27 @@
  *   BENCH_QUICK_CONNECTIONS=1 npm run bench:quick      # one request at a time: latency, no batches
  *   BENCH_QUICK_DATABASE=pglite npm run bench:quick
  *
- * Routes: plain, first, write, write_first, write_tx. Not a substitute for `npm run bench`: no
- * peer, no replay keys, no report files.
+ * Routes: plain, pass_through (the handler behind an interceptor that does nothing), first, replay (cycles through `BENCH_REPLAY_KEYS` keys seeded first), write,
+ * write_first, write_tx. Not a substitute for `npm run bench`: no peer, no report files.
  */
 import { fileURLToPath } from 'node:url';
-import { BENCH_CONFIG } from './bench-config.js';
+import { BENCH_CONFIG, ROUTES } from './bench-config.js';
 import { startChild } from './child-process.js';
 import { cpuPerRequest, cpuSnapshot } from './cpu-usage.js';
 import { detectServices, dropSchema, resetSchema } from './environment.js';
-import { runLoad, type KeyPlan } from './load.js';
+import { runLoad, seedKeys, type KeyPlan } from './load.js';
 import { ROUTE_PATHS } from './route-rounds.js';
 import { median } from './stats.js';
 
-/** Our app's routes that need no seeded keys (`replay` does: the whole bench seeds them). */
-const QUICK_ROUTES = ['plain', 'first', 'write', 'write_first', 'write_tx'] as const;
+const QUICK_ROUTES = [
+  'plain',
+  'pass_through',
+  'first',
+  'replay',
+  'write',
+  'write_first',
+  'write_tx',
+] as const;
 type Route = (typeof QUICK_ROUTES)[number];
 
 const [routeList = 'plain,first', roundsArg = '3', secondsArg = '4'] = process.argv.slice(2);
@@ -50,14 +57,20 @@ const app = await startChild({
     BENCH_REDIS_URL: BENCH_CONFIG.redisUrl,
   },
 });
+const replayKeys = Array.from(
+  { length: routes.includes('replay') ? BENCH_CONFIG.replayKeys : 0 },
+  (_, i) => `quick-replay-${Date.now()}-${i}`,
+);
 const keysOf = (route: Route, tag: string): KeyPlan =>
-  route === 'plain' || route === 'write'
+  route === 'plain' || route === 'write' || route === 'pass_through'
     ? { kind: 'none' }
-    : { kind: 'fresh', prefix: `quick-${route}-${tag}-${Date.now()}` };
+    : route === 'replay'
+      ? { kind: 'cycle', keys: replayKeys }
+      : { kind: 'fresh', prefix: `quick-${route}-${tag}-${Date.now()}` };
 const load = (route: Route, tag: string, durationS: number) =>
   runLoad({
     port: app.port,
-    path: ROUTE_PATHS[route],
+    path: route === 'pass_through' ? ROUTES.passThrough : ROUTE_PATHS[route],
     keys: keysOf(route, tag),
     connections,
     durationS,
@@ -65,6 +78,7 @@ const load = (route: Route, tag: string, durationS: number) =>
 
 const samples = new Map<Route, { rps: number; p50: number; app: number; postgres: number }[]>();
 try {
+  if (replayKeys.length > 0) await seedKeys(app.port, ROUTE_PATHS.replay, replayKeys);
   for (const route of routes) await load(route, 'warm-up', 1);
   for (let round = 0; round < rounds; round++) {
     for (const route of routes) {
