@@ -112,7 +112,13 @@ export class KeyStateMachine {
    * the store propagate: without a decision the handler must not run.
    */
   begin(request: BeginRequest): Promise<Decision> {
-    if (!this.events.tracing) return this.decideWaiting(request);
+    if (!this.events.tracing) {
+      // A record this process read before: decided without a round trip (nor an await).
+      const cached = this.fromCache(request, Date.now());
+      return cached
+        ? Promise.resolve(this.decided(request.id, cached))
+        : this.decideWaiting(request);
+    }
     return this.events.step('claim', request.id, async (traced) => {
       try {
         const decision = await this.decideWaiting(request);
@@ -167,13 +173,19 @@ export class KeyStateMachine {
     return decision;
   }
 
+  /** The decision a cached record gives (replay or mismatch), if the replay cache holds one. */
+  private fromCache(request: BeginRequest, now: number): Decision | undefined {
+    const cached = this.settings.replayCache?.get(request.id, now);
+    if (!cached) return undefined;
+    return cached.fingerprint === request.fingerprint
+      ? { action: 'replay', response: cached.response }
+      : MISMATCH;
+  }
+
   private async decide(request: BeginRequest): Promise<Decision> {
     const now = Date.now();
-    const cached = this.settings.replayCache?.get(request.id, now);
-    if (cached)
-      return cached.fingerprint === request.fingerprint
-        ? { action: 'replay', response: cached.response }
-        : { action: 'mismatch' };
+    const cached = this.fromCache(request, now);
+    if (cached) return cached;
     // In wait mode duplicates may wait on this key: its completion or release must wake them.
     const watched = request.concurrency === 'wait';
     const claimRequest: ClaimRequest = {
@@ -261,6 +273,8 @@ export class KeyStateMachine {
     }
   }
 }
+
+const MISMATCH: Decision = { action: 'mismatch' };
 
 /** The claim span's outcome for each decision (the metric's name of it). */
 const TRACED_OUTCOMES: Record<Decision['action'], string> = {

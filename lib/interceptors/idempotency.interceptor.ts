@@ -113,16 +113,19 @@ export class IdempotencyInterceptor implements NestInterceptor {
         : '';
       const id: RecordId = { scope, endpoint: operation.endpoint, key: reading.key };
       const fingerprint = fingerprintOf(plan, operation, context, scope);
-      const decision = await this.decide(id.key, () =>
-        this.service.begin({
+      let decision: Decision;
+      try {
+        decision = await this.service.begin({
           id,
           fingerprint,
           lockTimeoutMs: options.lockTimeoutMs,
           ttlMs: options.ttlMs,
           concurrency: on.concurrency,
           waitTimeoutMs: options.waitTimeoutMs,
-        }),
-      );
+        });
+      } catch (error) {
+        throw this.storeUnavailable(id.key, error);
+      }
       return this.act(transport, context, decision, fingerprint, next, plan, settle, id);
     } catch (error) {
       if (!(error instanceof IdempotencyRejectionError)) {
@@ -212,6 +215,7 @@ export class IdempotencyInterceptor implements NestInterceptor {
         // One promise chain in one Observable (started on subscription, as `defer` would): the
         // lightest form for a path every first request takes.
         return new Observable<unknown>((subscriber) => {
+          transport.prepare?.(context);
           this.service
             .execute(
               decision.lease,
@@ -290,16 +294,12 @@ export class IdempotencyInterceptor implements NestInterceptor {
     );
   }
 
-  /** Decides, turning a store failure into a 503: the handler never runs without a claim. */
-  private async decide(key: string, begin: () => Promise<Decision>): Promise<Decision> {
-    try {
-      return await begin();
-    } catch (error) {
-      this.logger.error(
-        `Idempotency store unavailable for key ${truncateKeyForLog(key)}: ${(error as Error).message}`,
-      );
-      throw new IdempotencyRejectionError(rejection('store-unavailable'));
-    }
+  /** A store failure to decide, as a 503: the handler never runs without a claim. */
+  private storeUnavailable(key: string, error: unknown): IdempotencyRejectionError {
+    this.logger.error(
+      `Idempotency store unavailable for key ${truncateKeyForLog(key)}: ${(error as Error).message}`,
+    );
+    return new IdempotencyRejectionError(rejection('store-unavailable'));
   }
 
   /** Routes already warned about (once per route and app): an empty scope, a value refused. */

@@ -46,12 +46,13 @@ interface MulterFile {
  */
 export function unreadBody(request: BodyRequest): RequestStream | undefined {
   const stream = (request.raw ?? request) as Partial<RequestStream>;
+  // Read already (the path of nearly every request: the platform's JSON parser read it).
+  if (stream.readableDidRead || stream.readableFlowing || stream.readableEnded || stream.destroyed)
+    return undefined;
   const headers = stream.headers;
   if (typeof stream.read !== 'function' || !headers) return undefined;
   const length = Number(headers['content-length'] ?? 0);
   if (!(length > 0) && headers['transfer-encoding'] === undefined) return undefined;
-  if (stream.readableDidRead || stream.readableFlowing || stream.readableEnded || stream.destroyed)
-    return undefined;
   return stream as RequestStream;
 }
 
@@ -125,6 +126,7 @@ function neutralBoundaries(body: Buffer, contentType: string | string[] | undefi
 /** The files multer put on the request (`file`, or `files` as a list or by field), in order. */
 export function uploadedFiles(request: BodyRequest): MulterFile[] {
   const { file, files } = request;
+  if (!file && !files) return [];
   const list: unknown[] = file ? [file] : [];
   if (Array.isArray(files)) list.push(...(files as unknown[]));
   else if (files && typeof files === 'object')

@@ -2,6 +2,7 @@ import { RequestMethod } from '@nestjs/common';
 import { METHOD_METADATA } from '@nestjs/common/constants.js';
 import { createHash } from 'node:crypto';
 import { IDEMPOTENCY_KEY_HEADER, UNSTORED_RESPONSE_HEADERS } from '../idempotency.constants.js';
+import { EXCEPTION_ENTRY } from './replayed-exception.js';
 
 /**
  * Platform-neutral reads of the request and response objects: Express's `Request`/`Response`, and
@@ -120,12 +121,14 @@ export function statusOf(response: PlatformResponse): number {
 /** A response's headers at one moment: lower-cased names, values as sent. */
 export type HeaderSnapshot = Readonly<Record<string, string | string[]>>;
 
-/** The response's headers now: taken when the interceptor starts, before the handler runs. */
+/** The response's headers now: taken just before the handler runs, and when it has. */
 export function headerSnapshot(response: PlatformResponse): HeaderSnapshot {
-  const headers: Record<string, unknown> =
-    typeof response.getHeaders === 'function' ? response.getHeaders() : {};
   const snapshot: Record<string, string | string[]> = {};
-  for (const [name, value] of Object.entries(headers)) {
+  if (typeof response.getHeaders !== 'function') return snapshot;
+  // A copy already (Node's and Fastify's), with lower-case names; values may be numbers.
+  const headers = response.getHeaders();
+  for (const name in headers) {
+    const value = headers[name];
     if (value !== undefined) snapshot[name.toLowerCase()] = headerValue(value);
   }
   return snapshot;
@@ -183,18 +186,29 @@ export function replayableHeaders(
   stored: Readonly<Record<string, string | string[]>>,
   allowed?: ReadonlySet<string>,
 ): [string, string | string[]][] {
-  const current = headerSnapshot(response);
-  const replaced = new Set(String(stored[REPLACED_HEADERS_ENTRY] ?? '').split(','));
-  return Object.entries(stored).filter(([name]) => {
+  const current = typeof response.getHeaders === 'function' ? response.getHeaders() : {};
+  const replacedEntry = stored[REPLACED_HEADERS_ENTRY];
+  const replaced =
+    replacedEntry === undefined ? undefined : new Set(String(replacedEntry).split(','));
+  const replayed: [string, string | string[]][] = [];
+  for (const name in stored) {
     const lower = name.toLowerCase();
-    return (
-      lower !== REPLACED_HEADERS_ENTRY &&
+    if (
+      !NOT_REPLAYED_ENTRIES.has(lower) &&
       !UNSTORED_RESPONSE_HEADERS.has(lower) &&
       (allowed === undefined || isAllowed(lower, allowed)) &&
-      (!(lower in current) || replaced.has(lower))
-    );
-  });
+      (current[lower] === undefined || replaced?.has(lower) === true)
+    )
+      replayed.push([name, stored[name]]);
+  }
+  return replayed;
 }
+
+/** Entries of stored headers that are not headers: the names of those replaced, a stored error's class. */
+const NOT_REPLAYED_ENTRIES: ReadonlySet<string> = new Set([
+  REPLACED_HEADERS_ENTRY,
+  EXCEPTION_ENTRY,
+]);
 
 /** Content-Type always: without it a replayed body would change meaning. */
 function isAllowed(name: string, allowed: ReadonlySet<string>): boolean {

@@ -46,7 +46,7 @@ import {
   type OperationDescription,
 } from './idempotency-transport.js';
 import { EXCEPTION_ENTRY, ReplayedExceptions } from './replayed-exception.js';
-import { resultStorer } from './stored-result.js';
+import { resultStorer, storedResult } from './stored-result.js';
 
 /**
  * HTTP (Express and Fastify): the key is the Idempotency-Key header, the operation is the route
@@ -62,8 +62,9 @@ export class HttpTransport implements IdempotencyTransport {
   readonly defaultConcurrency = 'reject';
 
   /**
-   * Each response's headers and status when the interceptor started: what the handler sets comes
-   * after; the status is the route's (`@HttpCode`, 201 for POST), which Nest sets before.
+   * Each response's headers and status when its handler was about to run (`prepare`): what the
+   * handler sets comes after; the status is the route's (`@HttpCode`, 201 for POST), which Nest
+   * sets before the interceptors.
    */
   private readonly before = new WeakMap<
     PlatformResponse,
@@ -109,8 +110,7 @@ export class HttpTransport implements IdempotencyTransport {
   /**
    * The body as the platform parsed it (JSON, urlencoded), with the files multer parsed (hashed);
    * or, when no one has read the body yet (a multipart body whose FileInterceptor runs after this
-   * interceptor, or that the handler reads), the body itself, read ahead and put back. Snapshots
-   * the response's headers, so only those set from here on are stored.
+   * interceptor, or that the handler reads), the body itself, read ahead and put back.
    */
   describe(
     context: ExecutionContext,
@@ -118,8 +118,6 @@ export class HttpTransport implements IdempotencyTransport {
   ): OperationDescription | Promise<OperationDescription> {
     const http = context.switchToHttp();
     const request = http.getRequest<PlatformRequest & BodyRequest & { readonly body?: unknown }>();
-    const response = http.getResponse<PlatformResponse>();
-    this.before.set(response, { headers: headerSnapshot(response), status: statusOf(response) });
     const handler = context.getHandler();
     // A route with a fingerprint of its own: no upload read ahead nor hashed, only the body given.
     if (!fingerprinted)
@@ -147,6 +145,15 @@ export class HttpTransport implements IdempotencyTransport {
     return fingerprintsOf(files, route).then((digests) => operation(request.body, digests));
   }
 
+  /**
+   * Snapshots the response's headers and status before the handler runs, so only those it sets
+   * are stored (a replay or a rejection needs none).
+   */
+  prepare(context: ExecutionContext): void {
+    const response = context.switchToHttp().getResponse<PlatformResponse>();
+    this.before.set(response, { headers: headerSnapshot(response), status: statusOf(response) });
+  }
+
   /** Only an HttpException is an answer the handler chose; anything else is a crash (500). */
   capture(
     context: ExecutionContext,
@@ -168,10 +175,12 @@ export class HttpTransport implements IdempotencyTransport {
     const { shouldStore } = options;
     const { maxResponseBytes } = this.moduleOptions;
     if (outcome.ok) {
-      return resultStorer({ key, endpoint, headers }, shouldStore, maxResponseBytes)(
-        answered ? (before?.status ?? 200) : statusOf(response),
-        outcome.value,
-        false,
+      const status = answered ? (before?.status ?? 200) : statusOf(response);
+      const value = outcome.value;
+      return storedResult(
+        { key, endpoint, headers, status, value, isError: false },
+        shouldStore,
+        maxResponseBytes,
       );
     }
     const error = outcome.error;
@@ -210,8 +219,11 @@ export class HttpTransport implements IdempotencyTransport {
   ): Observable<unknown> {
     const response = context.switchToHttp().getResponse<PlatformResponse>();
     const adapter = this.adapterHost.httpAdapter;
-    const { [EXCEPTION_ENTRY]: exception, ...headers } = stored.headers;
-    for (const [name, value] of replayableHeaders(response, headers, options.replayHeaders)) {
+    for (const [name, value] of replayableHeaders(
+      response,
+      stored.headers,
+      options.replayHeaders,
+    )) {
       adapter.setHeader(response, name, value as string);
     }
     adapter.setHeader(response, IDEMPOTENT_REPLAYED_HEADER, 'true');
@@ -221,7 +233,7 @@ export class HttpTransport implements IdempotencyTransport {
       throw this.exceptions.thrownAgain(
         context.getHandler(),
         context.getClass(),
-        exception,
+        stored.headers[EXCEPTION_ENTRY],
         body,
         stored.status,
       );

@@ -86,6 +86,11 @@ export interface IdempotencyTransport {
     fingerprinted: boolean,
   ): OperationDescription | Promise<OperationDescription>;
   /**
+   * Called once the key is claimed, just before the handler runs: what must be noted of the call
+   * before the handler (HTTP: the response's headers and status, so only those it sets are stored).
+   */
+  prepare?(context: ExecutionContext): void;
+  /**
    * The response to store for the handler's outcome, or `null` when it is not stored (the key is
    * then released): a crash, a status the policy does not keep, too large, a stream. Never throws
    * (nor rejects: a promise when the value must be read first, as GraphQL's lazy fields).

@@ -27,18 +27,24 @@ export function storedResult(
   maxResponseBytes: number,
 ): StoredResponse | null {
   if (!shouldStore(result.status)) return null;
-  const where = `key ${truncateKeyForLog(result.key)} on ${result.endpoint}`;
+  const where = () => `key ${truncateKeyForLog(result.key)} on ${result.endpoint}`;
   if (result.value instanceof StreamableFile) {
     logger.error(
-      `A StreamableFile cannot be stored: ${where} was released, so a retry runs the handler again. Do not use @Idempotent() on streaming routes.`,
+      `A StreamableFile cannot be stored: ${where()} was released, so a retry runs the handler again. Do not use @Idempotent() on streaming routes.`,
     );
     return null;
   }
   const encoded = encodeBody(result.value);
-  const size = encoded?.body ? Buffer.byteLength(encoded.body) : 0;
+  const body = encoded?.body;
+  // A UTF-16 unit is at most 3 bytes of UTF-8: most bodies need no byte count.
+  const size = !body
+    ? 0
+    : body.length * 3 <= maxResponseBytes
+      ? body.length
+      : Buffer.byteLength(body);
   if (!encoded || size > maxResponseBytes) {
     logger.warn(
-      `Response for ${where} not stored (${encoded ? `${size} bytes, over maxResponseBytes` : 'not serialisable'}); key released.`,
+      `Response for ${where()} not stored (${encoded ? `${size} bytes, over maxResponseBytes` : 'not serialisable'}); key released.`,
     );
     return null;
   }

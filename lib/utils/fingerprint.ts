@@ -92,6 +92,9 @@ export function canonicalJson(value: unknown, depth = 0): string | undefined {
 }
 
 function isArrayIndex(name: string): boolean {
+  // Most names start with a letter: no regex for them.
+  const first = name.charCodeAt(0);
+  if (!(first >= 48 && first <= 57)) return false;
   return /^(?:0|[1-9][0-9]*)$/.test(name) && Number(name) < 4294967295;
 }
 
