@@ -200,6 +200,11 @@ export class IdempotencyAdmin implements OnApplicationBootstrap, OnApplicationSh
         // Listening for the first time: what was cached before was read from the store moments
         // ago; keep what is still stored rather than empty the cache (a reconnect empties it).
         live = true;
+        // A connection lost before this process heard it listen suspended the cache (emptied it,
+        // and it has cached nothing since): it caches again from now on, as after any reconnect.
+        // Resumed now rather than once the check ends: a suspended cache holds nothing to check,
+        // and a loss during the check suspends it again, which a late resume would undo.
+        cache.resume();
         void cache
           .revalidate((id, record) => this.stillStored(id, record))
           .then(() =>

@@ -258,8 +258,13 @@ export interface IdempotencyAdminStore {
   /**
    * Calls `listener` when a record was deleted by `deleteRecord`, in this process or any other
    * (PostgreSQL through `pg`: LISTEN/NOTIFY; Redis: pub/sub); with `all` when the store cannot
-   * tell what it missed (its listening connection (re)connected), and with `all` and
-   * `listening: false` when that connection is lost. Returns how to stop.
+   * tell what it missed: each time its listening connection starts listening ((re)connected),
+   * and once for a listener added while it already listens (it heard nothing before). That one
+   * comes after this call returns (a microtask later at the soonest, so the caller's setup is
+   * done), and not if the listener was stopped meanwhile: every listener hears an `all` once the
+   * store listens for it, which is how it knows it is told from then on. With `all` and
+   * `listening: false` when that connection is lost (nothing is told until the next `all`).
+   * Returns how to stop.
    * Unsupported (no method, or `undefined`): other processes are not told.
    */
   onInvalidated?(listener: (invalidation: RecordInvalidation) => void): (() => void) | undefined;

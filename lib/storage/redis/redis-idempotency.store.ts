@@ -415,7 +415,9 @@ export class RedisIdempotencyStore implements IdempotencyStore {
 
   /**
    * The invalidations sent by `deleteRecord` in any process, on the store's subscriber connection
-   * (opened now, even with `waitNotifications: false`).
+   * (opened now, even with `waitNotifications: false`). If it is already subscribed (a waiter
+   * opened it), `listener` gets `{ all: true, listening: true }` at once (in a microtask, once the
+   * caller's code has run): it heard nothing before.
    */
   onInvalidated(listener: (invalidation: RecordInvalidation) => void): () => void {
     const onTag = (tag: string | null, listening: boolean) =>
@@ -426,6 +428,11 @@ export class RedisIdempotencyStore implements IdempotencyStore {
       );
     this.invalidationListeners.add(onTag);
     if (!this.subscriber) this.subscribe();
+    else if (this.subscribed) {
+      queueMicrotask(() => {
+        if (this.subscribed && this.invalidationListeners.has(onTag)) onTag(null, true);
+      });
+    }
     return () => this.invalidationListeners.delete(onTag);
   }
 

@@ -120,11 +120,19 @@ export class PostgresChangeListener {
    * Calls `listener` with the change tag of each record an operator deleted (an
    * `INVALIDATION_PREFIX` payload), with `null` each time the connection starts listening (what
    * was deleted while nobody listened is unknown), and with `null` and `listening: false` when it
-   * is lost. Opens the connection now. Returns how to stop.
+   * is lost. Opens the connection now; if it is already listening (a waiter opened it), calls
+   * `listener` with `null` at once (in a microtask, once the caller's code has run): it heard
+   * nothing before. Returns how to stop.
    */
   onInvalidated(listener: (tag: string | null, listening: boolean) => void): () => void {
     this.invalidationListeners.add(listener);
-    if (!this.client && !this.connecting && this.reconnectTimer === undefined) void this.connect();
+    if (this.listening) {
+      queueMicrotask(() => {
+        if (this.listening && this.invalidationListeners.has(listener)) listener(null, true);
+      });
+    } else if (!this.client && !this.connecting && this.reconnectTimer === undefined) {
+      void this.connect();
+    }
     return () => this.invalidationListeners.delete(listener);
   }
 
