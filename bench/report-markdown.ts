@@ -22,6 +22,7 @@ const DATABASE_LABEL: Record<Database, string> = {
 
 const ROUTE_LABEL: Record<string, string> = {
   plain: 'plain (no @Idempotent, ceiling)',
+  pass_through: 'plain behind an interceptor that does nothing (NestJS 12)',
   first: 'first (@Idempotent, fresh key)',
   replay: 'replay (@Idempotent, completed key)',
   write: 'realistic handler (one INSERT), no @Idempotent: × for the two rows below',
@@ -30,6 +31,7 @@ const ROUTE_LABEL: Record<string, string> = {
   peer_redis: 'peer Redis, fresh key',
   peer_redis_replay: 'peer Redis, completed key',
   peer_redis_plain: 'peer app plain (NestJS 10 ceiling)',
+  peer_redis_pass_through: 'peer app plain behind an interceptor that does nothing (NestJS 10)',
   peer_memory: 'peer memory, fresh key',
   peer_memory_replay: 'peer memory, completed key',
   peer_memory_plain: 'peer app plain (NestJS 10, memory process)',

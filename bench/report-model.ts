@@ -100,6 +100,7 @@ const PEER_ROUTES: readonly [string, TargetName, RouteName][] = [
   ['peer_redis', 'peer_redis', 'first'],
   ['peer_redis_replay', 'peer_redis', 'replay'],
   ['peer_redis_plain', 'peer_redis', 'plain'],
+  ['peer_redis_pass_through', 'peer_redis', 'pass_through'],
   ['peer_memory', 'peer_memory', 'first'],
   ['peer_memory_replay', 'peer_memory', 'replay'],
   ['peer_memory_plain', 'peer_memory', 'plain'], // only when Redis is absent
@@ -115,7 +116,7 @@ export function buildResults(run: RunMeasurements): BenchResults {
     const plain = figures(run.samples, database, 'plain', null);
     if (!plain) continue;
     const routes: Record<string, RouteFigures> = { plain: { ...plain, ratio_to_plain: 1 } };
-    for (const route of ['first', 'replay'] as const) {
+    for (const route of ['pass_through', 'first', 'replay'] as const) {
       const figure = figures(run.samples, database, route, plain.rps);
       if (figure) routes[route] = figure;
     }
@@ -239,6 +240,32 @@ export function checkTargets(results: BenchResults, extras: TargetExtras = {}): 
         ? `ours ${signed(ours)}, peer ${signed(peerOverhead)}${warn(pg, [first, plain, 'peer_redis', 'peer_redis_plain'])}`
         : null,
       ours !== undefined && peerOverhead !== undefined ? ours <= peerOverhead : null,
+    );
+  }
+
+  // 1b. For reading: the same overheads over each app's route behind an interceptor that does
+  // nothing, which sets NestJS 12's interceptor pipeline (ours) apart from NestJS 10's (the peer's).
+  const overPassThrough = (route: string, passThrough: string) =>
+    app(routeOf(pg, route)) !== undefined && app(routeOf(pg, passThrough)) !== undefined
+      ? app(routeOf(pg, route))! - app(routeOf(pg, passThrough))!
+      : undefined;
+  const pipeline = overPassThrough('pass_through', 'plain');
+  const peerPipeline = overPassThrough('peer_redis_pass_through', 'peer_redis_plain');
+  if (pipeline !== undefined && peerPipeline !== undefined) {
+    const parts = [
+      ['PostgreSQL', overPassThrough('first', 'pass_through')],
+      ['the Redis store', overPassThrough('redis_first', 'pass_through')],
+      ['peer', overPassThrough('peer_redis', 'peer_redis_pass_through')],
+      ['replay, PostgreSQL', overPassThrough('replay', 'pass_through')],
+    ] as const;
+    push(
+      'app CPU of an interceptor that does nothing, over the plain route: NestJS 12 (ours) vs 10 (the peer’s); then fresh key (and replay) over it (for reading)',
+      `NestJS 12 ${signed(pipeline)}, NestJS 10 ${signed(peerPipeline)}; over it: ${parts
+        .map(([label, value]) => `${label} ${value === undefined ? '–' : signed(value)}`)
+        .join(
+          ', ',
+        )}${warn(pg, ['pass_through', 'plain', 'peer_redis_pass_through', 'peer_redis_plain'])}`,
+      null,
     );
   }
 

@@ -8,13 +8,21 @@ import { postOnce, runLoad, seedKeys, type KeyPlan, type LoadResult } from './lo
 import type { QueryCounts } from './query-counter.js';
 
 export type TargetName = 'postgres' | 'pglite' | 'redis' | 'peer_redis' | 'peer_memory';
-export type RouteName = 'plain' | 'first' | 'replay' | 'write' | 'write_first' | 'write_tx';
+export type RouteName =
+  'plain' | 'pass_through' | 'first' | 'replay' | 'write' | 'write_first' | 'write_tx';
 export const ROUTE_NAMES: readonly RouteName[] = ['plain', 'first', 'replay'];
+/**
+ * The handler behind an interceptor that does nothing: what the framework's interceptor pipeline
+ * alone costs (NestJS 12 in our app, 10 in the peer's). Loaded on our PostgreSQL app and on the
+ * peer's Redis app: a route of the app, whatever its store.
+ */
+const PASS_THROUGH: readonly RouteName[] = ['pass_through'];
 /** Our apps also load the realistic handler: one INSERT, without, with and transactional. */
 const OUR_ROUTE_NAMES: readonly RouteName[] = [...ROUTE_NAMES, 'write', 'write_first', 'write_tx'];
 
 export const ROUTE_PATHS: Record<RouteName, string> = {
   plain: ROUTES.plain,
+  pass_through: ROUTES.passThrough,
   first: ROUTES.idempotent,
   replay: ROUTES.idempotent,
   write: ROUTES.write,
@@ -89,18 +97,24 @@ export async function startTargets(
       const peerPlainElsewhere =
         name === 'peer_memory' && wanted.some((other) => other.name === 'peer_redis');
       const ours = name === 'postgres' || name === 'pglite';
+      const routes: readonly RouteName[] = peerPlainElsewhere
+        ? ['first', 'replay']
+        : ours
+          ? OUR_ROUTE_NAMES
+          : ROUTE_NAMES;
+      const passThrough = name === 'postgres' || name === 'peer_redis';
       return {
         name,
         app,
         replayKeys,
-        routes: peerPlainElsewhere ? ['first', 'replay'] : ours ? OUR_ROUTE_NAMES : ROUTE_NAMES,
+        routes: passThrough ? [...routes, ...PASS_THROUGH] : routes,
       };
     }),
   );
 }
 
 function keyPlan(target: Target, route: RouteName, tag: string): KeyPlan {
-  if (route === 'plain' || route === 'write') return { kind: 'none' };
+  if (route === 'plain' || route === 'write' || route === 'pass_through') return { kind: 'none' };
   if (route === 'replay') return { kind: 'cycle', keys: target.replayKeys };
   return { kind: 'fresh', prefix: `${route}-${target.name}-${tag}-${Date.now()}` };
 }

@@ -9,7 +9,7 @@
  */
 require('reflect-metadata');
 const { randomUUID } = require('node:crypto');
-const { Body, Controller, Module, Post } = require('@nestjs/common');
+const { Body, Controller, Module, Post, UseInterceptors } = require('@nestjs/common');
 const { NestFactory } = require('@nestjs/core');
 const { Idempotent, NodeIdempotencyModule } = require('@node-idempotency/nestjs');
 const { RedisStorageAdapter } = require('@node-idempotency/storage-adapter-redis');
@@ -33,8 +33,18 @@ function acceptOrder(body) {
   };
 }
 
+/** An interceptor that does nothing: NestJS 10's interceptor pipeline alone (see bench-app.ts). */
+class PassThroughInterceptor {
+  intercept(_context, next) {
+    return next.handle();
+  }
+}
+
 class OrdersController {
   plain(body) {
+    return acceptOrder(body);
+  }
+  passThrough(body) {
     return acceptOrder(body);
   }
   create(body) {
@@ -42,6 +52,10 @@ class OrdersController {
   }
 }
 decorateMethod(OrdersController, 'plain', [Post('plain')]);
+decorateMethod(OrdersController, 'passThrough', [
+  Post('pass-through'),
+  UseInterceptors(PassThroughInterceptor),
+]);
 decorateMethod(OrdersController, 'create', [Post(), Idempotent()]);
 Reflect.decorate([Controller('orders')], OrdersController);
 
