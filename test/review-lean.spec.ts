@@ -17,8 +17,15 @@ import { FastifyAdapter } from '@nestjs/platform-fastify';
 import { Test } from '@nestjs/testing';
 import { randomUUID } from 'node:crypto';
 import { DataSource } from 'typeorm';
-import { Idempotent, IdempotencyModule, IdempotencyRecord } from '../lib/index.js';
-import { recordsOf } from './fixtures/fixture-app.js';
+import {
+  Idempotent,
+  IdempotencyAdmin,
+  IdempotencyModule,
+  IdempotencyRecord,
+  IdempotencyStore,
+} from '../lib/index.js';
+import { createFixtureApp, recordsOf } from './fixtures/fixture-app.js';
+import { CapturedLog } from './support/captured-log.js';
 import { testDatabases } from './support/databases.js';
 import { newKey, post } from './support/http.js';
 import { waitFor } from './support/reliability.js';
@@ -141,4 +148,57 @@ describeOnPostgres('review: the lean request path, on PostgreSQL', () => {
       }
     },
   );
+});
+
+/**
+ * The replay cache and an operator's `forget` (docs/operations.md "Replay caches": "The record is
+ * dropped at once from the acting process's cache"). Not of the lean path itself: a request that
+ * read the completed record just before the forget caches it just after, and the cache keeps it.
+ */
+describeOnPostgres('review: the replay cache and a forget racing a read, on PostgreSQL', () => {
+  it('a record forgotten while a request was reading it is not replayed from the cache afterwards', async () => {
+    const log = new CapturedLog();
+    const fixture = await createFixtureApp(postgres!, {}, 'express', { logger: log });
+    try {
+      const store = fixture.app.get<IdempotencyStore>(IdempotencyStore);
+      const admin = fixture.app.get(IdempotencyAdmin);
+      // The process listens for deletions, and has checked what it cached first.
+      const warm = newKey();
+      await post(fixture.http, '/charges', warm, { amount: 1 }).expect(201);
+      await post(fixture.http, '/charges', warm, { amount: 1 }).expect(201);
+      await waitFor('the process to listen for deletions', () =>
+        log.lines.some((line) => line.text.includes('kept the cached records still stored'))
+          ? true
+          : undefined,
+      );
+
+      const key = newKey();
+      await post(fixture.http, '/charges', key, { amount: 1 }).expect(201);
+      // The next claim of `key` reads the completed record; its answer is held in this process
+      // (the event loop busy elsewhere, say) until the operator's forget is done.
+      let read: (() => void) | undefined;
+      const claim = store.claim.bind(store);
+      store.claim = async (request) => {
+        const result = await claim(request);
+        if (request.id.key === key && !result.claimed)
+          await new Promise<void>((resolve) => (read = resolve));
+        return result;
+      };
+      const reading = post(fixture.http, '/charges', key, { amount: 1 }).then((r) => r);
+      const release = await waitFor('the record to be read', () => read);
+      await admin.forget(key, { actor: 'review' });
+      expect(await recordsOf(fixture.dataSource, key)).toEqual([]);
+      release();
+      // Read before the forget: its replay is the record's.
+      expect((await reading).headers['idempotent-replayed']).toBe('true');
+
+      // After the forget, the next request runs the handler.
+      const next = await post(fixture.http, '/charges', key, { amount: 1 });
+      expect(next.status).toBe(201);
+      expect(next.headers['idempotent-replayed']).toBeUndefined();
+      expect(fixture.calls.count('charges', key)).toBe(2);
+    } finally {
+      await fixture.close();
+    }
+  });
 });
