@@ -49,6 +49,11 @@ export class ReplayCache {
   private bytes = 0;
   /** Set while nobody tells this process what operators delete (see `suspend`). */
   private suspended = false;
+  /**
+   * Counts what dropped records (a deletion, a clear, the first check): a record read from the
+   * store before a drop may be the very one dropped, so it is not cached after it (see `set`).
+   */
+  private drops = 0;
   /** Called once, when the first record is cached (see `onFirstUse`). */
   private firstUse: (() => void) | undefined;
   private readonly maxEntries: number;
@@ -74,8 +79,20 @@ export class ReplayCache {
     return undefined;
   }
 
-  set(id: RecordId, record: CachedRecord): void {
-    if (this.suspended) return;
+  /**
+   * What to hand `set` with a record about to be read from the store: the cache's state before
+   * the read.
+   */
+  get generation(): number {
+    return this.drops;
+  }
+
+  /**
+   * Caches `record`. With `readAt` (the `generation` before it was read), not if a record was
+   * dropped since: an operator may have deleted this one between the read and now.
+   */
+  set(id: RecordId, record: CachedRecord, readAt?: number): void {
+    if (this.suspended || (readAt !== undefined && readAt !== this.drops)) return;
     const bytes = sizeOf(record.response);
     if (bytes > this.maxBytes / 16) return;
     const name = recordName(id);
@@ -109,6 +126,7 @@ export class ReplayCache {
 
   /** Drops the record of `id`, if it is cached. */
   delete(id: RecordId): void {
+    this.drops++;
     const name = recordName(id);
     const entry = this.entries.get(name);
     if (!entry) return;
@@ -118,6 +136,7 @@ export class ReplayCache {
 
   /** Drops every cached record whose id `matches`. */
   deleteWhere(matches: (id: RecordId) => boolean): void {
+    this.drops++;
     for (const [name, entry] of this.entries) {
       if (!matches(entry.id)) continue;
       this.entries.delete(name);
@@ -133,6 +152,8 @@ export class ReplayCache {
   async revalidate(
     stillStored: (id: RecordId, record: CachedRecord) => Promise<boolean>,
   ): Promise<void> {
+    // A record read before the check began, cached after it, would not be checked.
+    this.drops++;
     const cached = [...this.entries.entries()];
     await Promise.all(
       cached.map(async ([name, entry]) => {
@@ -146,6 +167,7 @@ export class ReplayCache {
 
   /** Drops every cached record. */
   clear(): void {
+    this.drops++;
     this.entries.clear();
     this.bytes = 0;
   }

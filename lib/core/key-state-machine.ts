@@ -188,6 +188,7 @@ export class KeyStateMachine {
     if (cached) return cached;
     // In wait mode duplicates may wait on this key: its completion or release must wake them.
     const watched = request.concurrency === 'wait';
+    const readAt = this.settings.replayCache?.generation;
     const claimRequest: ClaimRequest = {
       id: request.id,
       fingerprint: request.fingerprint,
@@ -214,12 +215,16 @@ export class KeyStateMachine {
       watched,
     );
     if (decision.action === 'replay' && !claim.claimed)
-      this.settings.replayCache?.set(request.id, {
-        fingerprint: claim.record.fingerprint,
-        token: claim.record.token,
-        expiresAt: claim.record.expiresAt,
-        response: decision.response,
-      });
+      this.settings.replayCache?.set(
+        request.id,
+        {
+          fingerprint: claim.record.fingerprint,
+          token: claim.record.token,
+          expiresAt: claim.record.expiresAt,
+          response: decision.response,
+        },
+        readAt,
+      );
     return decision;
   }
 

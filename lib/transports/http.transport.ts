@@ -62,13 +62,14 @@ export class HttpTransport implements IdempotencyTransport {
   readonly defaultConcurrency = 'reject';
 
   /**
-   * Each response's headers and status when its handler was about to run (`prepare`): what the
-   * handler sets comes after; the status is the route's (`@HttpCode`, 201 for POST), which Nest
-   * sets before the interceptors.
+   * Each response's status when the interceptor started, the route's (`@HttpCode`, 201 for POST),
+   * which Nest sets before the interceptors (a timeout that answers a waiting duplicate changes it
+   * later); and its headers when the handler was about to run (`prepare`): what the handler sets
+   * comes after.
    */
   private readonly before = new WeakMap<
     PlatformResponse,
-    { readonly headers: HeaderSnapshot; readonly status: number }
+    { readonly status: number; headers?: HeaderSnapshot }
   >();
   private readonly exceptions: ReplayedExceptions;
 
@@ -118,6 +119,8 @@ export class HttpTransport implements IdempotencyTransport {
   ): OperationDescription | Promise<OperationDescription> {
     const http = context.switchToHttp();
     const request = http.getRequest<PlatformRequest & BodyRequest & { readonly body?: unknown }>();
+    const response = http.getResponse<PlatformResponse>();
+    this.before.set(response, { status: statusOf(response) });
     const handler = context.getHandler();
     // A route with a fingerprint of its own: no upload read ahead nor hashed, only the body given.
     if (!fingerprinted)
@@ -146,12 +149,15 @@ export class HttpTransport implements IdempotencyTransport {
   }
 
   /**
-   * Snapshots the response's headers and status before the handler runs, so only those it sets
-   * are stored (a replay or a rejection needs none).
+   * Snapshots the response's headers before the handler runs, so only those it sets are stored
+   * (a replay or a rejection needs none).
    */
   prepare(context: ExecutionContext): void {
     const response = context.switchToHttp().getResponse<PlatformResponse>();
-    this.before.set(response, { headers: headerSnapshot(response), status: statusOf(response) });
+    const before = this.before.get(response);
+    if (before) before.headers = headerSnapshot(response);
+    else
+      this.before.set(response, { status: statusOf(response), headers: headerSnapshot(response) });
   }
 
   /** Only an HttpException is an answer the handler chose; anything else is a crash (500). */
