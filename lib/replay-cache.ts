@@ -50,7 +50,7 @@ export class ReplayCache {
   /** Set while nobody tells this process what operators delete (see `suspend`). */
   private suspended = false;
   /**
-   * Counts what dropped records (a deletion, a clear, the first check): a record read from the
+   * Counts what dropped records (a deletion heard, a clear): a record read from the
    * store before a drop may be the very one dropped, so it is not cached after it (see `set`).
    */
   private drops = 0;
@@ -152,8 +152,6 @@ export class ReplayCache {
   async revalidate(
     stillStored: (id: RecordId, record: CachedRecord) => Promise<boolean>,
   ): Promise<void> {
-    // A record read before the check began, cached after it, would not be checked.
-    this.drops++;
     const cached = [...this.entries.entries()];
     await Promise.all(
       cached.map(async ([name, entry]) => {

@@ -290,10 +290,15 @@ describeOnRabbitMq('RabbitMQ, manual acknowledgement, consumers in the test proc
     await waitFor('both deliveries to be settled', () =>
       settledWith(key).length === 2 ? true : undefined,
     );
-    expect(settledWith(key).map((s) => s.settled)).toEqual([
-      { kind: 'done', replayed: false },
-      { kind: 'done', replayed: true },
-    ]);
+    // The first delivery done, the redelivery acked as its duplicate. In either order: the waiting
+    // redelivery reads the stored result on its own connection while the first's completion
+    // answers on another, and which the event loop hears first is not the library's to fix.
+    expect(settledWith(key).map((s) => s.settled)).toEqual(
+      expect.arrayContaining([
+        { kind: 'done', replayed: false },
+        { kind: 'done', replayed: true },
+      ]),
+    );
     expect(await rmq.leftOver()).toEqual({ queued: 0, deadLettered: 0 });
     expect(runs.get(`channel-lost|${key}`)).toBe(1);
     // The first delivery's ack, on the closed channel, failed and was logged.
