@@ -117,7 +117,7 @@ export class KeyStateMachine {
       const cached = this.fromCache(request, Date.now());
       return cached
         ? Promise.resolve(this.decided(request.id, cached))
-        : this.decideWaiting(request);
+        : this.decideWaiting(request, true);
     }
     return this.events.step('claim', request.id, async (traced) => {
       try {
@@ -131,9 +131,10 @@ export class KeyStateMachine {
     });
   }
 
-  private async decideWaiting(request: BeginRequest): Promise<Decision> {
+  /** @param cacheChecked the replay cache was just asked (and had nothing): not asked again. */
+  private async decideWaiting(request: BeginRequest, cacheChecked = false): Promise<Decision> {
     const waitUntil = Date.now() + request.waitTimeoutMs;
-    const first = await this.decide(request);
+    const first = await this.decide(request, cacheChecked);
     // The path of nearly every request: decided at the first read.
     if (first.action !== 'in-progress' || request.concurrency !== 'wait')
       return this.decided(request.id, first);
@@ -182,9 +183,9 @@ export class KeyStateMachine {
       : MISMATCH;
   }
 
-  private async decide(request: BeginRequest): Promise<Decision> {
+  private async decide(request: BeginRequest, cacheChecked = false): Promise<Decision> {
     const now = Date.now();
-    const cached = this.fromCache(request, now);
+    const cached = cacheChecked ? undefined : this.fromCache(request, now);
     if (cached) return cached;
     // In wait mode duplicates may wait on this key: its completion or release must wake them.
     const watched = request.concurrency === 'wait';

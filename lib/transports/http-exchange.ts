@@ -160,7 +160,7 @@ export function storableHeaders(
   for (const [name, value] of Object.entries(headerSnapshot(response))) {
     if (
       UNSTORED_RESPONSE_HEADERS.has(name) ||
-      name === REPLACED_HEADERS_ENTRY ||
+      INTERNAL_ENTRIES.has(name) ||
       (allowed !== undefined && !isAllowed(name, allowed)) ||
       sameValue(before[name], value)
     )
@@ -194,7 +194,7 @@ export function replayableHeaders(
   for (const name in stored) {
     const lower = name.toLowerCase();
     if (
-      !NOT_REPLAYED_ENTRIES.has(lower) &&
+      !INTERNAL_ENTRIES.has(lower) &&
       !UNSTORED_RESPONSE_HEADERS.has(lower) &&
       (allowed === undefined || isAllowed(lower, allowed)) &&
       (current[lower] === undefined || replaced?.has(lower) === true)
@@ -204,11 +204,11 @@ export function replayableHeaders(
   return replayed;
 }
 
-/** Entries of stored headers that are not headers: the names of those replaced, a stored error's class. */
-const NOT_REPLAYED_ENTRIES: ReadonlySet<string> = new Set([
-  REPLACED_HEADERS_ENTRY,
-  EXCEPTION_ENTRY,
-]);
+/**
+ * Entries of stored headers that are not headers (the names of those replaced, a stored error's
+ * class): never taken from a response, never sent by a replay.
+ */
+const INTERNAL_ENTRIES: ReadonlySet<string> = new Set([REPLACED_HEADERS_ENTRY, EXCEPTION_ENTRY]);
 
 /** Content-Type always: without it a replayed body would change meaning. */
 function isAllowed(name: string, allowed: ReadonlySet<string>): boolean {

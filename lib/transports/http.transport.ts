@@ -46,7 +46,7 @@ import {
   type OperationDescription,
 } from './idempotency-transport.js';
 import { EXCEPTION_ENTRY, ReplayedExceptions } from './replayed-exception.js';
-import { resultStorer, storedResult } from './stored-result.js';
+import { storedResult } from './stored-result.js';
 
 /**
  * HTTP (Express and Fastify): the key is the Idempotency-Key header, the operation is the route
@@ -156,8 +156,6 @@ export class HttpTransport implements IdempotencyTransport {
     const response = context.switchToHttp().getResponse<PlatformResponse>();
     const before = this.before.get(response);
     if (before) before.headers = headerSnapshot(response);
-    else
-      this.before.set(response, { status: statusOf(response), headers: headerSnapshot(response) });
   }
 
   /** Only an HttpException is an answer the handler chose; anything else is a crash (500). */
@@ -176,7 +174,6 @@ export class HttpTransport implements IdempotencyTransport {
     const headers = answered
       ? {}
       : storableHeaders(response, before?.headers, options.replayHeaders);
-    delete headers[EXCEPTION_ENTRY];
     const { key, endpoint } = id;
     const { shouldStore } = options;
     const { maxResponseBytes } = this.moduleOptions;
@@ -196,22 +193,32 @@ export class HttpTransport implements IdempotencyTransport {
       // answers without a filter), and thrown again, of its class, by a replay.
       if (!options.storesAnyError || !(error instanceof Error) || !shouldStore(500, error))
         return null;
-      return resultStorer(
+      return storedResult(
         {
           key,
           endpoint,
           headers: { ...headers, [EXCEPTION_ENTRY]: this.exceptions.domainEntryFor(error, route) },
+          status: 500,
+          value: { message: error.message },
+          isError: true,
         },
         storeAlways,
         maxResponseBytes,
-      )(500, { message: error.message }, true);
+      );
     }
     const entry = this.exceptions.entryFor(error, route);
-    return resultStorer(
-      { key, endpoint, headers: entry ? { ...headers, [EXCEPTION_ENTRY]: entry } : headers },
+    return storedResult(
+      {
+        key,
+        endpoint,
+        headers: entry ? { ...headers, [EXCEPTION_ENTRY]: entry } : headers,
+        status: error.getStatus(),
+        value: error.getResponse(),
+        isError: true,
+      },
       (status) => shouldStore(status, error),
       maxResponseBytes,
-    )(error.getStatus(), error.getResponse(), true);
+    );
   }
 
   /**
