@@ -1,6 +1,6 @@
 import { RequestMethod } from '@nestjs/common';
 import { METHOD_METADATA } from '@nestjs/common/constants.js';
-import { createHash } from 'node:crypto';
+import { hash } from 'node:crypto';
 import { IDEMPOTENCY_KEY_HEADER, UNSTORED_RESPONSE_HEADERS } from '../idempotency.constants.js';
 import { EXCEPTION_ENTRY } from './replayed-exception.js';
 
@@ -106,7 +106,7 @@ function pathOf(request: PlatformRequest): string {
  * replaced by their digest, which is just as unique.
  */
 export function boundedColumnValue(value: string): string {
-  return value.length <= 255 ? value : `sha256:${createHash('sha256').update(value).digest('hex')}`;
+  return value.length <= 255 ? value : `sha256:${hash('sha256', value)}`;
 }
 
 /** Whether the response's status and headers have gone out (Express's, or Fastify's raw one). */

@@ -1,4 +1,5 @@
 import fc from 'fast-check';
+import { createHash } from 'node:crypto';
 import {
   canonicalJson,
   fingerprintOfValue,
@@ -109,6 +110,81 @@ describe('fingerprintRequest', () => {
   it('treats a missing body like an empty one consistently', () => {
     expect(fingerprintRequest({ ...base, body: undefined })).toBe(
       fingerprintRequest({ ...base, body: undefined }),
+    );
+  });
+});
+
+/**
+ * Fingerprints as 0.2 computed them (stored records carry these): each piece hashed by its own
+ * `update`, now one string hashed at once.
+ */
+const PINNED_DIGESTS = {
+  json: '822206ce0912dc76d6ddee2ffe8c3cb8c1dfcc792a1e55755076404a12703fc0',
+  text: 'f73e97a9f6aa20e66ef6338e398fc545de56e18fbf5e4a59ca1272dec82aa2e9',
+  buffer: '48f336e9a6d60fd4a9811eba1caa6386df3c3867edf2159c2458ec48eb1d57bf',
+  files: '6e50b2352b69d103134926fd5ddf75244acff31b0e1eff2fbd4afd4f0d59cdbb',
+  none: 'b48b09e4357f67826dd46b47d0184f77e7f05f354976f384dc038aa3bc1e597e',
+  loneSurrogates: 'f2d18d89af398f47f8b66ca69053e5fcaf2e8e9118468561b4712c862cf9fa35',
+  value: '3686cf306055babc62865038497bb48e21a4af9b5a3b3473ad84264e246862bc',
+  noValue: '1c9b1adeb1eb9147522438a080aa08c6e8fd8ca74271b12f4b5e252698cccc0b',
+  valueLoneSurrogates: 'a4bce0ff8001c0eab19e5847ce2b419f4445d0ed43ec4a48cfb61f20679a0981',
+};
+
+/** `fingerprintRequest` of 0.2, piece by piece, for the property below. */
+function fingerprintByPieces(method: string, url: string, body: string | Buffer | object): string {
+  const hash = createHash('sha256');
+  hash.update(method.toUpperCase()).update('\n').update(url).update('\n');
+  if (Buffer.isBuffer(body)) hash.update('buffer:').update(body);
+  else if (typeof body === 'string') hash.update('text:').update(body);
+  else hash.update('json:').update(canonicalJson(body) ?? '');
+  return hash.digest('hex');
+}
+
+describe('stored fingerprints stay valid', () => {
+  it('gives the digests 0.2 stored', () => {
+    const file = { field: 'file', name: 'a.txt', type: 'text/plain', sha256: 'ab'.repeat(32) };
+    expect({
+      json: fingerprintRequest({
+        method: 'post',
+        url: '/orders?x=1',
+        body: { b: [1, 'é'], a: null },
+      }),
+      text: fingerprintRequest({ method: 'POST', url: '/notes', body: 'héllo \ud83d\ude00' }),
+      buffer: fingerprintRequest({ method: 'PUT', url: '/blob', body: Buffer.from([0, 1, 255]) }),
+      files: fingerprintRequest({
+        method: 'POST',
+        url: '/upload',
+        body: { title: 't' },
+        files: [file],
+      }),
+      none: fingerprintRequest({ method: 'POST', url: '/x', body: undefined }),
+      loneSurrogates: fingerprintRequest({
+        method: 'POST',
+        url: '/a\ud800',
+        body: '\udc00x\ud83d',
+      }),
+      value: fingerprintOfValue('POST /orders', 'user-1', { amount: 5 }),
+      noValue: fingerprintOfValue('POST /orders', 'user-1'),
+      valueLoneSurrogates: fingerprintOfValue('POST /a', 'u\ud800', '\udc00'),
+    }).toEqual(PINNED_DIGESTS);
+  });
+
+  it('hashes the bytes the pieces gave, for any URL and body (lone surrogates included)', () => {
+    const text = fc.string({ unit: 'binary' });
+    fc.assert(
+      fc.property(
+        fc.constantFrom('get', 'POST', 'Put'),
+        text,
+        fc.oneof(
+          text,
+          fc.uint8Array().map((bytes) => Buffer.from(bytes)),
+          fc.jsonValue(),
+        ),
+        (method, url, body) => {
+          const input = { method, url, body: body as object };
+          expect(fingerprintRequest(input)).toBe(fingerprintByPieces(method, url, input.body));
+        },
+      ),
     );
   });
 });

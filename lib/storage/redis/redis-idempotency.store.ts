@@ -1,4 +1,4 @@
-import { createHash } from 'node:crypto';
+import { hash } from 'node:crypto';
 import type {
   BodyEncoding,
   ClaimRequest,
@@ -487,7 +487,7 @@ export class RedisIdempotencyStore implements IdempotencyStore {
 
   /** The pub/sub payload of a record: a hash, so the key never travels in clear. */
   private tagOf(id: RecordId): string {
-    return createHash('sha256').update(this.keyOf(id)).digest('hex').slice(0, 32);
+    return hash('sha256', this.keyOf(id)).slice(0, 32);
   }
 }
 

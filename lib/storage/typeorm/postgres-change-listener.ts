@@ -1,4 +1,4 @@
-import { createHash, randomUUID } from 'node:crypto';
+import { hash, randomUUID } from 'node:crypto';
 import type { DataSource } from 'typeorm';
 import type { RecordId, RecordWatch } from '../idempotency-store.interface.js';
 import { RecordWatches } from '../record-watches.js';
@@ -23,10 +23,7 @@ export const CHANGE_CHANNEL = 'nestjs_idempotency';
  * nothing, and the waiter re-reads anyway.
  */
 export function changeTag(table: string, { scope, endpoint, key }: RecordId): string {
-  return createHash('sha256')
-    .update(JSON.stringify([table, scope, endpoint, key]))
-    .digest('hex')
-    .slice(0, 32);
+  return hash('sha256', JSON.stringify([table, scope, endpoint, key])).slice(0, 32);
 }
 
 /** First delay before reconnecting after a loss, doubled per failed attempt up to the maximum. */
