@@ -5,6 +5,7 @@ import {
   fingerprintOfValue,
   fingerprintRequest,
   MAX_JSON_DEPTH,
+  type FileFingerprint,
 } from './fingerprint.js';
 
 /** The canonical form as version 0.1 computed it: stored fingerprints were made with this. */
@@ -130,13 +131,30 @@ const PINNED_DIGESTS = {
   valueLoneSurrogates: 'a4bce0ff8001c0eab19e5847ce2b419f4445d0ed43ec4a48cfb61f20679a0981',
 };
 
-/** `fingerprintRequest` of 0.2, piece by piece, for the property below. */
-function fingerprintByPieces(method: string, url: string, body: string | Buffer | object): string {
+/** `fingerprintRequest` and `fingerprintOfValue` of 0.2, piece by piece, for the properties below. */
+function fingerprintByPieces(
+  method: string,
+  url: string,
+  body: string | Buffer | object,
+  files?: readonly FileFingerprint[],
+): string {
   const hash = createHash('sha256');
   hash.update(method.toUpperCase()).update('\n').update(url).update('\n');
   if (Buffer.isBuffer(body)) hash.update('buffer:').update(body);
   else if (typeof body === 'string') hash.update('text:').update(body);
   else hash.update('json:').update(canonicalJson(body) ?? '');
+  if (files && files.length > 0) hash.update('\nfiles:').update(canonicalJson(files)!);
+  return hash.digest('hex');
+}
+
+function fingerprintOfValueByPieces(endpoint: string, scope: string, ...value: [unknown?]): string {
+  const hash = createHash('sha256')
+    .update(value.length > 0 ? 'value\n' : 'none\n')
+    .update(endpoint)
+    .update('\n')
+    .update(scope)
+    .update('\n');
+  if (value.length > 0) hash.update(canonicalJson(value[0]) ?? '');
   return hash.digest('hex');
 }
 
@@ -169,8 +187,9 @@ describe('stored fingerprints stay valid', () => {
     }).toEqual(PINNED_DIGESTS);
   });
 
-  it('hashes the bytes the pieces gave, for any URL and body (lone surrogates included)', () => {
+  it('hashes the bytes the pieces gave, for any URL, body and files (lone surrogates included)', () => {
     const text = fc.string({ unit: 'binary' });
+    const file = fc.record({ field: text, name: text, type: text, sha256: fc.string() });
     fc.assert(
       fc.property(
         fc.constantFrom('get', 'POST', 'Put'),
@@ -180,11 +199,28 @@ describe('stored fingerprints stay valid', () => {
           fc.uint8Array().map((bytes) => Buffer.from(bytes)),
           fc.jsonValue(),
         ),
-        (method, url, body) => {
-          const input = { method, url, body: body as object };
-          expect(fingerprintRequest(input)).toBe(fingerprintByPieces(method, url, input.body));
+        fc.option(fc.array(file, { maxLength: 3 }), { nil: undefined }),
+        (method, url, body, files) => {
+          const input = { method, url, body: body as object, files };
+          expect(fingerprintRequest(input)).toBe(
+            fingerprintByPieces(method, url, input.body, files),
+          );
         },
       ),
+    );
+  });
+
+  it("hashes the bytes the pieces gave for a route's fingerprint value, and for none", () => {
+    const text = fc.string({ unit: 'binary' });
+    fc.assert(
+      fc.property(text, text, fc.jsonValue(), (endpoint, scope, value) => {
+        expect(fingerprintOfValue(endpoint, scope, value)).toBe(
+          fingerprintOfValueByPieces(endpoint, scope, value),
+        );
+        expect(fingerprintOfValue(endpoint, scope)).toBe(
+          fingerprintOfValueByPieces(endpoint, scope),
+        );
+      }),
     );
   });
 });
