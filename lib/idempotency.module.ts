@@ -37,10 +37,12 @@ import type { IdempotencyModuleOptions } from './interfaces/idempotency-options.
 import { IdempotencyStore } from './storage/idempotency-store.interface.js';
 import {
   ensureIdempotencyTable,
+  missingTableWarning,
   openIdempotencyConnection,
   type IdempotencyConnection,
 } from './storage/typeorm/idempotency-data-source.js';
 import { TypeOrmIdempotencyStore } from './storage/typeorm/typeorm-idempotency.store.js';
+import { quietLogger } from './utils/quiet-logger.js';
 
 /** Internal token: the TypeORM connection, or null when a custom store is given. */
 const IDEMPOTENCY_CONNECTION = Symbol('IdempotencyConnection');
@@ -59,6 +61,10 @@ const providers: Provider[] = [
       const connection = await openIdempotencyConnection(options.dataSource);
       try {
         if (resolved.runMigrations) await ensureIdempotencyTable(connection.dataSource);
+        else {
+          const warning = await missingTableWarning(connection.dataSource);
+          if (warning) quietLogger('Idempotency').warn(warning);
+        }
       } catch (error) {
         if (connection.owned) await connection.dataSource.destroy();
         throw error;

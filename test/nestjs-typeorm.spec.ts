@@ -1,4 +1,4 @@
-import { Controller, Module, Post } from '@nestjs/common';
+import { Controller, Module, Post, type LoggerService } from '@nestjs/common';
 import { Test } from '@nestjs/testing';
 import { TypeOrmModule, getDataSourceToken } from '@nestjs/typeorm';
 import { randomUUID } from 'node:crypto';
@@ -27,7 +27,12 @@ class InvoicesController {
 }
 
 /** Boots an app whose DataSource comes from @nestjs/typeorm, under `connection` (default or named). */
-async function bootWithTypeOrm(options: object, connection?: string, moduleOptions: object = {}) {
+async function bootWithTypeOrm(
+  options: object,
+  connection?: string,
+  moduleOptions: object = {},
+  logger?: LoggerService,
+) {
   @Module({
     imports: [
       TypeOrmModule.forRoot({ ...options, name: connection, autoLoadEntities: true }),
@@ -44,7 +49,8 @@ async function bootWithTypeOrm(options: object, connection?: string, moduleOptio
     controllers: [InvoicesController],
   })
   class AppModule {}
-  const moduleRef = await Test.createTestingModule({ imports: [AppModule] }).compile();
+  const builder = Test.createTestingModule({ imports: [AppModule] });
+  const moduleRef = await (logger ? builder.setLogger(logger) : builder).compile();
   const app = moduleRef.createNestApplication({ logger: false });
   await app.init();
   return app;
@@ -138,6 +144,7 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
   it('creates the table through migrationsRun; the module runs none and works on it', async () => {
     const database = fresh();
     await database.prepare();
+    const logged = collectLogs();
     try {
       const app = await bootWithTypeOrm(
         {
@@ -151,8 +158,10 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
         },
         undefined,
         { runMigrations: false },
+        logged.logger,
       );
       try {
+        expect(logged.filter((line) => line.includes('runMigrations: false'))).toEqual([]);
         const dataSource = app.get<DataSource>(getDataSourceToken());
         const executed: { name: string }[] = await dataSource.query(
           `SELECT name FROM ${database.migrationsTable}`,
@@ -181,4 +190,94 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
       await database.cleanUp();
     }
   });
+
+  it('warns at startup when the app has not run them yet; keyed requests get 503 until it has, then work', async () => {
+    const database = fresh();
+    await database.prepare();
+    const logged = collectLogs();
+    try {
+      // The app runs its migrations itself, after the module has started (before `listen`).
+      const app = await bootWithTypeOrm(
+        { ...database.options, migrations: ALL_MIGRATIONS, migrationsRun: false },
+        undefined,
+        { runMigrations: false },
+        logged.logger,
+      );
+      try {
+        const warnings = logged.filter((line) => line.includes('runMigrations: false'));
+        expect(warnings).toHaveLength(1);
+        expect(warnings[0]).toMatch(/the table \S*idempotency_records does not exist/);
+        for (const migration of ALL_MIGRATIONS) expect(warnings[0]).toContain(migration.name);
+
+        const key = randomUUID();
+        const before = runs;
+        const refused = await request(app.getHttpServer())
+          .post('/invoices')
+          .set('Idempotency-Key', key);
+        expect(refused.status).toBe(503);
+        expect(refused.headers['content-type']).toMatch(/^application\/problem\+json/);
+        expect(runs - before).toBe(0);
+
+        await app.get<DataSource>(getDataSourceToken()).runMigrations();
+        await request(app.getHttpServer())
+          .post('/invoices')
+          .set('Idempotency-Key', key)
+          .expect(201);
+        const retry = await request(app.getHttpServer())
+          .post('/invoices')
+          .set('Idempotency-Key', key);
+        expect(retry.headers['idempotent-replayed']).toBe('true');
+        expect(runs - before).toBe(1);
+      } finally {
+        await app.close();
+      }
+    } finally {
+      await database.cleanUp();
+    }
+  });
+
+  it('warns at startup when the table lacks the latest migration (purge_at)', async () => {
+    const database = fresh();
+    await database.prepare();
+    const logged = collectLogs();
+    try {
+      const app = await bootWithTypeOrm(
+        { ...database.options, migrations: ALL_MIGRATIONS.slice(0, 2), migrationsRun: true },
+        undefined,
+        { runMigrations: false },
+        logged.logger,
+      );
+      try {
+        const warnings = logged.filter((line) => line.includes('runMigrations: false'));
+        expect(warnings).toHaveLength(1);
+        expect(warnings[0]).toContain(
+          'has no column purge_at (added by IdempotencyRecordsHotCompletion1768000000000)',
+        );
+        const before = runs;
+        await request(app.getHttpServer())
+          .post('/invoices')
+          .set('Idempotency-Key', randomUUID())
+          .expect(503);
+        expect(runs - before).toBe(0);
+      } finally {
+        await app.close();
+      }
+    } finally {
+      await database.cleanUp();
+    }
+  });
 });
+
+const ALL_MIGRATIONS = [
+  CreateIdempotencyRecords1763900000000,
+  IdempotencyRecordsExactIds1767000000000,
+  IdempotencyRecordsHotCompletion1768000000000,
+];
+
+/** A logger for the testing module that keeps every line (the module logs through it at startup). */
+function collectLogs(): string[] & { logger: LoggerService } {
+  const logged: string[] = [];
+  const collect = (message: unknown) => void logged.push(String(message));
+  const logger = { log: collect, warn: collect, error: collect, debug: collect, verbose: collect };
+  return Object.assign(logged, { logger });
+}

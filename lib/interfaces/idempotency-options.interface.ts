@@ -368,8 +368,10 @@ export interface IdempotencyModuleOptions extends IdempotencyRouteOptions {
    */
   transactionRunner?: TransactionRunner;
   /**
-   * Create the table on startup (an idempotent migration). Turn off if you run
-   * `CreateIdempotencyRecords` with your own migrations.
+   * Create the table on startup (idempotent migrations). Turn off if you run the three migrations
+   * (`CreateIdempotencyRecords1763900000000`, `IdempotencyRecordsExactIds1767000000000`,
+   * `IdempotencyRecordsHotCompletion1768000000000`) with your own; the module then warns at
+   * startup when the table or its latest column is missing.
    * @default true
    */
   runMigrations?: boolean;

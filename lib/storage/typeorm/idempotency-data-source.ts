@@ -56,3 +56,38 @@ export async function ensureIdempotencyTable(dataSource: DataSource): Promise<vo
     await runner.release();
   }
 }
+
+/** The table's migrations, in the order they run: what an app that runs them itself must list. */
+const MIGRATION_NAMES = [
+  CreateIdempotencyRecords1763900000000,
+  IdempotencyRecordsExactIds1767000000000,
+  IdempotencyRecordsHotCompletion1768000000000,
+].map((migration) => migration.name);
+
+/**
+ * With `runMigrations: false`: what of the table the store needs is missing, as a warning to log at
+ * startup, or `undefined` when the table and the column of the latest migration are there (or the
+ * check itself could not run: the first statement will tell). A warning, not an error: an app may
+ * run its migrations after the module has started (`app.get(DataSource).runMigrations()` before
+ * `listen`).
+ */
+export async function missingTableWarning(dataSource: DataSource): Promise<string | undefined> {
+  const tablePath = recordsTablePath(dataSource);
+  const runner = dataSource.createQueryRunner();
+  let missing: string;
+  try {
+    const table = await runner.getTable(tablePath);
+    if (!table) missing = `the table ${tablePath} does not exist`;
+    else if (!table.findColumnByName('purge_at'))
+      missing = `the table ${tablePath} has no column purge_at (added by ${MIGRATION_NAMES[2]})`;
+    else return undefined;
+  } catch {
+    return undefined;
+  } finally {
+    await runner.release();
+  }
+  return (
+    `With runMigrations: false, ${missing}: until the app has run the migrations ${MIGRATION_NAMES.join(', ')} (in this order), ` +
+    "every request with an idempotency key is refused (503 store-unavailable). List them among the DataSource's migrations, or leave runMigrations on."
+  );
+}
