@@ -206,7 +206,9 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
       try {
         const warnings = logged.filter((line) => line.includes('runMigrations: false'));
         expect(warnings).toHaveLength(1);
-        expect(warnings[0]).toMatch(/the table \S*idempotency_records does not exist/);
+        expect(warnings[0]).toMatch(
+          /the table \S*idempotency_records cannot be read \(the database said: .+\)/,
+        );
         for (const migration of ALL_MIGRATIONS) expect(warnings[0]).toContain(migration.name);
 
         const key = randomUUID();
@@ -251,7 +253,7 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
         const warnings = logged.filter((line) => line.includes('runMigrations: false'));
         expect(warnings).toHaveLength(1);
         expect(warnings[0]).toContain(
-          'has no column purge_at (added by IdempotencyRecordsHotCompletion1768000000000)',
+          'has no column purge_at (added by IdempotencyRecordsHotCompletion1768000000000; the database said:',
         );
         const before = runs;
         await request(app.getHttpServer())
@@ -264,6 +266,59 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
       }
     } finally {
       await database.cleanUp();
+    }
+  });
+});
+
+const postgres = testDatabases.find((database) => database.name === 'postgres');
+
+// The store names its table without a schema, so PostgreSQL finds it through the search path: so
+// does the check (a deploy that migrated into a later schema of the app role's search path).
+(postgres ? describe : describe.skip)('the startup check on PostgreSQL', () => {
+  it('finds a table in a later schema of the search path, as the store does: no warning', async () => {
+    const suffix = randomUUID().slice(0, 8);
+    const [first, second] = [`sp_first_${suffix}`, `sp_second_${suffix}`];
+    const admin = await new DataSource(postgres!.options() as never).initialize();
+    try {
+      await admin.query(`CREATE SCHEMA ${first}; CREATE SCHEMA ${second}`);
+      const deploy = await new DataSource({
+        ...(postgres!.options() as object),
+        schema: second,
+        entities: [IdempotencyRecord],
+        migrations: ALL_MIGRATIONS,
+        migrationsTableName: 'migrations',
+      } as never).initialize();
+      await deploy.runMigrations();
+      await deploy.destroy();
+      const logged = collectLogs();
+      const app = await bootWithTypeOrm(
+        {
+          ...(postgres!.options() as object),
+          extra: { options: `-c search_path=${first},${second}` },
+        },
+        undefined,
+        { runMigrations: false },
+        logged.logger,
+      );
+      try {
+        expect(logged.filter((line) => line.includes('runMigrations: false'))).toEqual([]);
+        const key = randomUUID();
+        await request(app.getHttpServer())
+          .post('/invoices')
+          .set('Idempotency-Key', key)
+          .expect(201);
+        const retry = await request(app.getHttpServer())
+          .post('/invoices')
+          .set('Idempotency-Key', key);
+        expect(retry.headers['idempotent-replayed']).toBe('true');
+      } finally {
+        await app.close();
+      }
+    } finally {
+      await admin.query(
+        `DROP SCHEMA IF EXISTS ${first} CASCADE; DROP SCHEMA IF EXISTS ${second} CASCADE`,
+      );
+      await admin.destroy();
     }
   });
 });

@@ -5,6 +5,7 @@ import { IdempotencyRecordsExactIds1767000000000 } from './idempotency-records-e
 import { IdempotencyRecordsHotCompletion1768000000000 } from './idempotency-records-hot-completion.migration.js';
 import { IdempotencyRecord, recordsTablePath } from './idempotency-record.entity.js';
 import { pgliteDriver } from './pglite-driver.js';
+import { qualifiedTable } from './store-dialect.js';
 
 /** The connection the store uses, and whether the module opened it (and so must close it). */
 export interface IdempotencyConnection {
@@ -66,28 +67,32 @@ const MIGRATION_NAMES = [
 
 /**
  * With `runMigrations: false`: what of the table the store needs is missing, as a warning to log at
- * startup, or `undefined` when the table and the column of the latest migration are there (or the
- * check itself could not run: the first statement will tell). A warning, not an error: an app may
- * run its migrations after the module has started (`app.get(DataSource).runMigrations()` before
- * `listen`).
+ * startup, or `undefined` when the store's own statements can read the table and the column of the
+ * latest migration. Read as the store reads it (the same name, so through the search path on
+ * PostgreSQL), and the database's own message is quoted: a table the app's role may not read reads
+ * as missing. A warning, not an error: an app may run its migrations after the module has started
+ * (`app.get(DataSource).runMigrations()` before `listen`).
  */
 export async function missingTableWarning(dataSource: DataSource): Promise<string | undefined> {
   const tablePath = recordsTablePath(dataSource);
-  const runner = dataSource.createQueryRunner();
-  let missing: string;
-  try {
-    const table = await runner.getTable(tablePath);
-    if (!table) missing = `the table ${tablePath} does not exist`;
-    else if (!table.findColumnByName('purge_at'))
-      missing = `the table ${tablePath} has no column purge_at (added by ${MIGRATION_NAMES[2]})`;
-    else return undefined;
-  } catch {
-    return undefined;
-  } finally {
-    await runner.release();
-  }
+  const table = qualifiedTable(dataSource, tablePath);
+  const failure = async (sql: string) => {
+    try {
+      await dataSource.query(sql);
+      return undefined;
+    } catch (error) {
+      return (error as Error)?.message ?? String(error);
+    }
+  };
+  const withoutColumn = await failure(`SELECT purge_at FROM ${table} WHERE 1 = 0`);
+  if (withoutColumn === undefined) return undefined;
+  const withoutTable = await failure(`SELECT 1 FROM ${table} WHERE 1 = 0`);
+  const missing =
+    withoutTable === undefined
+      ? `the table ${tablePath} has no column purge_at (added by ${MIGRATION_NAMES[2]}; the database said: ${withoutColumn})`
+      : `the table ${tablePath} cannot be read (the database said: ${withoutTable})`;
   return (
-    `With runMigrations: false, ${missing}: until the app has run the migrations ${MIGRATION_NAMES.join(', ')} (in this order), ` +
-    "every request with an idempotency key is refused (503 store-unavailable). List them among the DataSource's migrations, or leave runMigrations on."
+    `With runMigrations: false, ${missing}. Until the app has run the migrations ${MIGRATION_NAMES.join(', ')} (in this order), ` +
+    "every call with an idempotency key is refused as store-unavailable (503 on HTTP). List them among the DataSource's migrations, or leave runMigrations on."
   );
 }
