@@ -13,6 +13,7 @@ import {
   type IdempotencyStore,
   type Lease,
   type RecordId,
+  type RecordInvalidation,
   type StoredResponse,
   type TypeOrmIdempotencyStoreOptions,
 } from '../lib/index.js';
@@ -57,7 +58,9 @@ function typeormContract(
       await dataSource?.destroy();
     });
 
-    for (const check of storeContract(() => store)) it(check.name, () => check.run());
+    // Behind PgBouncer in transaction mode (no `listenerUrl` here) the store never listens.
+    const listens = database.name !== 'pgbouncer-transaction';
+    for (const check of storeContract(() => store, { listens })) it(check.name, () => check.run());
   });
 }
 
@@ -328,11 +331,11 @@ const redisUrl = process.env.REDIS_URL;
 describe('the store contract against a broken store', () => {
   class CarelessStore implements IdempotencyStore {
     constructor(
-      private readonly nameOf: (id: RecordId) => string = (id) => JSON.stringify(id),
+      protected readonly nameOf: (id: RecordId) => string = (id) => JSON.stringify(id),
       private readonly completedToken?: string,
     ) {}
 
-    private readonly records = new Map<
+    protected readonly records = new Map<
       string,
       {
         fingerprint: string;
@@ -409,6 +412,88 @@ describe('the store contract against a broken store', () => {
       candidate.name.includes('where a separator falls'),
     );
     await expect(check!.run()).rejects.toThrow(/another id/);
+  });
+
+  /** Operator deletes and their invalidations, correct or with one flaw. */
+  class ListeningStore extends CarelessStore {
+    private readonly listeners = new Set<(invalidation: RecordInvalidation) => void>();
+    private listening = false;
+
+    constructor(
+      private readonly flaw:
+        'none' | 'deletes-any' | 'synchronous' | 'late-listener' | 'unstoppable',
+    ) {
+      super();
+    }
+
+    override async complete(lease: Lease, response: StoredResponse, expiresAt: number) {
+      const record = this.records.get(this.nameOf(lease.id));
+      if (record?.token !== lease.token || record.state !== 'in_progress') return false;
+      return super.complete(lease, response, expiresAt);
+    }
+
+    async deleteRecord(id: RecordId, seen: { state: string; token: string }): Promise<boolean> {
+      const name = this.nameOf(id);
+      const record = this.records.get(name);
+      if (!record) return false;
+      if (
+        this.flaw !== 'deletes-any' &&
+        (record.state !== seen.state || record.token !== seen.token)
+      )
+        return false;
+      this.records.delete(name);
+      for (const listener of this.listeners)
+        listener({ all: false, matches: (other) => this.nameOf(other) === name });
+      return true;
+    }
+
+    onInvalidated(listener: (invalidation: RecordInvalidation) => void): () => void {
+      this.listeners.add(listener);
+      const all = { all: true, listening: true } as const;
+      if (this.flaw === 'synchronous') listener(all);
+      else if (!this.listening) {
+        this.listening = true;
+        queueMicrotask(() => this.listeners.forEach((each) => each(all)));
+      } else if (this.flaw !== 'late-listener') {
+        queueMicrotask(() => this.listeners.has(listener) && listener(all));
+      }
+      return () => {
+        if (this.flaw !== 'unstoppable') this.listeners.delete(listener);
+      };
+    }
+  }
+
+  const invalidationChecks = (store: IdempotencyStore) =>
+    storeContract(() => store, { invalidationTimeoutMs: 300 }).filter((check) =>
+      /deleteRecord|onInvalidated/.test(check.name),
+    );
+
+  it('passes the deleteRecord and onInvalidated checks of a store that keeps their contract', async () => {
+    const checks = invalidationChecks(new ListeningStore('none'));
+    expect(checks).toHaveLength(3);
+    for (const check of checks) await check.run();
+  });
+
+  it.each([
+    ['deletes a record it was not seen as', 'deletes-any', 'deleteRecord', /another token/],
+    ['tells a listener during the call', 'synchronous', 'never synchronously', /during the call/],
+    [
+      'tells a listener added while listening nothing',
+      'late-listener',
+      'never synchronously',
+      /added while listening/,
+    ],
+    [
+      'goes on telling a stopped listener',
+      'unstoppable',
+      'stopped listener',
+      /stopped listener was told/,
+    ],
+  ] as const)('fails the check of a store that %s', async (_case, flaw, part, message) => {
+    const check = invalidationChecks(new ListeningStore(flaw)).find((candidate) =>
+      candidate.name.includes(part),
+    );
+    await expect(check!.run()).rejects.toThrow(message);
   });
 
   it("fails the token check of a store that forgets the completing claim's token", async () => {

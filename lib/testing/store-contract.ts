@@ -5,6 +5,7 @@ import type {
   IdempotencyStore,
   Lease,
   RecordId,
+  RecordInvalidation,
   StoredResponse,
 } from '../storage/idempotency-store.interface.js';
 
@@ -21,6 +22,19 @@ export interface StoreContractOptions {
    * @default 20
    */
   readonly racers?: number;
+  /**
+   * How long the `onInvalidated` checks wait for the store to tell a listener something (its
+   * listening connection to open, a deletion to arrive), in milliseconds.
+   * @default 10000
+   */
+  readonly invalidationTimeoutMs?: number;
+  /**
+   * Whether the store's `onInvalidated` can start listening where the checks run. `false` (behind
+   * PgBouncer in transaction mode without a `listenerUrl`, say: it never listens, and tells
+   * nothing): the `onInvalidated` checks only check that nothing is told during the call.
+   * @default true
+   */
+  readonly listens?: boolean;
 }
 
 /** One check of the contract: a name for the test runner, and the check (rejects on failure). */
@@ -55,6 +69,8 @@ export function storeContract(
   options: StoreContractOptions = {},
 ): StoreCheck[] {
   const racers = options.racers ?? 20;
+  const invalidationTimeoutMs = options.invalidationTimeoutMs ?? 10_000;
+  const heard = () => new Heard(invalidationTimeoutMs);
   const check = (name: string, body: (subject: Subject) => Promise<void>): StoreCheck => ({
     name,
     run: async () => body(new Subject(await store())),
@@ -507,7 +523,160 @@ export function storeContract(
         if (!read.claimed) assert.deepEqual(read.record.response, response);
       }
     }),
+
+    check(
+      'deletes a record only as the operator saw it (deleteRecord, when supported)',
+      async (s) => {
+        if (!s.store.deleteRecord) return;
+        const held = s.id();
+        const lease = await s.leaseOf(held, 'fp-a');
+        assert.equal(
+          await s.store.deleteRecord(held, { state: 'in_progress', token: randomUUID() }),
+          false,
+          'a record held under another token must not be deleted',
+        );
+        assert.equal(
+          await s.store.deleteRecord(held, { state: 'completed', token: lease.token }),
+          false,
+        );
+        assert.equal((await s.claim(held, 'fp-a')).claimed, false, 'the record must still be held');
+        assert.equal(
+          await s.store.deleteRecord(held, { state: 'in_progress', token: lease.token }),
+          true,
+        );
+        assert.equal(
+          await s.store.complete(lease, sampleResponse(), s.now + MINUTE),
+          false,
+          'the completion of a deleted record must be refused',
+        );
+        assert.equal((await s.claim(held, 'fp-b')).claimed, true, 'a deleted key is claimed anew');
+
+        const completed = s.id();
+        const done = await s.leaseOf(completed, 'fp-a');
+        assert.equal(await s.store.complete(done, sampleResponse(), s.now + MINUTE), true);
+        assert.equal(
+          await s.store.deleteRecord(completed, { state: 'completed', token: done.token }),
+          true,
+        );
+        assert.equal((await s.claim(completed, 'fp-a')).claimed, true);
+        assert.equal(
+          await s.store.deleteRecord(s.id(), { state: 'completed', token: done.token }),
+          false,
+        );
+      },
+    ),
+
+    check(
+      'tells each listener once it listens, later and never synchronously, then of every deletion (onInvalidated)',
+      async (s) => {
+        if (!s.store.deleteRecord || !s.store.onInvalidated) return;
+        const first = heard();
+        const stopFirst = s.store.onInvalidated(first.listener);
+        if (!stopFirst) return;
+        try {
+          assert.deepEqual(first.events, [], 'told during the call, before the caller was set up');
+          if (options.listens === false) return;
+          await first.until(isListening, 'an `all` once it listens');
+          // Added while the store already listens: it heard nothing before, so it is told `all` too.
+          const second = heard();
+          const stopSecond = s.store.onInvalidated(second.listener)!;
+          try {
+            assert.deepEqual(
+              second.events,
+              [],
+              'told during the call, before the caller was set up',
+            );
+            await second.until(isListening, 'an `all` for a listener added while listening');
+            const id = s.id();
+            const other = s.id();
+            const lease = await s.leaseOf(id, 'fp-a');
+            assert.equal(
+              await s.store.deleteRecord(id, { state: 'in_progress', token: lease.token }),
+              true,
+            );
+            for (const listener of [first, second]) {
+              const told = await listener.until(
+                (invalidation) => invalidation.all || invalidation.matches(id),
+                'the deleted record',
+              );
+              if (!told.all) assert.equal(told.matches(other), false, 'another record matched');
+            }
+          } finally {
+            stopSecond();
+          }
+        } finally {
+          stopFirst();
+        }
+      },
+    ),
+
+    check('tells a stopped listener nothing (onInvalidated)', async (s) => {
+      if (!s.store.deleteRecord || !s.store.onInvalidated || options.listens === false) return;
+      const stopped = heard();
+      const stop = s.store.onInvalidated(stopped.listener);
+      if (!stop) return;
+      stop();
+      const live = heard();
+      const stopLive = s.store.onInvalidated(live.listener)!;
+      try {
+        await live.until(isListening, 'an `all` once it listens');
+        const id = s.id();
+        const lease = await s.leaseOf(id, 'fp-a');
+        assert.equal(
+          await s.store.deleteRecord(id, { state: 'in_progress', token: lease.token }),
+          true,
+        );
+        await live.until(
+          (invalidation) => invalidation.all || invalidation.matches(id),
+          'the deletion',
+        );
+        // Both would be told in the same turn: the live one was, so the stopped one would have been.
+        assert.deepEqual(stopped.events, [], 'a stopped listener was told');
+      } finally {
+        stopLive();
+      }
+    }),
   ];
+}
+
+const isListening = (invalidation: RecordInvalidation) =>
+  invalidation.all && invalidation.listening !== false;
+
+/** What one `onInvalidated` listener was told, and a wait for what it expects. */
+class Heard {
+  readonly events: RecordInvalidation[] = [];
+  private waiter?: () => void;
+
+  constructor(private readonly timeoutMs: number) {}
+
+  readonly listener = (invalidation: RecordInvalidation): void => {
+    this.events.push(invalidation);
+    this.waiter?.();
+  };
+
+  /** The first invalidation (told already or from now on) that `matches`; fails after the timeout. */
+  async until(
+    matches: (invalidation: RecordInvalidation) => boolean,
+    what: string,
+  ): Promise<RecordInvalidation> {
+    const deadline = Date.now() + this.timeoutMs;
+    let seen = 0;
+    for (;;) {
+      for (; seen < this.events.length; seen++) {
+        if (matches(this.events[seen])) return this.events[seen];
+      }
+      const remaining = deadline - Date.now();
+      assert.ok(remaining > 0, `not told ${what} within ${this.timeoutMs} ms`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, remaining);
+        this.waiter = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this.waiter = undefined;
+    }
+  }
 }
 
 /** One check's view of the store: fresh ids, and claims at a fixed `now`. */
