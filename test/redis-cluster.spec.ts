@@ -88,7 +88,10 @@ function clusterClient(ports: number[]): Promise<Cluster> {
       client?.disconnect();
     });
 
-    for (const check of storeContract(() => store, { expiresByItself: true }))
+    for (const check of storeContract(() => store, {
+      expiresByItself: true,
+      invalidationTimeoutMs: 10_000,
+    }))
       it(check.name, () => check.run());
 
     it('spreads the records over the three masters (each record is one key: its scripts never cross a slot)', async () => {

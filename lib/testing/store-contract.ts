@@ -24,8 +24,10 @@ export interface StoreContractOptions {
   readonly racers?: number;
   /**
    * How long the `onInvalidated` checks wait for the store to tell a listener something (its
-   * listening connection to open, a deletion to arrive), in milliseconds.
-   * @default 10000
+   * listening connection to open, a deletion to arrive), in milliseconds. Below the default test
+   * timeouts of Jest (5 s) and Mocha (2 s), so a store that stays silent fails with the kit's
+   * message; raise it (and the runner's timeout) for a store that takes longer to listen.
+   * @default 1500
    */
   readonly invalidationTimeoutMs?: number;
   /**
@@ -69,7 +71,7 @@ export function storeContract(
   options: StoreContractOptions = {},
 ): StoreCheck[] {
   const racers = options.racers ?? 20;
-  const invalidationTimeoutMs = options.invalidationTimeoutMs ?? 10_000;
+  const invalidationTimeoutMs = options.invalidationTimeoutMs ?? 1500;
   const heard = () => new Heard(invalidationTimeoutMs);
   const check = (name: string, body: (subject: Subject) => Promise<void>): StoreCheck => ({
     name,
@@ -529,7 +531,9 @@ export function storeContract(
       async (s) => {
         if (!s.store.deleteRecord) return;
         const held = s.id();
+        const neighbour = s.id();
         const lease = await s.leaseOf(held, 'fp-a');
+        await s.leaseOf(neighbour, 'fp-a');
         assert.equal(
           await s.store.deleteRecord(held, { state: 'in_progress', token: randomUUID() }),
           false,
@@ -550,10 +554,20 @@ export function storeContract(
           'the completion of a deleted record must be refused',
         );
         assert.equal((await s.claim(held, 'fp-b')).claimed, true, 'a deleted key is claimed anew');
+        assert.equal(
+          (await s.claim(neighbour, 'fp-a')).claimed,
+          false,
+          'another record was deleted with it',
+        );
 
         const completed = s.id();
         const done = await s.leaseOf(completed, 'fp-a');
         assert.equal(await s.store.complete(done, sampleResponse(), s.now + MINUTE), true);
+        assert.equal(
+          await s.store.deleteRecord(completed, { state: 'in_progress', token: done.token }),
+          false,
+          'a completed record must not be deleted as one in progress',
+        );
         assert.equal(
           await s.store.deleteRecord(completed, { state: 'completed', token: done.token }),
           true,
@@ -590,14 +604,17 @@ export function storeContract(
             const id = s.id();
             const other = s.id();
             const lease = await s.leaseOf(id, 'fp-a');
+            // What each was told before the deletion (its `all` among it) does not count.
+            const marks = [first.events.length, second.events.length];
             assert.equal(
               await s.store.deleteRecord(id, { state: 'in_progress', token: lease.token }),
               true,
             );
-            for (const listener of [first, second]) {
+            for (const [i, listener] of [first, second].entries()) {
               const told = await listener.until(
                 (invalidation) => invalidation.all || invalidation.matches(id),
                 'the deleted record',
+                marks[i],
               );
               if (!told.all) assert.equal(told.matches(other), false, 'another record matched');
             }
@@ -622,6 +639,7 @@ export function storeContract(
         await live.until(isListening, 'an `all` once it listens');
         const id = s.id();
         const lease = await s.leaseOf(id, 'fp-a');
+        const mark = live.events.length;
         assert.equal(
           await s.store.deleteRecord(id, { state: 'in_progress', token: lease.token }),
           true,
@@ -629,6 +647,7 @@ export function storeContract(
         await live.until(
           (invalidation) => invalidation.all || invalidation.matches(id),
           'the deletion',
+          mark,
         );
         // Both would be told in the same turn: the live one was, so the stopped one would have been.
         assert.deepEqual(stopped.events, [], 'a stopped listener was told');
@@ -638,6 +657,9 @@ export function storeContract(
     }),
   ];
 }
+
+/** setTimeout's longest delay (a longer one fires at once). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 const isListening = (invalidation: RecordInvalidation) =>
   invalidation.all && invalidation.listening !== false;
@@ -654,13 +676,17 @@ class Heard {
     this.waiter?.();
   };
 
-  /** The first invalidation (told already or from now on) that `matches`; fails after the timeout. */
+  /**
+   * The first invalidation that `matches`, among those told from the `from`-th on (told already or
+   * from now on); fails after the timeout.
+   */
   async until(
     matches: (invalidation: RecordInvalidation) => boolean,
     what: string,
+    from = 0,
   ): Promise<RecordInvalidation> {
     const deadline = Date.now() + this.timeoutMs;
-    let seen = 0;
+    let seen = from;
     for (;;) {
       for (; seen < this.events.length; seen++) {
         if (matches(this.events[seen])) return this.events[seen];
@@ -668,7 +694,9 @@ class Heard {
       const remaining = deadline - Date.now();
       assert.ok(remaining > 0, `not told ${what} within ${this.timeoutMs} ms`);
       await new Promise<void>((resolve) => {
-        const timer = setTimeout(resolve, remaining);
+        // Unref'd: a check that failed its runner's own timeout keeps no process alive.
+        const timer = setTimeout(resolve, Math.min(remaining, MAX_TIMER_MS));
+        timer.unref();
         this.waiter = () => {
           clearTimeout(timer);
           resolve();
