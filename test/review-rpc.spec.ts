@@ -241,10 +241,17 @@ describeOnRabbitMq('RabbitMQ, manual acknowledgement, consumers in the test proc
     await waitFor('both copies to be settled', () =>
       settledWith(key).length === 2 ? true : undefined,
     );
-    expect(settledWith(key).map((s) => s.settled)).toEqual([
-      { kind: 'done', replayed: false },
-      { kind: 'done', replayed: true },
-    ]);
+    // The first done, the copy acked as its duplicate. In either order: the waiter hears of the
+    // completion and reads it on its own connection while the first's completion statement answers
+    // on another, and which the event loop settles first is not the library's to promise.
+    const settled = settledWith(key).map((s) => s.settled);
+    expect(settled).toHaveLength(2);
+    expect(settled).toEqual(
+      expect.arrayContaining([
+        { kind: 'done', replayed: false },
+        { kind: 'done', replayed: true },
+      ]),
+    );
     expect(await rmq.leftOver()).toEqual({ queued: 0, deadLettered: 0 });
     expect(runs.get(`slow|${key}`)).toBe(1);
   }, 30_000);
