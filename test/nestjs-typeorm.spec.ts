@@ -1,4 +1,10 @@
-import { Controller, Module, Post, type LoggerService } from '@nestjs/common';
+import {
+  Controller,
+  Module,
+  Post,
+  type INestApplication,
+  type LoggerService,
+} from '@nestjs/common';
 import { Test } from '@nestjs/testing';
 import { TypeOrmModule, getDataSourceToken } from '@nestjs/typeorm';
 import { randomUUID } from 'node:crypto';
@@ -56,6 +62,16 @@ async function bootWithTypeOrm(
   return app;
 }
 
+/** Two requests with one new key: the first runs the handler (201), the second replays it. */
+async function expectRunOnceThenReplayed(app: INestApplication, key: string) {
+  const before = runs;
+  await request(app.getHttpServer()).post('/invoices').set('Idempotency-Key', key).expect(201);
+  const retry = await request(app.getHttpServer()).post('/invoices').set('Idempotency-Key', key);
+  expect(retry.status).toBe(201);
+  expect(retry.headers['idempotent-replayed']).toBe('true');
+  expect(runs - before).toBe(1);
+}
+
 describe.each(eachDatabase)('with @nestjs/typeorm on %s', (_name, database) => {
   it.each([
     ['the default connection', undefined],
@@ -64,16 +80,7 @@ describe.each(eachDatabase)('with @nestjs/typeorm on %s', (_name, database) => {
     const app = await bootWithTypeOrm(database.options(), connection);
     try {
       const key = randomUUID();
-      const before = runs;
-      const first = await request(app.getHttpServer())
-        .post('/invoices')
-        .set('Idempotency-Key', key);
-      const retry = await request(app.getHttpServer())
-        .post('/invoices')
-        .set('Idempotency-Key', key);
-      expect(first.status).toBe(201);
-      expect(retry.headers['idempotent-replayed']).toBe('true');
-      expect(runs - before).toBe(1);
+      await expectRunOnceThenReplayed(app, key);
       const dataSource = app.get<DataSource>(getDataSourceToken(connection));
       expect(await dataSource.getRepository(IdempotencyRecord).countBy({ key })).toBe(1);
     } finally {
@@ -141,30 +148,44 @@ const freshDatabases = testDatabases.flatMap(
  * and the module does not (`runMigrations: false`).
  */
 describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, fresh) => {
-  it('creates the table through migrationsRun; the module runs none and works on it', async () => {
+  /**
+   * Boots the app on a fresh database with the app's own TypeORM options and `runMigrations: false`,
+   * then runs `check` with the app, the warnings the module logged about it and the database's
+   * migrations table; closes and cleans up whatever `check` does.
+   */
+  async function onFreshDatabase(
+    typeOrmOptions: object,
+    check: (app: INestApplication, warnings: string[], migrationsTable: string) => Promise<void>,
+  ) {
     const database = fresh();
     await database.prepare();
     const logged = collectLogs();
     try {
       const app = await bootWithTypeOrm(
-        {
-          ...database.options,
-          migrations: [
-            CreateIdempotencyRecords1763900000000,
-            IdempotencyRecordsExactIds1767000000000,
-            IdempotencyRecordsHotCompletion1768000000000,
-          ],
-          migrationsRun: true,
-        },
+        { ...database.options, ...typeOrmOptions },
         undefined,
         { runMigrations: false },
         logged.logger,
       );
       try {
-        expect(logged.filter((line) => line.includes('runMigrations: false'))).toEqual([]);
+        const warnings = logged.filter((line) => line.includes('runMigrations: false'));
+        await check(app, warnings, database.migrationsTable);
+      } finally {
+        await app.close();
+      }
+    } finally {
+      await database.cleanUp();
+    }
+  }
+
+  it('creates the table through migrationsRun; the module runs none and works on it', () =>
+    onFreshDatabase(
+      { migrations: ALL_MIGRATIONS, migrationsRun: true },
+      async (app, warnings, migrationsTable) => {
+        expect(warnings).toEqual([]);
         const dataSource = app.get<DataSource>(getDataSourceToken());
         const executed: { name: string }[] = await dataSource.query(
-          `SELECT name FROM ${database.migrationsTable}`,
+          `SELECT name FROM ${migrationsTable}`,
         );
         expect(executed.map((row) => row.name).sort()).toEqual([
           'CreateIdempotencyRecords1763900000000',
@@ -172,85 +193,37 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
           'IdempotencyRecordsHotCompletion1768000000000',
         ]);
         const key = randomUUID();
-        const before = runs;
-        await request(app.getHttpServer())
-          .post('/invoices')
-          .set('Idempotency-Key', key)
-          .expect(201);
-        const retry = await request(app.getHttpServer())
-          .post('/invoices')
-          .set('Idempotency-Key', key);
-        expect(retry.headers['idempotent-replayed']).toBe('true');
-        expect(runs - before).toBe(1);
+        await expectRunOnceThenReplayed(app, key);
         expect(await dataSource.getRepository(IdempotencyRecord).countBy({ key })).toBe(1);
-      } finally {
-        await app.close();
-      }
-    } finally {
-      await database.cleanUp();
-    }
-  });
+      },
+    ));
 
-  it('warns at startup when the app has not run them yet; keyed requests get 503 until it has, then work', async () => {
-    const database = fresh();
-    await database.prepare();
-    const logged = collectLogs();
-    try {
-      // The app runs its migrations itself, after the module has started (before `listen`).
-      const app = await bootWithTypeOrm(
-        { ...database.options, migrations: ALL_MIGRATIONS, migrationsRun: false },
-        undefined,
-        { runMigrations: false },
-        logged.logger,
+  it('warns at startup when the app has not run them yet; keyed requests get 503 until it has, then work', () =>
+    // The app runs its migrations itself, after the module has started (before `listen`).
+    onFreshDatabase({ migrations: ALL_MIGRATIONS, migrationsRun: false }, async (app, warnings) => {
+      expect(warnings).toHaveLength(1);
+      expect(warnings[0]).toMatch(
+        /the table \S*idempotency_records cannot be read \(the database said: .+\)/,
       );
-      try {
-        const warnings = logged.filter((line) => line.includes('runMigrations: false'));
-        expect(warnings).toHaveLength(1);
-        expect(warnings[0]).toMatch(
-          /the table \S*idempotency_records cannot be read \(the database said: .+\)/,
-        );
-        for (const migration of ALL_MIGRATIONS) expect(warnings[0]).toContain(migration.name);
+      for (const migration of ALL_MIGRATIONS) expect(warnings[0]).toContain(migration.name);
 
-        const key = randomUUID();
-        const before = runs;
-        const refused = await request(app.getHttpServer())
-          .post('/invoices')
-          .set('Idempotency-Key', key);
-        expect(refused.status).toBe(503);
-        expect(refused.headers['content-type']).toMatch(/^application\/problem\+json/);
-        expect(runs - before).toBe(0);
+      const key = randomUUID();
+      const before = runs;
+      const refused = await request(app.getHttpServer())
+        .post('/invoices')
+        .set('Idempotency-Key', key);
+      expect(refused.status).toBe(503);
+      expect(refused.headers['content-type']).toMatch(/^application\/problem\+json/);
+      expect(runs - before).toBe(0);
 
-        await app.get<DataSource>(getDataSourceToken()).runMigrations();
-        await request(app.getHttpServer())
-          .post('/invoices')
-          .set('Idempotency-Key', key)
-          .expect(201);
-        const retry = await request(app.getHttpServer())
-          .post('/invoices')
-          .set('Idempotency-Key', key);
-        expect(retry.headers['idempotent-replayed']).toBe('true');
-        expect(runs - before).toBe(1);
-      } finally {
-        await app.close();
-      }
-    } finally {
-      await database.cleanUp();
-    }
-  });
+      await app.get<DataSource>(getDataSourceToken()).runMigrations();
+      await expectRunOnceThenReplayed(app, key);
+    }));
 
-  it('warns at startup when the table lacks the latest migration (purge_at)', async () => {
-    const database = fresh();
-    await database.prepare();
-    const logged = collectLogs();
-    try {
-      const app = await bootWithTypeOrm(
-        { ...database.options, migrations: ALL_MIGRATIONS.slice(0, 2), migrationsRun: true },
-        undefined,
-        { runMigrations: false },
-        logged.logger,
-      );
-      try {
-        const warnings = logged.filter((line) => line.includes('runMigrations: false'));
+  it('warns at startup when the table lacks the latest migration (purge_at)', () =>
+    onFreshDatabase(
+      { migrations: ALL_MIGRATIONS.slice(0, 2), migrationsRun: true },
+      async (app, warnings) => {
         expect(warnings).toHaveLength(1);
         expect(warnings[0]).toContain(
           'has no column purge_at (added by IdempotencyRecordsHotCompletion1768000000000; the database said:',
@@ -261,13 +234,8 @@ describe.each(freshDatabases)('a migration the app runs itself, on %s', (_name, 
           .set('Idempotency-Key', randomUUID())
           .expect(503);
         expect(runs - before).toBe(0);
-      } finally {
-        await app.close();
-      }
-    } finally {
-      await database.cleanUp();
-    }
-  });
+      },
+    ));
 });
 
 const postgres = testDatabases.find((database) => database.name === 'postgres');
@@ -302,15 +270,7 @@ const postgres = testDatabases.find((database) => database.name === 'postgres');
       );
       try {
         expect(logged.filter((line) => line.includes('runMigrations: false'))).toEqual([]);
-        const key = randomUUID();
-        await request(app.getHttpServer())
-          .post('/invoices')
-          .set('Idempotency-Key', key)
-          .expect(201);
-        const retry = await request(app.getHttpServer())
-          .post('/invoices')
-          .set('Idempotency-Key', key);
-        expect(retry.headers['idempotent-replayed']).toBe('true');
+        await expectRunOnceThenReplayed(app, randomUUID());
       } finally {
         await app.close();
       }
