@@ -1,5 +1,5 @@
 import { Logger } from '@nestjs/common';
-import { DataSource, type DataSourceOptions } from 'typeorm';
+import { DataSource, InstanceChecker, type DataSourceOptions } from 'typeorm';
 import { CreateIdempotencyRecords1763900000000 } from './create-idempotency-records.migration.js';
 import { IdempotencyRecordsExactIds1767000000000 } from './idempotency-records-exact-ids.migration.js';
 import { IdempotencyRecordsHotCompletion1768000000000 } from './idempotency-records-hot-completion.migration.js';
@@ -21,7 +21,9 @@ export interface IdempotencyConnection {
 export async function openIdempotencyConnection(
   given: DataSource | DataSourceOptions | undefined,
 ): Promise<IdempotencyConnection> {
-  if (given instanceof DataSource) {
+  // TypeORM's own check, not `instanceof`: the app's DataSource may come from another copy of
+  // TypeORM than the library's (npm link, a workspace, pnpm resolving the peer twice).
+  if (InstanceChecker.isDataSource(given)) {
     if (!given.isInitialized) await given.initialize();
     return { dataSource: given, owned: false };
   }

@@ -1,4 +1,4 @@
-import { DataSource, type EntityManager } from 'typeorm';
+import { InstanceChecker, type DataSource, type EntityManager } from 'typeorm';
 import type {
   ClaimRequest,
   ClaimResult,
@@ -50,7 +50,7 @@ export async function completeUnderLease(
 ): Promise<boolean> {
   // SQLite's two-argument MIN is its LEAST. A row the purge deferred while it ran (to its lock's
   // end) is purged at its TTL, not at that lock's end; any other row keeps its purge_at.
-  const { driver } = on instanceof DataSource ? on : on.connection;
+  const { driver } = InstanceChecker.isDataSource(on) ? on : on.connection;
   const least = driver.options.type === 'better-sqlite3' ? 'MIN' : 'LEAST';
   const result = await on
     .createQueryBuilder()
