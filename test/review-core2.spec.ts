@@ -12,9 +12,14 @@ import { startProxyFor, throughProxy } from './support/proxied-database.js';
 import { waitFor } from './support/reliability.js';
 import type { TcpProxy } from './support/tcp-proxy.js';
 
-/** The two lockTimeouts of the routes here: two beats of the lease keeper (100 ms and 300 ms). */
-const FAST_LOCK_MS = 300;
-const SLOW_LOCK_MS = 900;
+/**
+ * The two lockTimeouts of the routes here: two beats of the lease keeper (200 ms and 600 ms). With
+ * one renewal stalled, the next beat's renewal has one beat to answer before the lock renewed two
+ * beats earlier runs out (and is reported lapsed): 100 ms beats were too short for the round trip
+ * on a loaded CI machine (CI of 8 Dec: every fast lease reported lapsed, all renewed in the end).
+ */
+const FAST_LOCK_MS = 600;
+const SLOW_LOCK_MS = 1800;
 
 /** Two held routes whose leases are renewed at different intervals. */
 @Controller('core2')
@@ -97,8 +102,8 @@ describeOnPostgres(
       const logFrom = log.lines.length;
       const lostBefore = lostLeases();
       // Claims spread over a whole interval of each beat: some land right before a beat.
-      const fast = await holdMany('/core2/fast', 8, 15);
-      const slow = await holdMany('/core2/slow', 6, 50);
+      const fast = await holdMany('/core2/fast', 8, 30);
+      const slow = await holdMany('/core2/slow', 6, 100);
       // One renewal never answers (its connection stalls); the others go on.
       const stalledBefore = proxy.counts.stalled;
       proxy.stall(RENEWAL, 1);
