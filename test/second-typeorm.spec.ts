@@ -1,7 +1,7 @@
 import { Controller, Module, Post } from '@nestjs/common';
 import { Test } from '@nestjs/testing';
 import { randomUUID } from 'node:crypto';
-import { cpSync, existsSync, renameSync } from 'node:fs';
+import { cpSync, existsSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
 import request from 'supertest';
@@ -18,14 +18,28 @@ import { eachDatabase } from './support/databases.js';
  * The app's TypeORM is another copy than the one the library imports: `npm link`, a workspace that
  * did not hoist both to one folder, pnpm resolving the peer twice. Its DataSource is still the
  * app's DataSource: the library must use it (TypeORM's own cross-copy check), not take it for
- * options and open a connection of its own.
+ * options and open a connection of its own. The copy is of the same version (two versions in one
+ * process share TypeORM's global metadata store, which mixed 0.3 and 1.x copies do not survive).
  */
-const copy = join(process.cwd(), 'node_modules/.cache/second-typeorm/node_modules/typeorm');
+const original = join(process.cwd(), 'node_modules/typeorm');
+const { version } = JSON.parse(readFileSync(join(original, 'package.json'), 'utf8')) as {
+  version: string;
+};
+const copy = join(
+  process.cwd(),
+  `node_modules/.cache/second-typeorm-${version}/node_modules/typeorm`,
+);
 if (!existsSync(copy)) {
-  // Copied beside, then renamed: a run killed while copying leaves no half copy here.
+  // Copied beside, then renamed: a run killed while copying leaves no half copy here, and of two
+  // runs copying at once the second to rename uses the first's copy.
   const partial = `${copy}.${process.pid}`;
-  cpSync(join(process.cwd(), 'node_modules/typeorm'), partial, { recursive: true });
-  renameSync(partial, copy);
+  cpSync(original, partial, { recursive: true });
+  try {
+    renameSync(partial, copy);
+  } catch (error) {
+    rmSync(partial, { recursive: true, force: true });
+    if (!existsSync(join(copy, 'package.json'))) throw error;
+  }
 }
 const secondTypeorm = createRequire(join(copy, 'package.json'))(
   'typeorm',
