@@ -163,10 +163,7 @@ export class PostgresDialect implements StoreDialect {
     const { rows } = await this.statements.runPlanned<{ ord: string | number }>(
       this.sql.completeMany,
       [
-        column(({ lease }) => lease.id.scope),
-        column(({ lease }) => lease.id.endpoint),
-        column(({ lease }) => lease.id.key),
-        column(({ lease }) => lease.token),
+        ...leaseColumns(completions),
         column(({ expiresAt }) => expiresAt),
         column(({ response }) => response.status),
         column(({ response }) => JSON.stringify(response.headers)),
@@ -175,8 +172,7 @@ export class PostgresDialect implements StoreDialect {
         column(({ response }) => response.isError),
       ],
     );
-    const stored = new Set(rows.map((row) => Number(row.ord)));
-    return completions.map((_, i) => stored.has(i + 1));
+    return answeredRows(rows, completions.length);
   }
 
   private async claimAlone(request: ClaimRequest): Promise<ClaimResult> {
@@ -237,19 +233,11 @@ export class PostgresDialect implements StoreDialect {
 
   /** Several renewals in one statement: each extends its lock if its own lease is still held. */
   private async renewMany(renewals: readonly Renewal[]): Promise<boolean[]> {
-    const column = <T>(pick: (renewal: Renewal) => T) => renewals.map(pick);
     const { rows } = await this.statements.runPlanned<{ ord: string | number }>(
       this.sql.renewMany,
-      [
-        column(({ lease }) => lease.id.scope),
-        column(({ lease }) => lease.id.endpoint),
-        column(({ lease }) => lease.id.key),
-        column(({ lease }) => lease.token),
-        column(({ lockedUntil }) => lockedUntil),
-      ],
+      [...leaseColumns(renewals), renewals.map(({ lockedUntil }) => lockedUntil)],
     );
-    const renewed = new Set(rows.map((row) => Number(row.ord)));
-    return renewals.map((_, i) => renewed.has(i + 1));
+    return answeredRows(rows, renewals.length);
   }
 
   /** The completion, on the pool or as a statement of the transaction `manager` holds. */
@@ -317,6 +305,23 @@ export class PostgresDialect implements StoreDialect {
 /** $1 scope, $2 endpoint, $3 key, $4 lease token. */
 function leaseParameters({ id, token }: Lease): string[] {
   return [id.scope, id.endpoint, id.key, token];
+}
+
+/** The same four of a batched statement, as one array each (its first four `unnest` columns). */
+function leaseColumns(items: readonly { readonly lease: Lease }[]): string[][] {
+  return [
+    items.map(({ lease }) => lease.id.scope),
+    items.map(({ lease }) => lease.id.endpoint),
+    items.map(({ lease }) => lease.id.key),
+    items.map(({ lease }) => lease.token),
+  ];
+}
+
+/** For each of `count` inputs of a batched statement, whether it returned that input's `ord` (from 1). */
+function answeredRows(rows: readonly { ord: string | number }[], count: number): boolean[] {
+  const answered = new Array<boolean>(count).fill(false);
+  for (const row of rows) answered[Number(row.ord) - 1] = true;
+  return answered;
 }
 
 /** The table's columns a claim reads back, named rather than `*`: a prepared statement's result
