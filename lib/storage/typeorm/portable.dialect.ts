@@ -18,6 +18,7 @@ import {
   leaseStateOf,
   releaseUnderLease,
   renewUnderLease,
+  sqlFunctions,
   type StoreDialect,
 } from './store-dialect.js';
 
@@ -53,8 +54,7 @@ export class PortableDialect implements StoreDialect {
     this.deferSql = mysql
       ? `UPDATE ${table} SET purge_at = expires_at WHERE purge_at <= ? AND expires_at > ? ORDER BY purge_at LIMIT ?`
       : `UPDATE ${table} SET purge_at = expires_at WHERE rowid IN (SELECT rowid FROM ${table} WHERE purge_at <= ? AND expires_at > ? LIMIT ?)`;
-    // SQLite's two-argument MAX is its GREATEST.
-    this.greatest = mysql ? 'GREATEST' : 'MAX';
+    this.greatest = sqlFunctions(dataSource).greatest;
     this.renewals = new StatementBatcher({
       keyOf: ({ lease }) => recordName(lease.id),
       runOne: ({ lease, lockedUntil }) => renewUnderLease(this.dataSource, lease, lockedUntil),

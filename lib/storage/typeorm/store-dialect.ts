@@ -48,10 +48,9 @@ export async function completeUnderLease(
   response: StoredResponse,
   expiresAt: number,
 ): Promise<boolean> {
-  // SQLite's two-argument MIN is its LEAST. A row the purge deferred while it ran (to its lock's
-  // end) is purged at its TTL, not at that lock's end; any other row keeps its purge_at.
-  const { driver } = InstanceChecker.isDataSource(on) ? on : on.connection;
-  const least = driver.options.type === 'better-sqlite3' ? 'MIN' : 'LEAST';
+  // A row the purge deferred while it ran (to its lock's end) is purged at its TTL, not at that
+  // lock's end; any other row keeps its purge_at.
+  const { least } = sqlFunctions(InstanceChecker.isDataSource(on) ? on : on.connection);
   const result = await on
     .createQueryBuilder()
     .update(IdempotencyRecord)
@@ -70,6 +69,13 @@ export async function completeUnderLease(
   return result.affected === 1;
 }
 
+/** The two-argument LEAST and GREATEST in the DataSource's SQL: SQLite's are MIN and MAX. */
+export function sqlFunctions(dataSource: DataSource): { least: string; greatest: string } {
+  return dataSource.driver.options.type === 'better-sqlite3'
+    ? { least: 'MIN', greatest: 'MAX' }
+    : { least: 'LEAST', greatest: 'GREATEST' };
+}
+
 /**
  * Extends the lock of a lease that is still held, never moving it back: a renewal that lands late
  * (stalled on its connection while later ones went through) must not shorten the lock they set.
@@ -79,8 +85,7 @@ export async function renewUnderLease(
   lease: Lease,
   lockedUntil: number,
 ): Promise<boolean> {
-  // SQLite's two-argument MAX is its GREATEST.
-  const greatest = dataSource.driver.options.type === 'better-sqlite3' ? 'MAX' : 'GREATEST';
+  const { greatest } = sqlFunctions(dataSource);
   const result = await dataSource
     .createQueryBuilder()
     .update(IdempotencyRecord)
