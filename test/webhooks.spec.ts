@@ -209,18 +209,26 @@ describe.each(databases)('the sample’s gateway webhooks on %s (real processes)
 
     it('copies that arrive while the first is still running all get its answer, and the handler runs once', async () => {
       const { id, body } = eventBody();
+      // On connections of their own: the shared client's keep-alive sockets, idle since the test
+      // before, may be closed by the server just as they are reused (a reset, status 0, in CI of
+      // 8 Dec for two copies), which is the client's transport and not what this test is about.
+      const sender = new HttpClient(shop.baseUrl, 16);
       let firstSettled = false;
-      const first = deliver(client, body).then((answer) => {
+      const first = deliver(sender, body).then((answer) => {
         firstSettled = true;
         return answer;
       });
       await shop.waitForOutput(new RegExp(`Handling charge\\.succeeded ${id}`), 30_000);
-      const copies = Promise.all([0, 1, 2, 3].map(() => deliver(client, body)));
+      const copies = Promise.all([0, 1, 2, 3].map(() => deliver(sender, body)));
       // Sent while the first's handler was still at work: what this test is about.
       expect(firstSettled).toBe(false);
       const answers: Exchange[] = [await first, ...(await copies)];
+      sender.close();
 
-      expect(answers.map((answer) => answer.status)).toEqual([200, 200, 200, 200, 200]);
+      // A copy that got no answer shows why (its error) rather than a bare 0.
+      expect(answers.map((answer) => answer.error ?? answer.status)).toEqual([
+        200, 200, 200, 200, 200,
+      ]);
       expect(answers.map(isReplay)).toEqual([false, true, true, true, true]);
       expect(new Set(answers.map((answer) => answer.text)).size).toBe(1);
       expect(jsonOf(answers[0])).toMatchObject({ received: true, event_id: id });
