@@ -19,6 +19,7 @@ import {
   releaseUnderLease,
   renewUnderLease,
   sqlFunctions,
+  type SqlFunctions,
   type StoreDialect,
 } from './store-dialect.js';
 
@@ -35,7 +36,7 @@ export class PortableDialect implements StoreDialect {
   private readonly purgeSql: string;
   /** Rows the purge looked at too early: their `purge_at` moves up to their `expires_at`. */
   private readonly deferSql: string;
-  private readonly greatest: string;
+  private readonly sql: SqlFunctions;
   /**
    * Renewals issued in one tick (one renewal timer renews every running lease at once): one
    * statement for all of them when each lease is still held, else each alone.
@@ -54,16 +55,17 @@ export class PortableDialect implements StoreDialect {
     this.deferSql = mysql
       ? `UPDATE ${table} SET purge_at = expires_at WHERE purge_at <= ? AND expires_at > ? ORDER BY purge_at LIMIT ?`
       : `UPDATE ${table} SET purge_at = expires_at WHERE rowid IN (SELECT rowid FROM ${table} WHERE purge_at <= ? AND expires_at > ? LIMIT ?)`;
-    this.greatest = sqlFunctions(dataSource).greatest;
+    this.sql = sqlFunctions(dataSource);
     this.renewals = new StatementBatcher({
       keyOf: ({ lease }) => recordName(lease.id),
-      runOne: ({ lease, lockedUntil }) => renewUnderLease(this.dataSource, lease, lockedUntil),
+      runOne: ({ lease, lockedUntil }) =>
+        renewUnderLease(this.dataSource, lease, lockedUntil, this.sql),
       runMany: (renewals) => this.renewMany(renewals),
     });
   }
 
   complete(lease: Lease, response: StoredResponse, expiresAt: number): Promise<boolean> {
-    return completeUnderLease(this.dataSource, lease, response, expiresAt);
+    return completeUnderLease(this.dataSource, lease, response, expiresAt, this.sql);
   }
 
   completeWithin(
@@ -72,7 +74,7 @@ export class PortableDialect implements StoreDialect {
     response: StoredResponse,
     expiresAt: number,
   ): Promise<boolean> {
-    return completeUnderLease(manager, lease, response, expiresAt);
+    return completeUnderLease(manager, lease, response, expiresAt, this.sql);
   }
 
   release(lease: Lease): Promise<boolean> {
@@ -97,7 +99,7 @@ export class PortableDialect implements StoreDialect {
       .join(' OR ');
     const changed = await affectedRows(
       this.dataSource,
-      `UPDATE ${this.table} SET expires_at = ${this.greatest}(expires_at, CASE lease_token ${cases} END)
+      `UPDATE ${this.table} SET expires_at = ${this.sql.greatest}(expires_at, CASE lease_token ${cases} END)
         WHERE state = 'in_progress' AND (${leases})`,
       [
         ...renewals.flatMap(({ lease, lockedUntil }) => [lease.token, lockedUntil]),

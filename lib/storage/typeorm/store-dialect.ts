@@ -1,4 +1,4 @@
-import { InstanceChecker, type DataSource, type EntityManager } from 'typeorm';
+import type { DataSource, EntityManager } from 'typeorm';
 import type {
   ClaimRequest,
   ClaimResult,
@@ -40,17 +40,18 @@ export interface StoreDialect {
 
 /**
  * Stores the response, if the lease is still held: a QueryBuilder update (MySQL/MariaDB, SQLite),
- * on the pool (a DataSource) or in a transaction (its EntityManager).
+ * on the pool (a DataSource) or in a transaction (its EntityManager). `sql`: the store's database's
+ * functions, decided when the store was built (`on` may be a DataSource of another TypeORM copy).
  */
 export async function completeUnderLease(
   on: DataSource | EntityManager,
   lease: Lease,
   response: StoredResponse,
   expiresAt: number,
+  { least }: SqlFunctions,
 ): Promise<boolean> {
   // A row the purge deferred while it ran (to its lock's end) is purged at its TTL, not at that
   // lock's end; any other row keeps its purge_at.
-  const { least } = sqlFunctions(InstanceChecker.isDataSource(on) ? on : on.connection);
   const result = await on
     .createQueryBuilder()
     .update(IdempotencyRecord)
@@ -69,8 +70,14 @@ export async function completeUnderLease(
   return result.affected === 1;
 }
 
-/** The two-argument LEAST and GREATEST in the DataSource's SQL: SQLite's are MIN and MAX. */
-export function sqlFunctions(dataSource: DataSource): { least: string; greatest: string } {
+/** The names of the two-argument LEAST and GREATEST in one database's SQL. */
+export interface SqlFunctions {
+  readonly least: string;
+  readonly greatest: string;
+}
+
+/** The DataSource's two-argument LEAST and GREATEST (SQLite's are MIN and MAX), once per store. */
+export function sqlFunctions(dataSource: DataSource): SqlFunctions {
   return dataSource.driver.options.type === 'better-sqlite3'
     ? { least: 'MIN', greatest: 'MAX' }
     : { least: 'LEAST', greatest: 'GREATEST' };
@@ -84,8 +91,8 @@ export async function renewUnderLease(
   dataSource: DataSource,
   lease: Lease,
   lockedUntil: number,
+  { greatest }: SqlFunctions,
 ): Promise<boolean> {
-  const { greatest } = sqlFunctions(dataSource);
   const result = await dataSource
     .createQueryBuilder()
     .update(IdempotencyRecord)
